@@ -1,2 +1,9 @@
-from .qtypes import QTYPES
-QuantizedTensor = dequantize = quantize = None
+"""GGUF block formats: specs, QuantizedTensor, bit-exact quantize/dequantize, GGUF file I/O."""
+
+from .dequantize import dequantize, dequantize_blocks
+from .qtypes import QTYPES, QTypeSpec, get_spec
+from .quantize import quantize, quantize_blocks
+from .quantized_tensor import QuantizedTensor
+
+__all__ = ["QTYPES", "QTypeSpec", "QuantizedTensor", "dequantize", "dequantize_blocks", "get_spec", "quantize",
+           "quantize_blocks"]

@@ -1,1 +1,66 @@
-QTYPES = ()
+"""The GGUF block formats this package supports: one spec per format, looked up by name.
+
+Layouts are llama.cpp's (ggml-common.h). Each row of K weights is K/block_size blocks of block_bytes
+bytes laid end to end, so a tensor (N, K) is N * K/block_size * block_bytes bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gguf import GGMLQuantizationType
+
+
+@dataclass(frozen=True)
+class QTypeSpec:
+    """Static facts about one block format."""
+
+    name: str                      # our canonical name, lower case: "q4_k"
+    ggml_type: GGMLQuantizationType
+    block_size: int                # weights per block (QK)
+    block_bytes: int               # bytes per block
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.block_bytes / self.block_size
+
+    def row_bytes(self, k: int) -> int:
+        """Bytes of one row of k weights (k must be a multiple of block_size)."""
+        return (k // self.block_size) * self.block_bytes
+
+
+_SPECS = (
+    QTypeSpec("q4_0", GGMLQuantizationType.Q4_0, 32, 18),
+    QTypeSpec("q8_0", GGMLQuantizationType.Q8_0, 32, 34),
+    QTypeSpec("q3_k", GGMLQuantizationType.Q3_K, 256, 110),
+    QTypeSpec("q4_k", GGMLQuantizationType.Q4_K, 256, 144),
+    QTypeSpec("q5_k", GGMLQuantizationType.Q5_K, 256, 176),
+    QTypeSpec("q6_k", GGMLQuantizationType.Q6_K, 256, 210),
+)
+
+#: Names of the supported block formats.
+QTYPES: tuple[str, ...] = tuple(s.name for s in _SPECS)
+
+_BY_NAME = {s.name: s for s in _SPECS}
+_BY_GGML = {s.ggml_type: s for s in _SPECS}
+
+
+def get_spec(qtype: "str | QTypeSpec | GGMLQuantizationType") -> QTypeSpec:
+    """The spec of a format given as "q4_k"/"Q4_K", a QTypeSpec, or a gguf GGMLQuantizationType."""
+    if isinstance(qtype, QTypeSpec):
+        return qtype
+    if isinstance(qtype, GGMLQuantizationType):
+        try:
+            return _BY_GGML[qtype]
+        except KeyError:
+            raise ValueError(f"unsupported GGML tensor type {qtype.name}; supported: {', '.join(QTYPES)}") from None
+    if not isinstance(qtype, str):
+        raise TypeError(f"qtype must be a string such as 'q4_k', got {type(qtype).__name__}")
+    spec = _BY_NAME.get(qtype.strip().lower())
+    if spec is None:
+        raise ValueError(f"unknown qtype {qtype!r}; supported: {', '.join(QTYPES)}")
+    return spec
+
+
+def is_supported_ggml_type(ggml_type: GGMLQuantizationType) -> bool:
+    return ggml_type in _BY_GGML

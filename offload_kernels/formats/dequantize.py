@@ -1,0 +1,164 @@
+"""Reference dequantizers in vectorized torch, bit-exact with llama.cpp's ``dequantize_row_*``.
+
+All arithmetic is fp32 in ggml's order: the block scale d is multiplied by the integer sub-block scale
+first, then by the quant, then the min term is subtracted. Each step is its own torch op, so no fused
+multiply-add can change the last bit. Runs on any device torch does.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .qtypes import get_spec
+from .quantized_tensor import QuantizedTensor
+
+# Weights decoded per step: cache-sized temporaries on CPU, few launches on GPUs.
+_CHUNK_WEIGHTS = {"cpu": 1 << 20, "cuda": 1 << 25}
+
+
+def _f16(blocks: torch.Tensor, offset: int) -> torch.Tensor:
+    """The fp16 field at byte ``offset`` of every block, as fp32 (nb,)."""
+    return blocks[:, offset:offset + 2].contiguous().view(torch.float16).squeeze(1).float()
+
+
+def unpack_scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eight 6-bit (scale, min) pairs of q4_k/q5_k from their 12 packed bytes: (nb, 8) uint8 each."""
+    lo, hi, mix = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
+    sc = torch.cat([lo & 63, (mix & 15) | ((lo >> 6) << 4)], dim=1)
+    mn = torch.cat([hi & 63, (mix >> 4) | ((hi >> 6) << 4)], dim=1)
+    return sc, mn
+
+
+def unpack_scales_q3_k(scales: torch.Tensor) -> torch.Tensor:
+    """The sixteen 6-bit q3_k sub-block scales (still offset by 32) from 12 packed bytes: (nb, 16) uint8."""
+    low = torch.cat([scales[:, 0:8] & 15, scales[:, 0:8] >> 4], dim=1)            # s = 0..15
+    high_src = scales[:, 8:12]                                                      # s % 4 picks the byte
+    shifts = torch.arange(4, device=scales.device, dtype=torch.uint8).repeat_interleave(4) * 2  # 2*(s/4)
+    high = (high_src.repeat(1, 4) >> shifts) & 3
+    return low | (high << 4)
+
+
+# Each decoder writes fp32 values into ``out`` (nb, block_size): the integer quants are built in 8-bit
+# arithmetic, converted once, then scaled in place, so the fp32 data is touched three times at most.
+
+def _dq_q4_0(b: torch.Tensor, out: torch.Tensor) -> None:
+    d = _f16(b, 0)
+    qs = b[:, 2:18]
+    halves = out.view(-1, 2, 16)
+    halves[:, 0].copy_((qs & 15).view(torch.int8) - 8)
+    halves[:, 1].copy_((qs >> 4).view(torch.int8) - 8)
+    out.mul_(d[:, None])
+
+
+def _dq_q8_0(b: torch.Tensor, out: torch.Tensor) -> None:
+    d = _f16(b, 0)
+    out.copy_(b[:, 2:34].view(torch.int8))
+    out.mul_(d[:, None])
+
+
+def _dq_q4_k(b: torch.Tensor, out: torch.Tensor) -> None:
+    nb = b.shape[0]
+    d, dmin = _f16(b, 0), _f16(b, 2)
+    sc, mn = unpack_scale_min_k4(b[:, 4:16])
+    qs = b[:, 16:144].reshape(nb, 4, 32)
+    q = out.view(nb, 4, 2, 32)                                      # sub-block s = 2*chunk + half
+    q[:, :, 0].copy_(qs & 15)
+    q[:, :, 1].copy_(qs >> 4)
+    _scale_min_(out.view(nb, 8, 32), d, sc, dmin, mn)
+
+
+def _dq_q5_k(b: torch.Tensor, out: torch.Tensor) -> None:
+    nb = b.shape[0]
+    d, dmin = _f16(b, 0), _f16(b, 2)
+    sc, mn = unpack_scale_min_k4(b[:, 4:16])
+    qh = b[:, 16:48]
+    qs = b[:, 48:176].reshape(nb, 4, 1, 32)
+    q = torch.cat([qs & 15, qs >> 4], dim=2).reshape(nb, 8, 32)
+    bit_shift = torch.arange(8, device=b.device, dtype=torch.uint8)[None, :, None]
+    q |= ((qh[:, None, :] >> bit_shift) & 1) << 4                    # fifth bit of sub-block s
+    out.view(nb, 8, 32).copy_(q)
+    _scale_min_(out.view(nb, 8, 32), d, sc, dmin, mn)
+
+
+def _scale_min_(q: torch.Tensor, d, sc, dmin, mn) -> None:
+    """q <- (d*sc)*q - (dmin*m), per 32-weight sub-block, in ggml's order."""
+    q.mul_((d[:, None] * sc.float())[:, :, None])
+    q.sub_((dmin[:, None] * mn.float())[:, :, None])
+
+
+def _dq_q3_k(b: torch.Tensor, out: torch.Tensor) -> None:
+    nb = b.shape[0]
+    hmask = b[:, 0:32]
+    qs = b[:, 32:96].reshape(nb, 2, 1, 32)                           # (half h, -, l)
+    d = _f16(b, 108)
+    sc = unpack_scales_q3_k(b[:, 96:108]).view(torch.int8) - 32      # (nb, 16)
+    j_shift = (torch.arange(4, device=b.device, dtype=torch.uint8) * 2)[None, None, :, None]
+    q2 = (qs >> j_shift) & 3                                          # (nb, 2, 4, 32): e = 128h+32j+l
+    hb_shift = torch.arange(8, device=b.device, dtype=torch.uint8).reshape(1, 2, 4, 1)  # 4h + j
+    no_high = ((hmask[:, None, None, :] >> hb_shift) & 1) ^ 1
+    q = q2.view(torch.int8) - (no_high << 2).view(torch.int8)         # minus 4 when the high bit is 0
+    out.copy_(q.view(nb, 256))
+    out.view(nb, 16, 16).mul_((d[:, None] * sc.float())[:, :, None])  # s = 8h + 2j + (l >> 4)
+
+
+def _dq_q6_k(b: torch.Tensor, out: torch.Tensor) -> None:
+    nb = b.shape[0]
+    ql = b[:, 0:128].reshape(nb, 2, 1, 2, 32)                        # (h, -, r&1, l)
+    qh = b[:, 128:192].reshape(nb, 2, 1, 32)                         # (h, -, l)
+    scales = b[:, 192:208].contiguous().view(torch.int8)
+    d = _f16(b, 208)
+    nib_shift = (torch.arange(2, device=b.device, dtype=torch.uint8) * 4).reshape(1, 1, 2, 1, 1)  # 4*(r>>1)
+    nib = ((ql >> nib_shift) & 15).reshape(nb, 2, 4, 32)             # r = 2*(r>>1) + (r&1)
+    hi_shift = (torch.arange(4, device=b.device, dtype=torch.uint8) * 2).reshape(1, 1, 4, 1)
+    q = (nib | (((qh >> hi_shift) & 3) << 4)).view(torch.int8) - 32
+    out.copy_(q.view(nb, 256))
+    out.view(nb, 16, 16).mul_((d[:, None] * scales.float())[:, :, None])  # s = 8h + 2r + (l >> 4)
+
+
+_DEQUANTIZERS: dict[str, Callable[[torch.Tensor, torch.Tensor], None]] = {
+    "q4_0": _dq_q4_0, "q8_0": _dq_q8_0, "q3_k": _dq_q3_k,
+    "q4_k": _dq_q4_k, "q5_k": _dq_q5_k, "q6_k": _dq_q6_k,
+}
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def dequantize_blocks(blocks: torch.Tensor, qtype: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Decode (nblocks, block_bytes) uint8 blocks to (nblocks, block_size) values of ``dtype``."""
+    spec = get_spec(qtype)
+    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != spec.block_bytes:
+        raise ValueError(f"{spec.name} blocks must be uint8 of shape (n, {spec.block_bytes}), "
+                         f"got {blocks.dtype} {tuple(blocks.shape)}")
+    return _decode_chunked(blocks, spec.name, spec.block_size, dtype)
+
+
+def _decode_chunked(blocks: torch.Tensor, name: str, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    fn = _DEQUANTIZERS[name]
+    nb = blocks.shape[0]
+    out = torch.empty((nb, block_size), dtype=dtype, device=blocks.device)
+    step = max(1, _CHUNK_WEIGHTS.get(blocks.device.type, 1 << 22) // block_size)
+    scratch = None if dtype == torch.float32 else torch.empty((min(nb, step), block_size), device=blocks.device)
+    for start in range(0, nb, step):
+        stop = min(nb, start + step)
+        if scratch is None:
+            fn(blocks[start:stop], out[start:stop])
+        else:
+            fn(blocks[start:stop], scratch[:stop - start])
+            out[start:stop].copy_(scratch[:stop - start])
+    return out
+
+
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (N, K) weight of a QuantizedTensor, exactly as llama.cpp decodes it, cast to ``dtype``.
+
+    Values are computed in fp32 (bit-exact with ggml) and then rounded to ``dtype``.
+    """
+    if not isinstance(qt, QuantizedTensor):
+        raise TypeError(f"dequantize expects a QuantizedTensor, got {type(qt).__name__}")
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be one of {', '.join(map(str, _FLOAT_DTYPES))}, got {dtype}")
+    spec = qt.spec
+    blocks = qt.data.view(-1, spec.block_bytes)
+    return _decode_chunked(blocks, spec.name, spec.block_size, dtype).view(qt.shape)

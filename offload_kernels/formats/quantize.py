@@ -1,0 +1,76 @@
+"""quantize(w, qtype): float weight -> QuantizedTensor, byte-identical to ggml's reference quantizers.
+
+The reference quantizers are what ``llama-quantize`` writes without an importance matrix. Every
+format's block quantizer is vectorized torch over all blocks at once (no Python loop over blocks), so
+the same code runs on CPU and, much faster, on CUDA.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .qtypes import QTypeSpec, get_spec
+from .quantized_tensor import QuantizedTensor
+from .quantize_kquants import (quantize_q3_k_blocks, quantize_q4_k_blocks, quantize_q5_k_blocks,
+                               quantize_q6_k_blocks)
+from .quantize_legacy import quantize_q4_0_blocks, quantize_q8_0_blocks
+
+_BLOCK_QUANTIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "q4_0": quantize_q4_0_blocks, "q8_0": quantize_q8_0_blocks, "q3_k": quantize_q3_k_blocks,
+    "q4_k": quantize_q4_k_blocks, "q5_k": quantize_q5_k_blocks, "q6_k": quantize_q6_k_blocks,
+}
+
+# Weights quantized per step: bounds the search temporaries of the k-quants (CPU: cache-sized chunks
+# are faster; CUDA: large chunks fill the GPU).
+_CHUNK_WEIGHTS = {"cpu": 1 << 17, "cuda": 1 << 24}
+
+
+def validate_weight(w: torch.Tensor, spec: QTypeSpec) -> None:
+    """Raise TypeError/ValueError naming what is wrong with a weight to be quantized."""
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(w).__name__}")
+    if not w.is_floating_point():
+        raise TypeError(f"weight must be floating point, got {w.dtype}")
+    if w.dim() != 2:
+        raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(w.shape)}")
+    n, k = w.shape
+    if n == 0 or k == 0:
+        raise ValueError(f"weight must be non-empty, got shape {tuple(w.shape)}")
+    if k % spec.block_size:
+        raise ValueError(f"K={k} (in_features) is not a multiple of the {spec.name} block size {spec.block_size}")
+    if w.is_meta:
+        raise ValueError("cannot quantize a meta tensor (it has no values)")
+    finite = torch.isfinite(w)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()[0].tolist()
+        raise ValueError(f"weight contains NaN or Inf (first at row {bad[0]}, column {bad[1]}); "
+                         f"{int((~finite).sum())} non-finite values in all")
+
+
+def quantize_blocks(x: torch.Tensor, qtype: "str | QTypeSpec") -> torch.Tensor:
+    """(nblocks, block_size) fp32 -> (nblocks, block_bytes) uint8 GGUF blocks."""
+    spec = get_spec(qtype)
+    fn = _BLOCK_QUANTIZERS[spec.name]
+    x = x.float().reshape(-1, spec.block_size)
+    step = max(1, _CHUNK_WEIGHTS.get(x.device.type, 1 << 20) // spec.block_size)
+    if x.shape[0] <= step:
+        return fn(x)
+    out = torch.empty((x.shape[0], spec.block_bytes), dtype=torch.uint8, device=x.device)
+    for start in range(0, x.shape[0], step):
+        out[start:start + step] = fn(x[start:start + step])
+    return out
+
+
+def quantize(w: torch.Tensor, qtype: "str | QTypeSpec") -> QuantizedTensor:
+    """Quantize a 2-D float weight (N, K) to a GGUF block format, on the weight's device.
+
+    The bytes equal ggml's ``quantize_row_<qtype>_ref`` on the weight converted to fp32. K must be a
+    multiple of the block size (32 for q4_0/q8_0, 256 for the k-quants); NaN/Inf are rejected.
+    """
+    spec = get_spec(qtype)
+    validate_weight(w, spec)
+    n, k = w.shape
+    blocks = quantize_blocks(w.detach().to(torch.float32).contiguous(), spec)
+    return QuantizedTensor(blocks.view(n, spec.row_bytes(k)), spec, (n, k))
