@@ -19,6 +19,7 @@ class QTypeSpec:
     ggml_type: GGMLQuantizationType
     block_size: int                # weights per block (QK)
     block_bytes: int               # bytes per block
+    fp16_offsets: tuple[int, ...]  # byte offsets of the fp16 scale fields (d, dmin) in a block
 
     @property
     def bits_per_weight(self) -> float:
@@ -30,12 +31,12 @@ class QTypeSpec:
 
 
 _SPECS = (
-    QTypeSpec("q4_0", GGMLQuantizationType.Q4_0, 32, 18),
-    QTypeSpec("q8_0", GGMLQuantizationType.Q8_0, 32, 34),
-    QTypeSpec("q3_k", GGMLQuantizationType.Q3_K, 256, 110),
-    QTypeSpec("q4_k", GGMLQuantizationType.Q4_K, 256, 144),
-    QTypeSpec("q5_k", GGMLQuantizationType.Q5_K, 256, 176),
-    QTypeSpec("q6_k", GGMLQuantizationType.Q6_K, 256, 210),
+    QTypeSpec("q4_0", GGMLQuantizationType.Q4_0, 32, 18, (0,)),
+    QTypeSpec("q8_0", GGMLQuantizationType.Q8_0, 32, 34, (0,)),
+    QTypeSpec("q3_k", GGMLQuantizationType.Q3_K, 256, 110, (108,)),
+    QTypeSpec("q4_k", GGMLQuantizationType.Q4_K, 256, 144, (0, 2)),
+    QTypeSpec("q5_k", GGMLQuantizationType.Q5_K, 256, 176, (0, 2)),
+    QTypeSpec("q6_k", GGMLQuantizationType.Q6_K, 256, 210, (208,)),
 )
 
 #: Names of the supported block formats.

@@ -73,4 +73,18 @@ def quantize(w: torch.Tensor, qtype: "str | QTypeSpec") -> QuantizedTensor:
     validate_weight(w, spec)
     n, k = w.shape
     blocks = quantize_blocks(w.detach().to(torch.float32).contiguous(), spec)
+    _check_scales_finite(blocks, spec, w)
     return QuantizedTensor(blocks.view(n, spec.row_bytes(k)), spec, (n, k))
+
+
+def _check_scales_finite(blocks: torch.Tensor, spec: QTypeSpec, w: torch.Tensor) -> None:
+    """ggml silently writes an Inf fp16 scale when a block's range exceeds fp16; we refuse instead."""
+    for off in spec.fp16_offsets:
+        exponent_all_ones = (blocks[:, off + 1] & 0x7C) == 0x7C
+        if bool(exponent_all_ones.any()):
+            block = int(exponent_all_ones.nonzero()[0, 0])
+            per_row = w.shape[1] // spec.block_size
+            raise ValueError(
+                f"weight magnitude too large for {spec.name}: the fp16 scale of block {block % per_row} in row "
+                f"{block // per_row} overflows (max |w| there is "
+                f"{float(w.reshape(-1, spec.block_size)[block].abs().max()):.3g}); rescale the weight")

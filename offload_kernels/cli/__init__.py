@@ -1,0 +1,1 @@
+"""The ``offload-kernels`` command line: demo, plan, bench, info, run."""
