@@ -1,7 +1,8 @@
 // A device kernel that busy-waits for a given number of clock cycles: the synthetic "compute" that the
 // overlap tests and benchmarks run against copies.
 #include <cuda_runtime.h>
-#include <cstdint>
+
+#include "engine/spin_kernel.h"
 
 namespace offload_kernels {
 

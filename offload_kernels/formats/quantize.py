@@ -27,6 +27,11 @@ _BLOCK_QUANTIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 _CHUNK_WEIGHTS = {"cpu": 1 << 17, "cuda": 1 << 24}
 
 
+# Above this, x*x and the weighted sums of ggml's scale searches overflow fp32 (the fp16 block scales
+# overflow far earlier for most data; that is checked on the result).
+MAX_ABS_WEIGHT = 1e15
+
+
 def validate_weight(w: torch.Tensor, spec: QTypeSpec) -> None:
     """Raise TypeError/ValueError naming what is wrong with a weight to be quantized."""
     if not isinstance(w, torch.Tensor):
@@ -42,11 +47,15 @@ def validate_weight(w: torch.Tensor, spec: QTypeSpec) -> None:
         raise ValueError(f"K={k} (in_features) is not a multiple of the {spec.name} block size {spec.block_size}")
     if w.is_meta:
         raise ValueError("cannot quantize a meta tensor (it has no values)")
-    finite = torch.isfinite(w)
+    finite = torch.isfinite(w.detach())
     if not bool(finite.all()):
         bad = (~finite).nonzero()[0].tolist()
         raise ValueError(f"weight contains NaN or Inf (first at row {bad[0]}, column {bad[1]}); "
                          f"{int((~finite).sum())} non-finite values in all")
+    peak = float(w.detach().abs().max())
+    if peak > MAX_ABS_WEIGHT:
+        raise ValueError(f"weight magnitude too large for {spec.name}: max |w| = {peak:.3g} exceeds {MAX_ABS_WEIGHT:.0e}, "
+                         f"beyond which ggml's fp32 search arithmetic overflows; rescale the weight")
 
 
 def quantize_blocks(x: torch.Tensor, qtype: "str | QTypeSpec") -> torch.Tensor:

@@ -80,8 +80,11 @@ def test_rejects_bad_input(w, qtype, exc, match):
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_rejects_weights_whose_scale_overflows_fp16(qtype):
     w = torch.ones(2, 256)
-    w[1, 3] = 3e38
+    w[1, 3] = 3e7 if qtype in ("q4_0", "q8_0") else 1e14
     with pytest.raises(ValueError, match=f"too large for {qtype}: the fp16 scale of block 0 in row 1 overflows"):
+        quantize(w, qtype)
+    w[1, 3] = 3e38
+    with pytest.raises(ValueError, match=f"too large for {qtype}: max |w| = 3e\\+38 exceeds"):
         quantize(w, qtype)
 
 

@@ -1,0 +1,397 @@
+"""The transfer engine's CUDA backend: the protocol with byte checks on the device, cross-stream fences,
+copy/compute overlap, a hot path that never blocks the host, pinned-memory accounting and fallback, and
+clean-up. Skipped without a CUDA device and the CUDA build of the extension.
+
+Timing assertions are skipped under compute-sanitizer (OFFLOAD_KERNELS_UNDER_SANITIZER=1), which slows
+everything down; see run_compute_sanitizer.sh.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from offload_kernels.engine import (PinnedMemoryFallbackWarning, TransferEngine, calibrate_spin,
+                                    force_pin_failure, live_host_memory, spin)
+
+from .engine_helpers import (CUDA_SKIP_REASON, HAS_CUDA, UNDER_SANITIZER, Driver, random_bytes,
+                             register_random_items, run_random_schedule)
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON)]
+timing = pytest.mark.skipif(UNDER_SANITIZER, reason="timings are meaningless under compute-sanitizer")
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def cycles_per_ms() -> float:
+    return calibrate_spin()
+
+
+def on_device(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).cuda()
+
+
+def elapsed_ms(start: torch.cuda.Event, end: torch.cuda.Event) -> float:
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+class DeviceChecks:
+    """Compares acquired views with the expected bytes on the consumer stream, without synchronizing, so a
+    slot overwritten too early shows up as a mismatch instead of being hidden by a sync."""
+
+    def __init__(self, expected: dict[int, np.ndarray]) -> None:
+        self.expected = {h: on_device(a) for h, a in expected.items()}
+        self.mismatches = torch.zeros((), dtype=torch.int64, device="cuda")
+        self.checked = 0
+        torch.cuda.synchronize()
+
+    def __call__(self, h: int, view: torch.Tensor) -> None:
+        assert view.device.type == "cuda" and view.dtype == torch.uint8
+        assert view.numel() == self.expected[h].numel()
+        self.mismatches += (view != self.expected[h]).sum()
+        self.checked += 1
+
+    def assert_clean(self) -> None:
+        torch.cuda.synchronize()
+        assert self.checked > 0
+        assert int(self.mismatches.item()) == 0, f"{int(self.mismatches.item())} bytes differed"
+
+
+@pytest.mark.parametrize("seed, num_slots", [(0, 2), (1, 3), (2, 4)])
+def test_random_schedules_verified_on_device(make_engine, seed, num_slots):
+    eng = make_engine("cuda", num_slots=num_slots)
+    drv = Driver(eng, num_slots)
+    handles = register_random_items(drv, np.random.default_rng(seed), count=160, max_bytes=4 * MiB)
+    checks = DeviceChecks(drv.expected)
+    drv.verify = checks
+    compute = torch.cuda.Stream()
+    with torch.cuda.stream(compute):
+        run_random_schedule(drv, handles, random.Random(seed), steps=2000)
+    checks.assert_clean()
+    drv.check_states()
+    eng.synchronize()
+    drv.check_stats()
+    assert eng.stats()["backend"] == "cuda" and eng.stats()["pinned"] is True
+
+
+def test_pipeline_with_lagging_consumer(make_engine, cycles_per_ms):
+    """The consumer stream runs behind (a spin before each check): copies into a slot must wait for it."""
+    rng = np.random.default_rng(3)
+    sources = [random_bytes(rng, n) for n in rng.integers(1, 8 * MiB, size=24)]
+    eng = make_engine("cuda", num_slots=2)
+    handles = eng.register_many(sources)
+    checks = DeviceChecks(dict(zip(handles, sources)))
+    compute = torch.cuda.Stream()
+    with torch.cuda.stream(compute):
+        eng.prefetch(handles[0])
+        for i, h in enumerate(handles):
+            if i + 1 < len(handles):
+                eng.prefetch(handles[i + 1])
+            view = eng.acquire(h)
+            spin(int(cycles_per_ms * 2), compute)
+            checks(h, view)
+            eng.release(h)
+    checks.assert_clean()
+    eng.synchronize()
+    assert eng.stats()["slot_wait_s"] > 0  # copies did wait for the lagging consumer
+
+
+def test_default_stream_and_raw_stream_handles(make_engine):
+    rng = np.random.default_rng(4)
+    a_src, b_src = random_bytes(rng, 3 * MiB + 5), random_bytes(rng, 1000)
+    eng = make_engine("cuda")
+    a, b = eng.register_many([a_src, b_src])
+    eng.prefetch(a)
+    view = eng.acquire(a)  # the current (default) stream
+    assert torch.equal(view.cpu(), torch.from_numpy(a_src))
+    eng.release(a)
+    side = torch.cuda.Stream()
+    eng.prefetch(b)
+    view = eng.acquire(b, stream=side.cuda_stream)  # a raw cudaStream_t
+    with torch.cuda.stream(side):
+        got = view.cpu()
+    eng.release(b, stream=side.cuda_stream)
+    assert torch.equal(got, torch.from_numpy(b_src))
+
+
+def test_every_stream_that_read_a_slot_is_waited_for(make_engine, cycles_per_ms):
+    """Two streams read the same resident item; the fast one releases first. The next copy into that slot
+    must also wait for the slow one (slot-free fences are kept per consumer stream)."""
+    rng = np.random.default_rng(5)
+    x_src, y_src = random_bytes(rng, 8 * MiB), random_bytes(rng, 8 * MiB)
+    eng = make_engine("cuda", num_slots=1)
+    x, y = eng.register_many([x_src, y_src])
+    slow_checks, fast_checks = DeviceChecks({x: x_src, y: y_src}), DeviceChecks({x: x_src, y: y_src})
+    slow, fast = torch.cuda.Stream(), torch.cuda.Stream()
+
+    eng.prefetch(x)
+    with torch.cuda.stream(slow):
+        view = eng.acquire(x)
+        spin(int(cycles_per_ms * 50), slow)  # the slow reader reads only after 50 ms
+        slow_checks(x, view)
+        eng.release(x)
+    assert eng.prefetch(x) is False  # hit
+    with torch.cuda.stream(fast):
+        fast_checks(x, eng.acquire(x))
+        eng.release(x)
+    assert eng.prefetch(y) is True  # overwrites the slot: must wait for slow as well as fast
+    with torch.cuda.stream(fast):
+        fast_checks(y, eng.acquire(y))
+        eng.release(y)
+    slow_checks.assert_clean()
+    fast_checks.assert_clean()
+
+
+def test_copy_overlaps_compute(make_engine, cycles_per_ms):
+    n = 128 * MiB
+    eng = make_engine("cuda", num_slots=2)
+    items = eng.register_many([np.full(n, i, np.uint8) for i in range(3)])
+    compute = torch.cuda.Stream()
+    order = iter(items * 10)  # 3 items through 2 slots in turn: every prefetch is a copy
+
+    def run(with_copy: bool, spin_cycles: int) -> float:
+        with torch.cuda.stream(compute):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(compute)
+            if spin_cycles:
+                spin(spin_cycles, compute)
+            if with_copy:
+                h = next(order)
+                assert eng.prefetch(h) is True
+                eng.acquire(h)
+            end.record(compute)
+            ms = elapsed_ms(start, end)
+            if with_copy:
+                eng.release(h)
+            return ms
+
+    run(True, 0), run(False, 1000)  # warm up (slots allocated, module loaded)
+    copy_ms = min(run(True, 0) for _ in range(3))
+    spin_cycles = int(cycles_per_ms * copy_ms)
+    spin_ms = min(run(False, spin_cycles) for _ in range(3))
+    both_ms = min(run(True, spin_cycles) for _ in range(3))
+    print(f"copy {copy_ms:.2f} ms, spin {spin_ms:.2f} ms, both {both_ms:.2f} ms")
+    if not UNDER_SANITIZER:
+        # serialized would be copy + spin; overlapped is close to the longer of the two
+        assert both_ms < 0.75 * (copy_ms + spin_ms)
+        assert both_ms < 1.3 * max(copy_ms, spin_ms)
+
+
+@timing
+def test_pipelined_layers_overlap(make_engine, cycles_per_ms):
+    """prefetch(next); acquire(this); compute; release(this): total close to max(all copies, all compute)."""
+    n, layers = 64 * MiB, 12
+    eng = make_engine("cuda", num_slots=2)
+    handles = eng.register_many([np.full(n, i, np.uint8) for i in range(layers)])
+    compute = torch.cuda.Stream()
+
+    def sweep(spin_cycles: int, copies: bool) -> float:
+        with torch.cuda.stream(compute):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(compute)
+            if copies:
+                eng.prefetch(handles[0])
+            for i, h in enumerate(handles):
+                if copies:
+                    if i + 1 < layers:
+                        eng.prefetch(handles[i + 1])
+                    eng.acquire(h)
+                if spin_cycles:
+                    spin(spin_cycles, compute)
+                if copies:
+                    eng.release(h)
+            end.record(compute)
+            return elapsed_ms(start, end)
+
+    sweep(0, True)
+    copy_ms = sweep(0, True)
+    spin_cycles = int(cycles_per_ms * copy_ms / layers)
+    compute_ms = sweep(spin_cycles, False)
+    both_ms = sweep(spin_cycles, True)
+    print(f"copies {copy_ms:.2f} ms, compute {compute_ms:.2f} ms, overlapped {both_ms:.2f} ms")
+    assert both_ms < 1.25 * max(copy_ms, compute_ms)
+
+
+@timing
+def test_hot_path_never_blocks_the_host(make_engine, cycles_per_ms):
+    eng = make_engine("cuda", num_slots=2)
+    handles = eng.register_many([np.full(16 * MiB, i, np.uint8) for i in range(3)])
+    compute = torch.cuda.Stream()
+    with torch.cuda.stream(compute):
+        for h in handles:  # warm up: slots allocated, each item copied once
+            eng.prefetch(h), eng.acquire(h), eng.release(h)
+        torch.cuda.synchronize()
+        spin(int(cycles_per_ms * 300), compute)  # the consumer stream is busy for 300 ms
+        t0 = time.perf_counter()
+        for i in range(9):
+            h = handles[i % 3]
+            eng.prefetch(h)
+            eng.acquire(h)
+            eng.release(h)
+            eng.stats()
+        host_s = time.perf_counter() - t0
+    assert host_s < 0.1, f"the host blocked for {host_s * 1e3:.0f} ms while the GPU was busy"
+    eng.synchronize()
+
+
+@timing
+def test_timings_are_measured(make_engine, cycles_per_ms):
+    eng = make_engine("cuda", num_slots=1)
+    a, b = eng.register_many([np.zeros(64 * MiB, np.uint8), np.ones(64 * MiB, np.uint8)])
+    compute = torch.cuda.Stream()
+    with torch.cuda.stream(compute):
+        eng.prefetch(a), eng.acquire(a), eng.release(a)
+        eng.synchronize()
+        eng.reset_stats()
+        eng.prefetch(a)  # a hit
+        eng.acquire(a)
+        spin(int(cycles_per_ms * 20), compute)
+        eng.release(a)  # the slot frees 20 ms from now
+        eng.prefetch(b)  # its copy waits for that
+        eng.acquire(b)  # and the consumer, reaching this point as the copy starts, waits for all of it
+        eng.release(b)
+    eng.synchronize()
+    s = eng.stats()
+    assert (s["copies"], s["hits"], s["bytes_copied"]) == (1, 1, 64 * MiB)
+    assert 0.010 < s["slot_wait_s"] < 0.5
+    assert s["consumer_wait_s"] > 0.5 * s["copy_time_s"] > 0
+    assert 1e9 < s["bytes_copied"] / s["copy_time_s"] < 1e12  # a plausible host-to-device bandwidth
+
+
+@timing
+def test_engine_copies_at_pinned_bandwidth(make_engine):
+    """Pageable memory would copy at about half the speed of torch's pinned copy."""
+    n = 256 * MiB
+    eng = make_engine("cuda", num_slots=2)
+    handles = eng.register_many([np.zeros(n, np.uint8) for _ in range(3)])
+    for h in handles:
+        eng.prefetch(h), eng.acquire(h), eng.release(h)
+    eng.synchronize()
+    eng.reset_stats()
+    for h in handles:
+        eng.prefetch(h), eng.acquire(h), eng.release(h)
+    eng.synchronize()
+    s = eng.stats()
+    engine_gbs = s["bytes_copied"] / s["copy_time_s"] / 1e9
+
+    src, dst = torch.zeros(n, dtype=torch.uint8).pin_memory(), torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        dst.copy_(src, non_blocking=True)
+    end.record()
+    torch_gbs = 3 * n / (elapsed_ms(start, end) * 1e-3) / 1e9
+    print(f"engine {engine_gbs:.1f} GB/s, torch pinned {torch_gbs:.1f} GB/s")
+    assert engine_gbs > 0.8 * torch_gbs
+
+
+def test_pinned_bytes_are_exact(make_engine):
+    rng = np.random.default_rng(6)
+    sizes = [int(x) for x in rng.integers(64 << 10, 4 * MiB, size=64)]
+    before = live_host_memory()
+    eng = make_engine("cuda")
+    handles = eng.register_many([np.zeros(n, np.uint8) for n in sizes])
+    single = eng.register(np.zeros(300_001, np.uint8))
+    s = eng.stats()
+    assert s["pinned"] is True
+    assert all(v.is_pinned() for v in eng.host_views(handles[0]) + eng.host_views(single))  # as CUDA sees it
+    assert s["registered_bytes"] == sum(sizes) + 300_001
+    assert s["pinned_bytes"] == s["host_bytes"] <= 1.02 * s["registered_bytes"]
+    assert live_host_memory()["pinned_bytes"] - before["pinned_bytes"] == s["pinned_bytes"]
+    eng.close()
+    assert live_host_memory() == before
+
+
+def test_pinning_failure_falls_back_to_pageable_memory(make_engine):
+    rng = np.random.default_rng(7)
+    sources = [random_bytes(rng, n) for n in (5 * MiB, 12345)]
+    eng = make_engine("cuda")
+    with force_pin_failure(), pytest.warns(PinnedMemoryFallbackWarning, match="pageable memory.*half"):
+        handles = eng.register_many(sources)
+    s = eng.stats()
+    assert s["pinned"] is False and s["pinned_bytes"] == 0 and s["host_bytes"] >= sum(x.nbytes for x in sources)
+    assert not eng.host_views(handles[0])[0].is_pinned()
+    checks = DeviceChecks(dict(zip(handles, sources)))
+    for _ in range(2):
+        for h in handles:
+            eng.prefetch(h)
+            checks(h, eng.acquire(h))
+            eng.release(h)
+    checks.assert_clean()
+    late = eng.register(np.zeros(MiB, np.uint8))  # too big for the old arena's tail; pinned again
+    assert eng.stats()["pinned_bytes"] > 0
+    eng.prefetch(late), eng.acquire(late), eng.release(late)
+
+
+def test_close_frees_device_and_pinned_memory(cycles_per_ms):
+    torch.cuda.synchronize()
+    device_before, host_before = torch.cuda.memory_allocated(), live_host_memory()
+    eng = TransferEngine("cuda", num_slots=3)
+    a, b = eng.register_many([np.zeros(10 * MiB, np.uint8), np.ones(MiB, np.uint8)])
+    eng.prefetch(a), eng.acquire(a), eng.release(a)
+    assert torch.cuda.memory_allocated() - device_before == 3 * 10 * MiB == eng.stats()["device_bytes"]
+    eng.prefetch(b)
+    eng.acquire(b)
+    spin(int(cycles_per_ms * 20))  # close() with a slot still acquired waits for the device
+    eng.close()
+    assert torch.cuda.memory_allocated() == device_before
+    assert live_host_memory() == host_before
+    eng.close()
+
+
+def test_repeated_create_close_keeps_memory_flat():
+    torch.cuda.synchronize()
+    device_before, host_before = torch.cuda.memory_allocated(), live_host_memory()
+    for i in range(20):
+        with TransferEngine("cuda", num_slots=2) as eng:
+            h = eng.register(np.full(4 * MiB, i, np.uint8))
+            eng.prefetch(h)
+            assert int(eng.acquire(h)[-1].item()) == i
+            eng.release(h)
+    assert torch.cuda.memory_allocated() == device_before
+    assert live_host_memory() == host_before
+
+
+def test_current_device_is_left_alone(make_engine):
+    device = torch.cuda.current_device()
+    target = torch.cuda.device_count() - 1  # another device when there are several
+    eng = make_engine(f"cuda:{target}")
+    h = eng.register(b"abc" * 1000)
+    eng.prefetch(h)
+    with torch.cuda.device(target):
+        assert bytes(eng.acquire(h).cpu().numpy()) == b"abc" * 1000
+    eng.release(h, stream=torch.cuda.current_stream(target))
+    eng.synchronize()
+    assert torch.cuda.current_device() == device
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_stream_of_another_device_is_rejected(make_engine):
+    eng = make_engine("cuda:0")
+    h = eng.register(b"abc")
+    eng.prefetch(h)
+    other = torch.cuda.Stream(device=1)
+    with pytest.raises(ValueError, match="cuda:1"):
+        eng.acquire(h, stream=other)
+    with pytest.raises(ValueError, match="cuda:1"):
+        eng.acquire(h, stream=other.cuda_stream)  # raw handle: checked natively
+    eng.acquire(h)
+    eng.release(h)
+
+
+def test_spin_calibration_is_plausible(cycles_per_ms):
+    assert 1e5 < cycles_per_ms < 1e7  # GPU clocks are 0.1 to 10 GHz
+    if UNDER_SANITIZER:
+        return
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    spin(int(cycles_per_ms * 10))
+    end.record()
+    assert 7.0 < elapsed_ms(start, end) < 15.0
