@@ -9,6 +9,7 @@ import sys
 # sub-command -> (module, one-line help). Each module defines add_arguments(parser) and run(args) -> int.
 COMMANDS = {
     "demo": ("offload_kernels.cli.demo", "quantize, offload and run a model sized for this machine; print the results"),
+    "plan": ("offload_kernels.cli.plan", "predict tokens/s of a model for a VRAM budget (resident vs streamed)"),
     "info": ("offload_kernels.cli.info", "devices, extension build, measured bandwidths"),
 }
 

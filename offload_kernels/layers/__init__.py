@@ -1,0 +1,5 @@
+"""nn.Module layers over quantized weights."""
+
+from .offloaded_linear import OffloadedLinear
+
+__all__ = ["OffloadedLinear"]

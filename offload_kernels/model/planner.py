@@ -1,0 +1,191 @@
+"""Placement planning and throughput prediction for offloaded models.
+
+Given each linear layer's quantized size and the transformer block it belongs to, a GPU budget and the
+number of staging slots, decide which layers stay resident and which stream through the transfer
+engine; then predict tokens/s per batch size from measured link, HBM and matmul ceilings.
+
+Time model for one forward of M tokens (a roofline per layer, copies overlapping compute):
+    t_compute(M) = sum over layers of max(bytes / HBM, 2 * M * params / matmul FLOP/s)
+    t_link       = streamed bytes / link bandwidth
+    t(M)         = max(t_link, t_compute(M)) + non-linear work (ignored: norms, attention over short
+                   contexts and embeddings are small next to the weights at these sizes)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from ..formats import get_spec
+from ..units import human_bytes, parse_bytes  # noqa: F401  (parse_bytes is re-exported)
+from .bandwidth import Hardware
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """One linear layer as the planner sees it."""
+
+    name: str
+    out_features: int
+    in_features: int
+    qtype: str | None              # None: kept unquantized (``unquantized_bytes_per_weight`` per weight)
+    group: str                     # the block it streams with (e.g. "model.layers.3"); "" for none
+    unquantized_bytes_per_weight: int = 2
+
+    @property
+    def params(self) -> int:
+        return self.out_features * self.in_features
+
+    @property
+    def nbytes(self) -> int:
+        if self.qtype is None:
+            return self.params * self.unquantized_bytes_per_weight
+        return self.out_features * get_spec(self.qtype).row_bytes(self.in_features)
+
+
+@dataclass
+class Placement:
+    """Which layers are resident and which stream, and what that costs in device memory."""
+
+    resident: list[str]
+    streamed_groups: list[list[str]]            # streaming units, in model order
+    group_bytes: list[int]                      # bytes of each streamed group
+    fixed_bytes: int                            # non-linear parameters kept on the device
+    num_slots: int
+    slot_bytes: int
+    linear_bytes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(self.linear_bytes[n] for n in self.resident)
+
+    @property
+    def streamed_bytes(self) -> int:
+        return sum(self.group_bytes)
+
+    @property
+    def staging_bytes(self) -> int:
+        return self.num_slots * self.slot_bytes if self.streamed_groups else 0
+
+    @property
+    def device_bytes(self) -> int:
+        """Everything this plan puts on the device: fixed params, resident linears, staging slots."""
+        return self.fixed_bytes + self.resident_bytes + self.staging_bytes
+
+    @property
+    def resident_fraction(self) -> float:
+        total = self.resident_bytes + self.streamed_bytes
+        return self.resident_bytes / total if total else 1.0
+
+
+class BudgetError(ValueError):
+    """The GPU budget cannot hold what the plan needs (fixed parameters plus staging slots)."""
+
+
+def _groups_in_order(linears: Sequence[LinearSpec]) -> list[list[LinearSpec]]:
+    groups: dict[str, list[LinearSpec]] = {}
+    for i, lin in enumerate(linears):
+        groups.setdefault(lin.group or f"\0{i}", []).append(lin)   # ungrouped layers stream alone
+    return list(groups.values())
+
+
+def _spread(count: int, total: int) -> list[int]:
+    """``count`` indices out of ``total`` spread evenly, so streamed blocks interleave with resident ones
+    and the link keeps copying while resident blocks compute."""
+    if count <= 0:
+        return []
+    if count >= total:
+        return list(range(total))
+    return sorted({min(total - 1, int((i + 0.5) * total / count)) for i in range(count)})
+
+
+def plan_placement(linears: Sequence[LinearSpec], budget: int | None, fixed_bytes: int = 0,
+                   num_slots: int = 2, stream_whole_groups: bool = True) -> Placement:
+    """Keep as many bytes resident as ``budget`` allows (after fixed params and staging slots); stream the rest.
+
+    ``budget=None`` keeps everything resident. Streaming units are whole groups (transformer blocks) when
+    ``stream_whole_groups``, otherwise single layers. Leftover budget keeps single layers of a streamed
+    group resident, shrinking what that group streams.
+    """
+    if num_slots < 1:
+        raise ValueError(f"num_slots must be at least 1, got {num_slots}")
+    sizes = {lin.name: lin.nbytes for lin in linears}
+    if len(sizes) != len(linears):
+        raise ValueError("linear names must be unique")
+    everything = fixed_bytes + sum(sizes.values())
+    if budget is None or everything <= budget:
+        return Placement([lin.name for lin in linears], [], [], fixed_bytes, num_slots, 0, sizes)
+
+    units = _groups_in_order(linears) if stream_whole_groups else [[lin] for lin in linears]
+    unit_bytes = [sum(lin.nbytes for lin in u) for u in units]
+    slot_bytes = max(unit_bytes)
+    staging = num_slots * slot_bytes
+    if fixed_bytes + staging > budget:
+        raise BudgetError(
+            f"gpu_budget {human_bytes(budget)} is too small: non-linear parameters need {human_bytes(fixed_bytes)} "
+            f"and {num_slots} staging slots of {human_bytes(slot_bytes)} need {human_bytes(staging)} "
+            f"({human_bytes(fixed_bytes + staging)} in all)")
+    free = budget - fixed_bytes - staging
+
+    # Keep the smallest units that fit; equal-sized units (the usual transformer blocks) are spread
+    # evenly among the streamed ones.
+    by_size = sorted(range(len(units)), key=unit_bytes.__getitem__)
+    n_resident_units = 0
+    for i in by_size:
+        if unit_bytes[i] > free:
+            break
+        free -= unit_bytes[i]
+        n_resident_units += 1
+    if n_resident_units == len(units):
+        return Placement([lin.name for lin in linears], [], [], fixed_bytes, num_slots, 0, sizes)
+    if len(set(unit_bytes)) == 1:
+        resident_units = set(_spread(n_resident_units, len(units)))
+    else:
+        resident_units = set(by_size[:n_resident_units])
+
+    resident: set[str] = set()
+    for i in resident_units:
+        resident.update(lin.name for lin in units[i])
+    streamed_groups, group_bytes = [], []
+    for i, unit in enumerate(units):
+        if i in resident_units:
+            continue
+        for lin in unit:                      # leftover budget: single layers of this unit stay resident
+            if lin.nbytes <= free and _keeps_one_streamed(unit, resident, lin):
+                free -= lin.nbytes
+                resident.add(lin.name)
+        members = [lin.name for lin in unit if lin.name not in resident]
+        streamed_groups.append(members)
+        group_bytes.append(sum(sizes[n] for n in members))
+    order = [lin.name for lin in linears if lin.name in resident]
+    return Placement(order, streamed_groups, group_bytes, fixed_bytes, num_slots, slot_bytes, sizes)
+
+
+def _keeps_one_streamed(unit: list[LinearSpec], resident: set[str], candidate: LinearSpec) -> bool:
+    """A streamed unit must keep at least one streamed layer (else it would be resident)."""
+    return sum(1 for lin in unit if lin.name not in resident and lin is not candidate) >= 1
+
+
+@dataclass(frozen=True)
+class Prediction:
+    tokens: int                   # tokens per forward (batch x new tokens)
+    seconds: float                # predicted time of one forward
+    tokens_per_s: float
+    bound: str                    # "link", "memory" or "compute": what sets the time
+
+
+def predict_throughput(linears: Sequence[LinearSpec], placement: Placement, hw: Hardware,
+                       token_counts: Iterable[int]) -> list[Prediction]:
+    """Predicted forward time and tokens/s for each token count (see the module docstring's model)."""
+    t_link = placement.streamed_bytes / hw.link_bytes_per_s
+    out = []
+    for m in token_counts:
+        if m < 1:
+            raise ValueError(f"token counts must be positive, got {m}")
+        t_mem = sum(lin.nbytes for lin in linears) / hw.hbm_bytes_per_s
+        t_flop = sum(2 * m * lin.params for lin in linears) / hw.matmul_flops
+        t_compute = sum(max(lin.nbytes / hw.hbm_bytes_per_s, 2 * m * lin.params / hw.matmul_flops) for lin in linears)
+        t = max(t_link, t_compute)
+        bound = "link" if t_link >= t_compute else ("memory" if t_mem >= t_flop else "compute")
+        out.append(Prediction(m, t, m / t, bound))
+    return out

@@ -1,0 +1,175 @@
+"""WeightStreamer: streams groups of OffloadedLinear weights through the transfer engine.
+
+Each group (usually one transformer block) is one engine item: its layers' GGUF bytes laid out
+contiguously in pinned host memory and copied into a device slot with a single copy. The streamer learns
+the order in which groups are used during the first forward, then, on every later use, prefetches the
+next groups in that (cyclic) order while the current one computes. A prediction that turns out wrong
+costs a demand copy, never a wrong answer: every layer reads its own item from the slot the engine hands
+back for that item.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..layers import OffloadedLinear
+
+log = logging.getLogger("offload_kernels")
+
+
+class WeightStreamer:
+    """Owns a TransferEngine holding the streamed layers' bytes and drives prefetch/acquire/release."""
+
+    def __init__(self, groups: Sequence[Sequence["OffloadedLinear"]], device: torch.device, num_slots: int = 2):
+        if not groups or any(len(g) == 0 for g in groups):
+            raise ValueError("WeightStreamer needs at least one non-empty group of layers")
+        from ..engine import TransferEngine
+
+        self.device = torch.device(device)
+        self.engine = TransferEngine(device=self.device, num_slots=num_slots)
+        self.groups = [list(g) for g in groups]
+        self.handles = self.engine.register_many([[m.weight for m in g] for g in self.groups])
+        self._parts: list[list[tuple[int, int]]] = [self.engine.item_parts(h) for h in self.handles]
+        self._where: dict[int, tuple[int, int]] = {}
+        for gi, group in enumerate(self.groups):
+            host_parts = self.engine.host_views(self.handles[gi])
+            for pi, module in enumerate(group):
+                # The module's bytes now live only in the engine's pinned storage (one host copy).
+                module._buffers["weight"] = host_parts[pi].view(module.weight.shape)
+                module._streamer = self
+                self._where[id(module)] = (gi, pi)
+        self.order: list[int] = []          # learned cyclic order of group uses
+        self._uses_per_pass: list[int] = [0] * len(self.groups)
+        self._uses: list[int] = [0] * len(self.groups)
+        self._learning = True
+        self._pos = -1                      # position of the current group in `order`
+        self._current: Optional[int] = None
+        self._current_view: Optional[torch.Tensor] = None
+        self._pending: list[int] = []       # prefetched, not yet acquired, in prefetch order
+        self.mispredictions = 0
+        self._hooks: list = []
+
+    # ------------------------------------------------------------------ model hooks
+    def attach(self, root: nn.Module) -> None:
+        """Mark forward-pass boundaries of ``root``: the first pass teaches the order."""
+        self._hooks.append(root.register_forward_pre_hook(lambda *_: self.begin_pass()))
+        self._hooks.append(root.register_forward_hook(lambda *_: self.end_pass()))
+
+    def begin_pass(self) -> None:
+        self._uses = [0] * len(self.groups)
+
+    def end_pass(self) -> None:
+        if self._learning and self.order:
+            self._learning = False
+            log.debug("learned streaming order of %d group uses", len(self.order))
+        self._release_current()
+        self._pos = len(self.order) - 1      # the next pass starts at order[0]
+        self._prefetch_ahead()
+
+    # ------------------------------------------------------------------ per-layer protocol
+    def weight_bytes(self, module: "OffloadedLinear", device: torch.device) -> torch.Tensor:
+        """The device bytes of ``module``'s weight, valid until :meth:`after_use`."""
+        if torch.device(device).type != self.device.type or (
+                self.device.index is not None and torch.device(device).index not in (None, self.device.index)):
+            raise ValueError(f"input is on {device} but this layer streams its weight to {self.device}")
+        gi, pi = self._where[id(module)]
+        if gi != self._current:
+            self._switch_to(gi)
+        offset, nbytes = self._parts[gi][pi]
+        return self._current_view[offset:offset + nbytes]
+
+    def after_use(self, module: "OffloadedLinear") -> None:
+        """Called once the layer's kernels are enqueued: frees the slot after the group's last use."""
+        gi, _ = self._where[id(module)]
+        self._uses[gi] += 1
+        if self._learning:
+            self._uses_per_pass[gi] += 1
+        elif gi == self._current and self._uses[gi] >= self._uses_per_pass[gi]:
+            self._release_current()
+            self._prefetch_ahead()
+
+    # ------------------------------------------------------------------ internals
+    def _switch_to(self, gi: int) -> None:
+        self._release_current()
+        if self._learning:
+            self.order.append(gi)
+        else:
+            nxt = (self._pos + 1) % len(self.order) if self.order else -1
+            if self.order and self.order[nxt] == gi:
+                self._pos = nxt
+            else:
+                self.mispredictions += 1
+                self._pos = self.order.index(gi) if gi in self.order else self._pos
+        handle = self.handles[gi]
+        if gi in self._pending:
+            self._pending.remove(gi)
+        else:
+            self._make_room()
+            self.engine.prefetch(handle)      # demand copy (a hit if the slot still holds it)
+        self._current_view = self.engine.acquire(handle)
+        self._current = gi
+        self._prefetch_ahead()
+
+    def _release_current(self) -> None:
+        if self._current is not None:
+            self._current_view = None
+            self.engine.release(self.handles[self._current])
+            self._current = None
+
+    def _make_room(self) -> None:
+        """Free a slot for a demand copy by dropping the furthest-ahead prediction if every slot is taken."""
+        busy = len(self._pending) + (self._current is not None)
+        if busy >= self.engine.num_slots and self._pending:
+            self.engine.cancel(self.handles[self._pending.pop()])
+
+    def _prefetch_ahead(self) -> None:
+        if self._learning or not self.order:
+            return
+        free_slots = self.engine.num_slots - (self._current is not None)
+        wanted: list[int] = []
+        for step in range(1, len(self.order) + 1):
+            if len(wanted) == free_slots:
+                break
+            g = self.order[(self._pos + step) % len(self.order)]
+            if g != self._current and g not in wanted:
+                wanted.append(g)
+        for g in [p for p in self._pending if p not in wanted]:   # wrong guesses give their slots back
+            self._pending.remove(g)
+            self.engine.cancel(self.handles[g])
+        for g in wanted:
+            if g not in self._pending:
+                self.engine.prefetch(self.handles[g])
+                self._pending.append(g)
+
+    # ------------------------------------------------------------------ teardown
+    def stats(self) -> dict:
+        out = dict(self.engine.stats())
+        out["mispredictions"] = self.mispredictions
+        out["groups"] = len(self.groups)
+        return out
+
+    def close(self) -> None:
+        """Detach: layers get private host copies of their bytes (resident on CPU), engine memory is freed."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if self.engine.closed:
+            return
+        self._release_current()
+        for g in self._pending:
+            self.engine.cancel(self.handles[g])
+        self._pending.clear()
+        for group in self.groups:
+            for module in group:
+                module._buffers["weight"] = module.weight.clone()
+                module._streamer = None
+        self.engine.close()
+
+    def __repr__(self) -> str:
+        return (f"WeightStreamer(groups={len(self.groups)}, slots={self.engine.num_slots}, "
+                f"slot_bytes={self.engine.slot_bytes}, device={self.device})")

@@ -1,0 +1,104 @@
+"""Placement planning and throughput prediction (pure arithmetic, checked by hand-computed cases)."""
+
+import pytest
+
+from offload_kernels.model.bandwidth import Hardware
+from offload_kernels.model.planner import (BudgetError, LinearSpec, parse_bytes, plan_placement,
+                                           predict_throughput)
+from offload_kernels.model.shapes import PRESETS, llama_inventory
+
+
+def blocks(n_blocks=4, layers_per_block=3, n=256, k=256, qtype="q8_0"):
+    return [LinearSpec(f"b{b}.l{i}", n, k, qtype, f"b{b}") for b in range(n_blocks) for i in range(layers_per_block)]
+
+
+LAYER = 256 * 256 // 32 * 34        # one q8_0 256x256 layer
+BLOCK = 3 * LAYER
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("24GiB", 24 * 2**30), ("1.5 GB", 1_500_000_000), ("512MiB", 512 * 2**20), ("100", 100), ("3kb", 3000),
+    (2**30, 2**30), (1e9, 10**9), (None, None), ("0", 0),
+])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (-1, ValueError, "non-negative"), ("-3GiB", ValueError, "non-negative"), ("lots", ValueError, "cannot parse"),
+    ("3 parsecs", ValueError, "unknown unit"), (True, TypeError, "not a bool"), ([1], TypeError, "bytes"),
+    (float("nan"), ValueError, "non-negative"),
+])
+def test_parse_bytes_rejects(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        parse_bytes(bad)
+
+
+def test_no_budget_or_enough_budget_keeps_everything_resident():
+    lin = blocks()
+    for budget in (None, 100 + 4 * BLOCK):
+        p = plan_placement(lin, budget, fixed_bytes=100)
+        assert p.streamed_groups == [] and len(p.resident) == 12 and p.staging_bytes == 0
+        assert p.device_bytes == 100 + 4 * BLOCK and p.resident_fraction == 1.0
+
+
+def test_half_budget_streams_whole_blocks_interleaved():
+    lin = blocks(n_blocks=6)
+    budget = 2 * BLOCK + 2 * BLOCK          # two slots + two resident blocks
+    p = plan_placement(lin, budget, num_slots=2)
+    assert p.slot_bytes == BLOCK and p.staging_bytes == 2 * BLOCK
+    assert len(p.streamed_groups) == 4 and p.streamed_bytes == 4 * BLOCK and p.resident_bytes == 2 * BLOCK
+    streamed_blocks = sorted({g[0].split(".")[0] for g in p.streamed_groups})
+    assert streamed_blocks == ["b0", "b2", "b3", "b5"]  # resident blocks spread between streamed ones
+    assert p.device_bytes <= budget
+
+
+def test_leftover_budget_keeps_single_layers_of_streamed_blocks():
+    lin = blocks(n_blocks=4)
+    p = plan_placement(lin, 2 * BLOCK + BLOCK + LAYER, num_slots=2)
+    assert p.resident_bytes == BLOCK + LAYER
+    assert sorted(len(g) for g in p.streamed_groups) == [2, 3, 3]
+    assert all(len(g) >= 1 for g in p.streamed_groups)
+
+
+def test_budget_too_small_for_slots_names_the_numbers():
+    with pytest.raises(BudgetError, match=r"2 staging slots of 204.00 KiB need 408.00 KiB"):
+        plan_placement(blocks(), BLOCK, fixed_bytes=0, num_slots=2)
+    with pytest.raises(BudgetError, match="non-linear parameters need"):
+        plan_placement(blocks(), 10 * BLOCK, fixed_bytes=10 * BLOCK)
+
+
+def test_per_layer_streaming_units():
+    p = plan_placement(blocks(n_blocks=2), 2 * LAYER + 2 * LAYER, num_slots=2, stream_whole_groups=False)  # 6 layers
+    assert p.slot_bytes == LAYER and all(len(g) == 1 for g in p.streamed_groups)
+    assert p.resident_bytes == 2 * LAYER and p.streamed_bytes == 4 * LAYER
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="num_slots"):
+        plan_placement(blocks(), None, num_slots=0)
+    with pytest.raises(ValueError, match="unique"):
+        plan_placement(blocks(1) + blocks(1), None)
+
+
+def test_prediction_matches_roofline_by_hand():
+    lin = blocks(n_blocks=4)            # 12 layers of 256x256, LAYER bytes each
+    hw = Hardware("test", link_bytes_per_s=1e6, hbm_bytes_per_s=1e9, matmul_flops=1e9)
+    p = plan_placement(lin, 2 * BLOCK + BLOCK, num_slots=2)       # three blocks streamed
+    (one, big) = predict_throughput(lin, p, hw, [1, 100_000])
+    t_link = 3 * BLOCK / 1e6
+    assert one.bound == "link" and one.seconds == pytest.approx(t_link)
+    t_flops = 12 * 2 * 100_000 * 256 * 256 / 1e9
+    assert big.bound == "compute" and big.seconds == pytest.approx(t_flops)
+    assert big.tokens_per_s == pytest.approx(100_000 / t_flops)
+    with pytest.raises(ValueError, match="positive"):
+        predict_throughput(lin, p, hw, [0])
+
+
+def test_llama_inventory_sizes():
+    inv = llama_inventory(PRESETS["llama-3-8b"], "q4_k", lm_head_qtype="q6_k")
+    assert len(inv.linears) == 32 * 7 + 1
+    params = sum(lin.params for lin in inv.linears)
+    assert 7.4e9 < params < 7.6e9           # Llama-3-8B without embeddings
+    q = next(lin for lin in inv.linears if lin.name == "model.layers.0.self_attn.k_proj")
+    assert (q.out_features, q.in_features) == (1024, 4096) and q.nbytes == 1024 * 4096 * 9 // 16
