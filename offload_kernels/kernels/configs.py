@@ -1,0 +1,254 @@
+"""Kernel selection and launch configurations: the crossover table (which kernel family runs for a given
+number of tokens M), autotune config spaces with their early pruners, and the heuristic configs used
+where tuning is off (the interpreter, CUDA graph capture before a shape was tuned, forced split_k).
+
+Nothing here was measured (it was written without a GPU): the crossovers and heuristics are reasoned
+defaults for an H100-class GPU; ``bench/bench_kernels.py`` measures every family per M so they can be
+set from data.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import triton
+
+from .decode import QTYPE_CODES, SUB_BLOCK
+from .runtime import INTERPRETER, sm_count
+
+# ----------------------------------------------------------------------------------------- crossovers
+#: Kernel family by M (tokens in the call = product of x's leading dims): the first row whose bound is
+#: >= M wins. Reasoning (H100, q4_k, 8192x8192; measured values come from bench/bench_kernels.py):
+#:  * M <= 4, "gemv": reading the quantized bytes once is the whole cost. The GEMV decodes each weight
+#:    once and spends one FMA per weight per token on CUDA cores; padding M to 16 for tl.dot would buy
+#:    nothing, but past ~4 tokens the per-token FMAs overtake the decode and tensor cores win.
+#:  * M <= 1024, "gemm": fused dequantize + tl.dot still reads 4.5 bits per weight instead of the 16 bits
+#:    a dequantized fp16 copy costs to write and read again (~55 us of extra traffic at 8192x8192),
+#:    which outweighs the fused kernel's lower tensor-core efficiency until the matmul itself (~2*M*N*K
+#:    flops) dwarfs it.
+#:  * above, "dequant": Triton dequantize to the activation dtype, then cuBLAS (torch.matmul).
+KERNEL_BY_M: tuple[tuple[int, str], ...] = (
+    (4, "gemv"),
+    (1024, "gemm"),
+    (sys.maxsize, "dequant"),
+)
+
+#: Kernel families a caller may force with ``qmatmul(..., kernel=...)``.
+KERNEL_FAMILIES = ("gemv", "gemm", "dequant")
+
+
+def select_kernel(m: int) -> str:
+    """The kernel family KERNEL_BY_M picks for M tokens."""
+    for bound, family in KERNEL_BY_M:
+        if m <= bound:
+            return family
+    return KERNEL_BY_M[-1][1]
+
+
+# ----------------------------------------------------------------------------------------- shared
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def largest_divisor_at_most(n: int, cap: int) -> int:
+    """The largest divisor of n that is <= cap (at least 1): split-K factors that cut K into equal slices."""
+    for d in range(max(1, min(n, cap)), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def zero_workspace_if_split(nargs: dict[str, Any]) -> None:
+    """Config pre-hook: split-K programs atomically add into the fp32 workspace, which must start at 0.
+    (Runs before every launch, inside autotuning benchmarks too, so tuning pays for the memset.)"""
+    if nargs["split_k"] > 1:
+        nargs["ws_ptr"].zero_()
+
+
+def _args(named_args: dict, kwargs: dict) -> dict:
+    return {**named_args, **kwargs}
+
+
+#: Most configs an autotuner benchmarks per shape: each distinct one costs a compile (~1 s) on first use.
+MAX_TUNED_CONFIGS = 12
+
+
+def _closest(configs: list[triton.Config], programs_of, target: float, limit: int = MAX_TUNED_CONFIGS):
+    """The ``limit`` configs whose program count is closest (in log2) to ``target``."""
+    if len(configs) <= limit:
+        return configs
+    return sorted(configs, key=lambda c: abs(math.log2(programs_of(c) / target)))[:limit]
+
+
+_QTYPE_NAMES = {code: name for name, code in QTYPE_CODES.items()}
+
+
+def _qtype_name(a: dict) -> str:
+    return _QTYPE_NAMES[int(a["QTYPE"])]
+
+
+# ----------------------------------------------------------------------------------------- GEMV
+#: Weights per GEMV loop iteration: one k-quant super-block, or eight q4_0/q8_0 blocks.
+GEMV_STEP_K = 256
+#: Largest number of tokens one GEMV program handles (the accumulator grows with it).
+GEMV_MAX_BLOCK_M = 8
+#: Per-row accumulator shape (TILE_A, TILE_B) of each format's GEMV step: the storage order of the
+#: quant bytes it decodes (see gemv.py); TILE_A * TILE_B fp32 registers per row per token, over the CTA.
+GEMV_TILE = {"q4_0": (8, 16), "q8_0": (8, 32), "q3_k": (4, 16), "q4_k": (4, 32), "q5_k": (4, 32), "q6_k": (8, 16)}
+
+
+def gemv_block_m(m: int) -> int:
+    return min(next_power_of_2(m), GEMV_MAX_BLOCK_M)
+
+
+def _gemv_accumulator_fits(block_m: int, block_n: int, qtype: str, num_warps: int) -> bool:
+    a, b = GEMV_TILE[qtype]
+    return block_m * block_n * a * b <= 64 * 32 * num_warps      # <= 64 fp32 registers per thread
+
+
+def gemv_configs(interpreter: bool = INTERPRETER) -> list[triton.Config]:
+    """The GEMV autotune space (a single config under the interpreter, which never tunes)."""
+    if interpreter:
+        return [triton.Config({"BLOCK_N": 32, "split_k": 1}, num_warps=4, num_stages=2,
+                              pre_hook=zero_workspace_if_split)]
+    return [triton.Config({"BLOCK_N": bn, "split_k": sk}, num_warps=w, num_stages=2, pre_hook=zero_workspace_if_split)
+            for bn in (8, 16, 32, 64) for sk in (1, 2, 4, 8, 16, 32) for w in (2, 4, 8)]
+
+
+def prune_gemv_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Early pruner: split_k must cut the K steps into equal slices (a correctness-neutral but required
+    load balance: no idle or double-length programs), the accumulator must fit in registers and each
+    thread get at least 16 weights per step (decode overheads are per row and step), tiles no
+    wider than the matrix, no more split-K programs than can be useful (atomics are not free), and at most
+    MAX_TUNED_CONFIGS, those whose program count is closest to ~4 per SM."""
+    a = _args(named_args, kwargs)
+    m, n, k, block_m, qtype = a["M"], a["N"], a["K"], a["BLOCK_M"], _qtype_name(a)
+    sms = sm_count(a["x_ptr"].device)
+    steps = triton.cdiv(k, GEMV_STEP_K)
+
+    def programs(c):
+        return triton.cdiv(n, c.kwargs["BLOCK_N"]) * triton.cdiv(m, block_m) * c.kwargs["split_k"]
+
+    kept = []
+    for c in configs:
+        bn, sk = c.kwargs["BLOCK_N"], c.kwargs["split_k"]
+        if steps % sk or bn > max(8, next_power_of_2(n)):
+            continue
+        if not _gemv_accumulator_fits(block_m, bn, qtype, c.num_warps):
+            continue
+        if bn * GEMV_STEP_K < 16 * 32 * c.num_warps:   # < 16 weights per thread per step: too little work
+            continue
+        if sk > 1 and programs(c) > 16 * sms:
+            continue
+        kept.append(c)
+    return _closest(kept, programs, 4 * sms) or [gemv_heuristic_config(m, n, k, qtype, sms)]
+
+
+def gemv_heuristic_config(m: int, n: int, k: int, qtype: str, sms: int, split_k: "int | None" = None) -> triton.Config:
+    """A GEMV config without tuning: 32-row tiles (16/8 for more tokens or wide accumulators), 4 warps,
+    and enough equal K slices for ~4 resident programs per SM (so the loads in flight cover HBM latency)."""
+    block_m = gemv_block_m(m)
+    block_n = 32
+    while block_n > 4 and not _gemv_accumulator_fits(block_m, block_n, qtype, 4):
+        block_n //= 2
+    if split_k is None:
+        tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+        split_k = largest_divisor_at_most(triton.cdiv(k, GEMV_STEP_K), max(1, (4 * sms) // tiles))
+    return triton.Config({"BLOCK_N": block_n, "split_k": split_k}, num_warps=4, num_stages=2,
+                         pre_hook=zero_workspace_if_split)
+
+
+# ----------------------------------------------------------------------------------------- GEMM
+def gemm_configs(interpreter: bool = INTERPRETER) -> list[triton.Config]:
+    """The tiled GEMM autotune space (BLOCK_M x BLOCK_N x BLOCK_K, warps, stages) x split_k."""
+    if interpreter:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "split_k": 1}, num_warps=4,
+                              num_stages=2, pre_hook=zero_workspace_if_split)]
+    tiles = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+        (16, 64, 64, 4, 3), (16, 128, 64, 4, 3), (16, 64, 128, 4, 3), (32, 64, 64, 4, 3), (32, 128, 64, 4, 3),
+        (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 32, 4, 4), (64, 256, 64, 8, 3),
+        (128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "split_k": sk}, num_warps=w, num_stages=s,
+                          pre_hook=zero_workspace_if_split)
+            for bm, bn, bk, w, s in tiles for sk in (1, 2, 4, 8, 16)]
+
+
+def gemm_block_k_ok(block_k: int, qtype: str) -> bool:
+    """Correctness constraint of decode_tile: BLOCK_K a multiple of the sub-block (one scale per tile row),
+    and for k-quants a divisor of the 256-weight super-block (a tile never straddles two)."""
+    sub = SUB_BLOCK[qtype]
+    if block_k % sub:
+        return False
+    return qtype in ("q4_0", "q8_0") or 256 % block_k == 0
+
+
+def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Early pruner: BLOCK_K legal for the format (see gemm_block_k_ok), split_k dividing the number of
+    K tiles and only when the output tiles alone cannot fill the GPU, BLOCK_M no taller than needed
+    (and not tiny for large M), fp32 activations (tf32x3: 3 MMAs, fp32 operand tiles) on smaller tiles;
+    then at most MAX_TUNED_CONFIGS, those with a program count closest to two waves."""
+    a = _args(named_args, kwargs)
+    m, n, k, qtype = a["M"], a["N"], a["K"], _qtype_name(a)
+    fp32 = a["x_ptr"].element_size() == 4
+    sms = sm_count(a["x_ptr"].device)
+    m_cap = max(16, next_power_of_2(m))
+    kept = []
+    for c in configs:
+        bm, bn, bk, sk = (c.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "split_k"))
+        if not gemm_block_k_ok(bk, qtype) or bm > m_cap or bm < min(64, m_cap) // 2 or bn > max(16, next_power_of_2(n)):
+            continue
+        if fp32 and bm * bn > 128 * 128:
+            continue
+        k_tiles = triton.cdiv(k, bk)
+        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        if k_tiles % sk or (sk > 1 and tiles * sk > 4 * sms) or (sk > 1 and tiles >= sms):
+            continue
+        kept.append(c)
+
+    def programs(c):
+        return (triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"])) * c.kwargs["split_k"]
+
+    return _closest(kept, programs, 2 * sms) or [gemm_heuristic_config(m, n, k, qtype, sms, fp32=fp32)]
+
+
+def gemm_heuristic_config(m: int, n: int, k: int, qtype: str, sms: int, split_k: "int | None" = None,
+                          fp32: bool = False) -> triton.Config:
+    """A GEMM config without tuning: BLOCK_M the next power of two of M (16..128), 64/128-wide N tiles,
+    BLOCK_K 64, and equal K slices when the output tiles alone would leave SMs idle."""
+    bm = min(64 if fp32 else 128, max(16, next_power_of_2(m)))
+    bn = 64 if (m <= 64 or fp32) else 128
+    bk = 64
+    warps = 8 if bm * bn >= 128 * 128 else 4
+    if split_k is None:
+        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        split_k = largest_divisor_at_most(triton.cdiv(k, bk), min(16, sms // tiles)) if tiles < sms else 1
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "split_k": split_k}, num_warps=warps,
+                         num_stages=3, pre_hook=zero_workspace_if_split)
+
+
+# ----------------------------------------------------------------------------------------- dequantize
+#: Weights per dequantize program along K: one k-quant super-block or eight q4_0/q8_0 blocks.
+DEQUANT_BLOCK_K = 256
+
+
+def dequant_configs(interpreter: bool = INTERPRETER) -> list[triton.Config]:
+    """The dequantize autotune space (rows per program, warps)."""
+    if interpreter:
+        return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=1) for bn in (8, 16, 32, 64) for w in (4, 8)]
+
+
+def prune_dequant_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Early pruner: no tile taller than the matrix, and register use bounded (<= 64 fp32 values per thread)."""
+    a = _args(named_args, kwargs)
+    n = a["N"]
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max(8, next_power_of_2(n))
+            and c.kwargs["BLOCK_N"] * DEQUANT_BLOCK_K <= 64 * 32 * c.num_warps]
+    return kept or [dequant_heuristic_config()]
+
+
+def dequant_heuristic_config() -> triton.Config:
+    return triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)

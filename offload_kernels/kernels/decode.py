@@ -1,0 +1,233 @@
+"""Per-format GGUF decode helpers shared by the Triton kernels (@triton.jit device functions).
+
+The values follow docs/block-formats.md (ggml's ``dequantize_row_*``) exactly:
+
+* integer quants become fp32 through the 2**23 "magic number" (OR the small unsigned integer into the
+  mantissa of 2**23, reinterpret as fp32, subtract 2**23 + offset). It is exact for 0 <= u < 2**23 and
+  costs one integer op and one FADD instead of a quarter-rate int->float conversion;
+* scales are applied in ggml's order, ``(d * sc) * q - (dmin * m)``. ``fmul``/``fsub`` keep every
+  product and difference separately rounded: on a GPU with libdevice's ``mul_rn``/``sub_rn`` (PTX
+  ``mul.rn.f32``/``sub.rn.f32``, which ptxas never contracts into an FMA), in the interpreter with plain
+  numpy ops (which never fuse). A contracted ``fma(d1, q, -m1)`` would change last bits. (Triton links
+  libdevice in flush-to-zero mode, i.e. ``mul.rn.ftz``; harmless here: the smallest nonzero magnitude in
+  these products is 2**-24, the smallest fp16 subnormal, far above the fp32 subnormal range.)
+  tests/kernels/test_compile_sm90.py checks the compiled dequantize kernels contain no FFMA.
+
+Two families of helpers:
+
+* ``decode_tile``: a (BLOCK_N, NSUB, SUB) tile of fp32 weights in natural K order (element
+  k0 + SUB*s + l of each row) for the GEMM and the dequantize kernel; bit-exact with the torch reference.
+* the building blocks the GEMV uses to decode bytes in their storage order (``f16_field``,
+  ``scaled_quant``, ``k4_scale_min``, ``q3_k_scale``, ``q6_k_scale``). ``scaled_quant`` folds the
+  int->float conversion into the scale multiply (one FFMA, exact product, but a zero result is always +0,
+  so it is not used where bits must match). It needs a true single-rounding tl.fma, which GPUs have and
+  Triton's interpreter emulates (the GEMV tests would fail by half a quantization step otherwise).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+# Format codes passed to kernels as the QTYPE constexpr.
+Q4_0 = tl.constexpr(0)
+Q8_0 = tl.constexpr(1)
+Q3_K = tl.constexpr(2)
+Q4_K = tl.constexpr(3)
+Q5_K = tl.constexpr(4)
+Q6_K = tl.constexpr(5)
+
+QTYPE_CODES = {"q4_0": 0, "q8_0": 1, "q3_k": 2, "q4_k": 3, "q5_k": 4, "q6_k": 5}
+
+#: Weights per scale (the sub-block a scale covers): BLOCK_K of the tile decoders must be a multiple.
+SUB_BLOCK = {"q4_0": 32, "q8_0": 32, "q3_k": 16, "q4_k": 32, "q5_k": 32, "q6_k": 16}
+
+
+# ------------------------------------------------------------------------------------- scalar helpers
+@triton.jit
+def fmul(a, b, RN: tl.constexpr):
+    """a * b rounded on its own (never fused with a later add when RN, i.e. on a GPU)."""
+    if RN:
+        a, b = tl.broadcast(a, b)
+        return libdevice.mul_rn(a, b)
+    else:
+        return a * b
+
+
+@triton.jit
+def fsub(a, b, RN: tl.constexpr):
+    """a - b rounded on its own (never fused with an earlier multiply when RN)."""
+    if RN:
+        a, b = tl.broadcast(a, b)
+        return libdevice.sub_rn(a, b)
+    else:
+        return a - b
+
+
+@triton.jit
+def small_uint_to_f32(u, OFFSET: tl.constexpr):
+    """float(u) - OFFSET, exactly, for int32 0 <= u < 2**23 (see module docstring)."""
+    return (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
+
+
+@triton.jit
+def scaled_quant(u, scale_2p23, OFFSET: tl.constexpr):
+    """(u - OFFSET) * scale in one integer op and one FFMA, for int32 0 <= u < 2**22, given scale_2p23 =
+    scale * 2**23 where scale has at most 22 significant bits (an fp16 d times a small integer: 1.5 *
+    scale_2p23 is then exact). The bits 0x3FC00000 + (u - OFFSET) are the fp32 1.5 + (u - OFFSET) * 2**-23,
+    so fma(val, scale_2p23, -1.5 * scale_2p23) is the exact product (u - OFFSET) * scale rounded once:
+    the value small_uint_to_f32(u, OFFSET) * scale gives, one FADD cheaper. Only a zero result's sign may
+    differ (always +0), which is why the bit-exact tile decoder does not use it; the GEMV does."""
+    if OFFSET == 0:
+        bits = u | 0x3FC00000
+    else:
+        bits = u + (0x3FC00000 - OFFSET)
+    return tl.fma(bits.to(tl.float32, bitcast=True), scale_2p23, -1.5 * scale_2p23)
+
+
+@triton.jit
+def f16_field(ptr):
+    """The little-endian fp16 at byte pointer(s) ``ptr``, as fp32. Assembled from two byte loads so that
+    no alignment is assumed (blocks of 18, 34, 110, 210 bytes leave fields only 2-byte aligned, and the
+    weight bytes may start anywhere inside a transfer slot)."""
+    lo = tl.load(ptr).to(tl.int32)
+    hi = tl.load(ptr + 1).to(tl.int32)
+    return (lo | (hi << 8)).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def f16_field_masked(ptr, mask):
+    """f16_field with masked-off lanes reading as 0.0."""
+    lo = tl.load(ptr, mask=mask, other=0).to(tl.int32)
+    hi = tl.load(ptr + 1, mask=mask, other=0).to(tl.int32)
+    return (lo | (hi << 8)).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def k4_scale_min(scales_ptr, s):
+    """q4_k/q5_k 6-bit (scale, min) of sub-blocks ``s`` (int32 (S,), values 0..7) for the rows whose
+    ``scales[12]`` start at ``scales_ptr`` ((BN,) byte pointers): two int32 (BN, S) tensors."""
+    p = scales_ptr[:, None]
+    a = tl.load(p + s[None, :]).to(tl.int32)          # scales[s]
+    b = tl.load(p + (s + 4)[None, :]).to(tl.int32)    # scales[s + 4]
+    c = tl.load(p + (s & 3)[None, :]).to(tl.int32)    # scales[s - 4] when s >= 4
+    low_half = (s < 4)[None, :]
+    sc = tl.where(low_half, a & 63, (b & 15) | ((c >> 6) << 4))
+    mn = tl.where(low_half, b & 63, (b >> 4) | ((a >> 6) << 4))
+    return sc, mn
+
+
+@triton.jit
+def q3_k_scale(scales_ptr, s):
+    """q3_k signed sub-block scales (sc3[s] - 32) of sub-blocks ``s`` (int32 (S,), 0..15) for the rows
+    whose ``scales[12]`` start at ``scales_ptr`` ((BN,) byte pointers): int32 (BN, S)."""
+    p = scales_ptr[:, None]
+    a = tl.load(p + (s & 7)[None, :]).to(tl.int32)        # low 4 bits: nibble s // 8 of scales[s % 8]
+    b = tl.load(p + (8 + (s & 3))[None, :]).to(tl.int32)  # high 2 bits: field s // 4 of scales[8 + s % 4]
+    low = (a >> (4 * (s >> 3))[None, :]) & 15
+    high = (b >> (2 * (s >> 2))[None, :]) & 3
+    return (low | (high << 4)) - 32
+
+
+@triton.jit
+def q6_k_scale(scales_ptr, s):
+    """q6_k int8 sub-block scales of sub-blocks ``s`` (int32 (S,), 0..15): int32 (BN, S)."""
+    b = tl.load(scales_ptr[:, None] + s[None, :]).to(tl.int32)
+    return (b ^ 0x80) - 128
+
+
+# ------------------------------------------------------------------------------------- tile decoder
+@triton.jit
+def decode_tile(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, SUB: tl.constexpr,
+                RN: tl.constexpr):
+    """fp32 weights of columns k0 .. k0 + NSUB*SUB of the rows starting at ``w_rows`` ((BN,) byte pointers),
+    as a (BN, NSUB, SUB) tile: element [n, s, l] is column k0 + SUB*s + l, bit-exact with ggml.
+
+    SUB is the format's sub-block (32 for q4_0/q8_0/q4_k/q5_k, 16 for q3_k/q6_k), so one scale covers
+    each [n, s, :] row. k-quants: NSUB*SUB divides 256 and k0 is a multiple of it (the tile lies inside
+    one super-block). q4_0/q8_0: each s is a whole block; blocks >= n_blocks (K tail) read as 0.
+    """
+    s = tl.arange(0, NSUB)
+    l = tl.arange(0, SUB)
+    if QTYPE == Q4_0:
+        blk = k0 // 32 + s
+        valid = blk < n_blocks
+        bp = w_rows[:, None] + blk[None, :] * 18                            # (BN, NSUB) block starts
+        d = f16_field_masked(bp, valid[None, :])
+        # Each qs byte is loaded once and split into its two nibbles along a new dim: [n, s, half, j] is
+        # weight 16 * half + j of block s, so merging (half, j) gives the natural order.
+        j = tl.arange(0, 16)
+        byte = tl.load(bp[:, :, None, None] + 2 + j[None, None, None, :], mask=valid[None, :, None, None], other=0)
+        nib = (byte.to(tl.int32) >> (4 * tl.arange(0, 2))[None, None, :, None]) & 15
+        w = fmul(tl.reshape(small_uint_to_f32(nib, 8), (nib.shape[0], NSUB, SUB)), d[:, :, None], RN)
+    elif QTYPE == Q8_0:
+        blk = k0 // 32 + s
+        valid = blk < n_blocks
+        bp = w_rows[:, None] + blk[None, :] * 34
+        d = f16_field_masked(bp, valid[None, :])
+        byte = tl.load(bp[:, :, None] + 2 + l[None, None, :], mask=valid[None, :, None], other=0)
+        w = fmul(small_uint_to_f32(byte.to(tl.int32) ^ 0x80, 128), d[:, :, None], RN)  # int8 = (b ^ 128) - 128
+    elif QTYPE == Q3_K:
+        bp = w_rows + (k0 // 256) * 110
+        sb = (k0 % 256) // 16 + s                                           # sub-block in the super-block
+        d = f16_field(bp + 108)
+        scale = fmul(d[:, None], q3_k_scale(bp + 96, sb).to(tl.float32), RN)
+        if NSUB % 2 == 0 and NSUB <= 8:
+            # The tile covers NSUB // 2 whole 2-bit planes j of one 128-weight half h: each plane is the
+            # same 32 qs bytes (and 32 hmask bytes), so they are loaded once and shifted per plane.
+            l32 = tl.arange(0, 32)
+            h = (k0 % 256) // 128
+            j = ((k0 % 128) // 32 + tl.arange(0, NSUB // 2))[None, :, None]
+            qs = tl.load(bp[:, None, None] + 32 + 32 * h + l32[None, None, :]).to(tl.int32)   # (BN, 1, 32)
+            hm = tl.load(bp[:, None, None] + l32[None, None, :]).to(tl.int32)
+            q = small_uint_to_f32(((qs >> (2 * j)) & 3) | (((hm >> (4 * h + j)) & 1) << 2), 4)  # (BN, P, 32)
+            q = tl.reshape(q, (q.shape[0], NSUB, SUB))                       # plane p = sub-blocks 2p, 2p+1
+        else:
+            h = sb >> 3                                                     # 128-weight half
+            j = (sb >> 1) & 3                                               # 2-bit plane
+            l32 = (16 * (sb & 1))[:, None] + l[None, :]                     # position in the 32-byte run
+            qs = tl.load(bp[:, None, None] + 32 + ((32 * h)[:, None] + l32)[None, :, :]).to(tl.int32)
+            hm = tl.load(bp[:, None, None] + l32[None, :, :]).to(tl.int32)
+            q2 = (qs >> (2 * j)[None, :, None]) & 3
+            hb = (hm >> (4 * h + j)[None, :, None]) & 1
+            q = small_uint_to_f32(q2 | (hb << 2), 4)                        # q2 - (hb ? 0 : 4)
+        w = fmul(scale[:, :, None], q, RN)
+    elif QTYPE == Q6_K:
+        bp = w_rows + (k0 // 256) * 210
+        sb = (k0 % 256) // 16 + s
+        d = f16_field(bp + 208)
+        scale = fmul(d[:, None], q6_k_scale(bp + 192, sb).to(tl.float32), RN)
+        # (Loading each qh run once and broadcasting it over the groups, as q3_k does, compiled to more
+        # instructions and register spills on sm_90; the per-sub-block gather stays.)
+        h = sb >> 3
+        r = (sb >> 1) & 3
+        l32 = (16 * (sb & 1))[:, None] + l[None, :]
+        ql = tl.load(bp[:, None, None] + ((64 * h + 32 * (r & 1))[:, None] + l32)[None, :, :]).to(tl.int32)
+        qh = tl.load(bp[:, None, None] + 128 + ((32 * h)[:, None] + l32)[None, :, :]).to(tl.int32)
+        nib = (ql >> (4 * (r >> 1))[None, :, None]) & 15
+        hi = (qh >> (2 * r)[None, :, None]) & 3
+        q = small_uint_to_f32(nib | (hi << 4), 32)
+        w = fmul(scale[:, :, None], q, RN)
+    else:  # Q4_K, Q5_K
+        if QTYPE == Q4_K:
+            bp = w_rows + (k0 // 256) * 144
+        else:
+            bp = w_rows + (k0 // 256) * 176
+        sb = (k0 % 256) // 32 + s
+        if QTYPE == Q4_K:
+            byte = tl.load(bp[:, None, None] + 16 + (32 * (sb >> 1))[None, :, None] + l[None, None, :])
+        else:
+            byte = tl.load(bp[:, None, None] + 48 + (32 * (sb >> 1))[None, :, None] + l[None, None, :])
+        nib = (byte.to(tl.int32) >> (4 * (sb & 1))[None, :, None]) & 15   # sub-block 2c + half of qs[32c + l]
+        if QTYPE == Q5_K:
+            qh = tl.load(bp[:, None, None] + 16 + l[None, None, :]).to(tl.int32)
+            nib = nib | (((qh >> sb[None, :, None]) & 1) << 4)
+        q = small_uint_to_f32(nib, 0)
+        d = f16_field(bp)
+        dmin = f16_field(bp + 2)
+        sc, mn = k4_scale_min(bp + 4, sb)
+        scale = fmul(d[:, None], sc.to(tl.float32), RN)
+        min_term = fmul(dmin[:, None], mn.to(tl.float32), RN)
+        w = fsub(fmul(scale[:, :, None], q, RN), min_term[:, :, None], RN)
+    return w

@@ -1,0 +1,102 @@
+"""Tiled GEMM with the dequantization fused into the K loop: y = x @ W.T + b, W read from GGUF blocks.
+
+Each K step loads a (BLOCK_M, BLOCK_K) activation tile, decodes the (BLOCK_N, BLOCK_K) weight tile from
+its blocks into fp32 registers (decode.decode_tile: one scale per BLOCK_K-aligned sub-block row, values
+bit-exact with ggml), rounds it to the activation dtype and feeds tl.dot with fp32 accumulation. The
+weights are thus read at their quantized size (3.4-8.5 bits per weight) instead of the 16 bits of a
+dequantized copy. fp32 activations use input_precision="tf32x3" (three TF32 MMAs, ~fp32 accuracy).
+
+split_k > 1 cuts K into equal slices whose partial tiles are atomically added into a zeroed fp32
+workspace: for mid-size M, where the M x N output tiles alone are too few to fill the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .decode import Q4_0, Q8_0, QTYPE_CODES, SUB_BLOCK, decode_tile
+from .epilogue import store_output
+from .runtime import INTERPRETER, count_launch, launch, sm_count, tuning_key
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, M, N, K, stride_xm, row_bytes, split_k, M_BUCKET,
+                 QTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SUB: tl.constexpr, RN: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    # Grouped tile order: GROUP_M consecutive row tiles share each weight tile while it is hot in L2.
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Out-of-range rows are clamped onto the last valid one (loads in bounds, never stored).
+    w_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * row_bytes
+    x_tile = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    tiles_per_split = tl.cdiv(k_tiles, split_k)
+    kt_begin = pid_k * tiles_per_split
+    kt_end = tl.minimum(kt_begin + tiles_per_split, k_tiles)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(kt_begin, kt_end):
+        k0 = kt * BLOCK_K
+        if QTYPE == Q4_0 or QTYPE == Q8_0:
+            # K is a multiple of 32 only: the last tile may run past it.
+            x = tl.load(x_tile + k0, mask=(k0 + offs_k < K)[None, :], other=0.0)
+        else:
+            x = tl.load(x_tile + k0)  # K is a multiple of 256 and BLOCK_K divides 256
+        w = decode_tile(w_rows, k0, K // 32, QTYPE, BLOCK_K // SUB, SUB, RN)
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(x.dtype)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    store_output(acc, offs_m, offs_n, M, N, bias_ptr, out_ptr, ws_ptr, pid_k, split_k, HAS_BIAS)
+
+
+_GEMM_KEY = ("M_BUCKET", "N", "K", "QTYPE", "HAS_BIAS")
+
+_gemm_tuned = triton.autotune(configs=configs.gemm_configs(), key=list(_GEMM_KEY),
+                              prune_configs_by={"early_config_prune": configs.prune_gemm_configs})(_gemm_kernel)
+
+#: Rows of M tiles that share a weight tile in the grouped launch order.
+GROUP_M = 8
+
+
+def gemm(x2d: torch.Tensor, qt, bias: "torch.Tensor | None", out: torch.Tensor, *,
+         split_k: "int | None" = None) -> str:
+    """out (M, N) = x2d (M, K) @ W.T (+ bias) with the fused tiled GEMM; returns the variant that ran
+    ("gemm" or "gemm_splitk"). Inputs are validated by the caller (qmatmul): x2d has unit stride along K,
+    out is contiguous of x2d's dtype. ``split_k`` forces that many K slices (no tuning); None tunes it."""
+    m, k = x2d.shape
+    n = qt.shape[0]
+    fp32 = x2d.dtype == torch.float32
+    ws = out if fp32 else torch.empty((m, n), dtype=torch.float32, device=out.device)
+    args = dict(x_ptr=x2d, w_ptr=qt.data, bias_ptr=bias if bias is not None else out, out_ptr=out, ws_ptr=ws,
+                M=m, N=n, K=k, stride_xm=x2d.stride(0), row_bytes=qt.row_bytes,
+                M_BUCKET=configs.next_power_of_2(m), QTYPE=QTYPE_CODES[qt.qtype], HAS_BIAS=bias is not None,
+                SUB=SUB_BLOCK[qt.qtype], RN=not INTERPRETER, DOT_PRECISION="tf32x3" if fp32 else "tf32",
+                GROUP_M=GROUP_M)
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["split_k"])
+
+    sms = sm_count(x2d.device)
+    config = launch(_gemm_tuned, grid, args, tuning_key("gemm", args, _GEMM_KEY),
+                    lambda: configs.gemm_heuristic_config(m, n, k, qt.qtype, sms, split_k, fp32=fp32),
+                    tune=split_k is None, device=x2d.device)
+    split = config.kwargs["split_k"]
+    if split > 1 and ws is not out:
+        out.copy_(ws)
+    variant = "gemm_splitk" if split > 1 else "gemm"
+    count_launch(variant)
+    return variant

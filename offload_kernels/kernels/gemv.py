@@ -1,0 +1,240 @@
+"""Split-K GEMV for a few tokens: y[m] = W @ x[m] + b with W read straight from GGUF blocks.
+
+At M = 1..4 the cost is reading the quantized bytes, so the kernel is built around that stream:
+
+* a program owns BLOCK_N rows and one K slice (split_k equal slices of 256-weight steps; partial sums go
+  to a zeroed fp32 workspace with atomic adds), so even N = 4096 gives enough programs to fill every SM;
+* each step reads, per row, one whole k-quant super-block (or eight q4_0/q8_0 blocks): contiguous byte
+  runs, each byte loaded once and decoded in its *storage order* with integer ops on int32. x is loaded
+  in the matching permuted order (a dot product does not care about order), once per step for all rows;
+* products are accumulated elementwise into a (BLOCK_M, BLOCK_N, TILE_A, TILE_B) fp32 tile with FMAs,
+  one per weight per token, and reduced (tl.sum) once at the end: the weight tile is never reduced across
+  lanes inside the loop, no tl.dot, no padding of M to 16. The q4_k/q5_k "- dmin*m" term is accumulated
+  per sub-block from the sums of x (small per-step reductions of the x tile only).
+* a weight is its quant bits OR-ed into the mantissa of 1.5 and one FFMA with the pre-scaled block scale
+  (decode.scaled_quant: exact product, one rounding), the q4_k high nibble used in place (x16) with its
+  scale divided by 16: about 1.5 integer ops and two FFMAs (scale, accumulate) per weight for q4_k at
+  M = 1 (sm_90 SASS inspected, not timed: see bench/bench_kernels.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .decode import (Q3_K, Q4_0, Q4_K, Q5_K, Q6_K, QTYPE_CODES, f16_field, f16_field_masked,
+                     k4_scale_min, q3_k_scale, q6_k_scale, scaled_quant)
+from .epilogue import store_output
+from .runtime import count_launch, launch, sm_count, tuning_key
+
+
+# ---------------------------------------------------------------------------------- per-format steps
+# Each step handles one 256-weight step for BLOCK_N rows (bp/w_rows: (BLOCK_N,) byte pointers) and
+# BLOCK_M tokens (xp: (BLOCK_M,) pointers into x) and returns the updated accumulator(s).
+# Weight-side tensors carry a leading unit token dim from the byte load on ((1, BN, A, B)): broadcasting
+# that dim over the tokens then keeps the layout the loads were given, so the decoded tile never moves
+# between threads (a (BN, A, B) tile expanded later gets converted through shared memory every step).
+
+@triton.jit
+def _accumulate(acc, w, x):
+    """acc + w * x as one FFMA per element, whatever the compiler's FP-fusion default (contraction of
+    a * b + c is on by default in Triton 3.6-3.9 and announced to turn off later)."""
+    w, x = tl.broadcast(w, x)
+    return tl.fma(w, x, acc)
+
+
+@triton.jit
+def _step_q4_k_q5_k(acc, acc_min, bp, xp, IS_Q5: tl.constexpr):
+    """q4_k (144 B) / q5_k (176 B) super-block. qs[32c + l] holds weight 64c + l in its low nibble
+    (sub-block 2c) and 64c + 32 + l in its high nibble (sub-block 2c + 1); q5_k's fifth bit of sub-block
+    s is bit s of qh[l]. Accumulator tile: (4 [c], 32 [l])."""
+    c = tl.arange(0, 4)
+    l = tl.arange(0, 32)
+    byte_off = ((32 * c)[:, None] + l[None, :])[None, None, :, :]
+    if IS_Q5:
+        qs = tl.load(bp[None, :, None, None] + 48 + byte_off).to(tl.int32)          # (1, BN, 4, 32)
+    else:
+        qs = tl.load(bp[None, :, None, None] + 16 + byte_off).to(tl.int32)
+    lo = qs & 15
+    hi = qs & 0xF0          # 16 * high nibble: its scale is divided by 16 instead of shifting every byte
+    if IS_Q5:
+        qh = tl.load(bp[None, :, None, None] + 16 + l[None, None, None, :]).to(tl.int32)  # (1, BN, 1, 32)
+        lo = lo | (((qh >> (2 * c)[None, None, :, None]) & 1) << 4)
+        hi = hi | (((qh >> (2 * c + 1)[None, None, :, None]) & 1) << 8)
+    d = f16_field(bp)[:, None]
+    dmin = f16_field(bp + 2)[:, None]
+    sc_lo, m_lo = k4_scale_min(bp + 4, 2 * c)                                       # (BN, 4)
+    sc_hi, m_hi = k4_scale_min(bp + 4, 2 * c + 1)
+    w_lo = scaled_quant(lo, (d * sc_lo.to(tl.float32) * 8388608.0)[None, :, :, None], 0)       # * 2**23
+    w_hi = scaled_quant(hi, (d * sc_hi.to(tl.float32) * 524288.0)[None, :, :, None], 0)        # * 2**23 / 16
+    x_off = ((64 * c)[:, None] + l[None, :])[None, :, :]
+    x_lo = tl.load(xp[:, None, None] + x_off).to(tl.float32)                        # (BM, 4, 32)
+    x_hi = tl.load(xp[:, None, None] + x_off + 32).to(tl.float32)
+    acc = _accumulate(acc, w_lo, x_lo[:, None])
+    acc = _accumulate(acc, w_hi, x_hi[:, None])
+    acc_min += (dmin * m_lo.to(tl.float32))[None] * tl.sum(x_lo, axis=2)[:, None, :]
+    acc_min += (dmin * m_hi.to(tl.float32))[None] * tl.sum(x_hi, axis=2)[:, None, :]
+    return acc, acc_min
+
+
+@triton.jit
+def _step_q3_k(acc, bp, xp):
+    """q3_k super-block (110 B). The 64 qs bytes as 16-byte runs u = 2h + t (h: 128-weight half, t: which
+    16 of the 32 positions): byte i of run u holds 2-bit planes j = 0..3 of weights 128h + 32j + 16t + i,
+    whose third bit is bit 4h + j of hmask[16t + i]. Accumulator tile: (4 [u], 16 [i]); the four planes
+    accumulate into it one after the other."""
+    u = tl.arange(0, 4)
+    i = tl.arange(0, 16)
+    h = u >> 1
+    t = u & 1
+    qs = tl.load(bp[None, :, None, None] + 32 + ((16 * u)[:, None] + i[None, :])[None, None, :, :]).to(tl.int32)
+    hm = tl.load(bp[None, :, None, None] + ((16 * t)[:, None] + i[None, :])[None, None, :, :]).to(tl.int32) << 2
+    d = f16_field(bp + 108)[:, None]
+    for j in tl.static_range(4):
+        # q2 | (third bit << 2), minus 4: the weight's q2 - (third bit ? 0 : 4)
+        scale = d * q3_k_scale(bp + 96, 8 * h + 2 * j + t).to(tl.float32) * 8388608.0   # (BN, 4), * 2**23
+        w = scaled_quant(((qs >> (2 * j)) & 3) | ((hm >> (4 * h + j)[None, None, :, None]) & 4),
+                         scale[None, :, :, None], 4)
+        x = tl.load(xp[:, None, None] + ((128 * h + 32 * j + 16 * t)[:, None] + i[None, :])[None, :, :])
+        acc = _accumulate(acc, w, x.to(tl.float32)[:, None])
+    return acc
+
+
+@triton.jit
+def _step_q6_k(acc, bp, xp):
+    """q6_k super-block (210 B). ql as 16-byte runs u = 4h + 2(r & 1) + t: byte i holds the low nibbles of
+    weights 128h + 32r + 16t + i for r = r & 1 (low nibble) and r & 1 + 2 (high nibble); their top two
+    bits are field r of qh[32h + 16t + i]. Accumulator tile: (8 [u], 16 [i])."""
+    u = tl.arange(0, 8)
+    i = tl.arange(0, 16)
+    h = u >> 2
+    r_lo = (u >> 1) & 1
+    t = u & 1
+    ql = tl.load(bp[None, :, None, None] + ((16 * u)[:, None] + i[None, :])[None, None, :, :]).to(tl.int32)
+    qh = tl.load(bp[None, :, None, None] + 128
+                 + ((32 * h + 16 * t)[:, None] + i[None, :])[None, None, :, :]).to(tl.int32)
+    d = f16_field(bp + 208)[:, None]
+    for rb in tl.static_range(2):
+        r = 2 * rb + r_lo
+        scale = d * q6_k_scale(bp + 192, 8 * h + 2 * r + t).to(tl.float32) * 8388608.0
+        w = scaled_quant(((ql >> (4 * rb)) & 15) | (((qh >> (2 * r)[None, None, :, None]) & 3) << 4),
+                         scale[None, :, :, None], 32)
+        x = tl.load(xp[:, None, None] + ((128 * h + 32 * r + 16 * t)[:, None] + i[None, :])[None, :, :])
+        acc = _accumulate(acc, w, x.to(tl.float32)[:, None])
+    return acc
+
+
+@triton.jit
+def _step_q4_0(acc, w_rows, xp, step, n_blocks):
+    """Eight q4_0 blocks (18 B: d, qs[16]); qs[j] holds weights j (low nibble) and 16 + j (high).
+    Blocks past n_blocks (K tail) read as zero. Accumulator tile: (8 [block], 16 [j])."""
+    g = tl.arange(0, 8)
+    j = tl.arange(0, 16)
+    blk = step * 8 + g
+    valid = blk < n_blocks
+    bp = w_rows[:, None] + blk[None, :] * 18                                         # (BN, 8)
+    qs = tl.load(bp[None, :, :, None] + 2 + j[None, None, None, :], mask=valid[None, None, :, None],
+                 other=0).to(tl.int32)                                              # (1, BN, 8, 16)
+    d = f16_field_masked(bp, valid[None, :])[None, :, :, None] * 8388608.0                 # d * 2**23
+    x_off = ((32 * blk)[:, None] + j[None, :])[None, :, :]
+    x_lo = tl.load(xp[:, None, None] + x_off, mask=valid[None, :, None], other=0.0).to(tl.float32)
+    x_hi = tl.load(xp[:, None, None] + x_off + 16, mask=valid[None, :, None], other=0.0).to(tl.float32)
+    acc = _accumulate(acc, scaled_quant(qs & 15, d, 8), x_lo[:, None])
+    acc = _accumulate(acc, scaled_quant(qs & 0xF0, d * 0.0625, 128), x_hi[:, None])  # 16 (nibble - 8) d / 16
+    return acc
+
+
+@triton.jit
+def _step_q8_0(acc, w_rows, xp, step, n_blocks):
+    """Eight q8_0 blocks (34 B: d, int8 qs[32]). Accumulator tile: (8 [block], 32 [l])."""
+    g = tl.arange(0, 8)
+    l = tl.arange(0, 32)
+    blk = step * 8 + g
+    valid = blk < n_blocks
+    bp = w_rows[:, None] + blk[None, :] * 34
+    qs = tl.load(bp[None, :, :, None] + 2 + l[None, None, None, :], mask=valid[None, None, :, None],
+                 other=0).to(tl.int32)
+    d = f16_field_masked(bp, valid[None, :])[None, :, :, None] * 8388608.0
+    x = tl.load(xp[:, None, None] + ((32 * blk)[:, None] + l[None, :])[None, :, :], mask=valid[None, :, None],
+                other=0.0).to(tl.float32)
+    acc = _accumulate(acc, scaled_quant(qs ^ 0x80, d, 128), x[:, None])   # int8 = (byte ^ 128) - 128
+    return acc
+
+
+# ---------------------------------------------------------------------------------- kernel
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, M, N, K, stride_xm, row_bytes, split_k, M_BUCKET,
+                 QTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 TILE_A: tl.constexpr, TILE_B: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Out-of-range rows/tokens are clamped onto the last valid one: every load stays in bounds without
+    # masks (masks would break the byte-run vectorization); their results are never stored.
+    w_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * row_bytes
+    x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64) * stride_xm
+    n_steps = tl.cdiv(K, 256)
+    steps_per_split = tl.cdiv(n_steps, split_k)
+    step_begin = pid_k * steps_per_split
+    step_end = tl.minimum(step_begin + steps_per_split, n_steps)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N, TILE_A, TILE_B), dtype=tl.float32)
+    acc_min = tl.zeros((BLOCK_M, BLOCK_N, TILE_A), dtype=tl.float32)
+    for step in range(step_begin, step_end):
+        if QTYPE == Q4_K:
+            acc, acc_min = _step_q4_k_q5_k(acc, acc_min, w_rows + step * 144, x_rows + step * 256, False)
+        elif QTYPE == Q5_K:
+            acc, acc_min = _step_q4_k_q5_k(acc, acc_min, w_rows + step * 176, x_rows + step * 256, True)
+        elif QTYPE == Q3_K:
+            acc = _step_q3_k(acc, w_rows + step * 110, x_rows + step * 256)
+        elif QTYPE == Q6_K:
+            acc = _step_q6_k(acc, w_rows + step * 210, x_rows + step * 256)
+        elif QTYPE == Q4_0:
+            acc = _step_q4_0(acc, w_rows, x_rows, step, K // 32)
+        else:  # Q8_0
+            acc = _step_q8_0(acc, w_rows, x_rows, step, K // 32)
+    y = tl.sum(tl.sum(acc, axis=3), axis=2)
+    if QTYPE == Q4_K or QTYPE == Q5_K:
+        y -= tl.sum(acc_min, axis=2)
+    store_output(y, offs_m, offs_n, M, N, bias_ptr, out_ptr, ws_ptr, pid_k, split_k, HAS_BIAS)
+
+
+_GEMV_KEY = ("M_BUCKET", "N", "K", "QTYPE", "HAS_BIAS")
+
+_gemv_tuned = triton.autotune(configs=configs.gemv_configs(), key=list(_GEMV_KEY),
+                              prune_configs_by={"early_config_prune": configs.prune_gemv_configs})(_gemv_kernel)
+
+
+# ---------------------------------------------------------------------------------- launcher
+def gemv(x2d: torch.Tensor, qt, bias: "torch.Tensor | None", out: torch.Tensor, *,
+         split_k: "int | None" = None) -> str:
+    """out (M, N) = x2d (M, K) @ W.T (+ bias) with the GEMV kernel; returns the variant that ran
+    ("gemv" or "gemv_splitk"). Inputs are validated by the caller (qmatmul): x2d has unit stride along K,
+    out is contiguous of x2d's dtype. ``split_k`` forces that many K slices (no tuning); None tunes it."""
+    m, k = x2d.shape
+    n = qt.shape[0]
+    block_m = configs.gemv_block_m(m)
+    tile_a, tile_b = configs.GEMV_TILE[qt.qtype]
+    ws = out if out.dtype == torch.float32 else torch.empty((m, n), dtype=torch.float32, device=out.device)
+    args = dict(x_ptr=x2d, w_ptr=qt.data, bias_ptr=bias if bias is not None else out, out_ptr=out, ws_ptr=ws,
+                M=m, N=n, K=k, stride_xm=x2d.stride(0), row_bytes=qt.row_bytes,
+                M_BUCKET=configs.next_power_of_2(m), QTYPE=QTYPE_CODES[qt.qtype], HAS_BIAS=bias is not None,
+                BLOCK_M=block_m, TILE_A=tile_a, TILE_B=tile_b)
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]), meta["split_k"], triton.cdiv(m, block_m))
+
+    sms = sm_count(x2d.device)
+    config = launch(_gemv_tuned, grid, args, tuning_key("gemv", args, _GEMV_KEY),
+                    lambda: configs.gemv_heuristic_config(m, n, k, qt.qtype, sms, split_k),
+                    tune=split_k is None, device=x2d.device)
+    split = config.kwargs["split_k"]
+    if split > 1 and ws is not out:
+        out.copy_(ws)
+    variant = "gemv_splitk" if split > 1 else "gemv"
+    count_launch(variant)
+    return variant

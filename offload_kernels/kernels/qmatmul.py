@@ -1,0 +1,188 @@
+"""qmatmul: y = x @ W.T + b for a GGUF-quantized W, as the custom op ``offload_kernels::qmatmul``.
+
+Dispatch (backend="triton"): M = number of tokens (product of x's leading dims) picks the kernel family
+from configs.KERNEL_BY_M: the split-K GEMV, the fused tiled GEMM (split-K for mid M), or the Triton
+dequantize kernel followed by torch.matmul (cuBLAS). backend="torch" is the reference path (and the CPU
+path): the torch dequantizer, then a matmul. The op takes plain tensors, ints and strings and has a fake
+(meta) implementation, so torch.compile(fullgraph=True) traces through it and CUDA graphs capture it. It
+is differentiable in x and the bias (the quantized weight is frozen), through the companion op
+``offload_kernels::dequantize``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..formats import QuantizedTensor, dequantize
+from .configs import KERNEL_FAMILIES, select_kernel
+from .dequant import check_triton_device, dequantize_into
+from .gemm import gemm
+from .gemv import gemv
+from .runtime import INTERPRETER, new_output
+
+BACKENDS = ("auto", "triton", "torch")
+KERNELS = ("auto",) + KERNEL_FAMILIES
+_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def qmatmul(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor] = None, backend: str = "auto", *,
+            kernel: str = "auto", split_k: Optional[int] = None) -> torch.Tensor:
+    """y = x @ W.T + bias where W (N, K) is the GGUF-quantized ``qt``; x (..., K) -> y (..., N).
+
+    x: float32, float16 or bfloat16, any strides, on qt's device; y has x's dtype; products are
+    accumulated in fp32. bias: optional (N,) tensor of x's dtype and device.
+
+    backend:
+      * "triton": the Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1);
+      * "torch": the reference path: the torch dequantizer, then F.linear in fp32 for fp32 x or on the
+        CPU, in x's dtype (cuBLAS, fp32 accumulation) otherwise;
+      * "auto": "triton" for CUDA tensors, "torch" otherwise (the interpreter is a testing tool, orders of
+        magnitude slower than torch on the CPU, so it is never chosen implicitly).
+    kernel (backend "triton" only): "auto" picks by the number of tokens M (configs.KERNEL_BY_M);
+      "gemv", "gemm" or "dequant" force a family. split_k forces the GEMV/GEMM K split (1: none) with a
+      heuristic config instead of the tuned one; None lets the autotuner choose. Both are for tests and
+      benchmarks.
+
+    Differentiable with respect to x and bias (dL/dx = dL/dy @ W); the weight gets no gradient.
+    Raises TypeError/ValueError naming the problem before anything is launched.
+    """
+    n, k, backend = _validate(x, qt, bias, backend, kernel, split_k)
+    return torch.ops.offload_kernels.qmatmul(x, qt.data, qt.qtype, n, k, bias, backend, kernel,
+                                             0 if split_k is None else int(split_k))
+
+
+def _validate(x, qt, bias, backend, kernel, split_k) -> tuple[int, int, str]:
+    if not isinstance(qt, QuantizedTensor):
+        raise TypeError(f"qt must be a QuantizedTensor, got {type(qt).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _X_DTYPES:
+        hint = " (use float32)" if x.dtype == torch.float64 else ""
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}{hint}")
+    n, k = qt.shape
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x must have shape (..., {k}) to multiply a ({n}, {k}) weight, got {tuple(x.shape)}")
+    if x.device != qt.device:
+        raise ValueError(f"x is on {x.device} but the quantized weight is on {qt.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} does not match x dtype {x.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
+    if not isinstance(kernel, str) or kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {', '.join(map(repr, KERNELS))}")
+    if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1):
+        raise ValueError(f"split_k must be a positive int or None, got {split_k!r}")
+    if backend == "auto":
+        backend = "triton" if x.device.type == "cuda" else "torch"
+    if backend == "triton":
+        check_triton_device(x.device, "x", x.dtype)
+    elif kernel != "auto" or split_k is not None:
+        raise ValueError("kernel= and split_k= select Triton kernels; they need backend='triton'")
+    return n, k, backend
+
+
+# ---------------------------------------------------------------------------------------------- op
+@torch.library.custom_op("offload_kernels::qmatmul", mutates_args=())
+def _qmatmul_op(x: torch.Tensor, data: torch.Tensor, qtype: str, n: int, k: int, bias: Optional[torch.Tensor],
+                backend: str, kernel: str, split_k: int) -> torch.Tensor:
+    qt = QuantizedTensor(data, qtype, (n, k))
+    lead = x.shape[:-1]
+    m = math.prod(lead)
+    if m == 0:
+        return x.new_empty((*lead, n))
+    x2d = x.reshape(m, k)
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    if backend == "torch":
+        y = torch_qmatmul(x2d, qt, bias)
+    else:
+        y = triton_qmatmul(x2d, qt, bias, kernel, split_k or None)
+    return y.view(*lead, n)
+
+
+@_qmatmul_op.register_fake
+def _qmatmul_fake(x, data, qtype, n, k, bias, backend, kernel, split_k):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.custom_op("offload_kernels::dequantize", mutates_args=())
+def _dequantize_op(data: torch.Tensor, qtype: str, n: int, k: int, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """The (N, K) weight in ``dtype``: the Triton dequantize kernel (backend "triton") or the torch one."""
+    qt = QuantizedTensor(data, qtype, (n, k))
+    if backend == "torch":
+        return dequantize(qt, dtype)
+    out = new_output((n, k), dtype, data.device)
+    dequantize_into(qt, out)
+    return out
+
+
+@_dequantize_op.register_fake
+def _dequantize_fake(data, qtype, n, k, dtype, backend):
+    return data.new_empty((n, k), dtype=dtype)
+
+
+# Backward (the weight is frozen: gradients for x and the bias only), so a quantized layer can sit inside
+# a model that trains other parameters (adapters, norms). dL/dx = dL/dy @ W, with W dequantized by the
+# same backend in the gradient's dtype (fp32 on the CPU), through the dequantize op so that AOTAutograd
+# can trace it.
+def _qmatmul_setup_context(ctx, inputs, output):
+    x, data, qtype, n, k, bias, backend, kernel, split_k = inputs
+    ctx.save_for_backward(data)
+    ctx.meta = (qtype, n, k, backend, bias is not None)
+
+
+def _qmatmul_backward(ctx, grad):
+    (data,) = ctx.saved_tensors
+    qtype, n, k, backend, has_bias = ctx.meta
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        compute = grad.dtype if (grad.device.type == "cuda" and grad.dtype != torch.float32) else torch.float32
+        w = torch.ops.offload_kernels.dequantize(data, qtype, n, k, compute, backend)
+        grad_x = torch.matmul(grad.to(compute), w).to(grad.dtype)
+    if has_bias and ctx.needs_input_grad[5]:
+        grad_bias = grad.reshape(-1, n).sum(0, dtype=torch.float32).to(grad.dtype)
+    return grad_x, None, None, None, None, grad_bias, None, None, None
+
+
+_qmatmul_op.register_autograd(_qmatmul_backward, setup_context=_qmatmul_setup_context)
+
+
+def torch_qmatmul(x2d: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The reference path: torch dequantizer + F.linear. fp32 math for fp32 x and on the CPU (where fp16
+    matmuls are slow and not guaranteed to accumulate in fp32); otherwise the weight is rounded to x's
+    dtype and cuBLAS multiplies with fp32 accumulation (fast, and within that dtype's own precision)."""
+    compute = torch.float32 if (x2d.dtype == torch.float32 or x2d.device.type != "cuda") else x2d.dtype
+    w = dequantize(qt, compute)
+    b = bias.to(compute) if bias is not None else None
+    return F.linear(x2d.to(compute), w, b).to(x2d.dtype)
+
+
+def triton_qmatmul(x2d: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor], kernel: str = "auto",
+                   split_k: Optional[int] = None) -> torch.Tensor:
+    """(M, K) x with unit K stride -> (M, N) with the Triton kernel family ``kernel`` ("auto": by M)."""
+    m = x2d.shape[0]
+    family = select_kernel(m) if kernel == "auto" else kernel
+    if family == "dequant":
+        w = new_output(tuple(qt.shape), x2d.dtype, x2d.device)
+        dequantize_into(qt, w)
+        return F.linear(x2d, w, bias)
+    out = new_output((m, qt.shape[0]), x2d.dtype, x2d.device)
+    if family == "gemv":
+        gemv(x2d, qt, bias, out, split_k=split_k)
+    else:
+        gemm(x2d, qt, bias, out, split_k=split_k)
+    return out
+
+
+__all__ = ["BACKENDS", "KERNELS", "INTERPRETER", "qmatmul", "torch_qmatmul", "triton_qmatmul"]

@@ -1,0 +1,148 @@
+"""Launch plumbing shared by the kernel families: interpreter detection, launch counters, debug
+poisoning of outputs, and capture-safe autotuned launches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Any, Callable, Iterator
+
+import torch
+import triton
+
+
+@triton.jit
+def _probe_kernel():
+    pass
+
+
+#: True when Triton runs kernels in its interpreter (TRITON_INTERPRET=1 was set before triton was
+#: imported): kernels then run on CPU tensors, one program at a time, in numpy.
+INTERPRETER: bool = type(_probe_kernel).__name__ == "InterpretedFunction"
+
+#: Autotuning on first use of each shape (set OFFLOAD_KERNELS_AUTOTUNE=0 to always launch the heuristic
+#: configs: no benchmarking, no per-config compiles; also what happens under the interpreter).
+AUTOTUNE: bool = os.environ.get("OFFLOAD_KERNELS_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+#: Launch counters, by kernel variant. "gemv"/"gemm" count launches with split_k == 1,
+#: "gemv_splitk"/"gemm_splitk" those with split_k > 1, "dequant" the standalone dequantize kernel.
+#: Python-side counts: a CUDA graph replay does not count again.
+KERNEL_VARIANTS = ("gemv", "gemv_splitk", "gemm", "gemm_splitk", "dequant")
+_counts = dict.fromkeys(KERNEL_VARIANTS, 0)
+_counts_lock = threading.Lock()
+
+
+def count_launch(variant: str) -> None:
+    with _counts_lock:
+        _counts[variant] += 1
+
+
+def launch_counts() -> dict[str, int]:
+    """How many times each Triton kernel variant was launched since the last reset (a copy)."""
+    with _counts_lock:
+        return dict(_counts)
+
+
+def reset_launch_counts() -> None:
+    """Zero the launch counters."""
+    with _counts_lock:
+        for key in _counts:
+            _counts[key] = 0
+
+
+# ------------------------------------------------------------------------------------------ poisoning
+_poison = threading.local()
+
+
+@contextlib.contextmanager
+def poison_outputs(enabled: bool = True) -> Iterator[None]:
+    """Debug mode: buffers the kernels must fully overwrite are allocated filled with NaN instead of left
+    uninitialized, so an element a kernel forgot to write shows up as NaN instead of as stale memory."""
+    previous = getattr(_poison, "enabled", False)
+    _poison.enabled = enabled
+    try:
+        yield
+    finally:
+        _poison.enabled = previous
+
+
+def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output buffer the caller promises to overwrite entirely (NaN-filled under poison_outputs())."""
+    if getattr(_poison, "enabled", False):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# ------------------------------------------------------------------------------------------ devices
+NOMINAL_SM_COUNT = 132  # an H100 SXM: what the heuristics assume when no GPU is visible (interpreter)
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return NOMINAL_SM_COUNT
+
+
+_sm_cache: dict[int, int] = {}
+
+
+def _cuda_sm_count(index: int) -> int:
+    if index not in _sm_cache:
+        _sm_cache[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_cache[index]
+
+
+def capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+# ------------------------------------------------------------------------------------------ launches
+# Best configs found by the autotuners, keyed by (kernel, tuning key, argument dtypes). Kept here rather
+# than read back from triton's Autotuner cache so that the "is it tuned?" question (asked during CUDA
+# graph capture, where benchmarking is impossible) has the same answer on every Triton version.
+_tuned: dict[tuple, triton.Config] = {}
+
+
+def tuning_key(name: str, args: dict[str, Any], key_names: tuple[str, ...]) -> tuple:
+    """Our cache key: at least as fine as the Autotuner's (its key values plus every tensor's dtype)."""
+    dtypes = tuple(str(v.dtype) if isinstance(v, torch.Tensor) else None for v in args.values())
+    return (name, *(args[k] for k in key_names), dtypes)
+
+
+def launch(tuner: Any, grid: Callable[[dict], tuple], args: dict[str, Any], key: tuple,
+           heuristic: Callable[[], triton.Config], *, tune: bool, device: torch.device) -> triton.Config:
+    """Launch ``tuner`` (a triton.autotune-wrapped kernel) on ``args`` (all passed by name).
+
+    With ``tune`` and a real GPU, the first call per key autotunes (benchmarking every pruned config) and
+    remembers the winner; later calls launch the remembered config directly. Without ``tune``, under the
+    interpreter, or during CUDA graph capture for a key not tuned yet, the ``heuristic`` config is launched
+    (benchmarking inside a capture would break it). Returns the config that ran; its ``pre_hook`` (e.g.
+    zeroing a split-K workspace) runs right before the kernel, on the current stream of ``device``.
+    """
+    # Triton launches on the current device: make it the tensors' device (its current stream is used).
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        tune = tune and AUTOTUNE and not INTERPRETER
+        config = _tuned.get(key) if tune else None
+        if config is None:
+            if tune and not capturing(device):
+                tuner[grid](**args)
+                config = tuner.best_config
+                _tuned[key] = config
+                return config
+            config = heuristic()
+        meta = config.all_kwargs()
+        if config.pre_hook is not None:
+            config.pre_hook({**args, **meta})
+        tuner.fn[grid](**args, **meta)
+        return config
+
+
+def forget_tuned_configs() -> None:
+    """Drop every remembered autotuning result (the next call per key tunes again)."""
+    _tuned.clear()
+
+
+def is_tuned(key: tuple) -> bool:
+    return key in _tuned

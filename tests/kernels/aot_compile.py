@@ -1,0 +1,82 @@
+"""Compile every kernel for sm_90 (H100) ahead of time, without a GPU, and inspect the machine code.
+
+Run by test_compile_sm90.py in a subprocess with the interpreter off (under TRITON_INTERPRET=1 the kernels
+are interpreted functions that cannot be compiled). Catches what the interpreter cannot: code generation
+errors, and FMA contraction in the dequantize kernel (its SASS must contain no FFMA). Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from offload_kernels.kernels import configs
+from offload_kernels.kernels.decode import QTYPE_CODES, SUB_BLOCK
+from offload_kernels.kernels.dequant import _dequant_kernel
+from offload_kernels.kernels.gemm import GROUP_M, _gemm_kernel
+from offload_kernels.kernels.gemv import _gemv_kernel
+
+TARGET = GPUTarget("cuda", 90, 32)
+ALIGNED = ["x_ptr", "w_ptr", "out_ptr", "ws_ptr", "row_bytes", "K", "stride_xm"]
+
+
+def compile_kernel(fn, signature: dict, constexprs: dict, aligned: list[str], **options):
+    sig = dict(signature)
+    sig.update({name: "constexpr" for name in constexprs})
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned if name in fn.arg_names}
+    return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=TARGET, options=options)
+
+
+def sass_of(kernel) -> "str | None":
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def main() -> int:
+    report = {"compiled": [], "dequant_ffma": {}}
+    for qtype, code in QTYPE_CODES.items():
+        for x in ("fp32", "fp16", "bf16"):
+            sig = {"x_ptr": f"*{x}", "w_ptr": "*u8", "bias_ptr": f"*{x}", "out_ptr": f"*{x}", "ws_ptr": "*fp32",
+                   "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "row_bytes": "i32", "split_k": "i32",
+                   "M_BUCKET": "i32"}
+            tile_a, tile_b = configs.GEMV_TILE[qtype]
+            for block_m in ((1, 4) if x == "fp16" else (1,)):
+                c = configs.gemv_heuristic_config(block_m, 4096, 4096, qtype, 132)
+                compile_kernel(_gemv_kernel, sig, dict(QTYPE=code, HAS_BIAS=True, BLOCK_M=block_m,
+                                                       BLOCK_N=c.kwargs["BLOCK_N"], TILE_A=tile_a, TILE_B=tile_b),
+                               ALIGNED, num_warps=c.num_warps)
+                report["compiled"].append(f"gemv/{qtype}/{x}/m{block_m}")
+            c = configs.gemm_heuristic_config(512, 4096, 4096, qtype, 132, fp32=x == "fp32")
+            compile_kernel(_gemm_kernel, sig, dict(QTYPE=code, HAS_BIAS=True, SUB=SUB_BLOCK[qtype], RN=True,
+                                                   DOT_PRECISION="tf32x3" if x == "fp32" else "tf32", GROUP_M=GROUP_M,
+                                                   **{k: c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}),
+                           ALIGNED, num_warps=c.num_warps, num_stages=c.num_stages)
+            report["compiled"].append(f"gemm/{qtype}/{x}")
+            d = configs.dequant_heuristic_config()
+            k = compile_kernel(_dequant_kernel, {"w_ptr": "*u8", "out_ptr": f"*{x}", "N": "i32", "K": "i32",
+                                                 "row_bytes": "i32"},
+                               dict(QTYPE=code, SUB=SUB_BLOCK[qtype], RN=True, BLOCK_K=configs.DEQUANT_BLOCK_K,
+                                    BLOCK_N=d.kwargs["BLOCK_N"]), ALIGNED, num_warps=d.num_warps)
+            report["compiled"].append(f"dequant/{qtype}/{x}")
+            sass = sass_of(k)
+            if sass is not None:
+                report["dequant_ffma"][f"{qtype}/{x}"] = len(re.findall(r"\bFFMA\b", sass))
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Kernel selection, config pruning and the capture-safe launch logic (pure Python: no kernel runs)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import triton
+
+from offload_kernels import kernels
+from offload_kernels.formats import QTYPES
+from offload_kernels.kernels import configs
+from offload_kernels.kernels.decode import QTYPE_CODES, SUB_BLOCK
+
+runtime = importlib.import_module("offload_kernels.kernels.runtime")
+
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192), (40, 256), (7, 800)]
+
+
+def test_crossover_table():
+    bounds = [b for b, _ in configs.KERNEL_BY_M]
+    assert bounds == sorted(bounds) and {f for _, f in configs.KERNEL_BY_M} <= set(configs.KERNEL_FAMILIES)
+    for bound, family in configs.KERNEL_BY_M[:-1]:
+        assert kernels.select_kernel(bound) == family
+        assert kernels.select_kernel(bound + 1) != family
+    assert kernels.select_kernel(1) == "gemv" and kernels.select_kernel(10**9) == "dequant"
+
+
+def test_largest_divisor_at_most():
+    assert configs.largest_divisor_at_most(16, 5) == 4
+    assert configs.largest_divisor_at_most(7, 6) == 1
+    assert configs.largest_divisor_at_most(56, 100) == 56
+    assert configs.largest_divisor_at_most(1, 0) == 1
+
+
+def _args(x_dtype=torch.float16, **kw):
+    return {"x_ptr": torch.empty(1, dtype=x_dtype), **kw}
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_gemv_pruner(qtype, m):
+    for n, k in SHAPES:
+        if k % (256 if qtype.endswith("_k") else 32):
+            continue
+        block_m = configs.gemv_block_m(m)
+        kept = configs.prune_gemv_configs(configs.gemv_configs(interpreter=False), {},
+                                          **_args(M=m, N=n, K=k, BLOCK_M=block_m, QTYPE=QTYPE_CODES[qtype]))
+        assert 1 <= len(kept) <= configs.MAX_TUNED_CONFIGS
+        steps = triton.cdiv(k, configs.GEMV_STEP_K)
+        for c in kept:
+            assert steps % c.kwargs["split_k"] == 0
+            a, b = configs.GEMV_TILE[qtype]
+            assert block_m * c.kwargs["BLOCK_N"] * a * b <= 64 * 32 * c.num_warps
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("m", [5, 16, 64, 200, 1024, 4096])
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_gemm_pruner(qtype, m, dtype):
+    for n, k in SHAPES:
+        if k % (256 if qtype.endswith("_k") else 32):
+            continue
+        kept = configs.prune_gemm_configs(configs.gemm_configs(interpreter=False), {},
+                                          **_args(dtype, M=m, N=n, K=k, QTYPE=QTYPE_CODES[qtype]))
+        assert 1 <= len(kept) <= configs.MAX_TUNED_CONFIGS
+        for c in kept:
+            bk = c.kwargs["BLOCK_K"]
+            assert bk % SUB_BLOCK[qtype] == 0 and (qtype in ("q4_0", "q8_0") or 256 % bk == 0)
+            assert triton.cdiv(k, bk) % c.kwargs["split_k"] == 0
+            assert c.kwargs["BLOCK_M"] <= max(16, configs.next_power_of_2(m))
+
+
+def test_gemm_block_k_constraint():
+    assert configs.gemm_block_k_ok(64, "q4_k") and configs.gemm_block_k_ok(16, "q3_k")
+    assert not configs.gemm_block_k_ok(16, "q4_k")          # half a sub-block: two scales in one tile row
+    assert not configs.gemm_block_k_ok(512, "q6_k")         # straddles two super-blocks
+    assert configs.gemm_block_k_ok(512, "q8_0")
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_heuristic_configs_are_legal(qtype):
+    for n, k in SHAPES:
+        if k % (256 if qtype.endswith("_k") else 32):
+            continue
+        for m in (1, 3, 8):
+            c = configs.gemv_heuristic_config(m, n, k, qtype, 132)
+            a, b = configs.GEMV_TILE[qtype]
+            assert configs.gemv_block_m(m) * c.kwargs["BLOCK_N"] * a * b <= 64 * 32 * c.num_warps
+            assert triton.cdiv(k, configs.GEMV_STEP_K) % c.kwargs["split_k"] == 0
+        for m in (5, 100, 3000):
+            c = configs.gemm_heuristic_config(m, n, k, qtype, 132)
+            assert configs.gemm_block_k_ok(c.kwargs["BLOCK_K"], qtype)
+            assert triton.cdiv(k, c.kwargs["BLOCK_K"]) % c.kwargs["split_k"] == 0
+        assert configs.gemv_heuristic_config(1, n, k, qtype, 132, split_k=3).kwargs["split_k"] == 3
+
+
+class FakeTuner:
+    """Stands in for a triton.autotune'd kernel: records how it was launched."""
+
+    def __init__(self):
+        self.tuned_calls = 0
+        self.direct_calls = []
+        self.best_config = triton.Config({"BLOCK": 64}, num_warps=8)
+        tuner = self
+
+        class _Fn:
+            def __getitem__(self, grid):
+                return lambda **kw: tuner.direct_calls.append(kw)
+
+        self.fn = _Fn()
+
+    def __getitem__(self, grid):
+        def run(**kw):
+            self.tuned_calls += 1
+        return run
+
+
+def test_launch_tunes_once_then_reuses(monkeypatch):
+    monkeypatch.setattr(runtime, "INTERPRETER", False)
+    monkeypatch.setattr(runtime, "AUTOTUNE", True)
+    monkeypatch.setattr(runtime, "capturing", lambda device: False)
+    runtime.forget_tuned_configs()
+    tuner, heuristic = FakeTuner(), triton.Config({"BLOCK": 16}, num_warps=4)
+    key = ("k", 1)
+    cfg = runtime.launch(tuner, None, {"a": 1}, key, lambda: heuristic, tune=True, device=torch.device("meta"))
+    assert cfg is tuner.best_config and tuner.tuned_calls == 1 and not tuner.direct_calls
+    cfg = runtime.launch(tuner, None, {"a": 1}, key, lambda: heuristic, tune=True, device=torch.device("meta"))
+    assert cfg is tuner.best_config and tuner.tuned_calls == 1
+    assert tuner.direct_calls == [{"a": 1, **tuner.best_config.all_kwargs()}]
+    runtime.forget_tuned_configs()
+
+
+def test_launch_never_tunes_during_capture(monkeypatch):
+    """Inside a CUDA graph capture an untuned shape gets the heuristic config (benchmarking would break
+    the capture); a shape tuned before the capture keeps its tuned config."""
+    monkeypatch.setattr(runtime, "INTERPRETER", False)
+    monkeypatch.setattr(runtime, "AUTOTUNE", True)
+    monkeypatch.setattr(runtime, "capturing", lambda device: True)
+    runtime.forget_tuned_configs()
+    hooked = []
+    heuristic = triton.Config({"BLOCK": 16}, num_warps=4, pre_hook=lambda nargs: hooked.append(nargs["a"]))
+    tuner = FakeTuner()
+    cfg = runtime.launch(tuner, None, {"a": 7}, ("k", 2), lambda: heuristic, tune=True, device=torch.device("meta"))
+    assert cfg is heuristic and tuner.tuned_calls == 0 and hooked == [7]
+    runtime._tuned[("k", 3)] = tuner.best_config
+    cfg = runtime.launch(tuner, None, {"a": 7}, ("k", 3), lambda: heuristic, tune=True, device=torch.device("meta"))
+    assert cfg is tuner.best_config and tuner.tuned_calls == 0
+    runtime.forget_tuned_configs()
+
+
+def test_launch_without_tuning(monkeypatch):
+    monkeypatch.setattr(runtime, "INTERPRETER", False)
+    monkeypatch.setattr(runtime, "AUTOTUNE", False)
+    monkeypatch.setattr(runtime, "capturing", lambda device: False)
+    tuner, heuristic = FakeTuner(), triton.Config({"BLOCK": 16}, num_warps=4)
+    assert runtime.launch(tuner, None, {}, ("k", 4), lambda: heuristic, tune=True,
+                          device=torch.device("meta")) is heuristic
+    assert tuner.tuned_calls == 0
+
+
+def test_poison_outputs_context(monkeypatch):
+    """new_output NaN-fills only inside poison_outputs() (nesting restores the outer setting)."""
+    cpu, fills, real_full = torch.device("cpu"), [], torch.full
+    monkeypatch.setattr(torch, "full", lambda *a, **kw: fills.append(a[0]) or real_full(*a, **kw))
+    runtime.new_output((4,), torch.float32, cpu)
+    assert fills == []
+    with kernels.poison_outputs():
+        assert torch.isnan(runtime.new_output((4,), torch.float16, cpu)).all()
+        with kernels.poison_outputs(False):
+            runtime.new_output((4,), torch.float16, cpu)
+        assert fills == [(4,)]
+        runtime.new_output((3,), torch.float16, cpu)
+    runtime.new_output((4,), torch.float16, cpu)
+    assert fills == [(4,), (3,)]

@@ -1,0 +1,121 @@
+"""GPU-only kernel tests: real shapes, bfloat16, the autotuner, torch.compile with inductor, CUDA graphs.
+
+Like every kernel test, these run the heuristic configs (conftest.heuristic_configs_by_default);
+test_autotuned_path and the "tuned" CUDA graph test switch autotuning on.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from offload_kernels import kernels
+from offload_kernels.formats import QTYPES, dequantize, get_spec
+
+from .helpers import activations, assert_close, random_bytes_qtensor, random_qtensor, seed_of
+
+pytestmark = pytest.mark.gpu
+runtime = importlib.import_module("offload_kernels.kernels.runtime")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@pytest.mark.parametrize("m", [1, 2, 4, 16, 64, 512, 4096])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_large_auto(qtype, dtype, m, triton_only, poisoned):
+    g = torch.Generator().manual_seed(seed_of("gpu", qtype, dtype, m))
+    qt = random_qtensor(qtype, 4096, 4096, g, device="cuda")
+    x = activations((m, 4096), g).to(dtype).cuda()
+    bias = activations((4096,), g).to(dtype).cuda()
+    assert_close(kernels.qmatmul(x, qt, bias), x, qt, bias)
+    ran = {k for k, v in kernels.launch_counts().items() if v}
+    assert len(ran) == 1 and next(iter(ran)).startswith(kernels.select_kernel(m))
+
+
+@pytest.mark.parametrize("kernel,split_k", [("gemv", 1), ("gemv", 4), ("gemm", 1), ("gemm", 4), ("dequant", None)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_large_forced(qtype, dtype, kernel, split_k, triton_only, poisoned):
+    """Each family on an odd large shape: N = 14336 + 40 (no tile multiple), K = 4096 + one block."""
+    g = torch.Generator().manual_seed(seed_of("gpu-forced", qtype, dtype, kernel, split_k))
+    k = 4096 + get_spec(qtype).block_size
+    qt = random_qtensor(qtype, 14336 + 40, k, g, device="cuda")
+    x = activations((3 if kernel == "gemv" else 300, k), g).to(dtype).cuda()
+    assert_close(kernels.qmatmul(x, qt, backend="triton", kernel=kernel, split_k=split_k), x, qt, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_dequant_bit_exact_large(qtype, dtype):
+    qt = random_bytes_qtensor(qtype, 4096 + 3, 4096, torch.Generator().manual_seed(seed_of(qtype))).cuda()
+    got = kernels.dequantize_triton(qt, dtype, out=torch.full(qt.shape, float("nan"), dtype=dtype, device="cuda"))
+    want = dequantize(qt, dtype)
+    view = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(got.view(view), want.view(view))
+
+
+def test_autotuned_path(triton_only, poisoned, monkeypatch):
+    """First call per shape tunes (benchmarks the pruned configs), later calls reuse the winner."""
+    monkeypatch.setattr(runtime, "AUTOTUNE", True)
+    runtime.forget_tuned_configs()
+    g = torch.Generator().manual_seed(11)
+    qt = random_qtensor("q4_k", 4096, 4096, g, device="cuda")
+    for m in (1, 64, 2048):
+        x = activations((m, 4096), g).half().cuda()
+        for _ in range(2):
+            assert_close(kernels.qmatmul(x, qt), x, qt, None)
+    assert len(runtime._tuned) == 3
+    runtime.forget_tuned_configs()
+
+
+@pytest.mark.parametrize("tuned", [True, False], ids=["tuned", "untuned"])
+@pytest.mark.parametrize("m", [1, 40, 2000])
+def test_cuda_graph_capture_and_replay(m, tuned, monkeypatch):
+    """Capture qmatmul in a CUDA graph, replay it on new inputs, and get the right result. "tuned": the
+    shape was autotuned before the capture. "untuned": autotuning is on but nothing is cached for the
+    shape, so the capture must launch the heuristic config (compiled by a warm-up) without benchmarking."""
+    runtime.forget_tuned_configs()
+    g = torch.Generator().manual_seed(seed_of("graph", m))
+    qt = random_qtensor("q3_k", 4096 + 40, 4096, g, device="cuda")
+    bias = activations((4096 + 40,), g).half().cuda()
+    static_x = activations((m, 4096), g).half().cuda()
+    monkeypatch.setattr(runtime, "AUTOTUNE", tuned)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        kernels.qmatmul(static_x, qt, bias)  # warm-up outside the capture: compiles (and tunes when allowed)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    monkeypatch.setattr(runtime, "AUTOTUNE", True)
+    assert len(runtime._tuned) == (1 if tuned else 0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = kernels.qmatmul(static_x, qt, bias)
+    assert len(runtime._tuned) == (1 if tuned else 0), "the capture tuned a shape"
+    for _ in range(3):
+        static_x.copy_(activations((m, 4096), g).half().cuda())
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(static_y, static_x, qt, bias)
+    runtime.forget_tuned_configs()
+
+
+@pytest.mark.parametrize("m", [1, 33])
+def test_torch_compile_inductor(m):
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(seed_of("inductor", m))
+    qt = random_qtensor("q4_k", 1024, 2048, g, device="cuda")
+    norm = torch.nn.RMSNorm(2048, device="cuda", dtype=torch.bfloat16)
+
+    def f(x):
+        return torch.nn.functional.silu(kernels.qmatmul(norm(x), qt))
+
+    compiled = torch.compile(f, fullgraph=True)
+    x = activations((m, 2048), g).bfloat16().cuda()
+    torch.testing.assert_close(compiled(x), f(x), rtol=2e-2, atol=2e-2)
+    cudagraphs = torch.compile(f, fullgraph=True, mode="reduce-overhead")
+    for _ in range(3):
+        x = activations((m, 2048), g).bfloat16().cuda()
+        torch.testing.assert_close(cudagraphs(x).clone(), f(x), rtol=2e-2, atol=2e-2)
