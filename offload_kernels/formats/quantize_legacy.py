@@ -9,9 +9,12 @@ from .rounding import fp16_bytes, roundf
 
 def quantize_q4_0_blocks(x: torch.Tensor) -> torch.Tensor:
     """(nb, 32) fp32 -> (nb, 18) uint8. d = (value of largest magnitude) / -8; q = min(15, trunc(x/d + 8.5))."""
-    # The first element of largest magnitude wins ties, as in ggml's strict `amax < |v|` scan.
-    idx = torch.argmax(torch.abs(x), dim=1, keepdim=True)
+    # The first element of largest magnitude wins ties, as in ggml's strict `amax < |v|` scan; a block of
+    # zeros keeps the scan's initial +0.0 (not a -0.0 element), which makes d = -0.0.
+    absx = torch.abs(x)
+    idx = torch.argmax(absx, dim=1, keepdim=True)
     vmax = torch.gather(x, 1, idx).squeeze(1)
+    vmax = torch.where(torch.gather(absx, 1, idx).squeeze(1) > 0, vmax, torch.zeros_like(vmax))
     d = vmax / -8.0
     inv_d = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
     # ggml casts (x*id + 8.5f) to int8_t (truncation), then clamps to 15 as uint8.

@@ -35,6 +35,8 @@ _HF_TO_GGUF_NORM = {"input_layernorm": "attn_norm", "post_attention_layernorm": 
 _GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 _PERMUTES_QK = {"llama", "mistral"}
 
+_FLOAT_TYPES = {"f32": torch.float32, "f16": torch.float16}
+
 # llama.cpp token types
 _NORMAL, _UNKNOWN, _CONTROL, _BYTE = 1, 2, 3, 6
 
@@ -77,6 +79,8 @@ def _gguf_name(hf_name: str) -> Optional[str]:
 
 def _choose_qtype(gguf_name: str, k: int, default: str, overrides: Mapping[str, str]) -> Optional[str]:
     q = next((q for pat, q in overrides.items() if fnmatch.fnmatchcase(gguf_name, pat)), default)
+    if q in _FLOAT_TYPES:
+        return q
     if q is not None and k % get_spec(q).block_size:
         q = "q8_0" if k % 32 == 0 else None                    # llama.cpp falls back the same way
     return q
@@ -87,6 +91,7 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
               vocab: Optional[dict] = None, name: Optional[str] = None) -> Path:
     """Write ``model`` (a transformers llama/mistral/qwen2 CausalLM) as a GGUF file llama.cpp can load.
 
+    ``qtype`` is a GGUF block format, or "f32"/"f16" for unquantized matrices.
     ``mix`` picks per-tensor overrides ("q4_k_m", "q3_k_m"); ``qtype_overrides`` adds GGUF-name globs.
     ``vocab`` is {"tokens", "scores", "token_type", "bos", "eos", "unk"}; a synthetic SentencePiece-style
     vocabulary of the model's vocab_size is written when it is None.
@@ -95,7 +100,8 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
     model_type = config.model_type
     if model_type not in _GGUF_ARCH:
         raise ValueError(f"save_gguf supports llama, mistral and qwen2 models, got {model_type!r}")
-    get_spec(qtype)
+    if qtype not in _FLOAT_TYPES:
+        get_spec(qtype)
     overrides = dict(MIXES[mix]) if mix else {}
     if mix and mix not in MIXES:
         raise ValueError(f"unknown mix {mix!r}; known: {', '.join(MIXES)}")
@@ -129,7 +135,10 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
             w = w[permute_rows(w.shape[0], heads)]
         is_matrix = w.dim() == 2 and not gguf_name.endswith("norm.weight")
         q = _choose_qtype(gguf_name, w.shape[-1], qtype, overrides) if is_matrix else None
-        tensors[gguf_name] = quantize(w, q) if q else (w if w.dim() == 1 else w.half())
+        if q in _FLOAT_TYPES:
+            tensors[gguf_name] = w.to(_FLOAT_TYPES[q])
+        else:
+            tensors[gguf_name] = quantize(w, q) if q else (w if w.dim() == 1 else w.half())
 
     vocab = vocab or synthetic_spm_vocab(config.vocab_size)
     if len(vocab["tokens"]) != config.vocab_size:

@@ -146,7 +146,7 @@ def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | Non
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
 
