@@ -1,13 +1,22 @@
 """``offload-kernels demo``: the README's main job.
 
-Part 1 quantizes a realistic weight to every supported GGUF format and reports bytes, bits per weight,
-quantize/dequantize speed and error.
+1. Formats: quantize a realistic weight to every GGUF format; bytes, bits per weight, speed, error.
+2. Offload: build a Llama-architecture model with random weights sized for this machine, run it fully
+   resident (quantized) and with part of its layers streamed through the transfer engine, and compare
+   tokens/s, bytes over the link, achieved vs measured link bandwidth, and error against the
+   unquantized model; then a short greedy generation with the streamed model.
+
+Without a GPU both parts run the CPU path (torch kernels, the engine's host backend, where the "link"
+is a host memcpy) and say so.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -15,12 +24,35 @@ from .table import format_table, human_bytes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rows", type=int, default=4096, help="weight rows (out_features) for the format table")
-    parser.add_argument("--cols", type=int, default=4096, help="weight columns (in_features), a multiple of 256")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--qtype", default="q4_k", help="format of the offloaded model's linears")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: sized for the machine)")
+    parser.add_argument("--streamed", type=float, default=0.5, help="fraction of quantized bytes to stream")
+    parser.add_argument("--skip-formats", action="store_true", help="skip part 1 (the formats table)")
+    parser.add_argument("--format-rows", type=int, default=4096, help="rows of the weight in the formats table")
+    parser.add_argument("--format-cols", type=int, default=4096, help="columns (a multiple of 256)")
     parser.add_argument("--seed", type=int, default=0)
 
 
+# ---------------------------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn, device: torch.device, repeats: int) -> float:
+    fn()                                        # warm-up (and the streamer's learning pass)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------- part 1
 def realistic_weight(rows: int, cols: int, seed: int, device: torch.device) -> torch.Tensor:
     """A transformer-like weight: normal entries, per-row scales spread over a decade, rare outliers."""
     g = torch.Generator().manual_seed(seed)
@@ -31,16 +63,6 @@ def realistic_weight(rows: int, cols: int, seed: int, device: torch.device) -> t
     return w.to(device)
 
 
-def _timed(fn, device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out, time.perf_counter() - t0
-
-
 def formats_report(rows: int, cols: int, seed: int, device: torch.device) -> str:
     from offload_kernels import QTYPES, dequantize, quantize
 
@@ -48,25 +70,139 @@ def formats_report(rows: int, cols: int, seed: int, device: torch.device) -> str
     fp16_bytes = w.numel() * 2
     table = []
     for qtype in QTYPES:
-        qt, t_q = _timed(lambda: quantize(w, qtype), device)
-        w_hat, t_dq = _timed(lambda: dequantize(qt, torch.float16), device)
+        t_q = _median_time(lambda: quantize(w, qtype), device, repeats=1)
+        qt = quantize(w, qtype)
+        t_dq = _median_time(lambda: dequantize(qt, torch.float16), device, repeats=3)
+        w_hat = dequantize(qt)
         err = (w.double() - w_hat.double()).pow(2).sum()
         rel_rms = float((err / w.double().pow(2).sum()).sqrt())
         snr = float(10 * torch.log10(w.double().pow(2).sum() / err))
         table.append([qtype, human_bytes(qt.nbytes), qt.bits_per_weight, fp16_bytes / qt.nbytes,
                       t_q * 1e3, w.numel() / t_q / 1e6, t_dq * 1e3, w.numel() / t_dq / 1e6, rel_rms, snr])
-    headers = ["qtype", "bytes", "bits/w", "vs fp16", "quantize ms", "Mw/s", "dequant ms", "Mw/s",
-               "rel RMS err", "SNR dB"]
-    title = (f"GGUF formats on a {rows}x{cols} realistic weight ({device.type}, "
-             f"fp16 would be {human_bytes(fp16_bytes)}):")
+    headers = ["qtype", "bytes", "bits/w", "x smaller than fp16", "quantize ms", "Mweights/s", "dequant ms",
+               "Mweights/s", "rel RMS err", "SNR dB"]
+    title = (f"Part 1 - GGUF formats on a {rows}x{cols} realistic weight ({device.type}; fp16 would be "
+             f"{human_bytes(fp16_bytes)}). Quantized bytes are ggml's reference quantizers' bytes.")
     return title + "\n" + format_table(headers, table)
+
+
+# ---------------------------------------------------------------------------------------------- part 2
+@dataclass
+class DemoSize:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tokens: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def size_for(device: torch.device, layers: "int | None") -> DemoSize:
+    """Llama-3-8B-shaped blocks on a GPU (as many as fit comfortably), a small model on CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        block_fp16 = 2 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336)
+        fit = int(0.25 * free // block_fp16)          # fp16 original + quantized copies stay well inside
+        return DemoSize(4096, 14336, layers or max(2, min(16, fit)), 32, 8, 32000, (1, 16, 256, 2048),
+                        torch.float16)
+    return DemoSize(512, 1536, layers or 6, 8, 4, 2048, (1, 8, 64), torch.float32)
+
+
+def build_model(size: DemoSize, device: torch.device, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
+                      num_hidden_layers=size.layers, num_attention_heads=size.heads,
+                      num_key_value_heads=size.kv_heads, max_position_embeddings=4096)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(size.dtype).eval()
+    return model
+
+
+def _budget_streaming(model, qtype: str, fraction: float, device: torch.device) -> int:
+    """The gpu_budget that streams about ``fraction`` of the quantized linear bytes through 2 slots."""
+    from offload_kernels.model.offload import select_linears
+
+    sel = select_linears(model, qtype)
+    per_block: dict[str, int] = {}
+    for s in sel.specs:
+        per_block[s.group] = per_block.get(s.group, 0) + s.nbytes
+    total = sum(s.nbytes for s in sel.specs)
+    return int(sel.fixed_bytes + 2 * max(per_block.values()) + (1 - fraction) * total)
+
+
+def offload_report(args: argparse.Namespace, device: torch.device) -> str:
+    from offload_kernels import offload
+    from offload_kernels.model import measure_hardware, streamer_of
+
+    size = size_for(device, args.layers)
+    hw = measure_hardware(device)
+    original = build_model(size, device, args.seed)
+    n_params = sum(p.numel() for p in original.parameters())
+    ids = torch.randint(0, size.vocab, (1, max(size.tokens)), generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad():
+        ref_logits = original(ids[:, :64]).logits.float()
+
+    resident = copy.deepcopy(original)
+    offload(resident, args.qtype, device=device, progress=False, measure=False)
+    streamed = copy.deepcopy(original)
+    budget = _budget_streaming(original, args.qtype, args.streamed, device)
+    report = offload(streamed, args.qtype, gpu_budget=budget, device=device, progress=False, measure=False)
+    del original
+    streamer = streamer_of(streamed)
+
+    rows = []
+    with torch.no_grad():
+        for name, model in (("fully resident", resident), ("offloaded", streamed)):
+            logits = model(ids[:, :64]).logits.float()
+            rel = float((logits - ref_logits).norm() / ref_logits.norm())
+            top1 = float((logits.argmax(-1) == ref_logits.argmax(-1)).float().mean())
+            for t in size.tokens:
+                x = ids[:, :t]
+                if streamer is not None and model is streamed:
+                    streamer.engine.reset_stats()
+                secs = _median_time(lambda: model(x, use_cache=False), device, repeats=3)
+                link_bytes = achieved = ""
+                if model is streamed and streamer is not None:
+                    st = streamer.stats()
+                    per_forward = st["bytes_copied"] / 4          # warm-up + 3 timed forwards
+                    link_bytes = human_bytes(per_forward)
+                    if st["copy_time_s"] > 0:
+                        achieved = f"{st['bytes_copied'] / st['copy_time_s'] / 1e9:.1f}"
+                rows.append([name, t, secs * 1e3, t / secs, link_bytes, achieved, rel, f"{top1:.0%}"])
+        prompt = ids[:, :8]
+        gen_streamed = streamed.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16,
+                                         do_sample=False, pad_token_id=0)
+        gen_resident = resident.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16,
+                                         do_sample=False, pad_token_id=0)
+    where = "GPU" if device.type == "cuda" else "CPU (no GPU: torch kernels, host engine; link = host memcpy)"
+    lines = [
+        f"Part 2 - a Llama-architecture model with random weights on {where}: {size.layers} layers, hidden "
+        f"{size.hidden}, {n_params / 1e6:.0f}M parameters, {args.qtype}.",
+        f"  offloaded: {human_bytes(report.bytes_resident)} resident, {human_bytes(report.bytes_streamed_per_forward)} "
+        f"streamed per forward through {report.num_slots} slots of {human_bytes(report.placement.slot_bytes)} "
+        f"({report.placement.resident_fraction:.0%} of quantized weights resident)",
+        f"  measured link {hw.link_bytes_per_s / 1e9:.1f} GB/s, memory {hw.hbm_bytes_per_s / 1e9:.0f} GB/s",
+        format_table(["model", "tokens/forward", "ms/forward", "tokens/s", "link bytes/forward",
+                      "achieved link GB/s", "logit rel err vs fp", "top-1 vs fp"], rows),
+        f"  greedy generation, 16 tokens: offloaded == fully resident: {torch.equal(gen_streamed, gen_resident)}; "
+        f"streamer mispredictions: {streamer.mispredictions if streamer else 0}",
+    ]
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.cols % 256:
-        raise SystemExit(f"--cols must be a multiple of 256 (the k-quant block), got {args.cols}")
+    if args.format_cols % 256:
+        raise SystemExit(f"--format-cols must be a multiple of 256 (the k-quant block), got {args.format_cols}")
+    if not 0 < args.streamed < 1:
+        raise SystemExit(f"--streamed must be between 0 and 1, got {args.streamed}")
     if device.type == "cpu":
-        print("No CUDA device: running the CPU path (torch reference kernels).\n")
-    print(formats_report(args.rows, args.cols, args.seed, device))
+        print("No CUDA device: running the CPU path (torch reference kernels, host transfer backend).\n")
+    if not args.skip_formats:
+        print(formats_report(args.format_rows, args.format_cols, args.seed, device), "\n", flush=True)
+    print(offload_report(args, device))
     return 0

@@ -53,8 +53,12 @@ class OffloadReport:
 
         p = self.placement
         n_streamed = sum(len(g) for g in p.streamed_groups)
+        counts: dict[str, int] = {}
+        for q in self.quantized.values():
+            counts[q] = counts.get(q, 0) + 1
+        mix = ", ".join(f"{q}: {n}" for q, n in sorted(counts.items()))
         lines = [
-            f"offloaded to {self.device}: {len(self.quantized)} linears quantized ({self.qtype} unless overridden), "
+            f"offloaded to {self.device}: {len(self.quantized)} quantized linears ({mix}), "
             f"{len(self.skipped)} kept as they were",
             f"  resident: {human_bytes(self.bytes_resident)} ({len(p.resident)} quantized linears + "
             f"{human_bytes(p.fixed_bytes)} other parameters)",
@@ -100,6 +104,46 @@ def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+@dataclass
+class LinearSelection:
+    """Which linears offload() quantizes (and to what), which it keeps, and the planner's view of them."""
+
+    chosen: dict[str, str]               # layer -> qtype
+    skipped: dict[str, str]              # layer -> reason
+    specs: list[LinearSpec]
+    fixed_bytes: int                     # everything else the device holds: other params, buffers, biases
+
+
+def select_linears(model: nn.Module, qtype: str = "q4_k", skip: Sequence[str] = ("lm_head",),
+                   qtype_overrides: Optional[Mapping[str, Optional[str]]] = None,
+                   stream_whole_blocks: bool = True) -> LinearSelection:
+    """Decide, without changing ``model``, what offload() would quantize and what the device must hold."""
+    overrides = dict(qtype_overrides or {})
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if not linears:
+        raise ValueError("model has no nn.Linear layers to offload")
+    chosen: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    for name, lin in linears.items():
+        q = None if _matches(name, skip) else _resolve_qtype(name, qtype, overrides)
+        if q is None:
+            skipped[name] = "skipped by configuration"
+        elif lin.in_features % get_spec(q).block_size:
+            skipped[name] = (f"in_features={lin.in_features} is not a multiple of the {q} block size "
+                             f"{get_spec(q).block_size}")
+        elif lin.weight.device.type == "meta":
+            raise ValueError(f"{name} has no weights (meta device); load the model's weights first")
+        else:
+            chosen[name] = q
+    # Everything but the quantized weights stays on the device at its own dtype (biases included).
+    quantized_weights = {id(linears[n].weight) for n in chosen}
+    fixed = _tensor_bytes(p for p in model.parameters() if id(p) not in quantized_weights)
+    fixed += _tensor_bytes(model.buffers())
+    specs = [LinearSpec(n, linears[n].out_features, linears[n].in_features, q,
+                        _group_of(model, n) if stream_whole_blocks else "") for n, q in chosen.items()]
+    return LinearSelection(chosen, skipped, specs, fixed)
+
+
 def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None" = None,
             device: "torch.device | str | None" = None, *, skip: Sequence[str] = ("lm_head",),
             qtype_overrides: Optional[Mapping[str, Optional[str]]] = None, num_slots: int = 2,
@@ -143,31 +187,12 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
     if any(isinstance(m, OffloadedLinear) for m in model.modules()):
         raise ValueError("model already contains OffloadedLinear layers; offload() a fresh model")
 
-    # ---------------------------------------------------------------- decide per linear
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    if not linears:
-        raise ValueError("model has no nn.Linear layers to offload")
-    chosen: dict[str, str] = {}
-    skipped: dict[str, str] = {}
-    for name, lin in linears.items():
-        q = None if _matches(name, skip) else _resolve_qtype(name, qtype, overrides)
-        if q is None:
-            skipped[name] = "skipped by configuration"
-        elif lin.in_features % get_spec(q).block_size:
-            skipped[name] = (f"in_features={lin.in_features} is not a multiple of the {q} block size "
-                             f"{get_spec(q).block_size}")
-        elif lin.weight.device.type == "meta":
-            raise ValueError(f"{name} has no weights (meta device); load the model's weights first")
-        else:
-            chosen[name] = q
-    for name, reason in skipped.items():
+    # ---------------------------------------------------------------- decide per linear, plan
+    selection = select_linears(model, qtype, skip, overrides, stream_whole_blocks)
+    for name, reason in selection.skipped.items():
         log.info("offload: keeping %s as nn.Linear: %s", name, reason)
-    # Everything but the quantized weights stays on the device at its own dtype (biases included).
-    quantized_weights = {id(linears[n].weight) for n in chosen}
-    fixed = _tensor_bytes(p for p in model.parameters() if id(p) not in quantized_weights)
-    fixed += _tensor_bytes(model.buffers())
-    specs = [LinearSpec(n, linears[n].out_features, linears[n].in_features, q,
-                        _group_of(model, n) if stream_whole_blocks else "") for n, q in chosen.items()]
+    chosen, skipped, specs, fixed = selection.chosen, selection.skipped, selection.specs, selection.fixed_bytes
+    linears = {name: m for name, m in model.named_modules() if name in chosen}
     placement = plan_placement(specs, budget, fixed, num_slots, stream_whole_groups=stream_whole_blocks)
 
     # ---------------------------------------------------------------- quantize and replace
