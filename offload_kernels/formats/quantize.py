@@ -22,9 +22,11 @@ _BLOCK_QUANTIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "q4_k": quantize_q4_k_blocks, "q5_k": quantize_q5_k_blocks, "q6_k": quantize_q6_k_blocks,
 }
 
-# Weights quantized per step: bounds the search temporaries of the k-quants (CPU: cache-sized chunks
-# are faster; CUDA: large chunks fill the GPU).
-_CHUNK_WEIGHTS = {"cpu": 1 << 17, "cuda": 1 << 24}
+# Weights per call of a block quantizer (measured on a 2-core CPU). The k-quant quantizers split their
+# input into cache-sized pieces themselves, so larger chunks only save per-call overhead; the legacy
+# formats' few elementwise passes run fastest on L2-sized chunks. On CUDA large chunks fill the GPU.
+_CHUNK_WEIGHTS = {"cpu": 1 << 22, "cuda": 1 << 24}
+_CPU_LEGACY_CHUNK_WEIGHTS = 1 << 19
 
 
 # Above this, x*x and the weighted sums of ggml's scale searches overflow fp32 (the fp16 block scales
@@ -63,7 +65,11 @@ def quantize_blocks(x: torch.Tensor, qtype: "str | QTypeSpec") -> torch.Tensor:
     spec = get_spec(qtype)
     fn = _BLOCK_QUANTIZERS[spec.name]
     x = x.float().reshape(-1, spec.block_size)
-    step = max(1, _CHUNK_WEIGHTS.get(x.device.type, 1 << 20) // spec.block_size)
+    if x.device.type == "cpu" and spec.block_size == 32:
+        chunk = _CPU_LEGACY_CHUNK_WEIGHTS
+    else:
+        chunk = _CHUNK_WEIGHTS.get(x.device.type, _CHUNK_WEIGHTS["cuda"])
+    step = max(1, chunk // spec.block_size)
     if x.shape[0] <= step:
         return fn(x)
     out = torch.empty((x.shape[0], spec.block_bytes), dtype=torch.uint8, device=x.device)

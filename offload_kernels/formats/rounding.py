@@ -19,10 +19,13 @@ def nearest_int(x: torch.Tensor) -> torch.Tensor:
 
 
 def roundf(x: torch.Tensor) -> torch.Tensor:
-    """C ``roundf``: round half away from zero (fp32 in, fp32 out). ``x - trunc(x)`` is exact in fp32."""
+    """C ``roundf``: round half away from zero (fp32 in, fp32 out; -0.0 may come back as +0.0).
+
+    ``r = x - trunc(x)`` and ``2 * r`` are exact in fp32, and ``trunc(2 * r)`` is +-1 exactly when
+    ``|r| >= 0.5``: no comparison, no rounding of ``|x| + 0.5`` (which goes wrong just below 0.5).
+    """
     t = torch.trunc(x)
-    bump = (torch.abs(x - t) >= 0.5).to(x.dtype)
-    return t + torch.copysign(bump, x)
+    return t + torch.trunc((x - t).mul_(2.0))
 
 
 def fp16_bytes(x: torch.Tensor) -> torch.Tensor:

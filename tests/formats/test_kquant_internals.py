@@ -1,0 +1,108 @@
+"""The k-quant quantizers' building blocks, and invariances the ggml vectors do not pin down.
+
+Byte-exactness against ggml itself is tested in test_quantize_ggml_vectors.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from offload_kernels.formats import kquant_arith as ka
+from offload_kernels.formats import quantize_kquants as qk
+
+K_QUANTIZERS = {"q3_k": qk.quantize_q3_k_blocks, "q4_k": qk.quantize_q4_k_blocks,
+                "q5_k": qk.quantize_q5_k_blocks, "q6_k": qk.quantize_q6_k_blocks}
+
+
+def _blocks(nb: int, seed: int = 0) -> torch.Tensor:
+    """LLM-like weights with a few zero groups and outliers, as (nb, 256) fp32."""
+    g = np.random.default_rng(seed)
+    w = g.standard_normal((nb, 256)) * np.exp(g.uniform(-3, 1, (nb, 1))) * 0.02
+    w[::5, 32:64] = 0.0
+    w[::7, 100] *= 80.0
+    return torch.from_numpy(w.astype(np.float32))
+
+
+@pytest.mark.parametrize("qtype", sorted(K_QUANTIZERS))
+def test_chunking_does_not_change_bytes(qtype, monkeypatch):
+    x = _blocks(37)
+    whole = K_QUANTIZERS[qtype](x)
+    monkeypatch.setitem(qk._CPU_CHUNK_BLOCKS, qtype, 5)          # 8 chunks, the last one short
+    assert torch.equal(K_QUANTIZERS[qtype](x), whole)
+
+
+@pytest.mark.parametrize("qtype", sorted(K_QUANTIZERS))
+def test_non_contiguous_input(qtype):
+    x = _blocks(12)
+    strided = torch.empty(12, 512)[:, ::2]
+    strided.copy_(x)
+    assert torch.equal(K_QUANTIZERS[qtype](strided), K_QUANTIZERS[qtype](x))
+
+
+def test_scratch_is_released_and_bounded():
+    x = _blocks(3000)
+    scratch = ka.scratch_for(torch.device("cpu"))
+    for quantize in K_QUANTIZERS.values():
+        quantize(x)
+        assert scratch._used == 0                                 # every temporary went back
+    assert scratch.nbytes < 32 * 2**20
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", sorted(K_QUANTIZERS))
+def test_cuda_matches_cpu(qtype):
+    x = torch.cat([_blocks(300, seed=1), _blocks(3, seed=2) * 1e-38, _blocks(3, seed=3) * 1e30,
+                   torch.zeros(2, 256), torch.full((2, 256), -0.0)])
+    assert torch.equal(K_QUANTIZERS[qtype](x.cuda()).cpu(), K_QUANTIZERS[qtype](x))
+
+
+def test_sqrt_f32_is_correctly_rounded():
+    v = np.random.default_rng(0).uniform(0, 1e6, 200_000).astype(np.float32)
+    expected = np.sqrt(v)                                          # numpy's float32 sqrt is IEEE
+    assert np.array_equal(ka.sqrt_f32(torch.from_numpy(v)).numpy(), expected)
+
+
+def _nearest_int_reference(v: np.ndarray) -> np.ndarray:
+    """ggml's nearest_int, bit for bit (NaN: x86's default NaN has mantissa 0x400000, giving 0)."""
+    bits = (v.astype(np.float32) + np.float32(12582912.0)).view(np.int32)
+    return np.where(np.isnan(v), 0, (bits & 0x007FFFFF) - 0x00400000).astype(np.int32)
+
+
+def test_nearest_int_exact_and_in_place():
+    with np.errstate(invalid="ignore", over="ignore"):
+        v = np.array([0.5, 1.5, 2.5, -0.5, -2.5, 3.49999, 4194303.0, 5e6, 8388608.0, -3e7, 1e30, np.inf,
+                      -np.inf, np.nan, -0.0], dtype=np.float32)
+        expected = _nearest_int_reference(v)
+    assert np.array_equal(ka.nearest_int_exact(torch.from_numpy(v)).numpy(), expected)
+    assert np.array_equal(ka.nearest_int_(torch.from_numpy(v.copy())).numpy(), expected)
+
+
+def test_select_is_bitwise():
+    a = torch.tensor([float("nan"), -0.0, 1.0, float("inf")])
+    b = torch.tensor([2.0, 0.0, float("nan"), -1.0])
+    mask = ka.lane_mask(torch.tensor([True, True, False, False]))
+    got = ka.select(mask, a, b).view(torch.int32)
+    assert torch.equal(got, torch.stack([a[0], a[1], b[2], b[3]]).view(torch.int32))
+
+
+def test_first_absmax_follows_ggmls_scan():
+    v = torch.tensor([[1.0, -3.0, 3.0, 2.0],                      # first of equal magnitudes wins
+                      [0.0, -0.0, 0.0, 0.0],                       # nothing above 0: +0
+                      [float("nan"), -1.0, 0.5, float("nan")]])    # NaN never wins
+    value, mag = ka.first_absmax(v, dim=1)
+    assert value.tolist() == [-3.0, 0.0, -1.0] and mag.tolist() == [3.0, 0.0, 1.0]
+    assert not torch.signbit(value[1])
+
+
+def test_first_true():
+    mask = torch.tensor([[False, True, False], [True, True, False], [False, True, False]])
+    assert ka.first_true(mask, dim=0).tolist() == [1, 0, 3]
+    assert ka.first_true(mask.float(), dim=0).tolist() == [1, 0, 3]
+
+
+def test_sequential_sum_keeps_ggmls_order():
+    terms = torch.tensor([[1e8], [1.0], [-1e8], [1.0]])
+    # ((1e8 + 1) - 1e8) + 1 = 1 in fp32 (1e8 + 1 rounds to 1e8); any pairwise order gives 2
+    assert ka.sequential_sum(terms, start_at_zero=True).item() == 1.0

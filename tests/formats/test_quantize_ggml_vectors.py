@@ -1,0 +1,161 @@
+"""Quantize and dequantize against ggml itself: committed vectors, plus a live check when libggml is around.
+
+tests/vectors/ggml_quant_vectors.npz holds, for 23 input cases (normal, LLM-like, heavy tails, zeros,
+constants, ties, tiny/subnormal and huge magnitudes, ...), the bytes ggml's reference quantizers wrote
+and the floats ggml's dequantizers read back from them (see tests/vectors/generate_ggml_vectors.py).
+Set OFFLOAD_KERNELS_GGML_LIB to a libggml-base.so to also compare on fresh random data.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import offload_kernels
+from offload_kernels.formats import QuantizedTensor, get_spec, quantize_blocks
+
+quantize_module = importlib.import_module("offload_kernels.formats.quantize")   # the module, not the function
+
+VECTORS_DIR = Path(__file__).resolve().parents[1] / "vectors"
+sys.path.insert(0, str(VECTORS_DIR))
+from ggml_ref import GgmlRef, find_library  # noqa: E402
+
+QTYPES = ("q4_0", "q8_0", "q3_k", "q4_k", "q5_k", "q6_k")
+
+# (name, first byte, end) of every field of a block, from ggml-common.h
+FIELDS = {
+    "q4_0": (("d", 0, 2), ("qs", 2, 18)),
+    "q8_0": (("d", 0, 2), ("qs", 2, 34)),
+    "q3_k": (("hmask", 0, 32), ("qs", 32, 96), ("scales", 96, 108), ("d", 108, 110)),
+    "q4_k": (("d", 0, 2), ("dmin", 2, 4), ("scales", 4, 16), ("qs", 16, 144)),
+    "q5_k": (("d", 0, 2), ("dmin", 2, 4), ("scales", 4, 16), ("qh", 16, 48), ("qs", 48, 176)),
+    "q6_k": (("ql", 0, 128), ("qh", 128, 192), ("scales", 192, 208), ("d", 208, 210)),
+}
+
+
+def _load_vectors() -> dict[str, np.ndarray]:
+    with np.load(VECTORS_DIR / "ggml_quant_vectors.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+VECTORS = _load_vectors()
+CASES = sorted({k.split("/")[0] for k in VECTORS})
+
+
+def describe_mismatch(qtype: str, got: np.ndarray, expected: np.ndarray, w: np.ndarray) -> str:
+    """Where the first differing block differs, field by field, and what its input looked like."""
+    spec = get_spec(qtype)
+    got_b = got.reshape(-1, spec.block_bytes)
+    exp_b = expected.reshape(-1, spec.block_bytes)
+    bad = np.nonzero((got_b != exp_b).any(axis=1))[0]
+    if bad.size == 0:
+        return "identical"
+    b = int(bad[0])
+    blocks_per_row = w.shape[1] // spec.block_size
+    x = w.reshape(-1, spec.block_size)[b]
+    lines = [f"{bad.size} of {len(exp_b)} blocks differ; first: block {b} (row {b // blocks_per_row}, "
+             f"block {b % blocks_per_row} of the row), input min {x.min():.6g} max {x.max():.6g}"]
+    for name, lo, hi in FIELDS[qtype]:
+        diff = np.nonzero(got_b[b, lo:hi] != exp_b[b, lo:hi])[0]
+        if diff.size:
+            lines.append(f"  {name}: {diff.size} bytes differ, first at {name}[{diff[0]}]: "
+                         f"got {got_b[b, lo + diff[:8]].tolist()} expected {exp_b[b, lo + diff[:8]].tolist()}")
+    return "\n".join(lines)
+
+
+def fp16_fields_finite(qtype: str, blocks: np.ndarray) -> bool:
+    """Whether every fp16 scale (d, dmin) of these blocks is finite."""
+    blocks = blocks.reshape(-1, get_spec(qtype).block_bytes)
+    for name, lo, hi in FIELDS[qtype]:
+        if name in ("d", "dmin"):
+            if not np.isfinite(blocks[:, lo:hi].copy().view(np.float16)).all():
+                return False
+    return True
+
+
+def assert_same_floats(got: np.ndarray, expected: np.ndarray, what: str) -> None:
+    """Bit-for-bit equal fp32, except that any NaN matches any NaN (payloads are not part of the format)."""
+    nan_got, nan_exp = np.isnan(got), np.isnan(expected)
+    same = (got.view(np.int32) == expected.view(np.int32)) | (nan_got & nan_exp)
+    if not same.all():
+        i = np.unravel_index(np.argmin(same), same.shape)
+        raise AssertionError(f"{what}: {(~same).sum()} of {same.size} values differ; first at {i}: "
+                             f"got {got[i]!r} expected {expected[i]!r}")
+
+
+def quantize_like_ggml(w: np.ndarray, qtype: str, expected: np.ndarray) -> np.ndarray:
+    """Our bytes for w through the public quantize(); through the block level where quantize() refuses
+    the weight on purpose (magnitudes where ggml's arithmetic overflows, or an fp16 scale that does)."""
+    t = torch.from_numpy(w)
+    refused = (not fp16_fields_finite(qtype, expected)
+               or float(np.abs(w).max()) > getattr(quantize_module, "MAX_ABS_WEIGHT", float("inf")))
+    if not refused:
+        return offload_kernels.quantize(t, qtype).data.numpy()
+    spec = get_spec(qtype)
+    return quantize_blocks(t, qtype).view(w.shape[0], spec.row_bytes(w.shape[1])).numpy()
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("case", CASES)
+def test_quantize_matches_ggml_bytes(case: str, qtype: str):
+    w = VECTORS[f"{case}/input"]
+    expected = VECTORS[f"{case}/{qtype}/bytes"]
+    got = quantize_like_ggml(w, qtype, expected)
+    assert got.shape == expected.shape
+    if not np.array_equal(got, expected):
+        pytest.fail(f"{case}/{qtype}: " + describe_mismatch(qtype, got, expected, w))
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("case", CASES)
+def test_dequantize_matches_ggml_floats(case: str, qtype: str):
+    w = VECTORS[f"{case}/input"]
+    blocks = torch.from_numpy(VECTORS[f"{case}/{qtype}/bytes"])
+    got = offload_kernels.dequantize(QuantizedTensor(blocks, qtype, w.shape)).numpy()
+    assert_same_floats(got, VECTORS[f"{case}/{qtype}/dequant"], f"{case}/{qtype} dequantize")
+
+
+def test_vectors_cover_every_qtype_and_case():
+    for case in CASES:
+        for qtype in QTYPES:
+            assert f"{case}/{qtype}/bytes" in VECTORS and f"{case}/{qtype}/dequant" in VECTORS
+    assert len(CASES) >= 20
+
+
+# ------------------------------------------------------------------------------------ live, with libggml
+
+_LIB = find_library()
+live = pytest.mark.skipif(_LIB is None, reason="set OFFLOAD_KERNELS_GGML_LIB to libggml-base.so")
+
+
+def _fresh_weights(seed: int) -> dict[str, np.ndarray]:
+    g = np.random.default_rng(seed)
+    shape = (64, 1024)
+    spikes = g.standard_t(4, shape)
+    spikes[g.random(shape) < 0.003] *= 100.0
+    return {
+        "realistic": (g.standard_normal(shape) * np.exp(g.uniform(-4, 1, (shape[0], 1))) * 0.02),
+        "heavy_tails": spikes,
+        "ties": g.integers(-16, 16, shape) * 2.0 ** g.integers(-6, 0, (shape[0], 1)),
+        "sparse": g.standard_normal(shape) * (g.random(shape) < 0.1),
+    }
+
+
+@live
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_live_random_weights_match_ggml(qtype: str):
+    ggml = GgmlRef(_LIB)
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    for name, w in _fresh_weights(seed).items():
+        w = w.astype(np.float32)
+        expected = ggml.quantize(w, qtype)
+        got = quantize_like_ggml(w, qtype, expected)
+        if not np.array_equal(got, expected):
+            pytest.fail(f"{name}/{qtype} (seed {seed}): " + describe_mismatch(qtype, got, expected, w))
+        dq = offload_kernels.dequantize(QuantizedTensor(torch.from_numpy(expected), qtype, w.shape)).numpy()
+        assert_same_floats(dq, ggml.dequantize(expected, qtype, w.shape[1]), f"{name}/{qtype} (seed {seed})")
