@@ -191,22 +191,21 @@ def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | Non
 
     # ---------------------------------------------------------------- build
     layers: dict[str, OffloadedLinear] = {}
+    unpermute: dict[str, torch.Tensor] = {}     # layer -> row gather, applied once the bytes are placed
     for hf, src in linear_sources.items():
         target = targets.get(src) or _Target(hf, "linear")
         bias_src = src.replace(".weight", ".bias")
-        bias = f.tensor(bias_src).to(dtype) if bias_src in f and src != "token_embd.weight" else None
+        bias = f.tensor(bias_src).to(dtype, copy=True) if bias_src in f and src != "token_embd.weight" else None
         if hf in quantized:
-            qt = f.tensor(src)
-            assert isinstance(qt, QuantizedTensor)
+            new = OffloadedLinear.from_quantized(f.tensor(src), bias)     # over the mapped file bytes
             if target.permute_heads:
-                qt = qt.index_rows(unpermute_rows(qt.shape[0], target.permute_heads))
-            new = OffloadedLinear.from_quantized(qt, bias)
+                unpermute[hf] = unpermute_rows(new.out_features, target.permute_heads)
         else:                                   # float linear in the file: kept as nn.Linear in dtype
-            w = f.tensor(src).to(dtype)
-            if target.permute_heads:
-                w = w[unpermute_rows(w.shape[0], target.permute_heads)]
+            w = f.tensor(src)
+            w = w[unpermute_rows(w.shape[0], target.permute_heads)].to(dtype) if target.permute_heads \
+                else w.to(dtype, copy=True)
             new = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=dtype)
-            new.weight = nn.Parameter(w.contiguous(), requires_grad=False)
+            new.weight = nn.Parameter(w, requires_grad=False)
             if bias is not None:
                 new.bias = nn.Parameter(bias, requires_grad=False)
         parent, _, attr = hf.rpartition(".")
@@ -216,18 +215,24 @@ def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | Non
     for name, target in targets.items():
         if target.kind in ("embedding", "norm"):
             t = f.tensor(name)
-            value = dequantize(t, dtype) if isinstance(t, QuantizedTensor) else t.to(dtype)
-            _set_parameter(model, target.hf_name, value.clone())
+            value = dequantize(t, dtype) if isinstance(t, QuantizedTensor) else t.to(dtype, copy=True)
+            _set_parameter(model, target.hf_name, value)
         elif target.kind == "rope_freqs":
             _apply_rope_freqs(model, f.tensor(name).float())
     if tied:
         model.config.tie_word_embeddings = False   # lm_head holds the quantized bytes, not the embedding
 
     apply_placement(model, layers, placement, device)
+    # Undo llama.cpp's q/k row order where the bytes now live (device memory, the engine's pinned storage,
+    # or copy-on-write pages of the mapping): one tensor-sized temporary at a time, never a host copy of
+    # the model. Views of the mapping keep it alive only as long as a layer still reads from it.
+    for hf, rows in unpermute.items():
+        w = layers[hf].weight
+        w.copy_(w.index_select(0, rows.to(w.device)))
+    f.close()
     model.eval()
     report = _report(device, "gguf", placement, {n: layers[n].qtype for n in layers}, {}, specs, measure,
                      (1, 8, 64, 512))
-    model._offload_gguf = f                     # keep the mapping alive while views point into it
     return (model, report) if return_report else model
 
 
