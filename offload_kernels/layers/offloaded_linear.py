@@ -144,6 +144,10 @@ class OffloadedLinear(nn.Module):
                                  f"move one of them")
             return qmatmul(x, self.quantized_weight(), bias)
         data = streamer.weight_bytes(self, x.device)
+        if torch.is_grad_enabled() and x.requires_grad:
+            # Autograd keeps the weight bytes for the backward pass, but the slot is recycled after this
+            # layer: keep a private copy of the (quantized, small) bytes instead.
+            data = data.clone()
         qt = QuantizedTensor(data.view(self.weight.shape), self._spec, (self.out_features, self.in_features))
         y = qmatmul(x, qt, bias)
         streamer.after_use(self)           # the slot may be recycled once the kernels above are done

@@ -197,3 +197,17 @@ def test_offloading_twice_is_refused():
 
 def test_parse_budget_strings_used_by_offload():
     assert parse_bytes("1GiB") == 2**30
+
+
+def test_gradients_through_streamed_layers_use_the_right_weights(ids):
+    """Autograd keeps a streamed layer's bytes past the slot's reuse: dL/dx must match the resident model."""
+    model = tiny_llama()
+    resident, streamed = copy.deepcopy(model), copy.deepcopy(model)
+    offload(resident, "q8_0", device="cpu", progress=False, measure=False)
+    offload(streamed, "q8_0", gpu_budget=budget_for(model, 0.7), device="cpu", progress=False, measure=False)
+    grads = []
+    for m in (resident, streamed):
+        emb = m.model.embed_tokens(ids).detach().requires_grad_(True)
+        m(inputs_embeds=emb).logits.square().mean().backward()
+        grads.append(emb.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
