@@ -12,6 +12,7 @@ COMMANDS = {
     "run": ("offload_kernels.cli.run", "generate text from a llama.cpp GGUF file with streamed, quantized linears"),
     "plan": ("offload_kernels.cli.plan", "predict tokens/s of a model for a VRAM budget (resident vs streamed)"),
     "info": ("offload_kernels.cli.info", "devices, extension build, measured bandwidths"),
+    "bench": ("offload_kernels.cli.bench", "run a benchmark (kernels, transfer, quantize, offload) or plot results"),
 }
 
 

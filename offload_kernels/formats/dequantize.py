@@ -7,8 +7,10 @@ multiply-add can change the last bit. Runs on any device torch does.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .qtypes import get_spec
@@ -134,10 +136,19 @@ def dequantize_blocks(blocks: torch.Tensor, qtype: str, dtype: torch.dtype = tor
     return _decode_chunked(blocks, spec.name, spec.block_size, dtype)
 
 
+def empty_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty, except that large CPU buffers come from numpy, which asks the kernel for transparent
+    huge pages: first-touch page faults otherwise cost more than decoding into the buffer."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu" or nbytes < (4 << 20):
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.from_numpy(np.empty(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 def _decode_chunked(blocks: torch.Tensor, name: str, block_size: int, dtype: torch.dtype) -> torch.Tensor:
     fn = _DEQUANTIZERS[name]
     nb = blocks.shape[0]
-    out = torch.empty((nb, block_size), dtype=dtype, device=blocks.device)
+    out = empty_output((nb, block_size), dtype, blocks.device)
     step = max(1, _CHUNK_WEIGHTS.get(blocks.device.type, 1 << 22) // block_size)
     scratch = None if dtype == torch.float32 else torch.empty((min(nb, step), block_size), device=blocks.device)
     for start in range(0, nb, step):

@@ -1,0 +1,89 @@
+"""The benchmarks that run without a GPU, run end to end on tiny inputs: the quantize benchmark, the offload
+benchmark on its CPU path (host engine, torch kernels), and the plots of every CSV kind."""
+
+import csv
+
+import pytest
+import torch
+
+from offload_kernels.benchmarks.results import Recorder, RunInfo, Stats, results_dir
+from offload_kernels.cli.main import main as cli_main
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine run far faster (and steadier) on one torch thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def rows_of(path):
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_quantize_benchmark_on_cpu(tmp_path, one_thread):
+    assert cli_main(["bench", "quantize", "--shape", "256x512", "--qtypes", "q4_0,q4_k", "--reps", "1", "--no-cuda",
+                          "--out", str(tmp_path)]) == 0
+    out = results_dir(tmp_path, RunInfo.collect("cpu").slug)
+    rows = rows_of(out / "formats.csv")
+    got = {(r["kernel"], r["provider"], r["x"]) for r in rows}
+    for qtype in ("q4_0", "q4_k"):
+        assert {("quantize", "offload_kernels", qtype), ("dequantize", "offload_kernels", qtype),
+                ("dequantize", "gguf_numpy", qtype), ("quantize_throughput", "offload_kernels", qtype),
+                ("dequantize_speedup_vs_gguf_numpy", "offload_kernels", qtype)} <= got
+    assert {r["unit"] for r in rows if r["kernel"] == "quantize"} == {"ms"}
+    assert "| q4_k |" in (out / "formats.md").read_text()
+    assert (out / "formats.png").stat().st_size > 0
+
+
+def test_offload_benchmark_on_the_cpu_path(tmp_path, one_thread):
+    assert cli_main(["bench", "offload", "--device", "cpu", "--shape", "tiny", "--layers", "8", "--tokens", "1,4",
+                     "--batch-max", "4", "--fractions", "1,0.2", "--reps", "2", "--warmup", "1",
+                     "--out", str(tmp_path)]) == 0
+    out = results_dir(tmp_path, RunInfo.collect("cpu").slug)
+    rows = rows_of(out / "offload.csv")
+    by = {(r["kernel"], r["provider"], r["x"], r.get("layout", "")): r for r in rows}
+    for provider in ("dense_fp32", "q4_k_100pct", "q4_k_20pct"):
+        for tokens, layout in (("1", "prefill"), ("4", "prefill"), ("4", "batch")):
+            assert ("tokens_per_s", provider, tokens, layout) in by
+    streamed = float(by[("streamed_bytes", "q4_k_20pct", "0", "")]["median"])
+    assert streamed > 0 and float(by[("streamed_bytes", "q4_k_100pct", "0", "")]["median"]) == 0
+    # what crossed the "link" per forward is exactly what the plan streams
+    assert float(by[("link_bytes_per_forward", "q4_k_20pct", "1", "prefill")]["median"]) == pytest.approx(streamed)
+    assert ("ratio_to_ideal", "q4_k_20pct", "4", "batch") in by
+    assert ("ratio_to_resident", "q4_k_20pct", "1", "prefill") in by
+    assert ("ratio_to_ideal", "q4_k_100pct", "1", "prefill") not in by     # nothing streamed: no ideal
+    fraction = float(by[("tokens_per_s", "q4_k_20pct", "1", "prefill")]["resident_fraction"])
+    assert 0.1 < fraction < 0.3
+    text = (out / "offload.md").read_text()
+    assert "## Streaming" in text and "## Targets" in text
+    assert (out / "offload.png").stat().st_size > 0
+
+
+def fake_rows(rec: Recorder, kernel: str, providers, xs, **extra):
+    for p in providers:
+        for i, x in enumerate(xs):
+            rec.add(kernel, p, x, Stats(1.0 + i, 0.9 + i, 1.1 + i), "x", **extra)
+
+
+@pytest.mark.parametrize("kind", ["kernels", "transfer"])
+def test_plots_of_the_gpu_csvs(kind, tmp_path):
+    """The GPU benchmarks' CSV layouts, synthesized, plot without errors (the real ones come from a GPU)."""
+    rec = Recorder(RunInfo.collect("cpu"))
+    if kind == "kernels":
+        rec.add("copy_bandwidth", "torch_copy", 0, Stats(3000.0, 2900.0, 3100.0), "GB/s", dtype="uint8")
+        for kernel in ("speedup_vs_cublas_fp16", "hbm_fraction"):
+            for qtype in ("q4_k", "q3_k"):
+                fake_rows(rec, kernel, ["auto", "gemv", "gemm", "dequant"], [1, 16, 1024], qtype=qtype, N=8192,
+                          K=8192, dtype="float16", autotune="on")
+    else:
+        fake_rows(rec, "h2d_bandwidth", ["torch_pinned", "engine"], [1e6, 64e6])
+        fake_rows(rec, "overlap_time_ratio", ["engine"], [0.5, 1.0])
+        fake_rows(rec, "overlap_bandwidth_fraction", ["engine"], [0.5, 1.0])
+    path = tmp_path / f"{kind}.csv"
+    rec.write(path)
+    assert cli_main(["bench", "plot", str(path)]) == 0
+    assert path.with_suffix(".png").stat().st_size > 0

@@ -1,0 +1,55 @@
+"""Every benchmark entry point answers --help, and the CUDA ones exit 0 with a message on a machine without
+CUDA: through ``offload-kernels bench`` and through the bench/*.py scripts."""
+
+import runpy
+import sys
+
+import pytest
+import torch
+
+from offload_kernels.benchmarks.results import REPO_ROOT
+from offload_kernels.cli import bench as bench_cli
+from offload_kernels.cli.main import main as cli_main
+
+BENCH_DIR = REPO_ROOT / "bench"
+SCRIPTS = ["bench_kernels.py", "bench_transfer.py", "bench_quantize.py", "bench_offload.py", "plot.py"]
+
+
+def test_bench_help_lists_every_benchmark(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in bench_cli.BENCHMARKS)
+
+
+@pytest.mark.parametrize("name", list(bench_cli.BENCHMARKS))
+def test_cli_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["bench", name, "--help"])
+    assert exit_info.value.code == 0
+    assert "--out" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA these would run the real benchmarks")
+@pytest.mark.parametrize("name", ["kernels", "transfer", "offload"])
+def test_gpu_benchmarks_exit_0_without_cuda(name, capsys, tmp_path):
+    assert cli_main(["bench", name, "--out", str(tmp_path)]) == 0
+    assert "needs CUDA" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not BENCH_DIR.is_dir(), reason="not a checkout")
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bench_scripts_help(script, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "path", [str(BENCH_DIR), *sys.path])   # as `python bench/<script>` would have it
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(BENCH_DIR / script), run_name="__main__")
+    assert exit_info.value.code == 0
+    assert "usage" in capsys.readouterr().out
+
+
+def test_plot_without_results_says_so(tmp_path, capsys):
+    assert cli_main(["bench", "plot", "--results", str(tmp_path)]) == 0
+    assert "no results CSVs" in capsys.readouterr().out
