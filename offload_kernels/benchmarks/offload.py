@@ -449,13 +449,26 @@ class OffloadBench:
                 free_memory(self.device)
 
     # ------------------------------------------------------------------ derived figures
-    def ideal_ms(self, provider: str, point: Point) -> "float | None":
+    def ideal_ms(self, provider: str, point: Point, overlap: bool = True) -> "float | None":
+        """The link-bound ideal forward time of a streamed placement.
+
+        With R the fully resident model's time and f the resident fraction:
+        overlap=True (the stricter, primary one): copies overlap all compute, so max(link, R).
+        overlap=False (the issue's "streamed bytes / link + resident compute", with the streamed layers'
+        own compute hidden under their copies where it fits): max(link, (1 - f) R) + f R. When the link
+        dominates, this is exactly link + resident compute.
+        """
         p = self.placements.get(provider)
         if p is None or p.streamed_bytes == 0:
             return None
         link_ms = p.streamed_bytes / self.link_bps * 1e3
         resident = self.times.get(self.resident, {}).get(point)
-        return max(link_ms, resident.time.median) if resident else link_ms
+        if resident is None:
+            return link_ms
+        if overlap:
+            return max(link_ms, resident.time.median)
+        streamed_compute = (1 - p.resident_fraction) * resident.time.median
+        return max(link_ms, streamed_compute) + p.resident_fraction * resident.time.median
 
     def derive(self) -> None:
         """Ratios to the baselines timed in this run, the ideal, and the planner's predictions."""
@@ -475,6 +488,9 @@ class OffloadBench:
                     tps = point.tokens * 1e3 / ideal
                     self.rec.add("ideal_tokens_per_s", provider, point.tokens, Stats.exact(tps), "tokens/s", **extra)
                     self.rec.add("ratio_to_ideal", provider, point.tokens, m.time.reciprocal(ideal), "x", **extra)
+                    serial = self.ideal_ms(provider, point, overlap=False)
+                    self.rec.add("ratio_to_link_plus_resident", provider, point.tokens, m.time.reciprocal(serial), "x",
+                                 **extra)
                 placement = self.placements.get(provider)
                 predicted = placement.predicted.get(point.tokens) if placement else None
                 if predicted and point.layout == "prefill":
@@ -498,7 +514,13 @@ class OffloadBench:
                   for name in self.streamed() for pt, m in self.times[name].items()]
         if ratios:
             worst = min(ratios, key=lambda r: r[0])
-            out.append(Target(f">= {TARGET_IDEAL}x the link-bound ideal at every point (worst)",
+            out.append(Target(f">= {TARGET_IDEAL}x the link-bound ideal max(link, resident model) at every point "
+                              f"(worst)", f"{worst[0]:.2f}x ({worst[1]}, {worst[2].layout} T={worst[2].tokens})",
+                              worst[0] >= TARGET_IDEAL))
+            serial = [(self.ideal_ms(name, pt, overlap=False) / m.time.median, name, pt)
+                      for name in self.streamed() for pt, m in self.times[name].items()]
+            worst = min(serial, key=lambda r: r[0])
+            out.append(Target(f">= {TARGET_IDEAL}x the issue's ideal, link + resident compute, at every point (worst)",
                               f"{worst[0]:.2f}x ({worst[1]}, {worst[2].layout} T={worst[2].tokens})",
                               worst[0] >= TARGET_IDEAL))
         one = Point("prefill", 1)
