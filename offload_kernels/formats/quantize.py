@@ -7,6 +7,7 @@ the same code runs on CPU and, much faster, on CUDA.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -49,12 +50,13 @@ def validate_weight(w: torch.Tensor, spec: QTypeSpec) -> None:
         raise ValueError(f"K={k} (in_features) is not a multiple of the {spec.name} block size {spec.block_size}")
     if w.is_meta:
         raise ValueError("cannot quantize a meta tensor (it has no values)")
-    finite = torch.isfinite(w.detach())
-    if not bool(finite.all()):
-        bad = (~finite).nonzero()[0].tolist()
+    lo, hi = (float(v) for v in torch.aminmax(w.detach()))     # one pass; NaN propagates
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        bad_mask = ~torch.isfinite(w.detach())
+        bad = bad_mask.nonzero()[0].tolist()
         raise ValueError(f"weight contains NaN or Inf (first at row {bad[0]}, column {bad[1]}); "
-                         f"{int((~finite).sum())} non-finite values in all")
-    peak = float(w.detach().abs().max())
+                         f"{int(bad_mask.sum())} non-finite values in all")
+    peak = max(-lo, hi)
     if peak > MAX_ABS_WEIGHT:
         raise ValueError(f"weight magnitude too large for {spec.name}: max |w| = {peak:.3g} exceeds {MAX_ABS_WEIGHT:.0e}, "
                          f"beyond which ggml's fp32 search arithmetic overflows; rescale the weight")
