@@ -39,9 +39,13 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cpu" and dtype != torch.float32:
         dtype = torch.float32           # CPU matmuls in half precision are slow and not what a user wants
     t0 = time.perf_counter()
-    tokenizer = load_gguf_tokenizer(args.model)
     model, report = load_gguf_model(args.model, gpu_budget=args.gpu_budget, dtype=dtype, device=device,
                                     num_slots=args.slots, return_report=True)
+    try:
+        tokenizer = load_gguf_tokenizer(args.model)
+    except Exception as exc:     # transformers supports only some GGUF tokenizers
+        raise ValueError(f"{args.model}: transformers cannot build a tokenizer from this file's metadata "
+                         f"({type(exc).__name__}: {exc})") from exc
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
     print(report)
     enc = tokenizer(args.prompt, return_tensors="pt").to(device)

@@ -1,0 +1,80 @@
+"""The offload-kernels command line: each verb runs on CPU and bad input gives a clean error."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from offload_kernels.cli.main import main
+
+transformers = pytest.importorskip("transformers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def test_info_json(capsys):
+    assert main(["info", "--json", "--no-measure"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["extension"] in ("built with CUDA", "built host-only") and "devices" in data
+
+
+def test_info_measures_ceilings(capsys):
+    assert main(["info"]) == 0
+    assert "measured on" in capsys.readouterr().out
+
+
+def test_plan_preset_table(capsys):
+    assert main(["plan", "llama-3-70b", "--hardware", "rtx4090", "--tokens", "1,2048"]) == 0
+    out = capsys.readouterr().out
+    assert "100% resident" in out and "50% resident" in out and "20% resident" in out and "at 24.00 GiB" in out
+    assert "spec sheet (not measured)" in out
+
+
+def test_plan_gguf_file_with_given_ceilings(tmp_path, capsys):
+    from offload_kernels.model.gguf_export import save_gguf
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    path = save_gguf(transformers.LlamaForCausalLM(cfg), tmp_path / "m.gguf", "q4_k", mix="q4_k_m")
+    assert main(["plan", str(path), "--link-gbps", "25", "--hbm-gbps", "1000", "--tflops", "100",
+                 "--vram", "1MiB"]) == 0
+    out = capsys.readouterr().out
+    assert "m.gguf" in out and "tokens/forward" in out
+
+
+def test_plan_without_ceilings_says_what_is_missing(capsys):
+    with pytest.raises(SystemExit, match="plan needs ceilings"):
+        main(["plan", "llama-3-8b"])
+
+
+def test_run_generates_from_a_gguf_file(tmp_path, capsys):
+    from offload_kernels.model.gguf_export import save_gguf
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    path = save_gguf(transformers.LlamaForCausalLM(cfg), tmp_path / "m.gguf", "q8_0")
+    assert main(["run", str(path), "--prompt", "ab cd", "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "generation: 4 tokens" in out
+
+
+def test_run_reports_bad_input_without_traceback(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "missing.gguf"), "--device", "cpu"]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_demo_small(capsys):
+    assert main(["demo", "--skip-formats", "--layers", "3", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU path" in out and "offloaded" in out and "offloaded == fully resident: True" in out
+
+
+def test_demo_formats_table(capsys):
+    assert main(["demo", "--format-rows", "64", "--format-cols", "512", "--layers", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for qtype in ("q4_0", "q8_0", "q3_k", "q4_k", "q5_k", "q6_k"):
+        assert f"\n{qtype}" in out
+    with pytest.raises(SystemExit, match="multiple of 256"):
+        main(["demo", "--format-cols", "100"])
