@@ -21,7 +21,7 @@ from ..formats import QuantizedTensor, dequantize, get_spec
 from ..formats.gguf_io import GGUFError, GGUFFile, GGUFTensorInfo
 from ..layers import OffloadedLinear
 from .offload import OffloadReport, _report, apply_placement
-from .planner import LinearSpec, parse_bytes, plan_placement
+from .planner import LinearSpec, default_budget, parse_bytes, plan_placement
 
 log = logging.getLogger("offload_kernels")
 
@@ -122,8 +122,9 @@ def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | Non
                     num_slots: int = 2, measure: bool = False, return_report: bool = False):
     """Build a transformers causal LM from a llama.cpp GGUF file, linears over the file's quantized bytes.
 
-    Architectures: llama, mistral, qwen2. Layers within ``gpu_budget`` (bytes or "20GiB"; None: all) stay
-    resident on the device, the rest stream through the transfer engine. Returns the model (and the
+    Architectures: llama, mistral, qwen2. Layers within ``gpu_budget`` (bytes or "20GiB"; None: as for
+    :func:`offload`, the free device memory less a margin) stay resident on the device, the rest stream
+    through the transfer engine. Returns the model (and the
     OffloadReport when ``return_report``). Raises GGUFError for unsupported or malformed files before
     anything is allocated on the device.
     """
@@ -133,6 +134,8 @@ def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | Non
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device is cuda but torch sees no CUDA device")
+    if budget is None:
+        budget = default_budget(device)
     f = GGUFFile(path)
     arch = f.architecture
     if arch not in SUPPORTED_ARCHITECTURES:

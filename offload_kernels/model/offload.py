@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 from ..formats import get_spec, quantize
 from ..layers import OffloadedLinear
 from .bandwidth import Hardware, measure_hardware
-from .planner import LinearSpec, Placement, Prediction, parse_bytes, plan_placement, predict_throughput
+from .planner import (LinearSpec, Placement, Prediction, default_budget, parse_bytes, plan_placement,
+                      predict_throughput)
 from .streaming import WeightStreamer
 
 log = logging.getLogger("offload_kernels")
@@ -155,8 +156,9 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
         model: any nn.Module (Hugging Face transformers first); its linears are replaced in place and the
             rest of its parameters are moved to ``device``.
         qtype: the default GGUF format for linears.
-        gpu_budget: device bytes for weights and staging slots (int, or a string like "24GiB"); None keeps
-            everything resident. Activations and KV cache are not counted: leave room for them.
+        gpu_budget: device bytes for weights and staging slots (int, or a string like "24GiB"). None: on
+            CUDA the free device memory less 10% and 1 GiB (room for activations and the KV cache, which
+            the budget does not count); on the CPU no limit.
         device: where the model runs (default: cuda if available, else cpu — the CPU path uses the torch
             kernels and the engine's host backend).
         skip: linears left untouched (names or glob patterns; a bare name matches the last component).
@@ -186,6 +188,8 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
         raise ValueError(f"device must be cuda or cpu, got {device}")
     if any(isinstance(m, OffloadedLinear) for m in model.modules()):
         raise ValueError("model already contains OffloadedLinear layers; offload() a fresh model")
+    if budget is None:
+        budget = default_budget(device)
 
     # ---------------------------------------------------------------- decide per linear, plan
     selection = select_linears(model, qtype, skip, overrides, stream_whole_blocks)

@@ -82,6 +82,18 @@ class BudgetError(ValueError):
     """The GPU budget cannot hold what the plan needs (fixed parameters plus staging slots)."""
 
 
+def default_budget(device) -> int | None:
+    """The budget used when none is given: on CUDA, the device's free memory less 10% and 1 GiB left for
+    activations and the KV cache; on the CPU, no limit (everything resident)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(0, int(free * 0.9) - (1 << 30))
+
+
 def _groups_in_order(linears: Sequence[LinearSpec]) -> list[list[LinearSpec]]:
     groups: dict[str, list[LinearSpec]] = {}
     for i, lin in enumerate(linears):
