@@ -205,6 +205,13 @@ void CudaBackend::release_slot(int slot, uintptr_t stream) {
   releases.push_back({s, ev});
 }
 
+void CudaBackend::wait_copies() {
+  if (shut_down_) return;
+  DeviceGuard guard(device_);
+  // Every copy is on the one copy stream, in order: when it drains, no copy reads host memory any more.
+  OK_CUDA_CHECK(cudaStreamSynchronize(copy_stream_));
+}
+
 void CudaBackend::synchronize(bool whole_device) {
   if (shut_down_) return;
   DeviceGuard guard(device_);

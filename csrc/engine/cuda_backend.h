@@ -31,6 +31,7 @@ class CudaBackend final : public TransferBackend {
   void enqueue_copy(int slot, void* dst, const void* src, size_t nbytes) override;
   void wait_copy(int slot, uintptr_t stream) override;
   void release_slot(int slot, uintptr_t stream) override;
+  void wait_copies() override;
   void synchronize(bool whole_device) override;
   TransferTimings timings() override;
   void reset_timings() override;

@@ -112,6 +112,7 @@ void register_engine_bindings(py::module_& m) {
       .def("acquire", &TransferEngine::acquire, py::arg("handle"), py::arg("stream"), release_gil())
       .def("release", &TransferEngine::release, py::arg("handle"), py::arg("stream"), release_gil())
       .def("cancel", &TransferEngine::cancel, py::arg("handle"))
+      .def("invalidate", &TransferEngine::invalidate, py::arg("handle"), release_gil())
       .def("stats",
            [](TransferEngine& e) {
              EngineStats s;

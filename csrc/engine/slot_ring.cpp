@@ -79,6 +79,13 @@ void SlotRing::forget_contents(int slot) {
   s.item = kNoItem;
 }
 
+bool SlotRing::drop_item(size_t item) {
+  const int slot = slot_of_item_[item];
+  if (slot == kNoSlot) return false;
+  forget_contents(slot);  // checks the slot is FREE
+  return true;
+}
+
 void SlotRing::forget_all_contents() {
   for (int i = 0; i < num_slots(); ++i) forget_contents(i);
 }

@@ -3,6 +3,7 @@
 //
 //   FREE (holds stale-but-valid data, reusable) --prefetch--> LOADING --acquire--> ACQUIRED --release--> FREE
 //   LOADING --cancel--> FREE
+//   FREE holding an item --drop_item--> FREE and empty (the item's host bytes changed)
 //
 // A prefetch of an item already held by a FREE slot reuses it without a copy (a hit). Otherwise it takes
 // the least recently released FREE slot, evicting whatever that slot held.
@@ -42,6 +43,8 @@ class SlotRing {
   void cancel(int slot);                    // LOADING -> FREE
   void forget_contents(int slot);           // FREE slot no longer holds valid data
   void forget_all_contents();               // every slot FREE and empty (slot memory replaced)
+  // The item's host bytes changed: the FREE slot holding it (if any) forgets it. Returns whether one did.
+  bool drop_item(size_t item);
 
  private:
   struct Slot {

@@ -45,6 +45,10 @@ class TransferBackend {
   // The slot becomes reusable once the work `stream` has enqueued so far is done.
   virtual void release_slot(int slot, uintptr_t stream) = 0;
 
+  // Blocks until every copy enqueued so far has landed, so their host sources may be rewritten. (A copy
+  // still waiting for its slot to be freed is waited for too, and with it that slot's consumers.)
+  virtual void wait_copies() = 0;
+
   // Blocks until every enqueued copy and every released consumer is done. With `whole_device`, also
   // waits for work that may still read acquired-but-unreleased slots (the engine cannot know its stream).
   virtual void synchronize(bool whole_device) = 0;

@@ -293,6 +293,26 @@ void TransferEngine::cancel(int64_t handle) {
   ring_.cancel(slot);  // the copy (if any) still lands; the slot keeps the item as a reusable FREE slot
 }
 
+bool TransferEngine::invalidate(int64_t handle) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  const size_t index = index_of(handle);
+  const int slot = ring_.slot_of(index);
+  if (slot != SlotRing::kNoSlot && ring_.state(slot) == SlotState::kAcquired) {
+    throw std::runtime_error(describe(handle) +
+                             " is acquired: release it before invalidate() (a consumer may still read its slot)");
+  }
+  if (slot != SlotRing::kNoSlot && ring_.state(slot) == SlotState::kLoading) {
+    throw std::runtime_error(describe(handle) +
+                             " is prefetched: cancel() it (or acquire and release it) before invalidate(); its "
+                             "copy carries the bytes as they were");
+  }
+  // A copy of this item may still be reading its host bytes even when no slot names it: after cancel(), or
+  // after its slot was taken by another item. Copies drain in order, so waiting for all of them covers it.
+  backend_->wait_copies();
+  return ring_.drop_item(index);
+}
+
 EngineStats TransferEngine::stats() {
   std::lock_guard<std::mutex> lock(mutex_);
   EngineStats s;

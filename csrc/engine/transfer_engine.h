@@ -77,6 +77,10 @@ class TransferEngine {
   int acquire(int64_t handle, uintptr_t stream);  // returns the slot index
   void release(int64_t handle, uintptr_t stream);
   void cancel(int64_t handle);  // undo a prefetch that will not be acquired
+  // The item's host bytes are about to be rewritten: waits until no enqueued copy reads host memory, then
+  // makes a slot still holding the old bytes forget them. Returns whether one did. Refused while the item
+  // is prefetched or acquired.
+  bool invalidate(int64_t handle);
 
   EngineStats stats();
   void reset_stats();

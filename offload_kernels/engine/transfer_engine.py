@@ -83,7 +83,9 @@ class TransferEngine:
       an acquired item raises; release it first);
     * ``prefetch`` takes the least recently released FREE slot; if every slot is prefetched or acquired it
       raises ``RuntimeError`` rather than wait (it would wait forever);
-    * ``cancel(h)`` undoes a prefetch that will not be acquired.
+    * ``cancel(h)`` undoes a prefetch that will not be acquired;
+    * ``invalidate(h)`` before rewriting ``h``'s host bytes (see :meth:`host_views`), so no slot serves the
+      old ones.
 
     Misuse raises ``ValueError``/``TypeError`` (bad argument) or ``RuntimeError`` (wrong state) before
     anything changes, and the engine stays usable. Methods may be called from one thread at a time.
@@ -181,8 +183,9 @@ class TransferEngine:
         tensors (pinned memory on CUDA). Callers can drop their own copy of the data and keep these: there is
         then a single host copy.
 
-        The views share the storage: writing into them changes what later copies carry (do not write while
-        a copy of the item may be in flight). They keep their storage alive, so they stay valid after
+        The views share the storage: writing into them changes what later copies carry. Call
+        :meth:`invalidate` before writing: it waits for copies in flight and drops a slot's stale copy of the
+        item. They keep their storage alive, so they stay valid after
         :meth:`close`, which then frees that storage only once the last view is gone.
         """
         h = _handle(h)
@@ -236,6 +239,18 @@ class TransferEngine:
         """Undo a :meth:`prefetch` of ``h`` that will not be acquired (e.g. after an exception). The slot
         becomes FREE and keeps the item, so a later prefetch of it is still a hit."""
         self._open_core().cancel(_handle(h))
+
+    def invalidate(self, h: int) -> bool:
+        """Prepare item ``h``'s host bytes for rewriting (through :meth:`host_views`): waits until no enqueued
+        copy reads host memory any more, and makes a slot still holding ``h`` forget it, so the next
+        :meth:`prefetch` copies the new bytes instead of serving the old ones as a hit. Returns ``True`` if a
+        slot held ``h``.
+
+        Call it before writing, and prefetch ``h`` only after the write. Raises ``RuntimeError`` if ``h`` is
+        prefetched (:meth:`cancel` it first) or acquired (:meth:`release` it first). Not a steady-state call:
+        on CUDA it blocks until the copy stream is idle.
+        """
+        return bool(self._open_core().invalidate(_handle(h)))
 
     # ------------------------------------------------------------------ bookkeeping
 

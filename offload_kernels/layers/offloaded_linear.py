@@ -30,7 +30,10 @@ class OffloadedLinear(nn.Module):
 
     state_dict keys: ``weight`` (uint8 GGUF bytes, shape (N, row_bytes)), ``weight_format`` (int64
     tensor [ggml_type, N, K]) and ``bias``: tensors only, so safetensors can store them. Loading a plain
-    nn.Linear state dict (a float ``weight``) quantizes it to this module's qtype.
+    nn.Linear state dict (a float ``weight``) quantizes it to this module's qtype. ``weight`` and
+    ``weight_format`` must agree (a ``weight_format`` naming another qtype needs that qtype's ``weight``);
+    a streamed layer's new bytes are written into the engine's pinned storage in place, also with
+    ``assign=True``, and it keeps its byte count (another qtype only if its bytes are the same size).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, qtype: str = "q4_k",
@@ -148,7 +151,9 @@ class OffloadedLinear(nn.Module):
             # Autograd keeps the weight bytes for the backward pass, but the slot is recycled after this
             # layer: keep a private copy of the (quantized, small) bytes instead.
             data = data.clone()
-        qt = QuantizedTensor(data.view(self.weight.shape), self._spec, (self.out_features, self.in_features))
+        # The slot holds exactly the bytes registered (checked when registered): no per-call validation.
+        qt = QuantizedTensor._from_validated(data.view(self.weight.shape), self._spec,
+                                             (self.out_features, self.in_features))
         y = qmatmul(x, qt, bias)
         streamer.after_use(self)           # the slot may be recycled once the kernels above are done
         return y
@@ -167,48 +172,89 @@ class OffloadedLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         key_w, key_f = prefix + "weight", prefix + "weight_format"
-        if key_w in state_dict:
-            incoming = state_dict[key_w]
-            if incoming.is_floating_point():                 # a plain nn.Linear checkpoint: quantize it
-                if tuple(incoming.shape) != (self.out_features, self.in_features):
-                    error_msgs.append(f"{key_w}: float weight of shape {tuple(incoming.shape)} does not match "
-                                      f"({self.out_features}, {self.in_features})")
-                    return
-                qt = quantize(incoming.to(self.weight.device), self._spec)
-                state_dict = dict(state_dict)
-                state_dict[key_w] = qt.data
-                state_dict[key_f] = _format_tensor(self._spec, self.out_features, self.in_features)
-            elif key_f in state_dict:
-                problem = self._adopt_format(state_dict[key_f], incoming)
-                if problem:
-                    error_msgs.append(f"{prefix}: {problem}")
-                    return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-
-    def _adopt_format(self, fmt: torch.Tensor, data: torch.Tensor) -> Optional[str]:
-        """Switch this module to the state dict's qtype if it differs (resident only). Returns a problem."""
+        load = super()._load_from_state_dict
+        if key_w not in state_dict and key_f not in state_dict:
+            return load(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        # Everything is checked before anything changes: a rejected load leaves this layer as it was.
         try:
-            ggml_type, n, k = (int(v) for v in fmt.tolist())
-            spec = get_spec(GGMLQuantizationType(ggml_type))
-        except (ValueError, TypeError) as exc:
-            return f"invalid weight_format {fmt.tolist()}: {exc}"
-        if (n, k) != (self.out_features, self.in_features):
-            return f"weight_format shape ({n}, {k}) does not match ({self.out_features}, {self.in_features})"
-        if tuple(data.shape) != (n, spec.row_bytes(k)) or data.dtype != torch.uint8:
-            return (f"weight bytes {tuple(data.shape)} {data.dtype} do not match {spec.name} ({n}, {k}), "
-                    f"which needs uint8 ({n}, {spec.row_bytes(k)})")
-        if spec is not self._spec:
-            if self._streamer is not None:
-                return f"cannot change a streamed layer's qtype from {self.qtype} to {spec.name} by loading"
+            spec, data = self._incoming_weight(state_dict.get(key_w), state_dict.get(key_f))
+        except _LoadError as exc:
+            error_msgs.append(f"{prefix}weight: {exc}")
+            return
+        quantized_here = data is not None and data is not state_dict.get(key_w)   # from a float weight
+        state_dict = dict(state_dict)
+        if data is not None:
+            state_dict[key_w] = data
+        if key_f in state_dict or quantized_here:   # the tag always describes the bytes loaded
+            state_dict[key_f] = _format_tensor(spec, self.out_features, self.in_features).to(
+                self.weight_format.device)
+        if self._streamer is not None and data is not None:
+            # The bytes live in the engine's pinned storage, which the buffer aliases: write them there in
+            # place (with assign=True too, which would otherwise swap in a tensor the engine never reads),
+            # once the engine has dropped its device copies and finished the copies in flight.
+            try:
+                self._streamer.invalidate(self)
+            except RuntimeError as exc:
+                error_msgs.append(f"{key_w}: {exc}")
+                return
+            with torch.no_grad():
+                self.weight.copy_(data)
+            self._spec = spec               # _incoming_weight checked the byte count is unchanged
+            del state_dict[key_w]
+            self._non_persistent_buffers_set.add("weight")   # loaded here: neither missing nor loaded again
+            try:
+                return load(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+            finally:
+                self._non_persistent_buffers_set.discard("weight")
+        if spec.name != self.qtype:         # resident: room for the new format's bytes, which the load fills
             self._spec = spec
-            self._buffers["weight"] = torch.empty(n, spec.row_bytes(k), dtype=torch.uint8, device=self.weight.device)
-            self._buffers["weight_format"] = _format_tensor(spec, n, k).to(self.weight_format.device)
-        return None
+            self._buffers["weight"] = torch.empty(data.shape, dtype=torch.uint8, device=self.weight.device)
+        return load(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def _incoming_weight(self, w, fmt):
+        """The qtype and uint8 bytes (None if the state dict has no weight) a state dict's ``weight`` and
+        ``weight_format`` describe, checked against this layer. Raises _LoadError."""
+        n, k = self.out_features, self.in_features
+        for name, t in (("weight", w), ("weight_format", fmt)):
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise _LoadError(f"{name} must be a tensor, got {type(t).__name__}")
+        if w is not None and w.is_floating_point():          # a plain nn.Linear checkpoint: quantize it
+            if tuple(w.shape) != (n, k):
+                raise _LoadError(f"float weight of shape {tuple(w.shape)} does not match ({n}, {k})")
+            return self._spec, quantize(w.detach().to(self.weight.device), self._spec).data
+        spec = self._spec
+        if fmt is not None:
+            try:
+                ggml_type, fn, fk = (int(v) for v in fmt.reshape(-1).tolist())
+                spec = get_spec(GGMLQuantizationType(ggml_type))
+            except (ValueError, TypeError) as exc:
+                raise _LoadError(f"invalid weight_format {fmt.tolist()}: {exc}") from None
+            if (fn, fk) != (n, k):
+                raise _LoadError(f"weight_format shape ({fn}, {fk}) does not match ({n}, {k})")
+            if k % spec.block_size:
+                raise _LoadError(f"weight_format says {spec.name}, whose block size {spec.block_size} does not "
+                                 f"divide in_features={k}")
+        if w is None:
+            if spec.name != self.qtype:
+                raise _LoadError(f"weight_format says {spec.name} but the layer holds {self.qtype} bytes and the "
+                                 "state dict has no weight to replace them: load weight and weight_format together")
+            return spec, None
+        need = (n, spec.row_bytes(k))
+        if tuple(w.shape) != need or w.dtype != torch.uint8:
+            raise _LoadError(f"weight bytes {tuple(w.shape)} {w.dtype} do not match {spec.name} ({n}, {k}), "
+                             f"which needs uint8 {need}")
+        if self._streamer is not None and need != tuple(self.weight.shape):
+            raise _LoadError(f"cannot change a streamed layer's qtype from {self.qtype} to {spec.name}: its pinned "
+                             f"storage holds {self.weight.numel()} bytes, {spec.name} needs {need[0] * need[1]}")
+        return spec, w
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"qtype={self.qtype}, bits_per_weight={self.bits_per_weight:g}, placement={self.placement}")
+
+
+class _LoadError(ValueError):
+    """A state dict this layer cannot load; reported through load_state_dict's error list."""
 
 
 def _format_tensor(spec, n: int, k: int) -> torch.Tensor:

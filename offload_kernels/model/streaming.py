@@ -2,10 +2,16 @@
 
 Each group (usually one transformer block) is one engine item: its layers' GGUF bytes laid out
 contiguously in pinned host memory and copied into a device slot with a single copy. The streamer learns
-the order in which groups are used during the first forward, then, on every later use, prefetches the
-next groups in that (cyclic) order while the current one computes. A prediction that turns out wrong
-costs a demand copy, never a wrong answer: every layer reads its own item from the slot the engine hands
-back for that item.
+the order in which groups are visited (a visit: consecutive uses of one group's layers) and how many layer
+uses each visit has, then prefetches the next groups in that (cyclic) order while the current one computes.
+A prediction that turns out wrong costs a demand copy, never a wrong answer: every layer reads its own
+item from the slot the engine hands back for that item.
+
+Learning ends at whichever comes first:
+  * the end of a root forward pass that completed (an aborted pass discards what it recorded);
+  * the first recorded group coming back after every group has been seen: the cycle has closed. This ends
+    learning for a root forward that runs the model several times, or for layers used without the root's
+    forward (its hooks never fire), instead of recording without end.
 """
 
 from __future__ import annotations
@@ -43,31 +49,63 @@ class WeightStreamer:
                 module._buffers["weight"] = host_parts[pi].view(module.weight.shape)
                 module._streamer = self
                 self._where[id(module)] = (gi, pi)
-        self.order: list[int] = []          # learned cyclic order of group uses
-        self._uses_per_pass: list[int] = [0] * len(self.groups)
-        self._uses: list[int] = [0] * len(self.groups)
+        self.order: list[int] = []          # learned cyclic order of group visits
+        self._visit_uses: list[int] = []    # layer uses of each visit in `order`
         self._learning = True
-        self._pos = -1                      # position of the current group in `order`
+        self._seen: list[int] = []          # while learning: the visits so far, and their layer uses
+        self._seen_uses: list[int] = []
+        self._seen_groups: set[int] = set()
+        self._passes: list[bool] = []       # one entry per root forward in progress: did it complete?
+        self._pos = -1                      # position of the current visit in `order`
         self._current: Optional[int] = None
         self._current_view: Optional[torch.Tensor] = None
+        self._visit_count = 0               # layer uses in the current visit
         self._pending: list[int] = []       # prefetched, not yet acquired, in prefetch order
         self.mispredictions = 0
         self._hooks: list = []
 
     # ------------------------------------------------------------------ model hooks
     def attach(self, root: nn.Module) -> None:
-        """Mark forward-pass boundaries of ``root``: the first pass teaches the order."""
-        self._hooks.append(root.register_forward_pre_hook(lambda *_: self.begin_pass()))
-        self._hooks.append(root.register_forward_hook(lambda *_: self.end_pass()))
+        """Mark forward-pass boundaries of ``root``: the first complete pass teaches the order."""
+        # Our pre-hook runs first, so every end below has its begin; the end hook is always called, so an
+        # exception in the forward still releases the slot and ends the pass (flagged as aborted).
+        self._hooks.append(root.register_forward_pre_hook(lambda *_: self.begin_pass(), prepend=True))
+        self._hooks.append(root.register_forward_hook(lambda *_: self._mark_completed(), prepend=True))
+        self._hooks.append(root.register_forward_hook(lambda *_: self._end_hook(), always_call=True))
+
+    def _mark_completed(self) -> None:
+        if self._passes:
+            self._passes[-1] = True
+
+    def _end_hook(self) -> None:
+        if not self._passes:                # a hook that ran before ours failed: this pass never began
+            return
+        completed = self._passes.pop()
+        if not self._passes:                # the end of a nested call of the root is not the end of the pass
+            self._finish_pass(aborted=not completed)
 
     def begin_pass(self) -> None:
-        self._uses = [0] * len(self.groups)
-
-    def end_pass(self) -> None:
-        if self._learning and self.order:
-            self._learning = False
-            log.debug("learned streaming order of %d group uses", len(self.order))
+        self._passes.append(False)
+        if len(self._passes) > 1:
+            return
         self._release_current()
+        if self._learning:                  # a pass is what we learn from: drop stray uses recorded before it
+            self._reset_learning()
+        self._pos = len(self.order) - 1
+
+    def end_pass(self, aborted: bool = False) -> None:
+        """End the current pass (``attach`` calls this); ``aborted``: the forward raised."""
+        self._passes.clear()
+        self._finish_pass(aborted)
+
+    def _finish_pass(self, aborted: bool) -> None:
+        self._release_current()
+        if self._learning:
+            if aborted:                     # a partial order would mispredict every later pass
+                log.debug("forward raised while learning the streaming order: learning again next pass")
+                self._reset_learning()
+            elif self._seen:
+                self._finish_learning()
         self._pos = len(self.order) - 1      # the next pass starts at order[0]
         self._prefetch_ahead()
 
@@ -84,27 +122,59 @@ class WeightStreamer:
         return self._current_view[offset:offset + nbytes]
 
     def after_use(self, module: "OffloadedLinear") -> None:
-        """Called once the layer's kernels are enqueued: frees the slot after the group's last use."""
+        """Called once the layer's kernels are enqueued: frees the slot after the visit's last use."""
         gi, _ = self._where[id(module)]
-        self._uses[gi] += 1
+        if gi != self._current:
+            return
+        self._visit_count += 1
         if self._learning:
-            self._uses_per_pass[gi] += 1
-        elif gi == self._current and self._uses[gi] >= self._uses_per_pass[gi]:
+            if self._seen_uses:
+                self._seen_uses[-1] += 1
+        elif self.order[self._pos] == gi and self._visit_count >= self._visit_uses[self._pos]:
             self._release_current()
             self._prefetch_ahead()
 
+    def invalidate(self, module: "OffloadedLinear") -> None:
+        """``module``'s host bytes are about to be rewritten (a state-dict load): drop every device copy of
+        its group and wait for copies in flight, so the next use copies the new bytes."""
+        gi, _ = self._where[id(module)]
+        if gi == self._current:
+            if self._passes:
+                raise RuntimeError("cannot load new weights into a streamed layer while a forward pass is using "
+                                   "its group")
+            self._release_current()       # left acquired by layers called outside the root's forward
+        if gi in self._pending:
+            self._pending.remove(gi)
+            self.engine.cancel(self.handles[gi])
+        self.engine.invalidate(self.handles[gi])
+
     # ------------------------------------------------------------------ internals
+    def _reset_learning(self) -> None:
+        self._seen, self._seen_uses, self._seen_groups = [], [], set()
+
+    def _finish_learning(self) -> None:
+        self.order, self._visit_uses = self._seen, self._seen_uses
+        self._learning = False
+        self._reset_learning()
+        self._pos = -1
+        log.debug("learned streaming order of %d group visits", len(self.order))
+
     def _switch_to(self, gi: int) -> None:
         self._release_current()
         if self._learning:
-            self.order.append(gi)
-        else:
-            nxt = (self._pos + 1) % len(self.order) if self.order else -1
-            if self.order and self.order[nxt] == gi:
+            if self._seen and gi == self._seen[0] and len(self._seen_groups) == len(self.groups):
+                self._finish_learning()     # the cycle closed: this visit is order[0] again
+            else:
+                self._seen.append(gi)
+                self._seen_uses.append(0)
+                self._seen_groups.add(gi)
+        if not self._learning:
+            nxt = (self._pos + 1) % len(self.order)
+            if self.order[nxt] == gi:
                 self._pos = nxt
             else:
                 self.mispredictions += 1
-                self._pos = self.order.index(gi) if gi in self.order else self._pos
+                self._pos = self._next_visit_of(gi)
         handle = self.handles[gi]
         if gi in self._pending:
             self._pending.remove(gi)
@@ -113,7 +183,17 @@ class WeightStreamer:
             self.engine.prefetch(handle)      # demand copy (a hit if the slot still holds it)
         self._current_view = self.engine.acquire(handle)
         self._current = gi
+        self._visit_count = 0
         self._prefetch_ahead()
+
+    def _next_visit_of(self, gi: int) -> int:
+        """The first visit of ``gi`` after the current position (cyclically); the position itself if the
+        learned order never visits ``gi``."""
+        n = len(self.order)
+        for step in range(1, n + 1):
+            if self.order[(self._pos + step) % n] == gi:
+                return (self._pos + step) % n
+        return self._pos
 
     def _release_current(self) -> None:
         if self._current is not None:
@@ -158,6 +238,7 @@ class WeightStreamer:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        self._passes.clear()
         if self.engine.closed:
             return
         self._release_current()

@@ -98,6 +98,16 @@ class SlotModel:
     def cancel(self, h: int) -> bool:
         return self._free(h, "loading")
 
+    def invalidate(self, h: int) -> str:
+        """'dropped' or 'host' (nothing held it), or the state that makes the engine refuse."""
+        s = self.slot_of(h)
+        if s is None:
+            return "host"
+        if self.state[s] != "free":
+            return self.state[s]
+        self.item[s] = None  # the slot stays FREE (same LRU tick) but empty
+        return "dropped"
+
 
 class Driver:
     """Runs engine operations next to a SlotModel and checks that both agree on every step: outcomes
@@ -153,6 +163,22 @@ class Driver:
             with pytest.raises(RuntimeError, match="not prefetched"):
                 self.eng.cancel(h)
 
+    def invalidate(self, h: int, rng: np.random.Generator | None = None) -> None:
+        """invalidate(h) as the model predicts; when accepted and `rng` is given, rewrite the item's first
+        part in host storage so a stale slot would show up as wrong bytes."""
+        outcome = self.model.invalidate(h)
+        if outcome in ("loading", "acquired"):
+            with pytest.raises(RuntimeError, match="prefetched" if outcome == "loading" else "is acquired"):
+                self.eng.invalidate(h)
+            return
+        assert self.eng.invalidate(h) == (outcome == "dropped")
+        if rng is not None:
+            first = self.eng.host_views(h)[0]
+            new = random_bytes(rng, first.numel())
+            first.copy_(torch.from_numpy(new))
+            self.expected[h] = self.expected[h].copy()
+            self.expected[h][:new.nbytes] = new
+
     def verify_on_host(self, h: int, view) -> None:
         np.testing.assert_array_equal(view.numpy(), self.expected[h])
 
@@ -183,11 +209,16 @@ def register_random_items(drv: Driver, rng: np.random.Generator, count: int, max
     return list(drv.expected)
 
 
-def run_random_schedule(drv: Driver, handles: list[int], pick: random.Random, steps: int) -> None:
+def run_random_schedule(drv: Driver, handles: list[int], pick: random.Random, steps: int,
+                        rewrite: np.random.Generator | None = None) -> None:
     """Mostly the pipeline pattern (prefetch ahead, acquire, release), mixed with arbitrary and invalid steps
-    that the Driver expects to be rejected."""
+    that the Driver expects to be rejected. With `rewrite`, some steps invalidate an item and rewrite its
+    host bytes."""
     for _ in range(steps):
         h = pick.choice(handles)
+        if rewrite is not None and pick.random() < 0.1:
+            drv.invalidate(h, rewrite)
+            continue
         op = pick.random()
         if op < 0.4:
             drv.prefetch(h)

@@ -148,6 +148,35 @@ def test_every_stream_that_read_a_slot_is_waited_for(make_engine, cycles_per_ms)
     fast_checks.assert_clean()
 
 
+def test_invalidate_waits_for_a_copy_in_flight_and_drops_the_stale_slot(make_engine, cycles_per_ms):
+    """A copy held back 100 ms behind a slow consumer is cancelled; invalidate must block until it has read
+    the host bytes, and the rewritten bytes must be what the next prefetch brings."""
+    rng = np.random.default_rng(9)
+    a_src, b_src, b_new = random_bytes(rng, 4 * MiB), random_bytes(rng, 4 * MiB), random_bytes(rng, 4 * MiB)
+    eng = make_engine("cuda", num_slots=1)
+    a, b = eng.register_many([a_src, b_src])
+    checks = DeviceChecks({a: a_src, b: b_new})
+    consumer = torch.cuda.Stream()
+    with torch.cuda.stream(consumer):
+        eng.prefetch(a)
+        eng.acquire(a)
+        spin(int(cycles_per_ms * 100), consumer)
+        eng.release(a)               # the slot is free only after the spin
+        assert eng.prefetch(b) is True  # its copy waits ~100 ms for the slot
+        eng.cancel(b)
+        t0 = time.perf_counter()
+        assert eng.invalidate(b) is True
+        waited_s = time.perf_counter() - t0
+        if not UNDER_SANITIZER:
+            assert waited_s > 0.05, f"invalidate returned after {waited_s * 1e3:.1f} ms, before the copy landed"
+        eng.host_views(b)[0].copy_(torch.from_numpy(b_new))
+        assert eng.prefetch(b) is True  # not a hit on the old bytes
+        checks(b, eng.acquire(b))
+        eng.release(b)
+    checks.assert_clean()
+    assert eng.state(b) == "resident" and eng.invalidate(b) is True and eng.state(b) == "host"
+
+
 def test_copy_overlaps_compute(make_engine, cycles_per_ms):
     n = 128 * MiB
     eng = make_engine("cuda", num_slots=2)
