@@ -127,9 +127,18 @@ _DEQUANTIZERS: dict[str, Callable[[torch.Tensor, torch.Tensor], None]] = {
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def _check_dtype(dtype) -> None:
+    # An integer or fp8 output would truncate the decoded values (or fail deep inside a decoder).
+    if not isinstance(dtype, torch.dtype) or dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be one of {', '.join(map(str, _FLOAT_DTYPES))}, got {dtype!r}")
+
+
 def dequantize_blocks(blocks: torch.Tensor, qtype: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Decode (nblocks, block_bytes) uint8 blocks to (nblocks, block_size) values of ``dtype``."""
     spec = get_spec(qtype)
+    _check_dtype(dtype)
+    if not isinstance(blocks, torch.Tensor):
+        raise TypeError(f"blocks must be a torch.uint8 tensor, got {type(blocks).__name__}")
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != spec.block_bytes:
         raise ValueError(f"{spec.name} blocks must be uint8 of shape (n, {spec.block_bytes}), "
                          f"got {blocks.dtype} {tuple(blocks.shape)}")
@@ -168,8 +177,7 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch
     """
     if not isinstance(qt, QuantizedTensor):
         raise TypeError(f"dequantize expects a QuantizedTensor, got {type(qt).__name__}")
-    if dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"dtype must be one of {', '.join(map(str, _FLOAT_DTYPES))}, got {dtype}")
+    _check_dtype(dtype)
     spec = qt.spec
     blocks = qt.data.view(-1, spec.block_bytes)
     return _decode_chunked(blocks, spec.name, spec.block_size, dtype).view(qt.shape)

@@ -35,12 +35,26 @@ _CPU_LEGACY_CHUNK_WEIGHTS = 1 << 19
 MAX_ABS_WEIGHT = 1e15
 
 
+#: Float dtypes quantize accepts (their values are converted to fp32 exactly, as llama-quantize does).
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_weight_dtype(dtype: torch.dtype, what: str) -> None:
+    """TypeError unless ``dtype`` is one of WEIGHT_DTYPES. fp8 (and fp4) tensors are floating point to
+    torch, but their values are meaningless without the per-tensor/per-block scales stored beside them."""
+    if dtype in WEIGHT_DTYPES:
+        return
+    if dtype.is_floating_point and dtype.itemsize < 2:
+        raise TypeError(f"{what} dtype {dtype} is not supported: fp8/fp4 values need their checkpoint's scales "
+                        f"applied first; dequantize them to float32 (or float16/bfloat16) and quantize that")
+    raise TypeError(f"{what} must be floating point (float32, float16, bfloat16 or float64), got {dtype}")
+
+
 def validate_weight(w: torch.Tensor, spec: QTypeSpec) -> None:
     """Raise TypeError/ValueError naming what is wrong with a weight to be quantized."""
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(w).__name__}")
-    if not w.is_floating_point():
-        raise TypeError(f"weight must be floating point, got {w.dtype}")
+    check_weight_dtype(w.dtype, "weight")
     if w.dim() != 2:
         raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(w.shape)}")
     n, k = w.shape
@@ -66,6 +80,9 @@ def quantize_blocks(x: torch.Tensor, qtype: "str | QTypeSpec") -> torch.Tensor:
     """(nblocks, block_size) fp32 -> (nblocks, block_bytes) uint8 GGUF blocks."""
     spec = get_spec(qtype)
     fn = _BLOCK_QUANTIZERS[spec.name]
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    check_weight_dtype(x.dtype, "x")
     x = x.float().reshape(-1, spec.block_size)
     if x.device.type == "cpu" and spec.block_size == 32:
         chunk = _CPU_LEGACY_CHUNK_WEIGHTS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Sequence
 
 import torch
@@ -25,10 +26,7 @@ class QuantizedTensor:
             raise TypeError(f"data must be a torch.uint8 tensor, got {type(data).__name__}")
         if data.dtype != torch.uint8:
             raise TypeError(f"data must have dtype torch.uint8, got {data.dtype}")
-        try:
-            shape = tuple(int(s) for s in shape)
-        except TypeError:
-            raise TypeError(f"shape must be a sequence of two ints, got {shape!r}") from None
+        shape = _int_dims(shape)
         if len(shape) != 2:
             raise ValueError(f"shape must be 2-D (N, K), got {shape}")
         n, k = shape
@@ -54,6 +52,18 @@ class QuantizedTensor:
         self._data = data
         self._spec = spec
         self._shape = torch.Size(shape)
+
+    @classmethod
+    def _from_validated(cls, data: torch.Tensor, spec: QTypeSpec,
+                        shape: "tuple[int, int] | torch.Size") -> "QuantizedTensor":
+        """Internal fast path, no checks: ``data`` is already a contiguous uint8 (N, row_bytes) tensor that
+        matches ``spec`` and ``shape`` (a QuantizedTensor's own pieces, or checked by the caller). Saves the
+        per-call validation where the same weight is rewrapped on every forward."""
+        self = object.__new__(cls)
+        self._data = data
+        self._spec = spec
+        self._shape = shape if isinstance(shape, torch.Size) else torch.Size(shape)
+        return self
 
     # ------------------------------------------------------------------ properties
     @property
@@ -98,7 +108,8 @@ class QuantizedTensor:
         device = torch.device(device)
         if device == self.device or (device.index is None and device.type == self.device.type):
             return self
-        return QuantizedTensor(self._data.to(device, non_blocking=non_blocking), self._spec, self._shape)
+        data = self._data.to(device, non_blocking=non_blocking)
+        return QuantizedTensor._from_validated(data, self._spec, self._shape)   # .to keeps shape and contiguity
 
     def cpu(self) -> "QuantizedTensor":
         return self.to("cpu")
@@ -107,11 +118,22 @@ class QuantizedTensor:
         return self.to(torch.device("cuda", device) if device is not None else "cuda")
 
     def clone(self) -> "QuantizedTensor":
-        return QuantizedTensor(self._data.clone(), self._spec, self._shape)
+        return QuantizedTensor._from_validated(self._data.clone(memory_format=torch.contiguous_format), self._spec,
+                                               self._shape)
 
     def index_rows(self, index: torch.Tensor) -> "QuantizedTensor":
-        """Rows gathered by ``index``: a row permutation is free on quantized data."""
-        index = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        """Rows gathered by ``index`` (1-D integer row numbers): a row permutation is free on quantized data."""
+        if not isinstance(index, torch.Tensor):
+            index = torch.as_tensor(index)
+            if index.numel() == 0:          # [] is float32: report it as empty, not as a float index
+                index = index.long()
+        # A bool mask or float tensor cast to long would silently select rows 0/1 or truncated numbers.
+        if index.dtype == torch.bool:
+            raise TypeError("index must be integer row numbers, got a torch.bool tensor "
+                            "(for a boolean mask, pass mask.nonzero().squeeze(1))")
+        if index.is_floating_point() or index.is_complex():
+            raise TypeError(f"index must be integer row numbers, got {index.dtype}")
+        index = index.to(device=self.device, dtype=torch.long)
         if index.dim() != 1:
             raise ValueError(f"index must be 1-D, got shape {tuple(index.shape)}")
         rows = self._data.index_select(0, index)
@@ -131,3 +153,21 @@ class QuantizedTensor:
         n, k = self._shape
         return (f"QuantizedTensor(qtype={self.qtype}, shape=({n}, {k}), bits_per_weight={self.bits_per_weight:g}, "
                 f"nbytes={self.nbytes}, device={self.device})")
+
+
+def _int_dims(shape) -> tuple[int, ...]:
+    """``shape`` as a tuple of Python ints: ints, numpy/torch integer scalars; not floats (2.0 or 2.5 would
+    be truncated silently) nor bools (True is an int to Python, never a meant dimension)."""
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(f"shape must be a sequence of two ints, got {type(shape).__name__} {shape!r}") from None
+    out = []
+    for i, d in enumerate(dims):
+        if isinstance(d, bool) or (isinstance(d, torch.Tensor) and d.dtype == torch.bool):
+            raise TypeError(f"shape must be two ints, got bool {d!r} at dim {i} in {shape!r}")
+        try:
+            out.append(operator.index(d))
+        except TypeError:
+            raise TypeError(f"shape must be two ints, got {type(d).__name__} {d!r} at dim {i} in {shape!r}") from None
+    return tuple(out)

@@ -4,7 +4,7 @@ Each K step loads a (BLOCK_M, BLOCK_K) activation tile, decodes the (BLOCK_N, BL
 its blocks into fp32 registers (decode.decode_tile: one scale per BLOCK_K-aligned sub-block row, values
 bit-exact with ggml), rounds it to the activation dtype and feeds tl.dot with fp32 accumulation. The
 weights are thus read at their quantized size (3.4-8.5 bits per weight) instead of the 16 bits of a
-dequantized copy. fp32 activations use input_precision="tf32x3" (three TF32 MMAs, ~fp32 accuracy).
+dequantized copy. fp32 activations use input_precision="tf32x3" (near-fp32 error on tensor cores; see dot_precision).
 
 split_k > 1 cuts K into equal slices whose partial tiles are atomically added into a zeroed fp32
 workspace: for mid-size M, where the M x N output tiles alone are too few to fill the GPU.
@@ -19,7 +19,7 @@ import triton.language as tl
 from . import configs
 from .decode import Q4_0, Q8_0, QTYPE_CODES, SUB_BLOCK, decode_tile
 from .epilogue import store_output
-from .runtime import INTERPRETER, count_launch, launch, sm_count, tuning_key
+from .runtime import INTERPRETER, count_launch, launch, sm_count, split_k_workspace, tuning_key
 
 
 @triton.jit
@@ -72,6 +72,16 @@ _gemm_tuned = triton.autotune(configs=configs.gemm_configs(), key=list(_GEMM_KEY
 GROUP_M = 8
 
 
+def dot_precision(x_dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for activations of ``x_dtype`` (a constexpr: one binary per choice).
+
+    fp32: "tf32x3", three TF32 tensor-core products (hi*hi + hi*lo + lo*hi) whose error is near fp32's,
+    where "ieee" would fall back to CUDA-core FMAs (several times slower on sm_90) and plain "tf32"
+    (Triton's default) loses ~3e-4 relative. fp16/bf16: the option is ignored by Triton; "tf32" keeps those
+    binaries what they were. Both strings are accepted by Triton 3.6 through 3.9."""
+    return "tf32x3" if x_dtype == torch.float32 else "tf32"
+
+
 def gemm(x2d: torch.Tensor, qt, bias: "torch.Tensor | None", out: torch.Tensor, *,
          split_k: "int | None" = None) -> str:
     """out (M, N) = x2d (M, K) @ W.T (+ bias) with the fused tiled GEMM; returns the variant that ran
@@ -80,11 +90,17 @@ def gemm(x2d: torch.Tensor, qt, bias: "torch.Tensor | None", out: torch.Tensor, 
     m, k = x2d.shape
     n = qt.shape[0]
     fp32 = x2d.dtype == torch.float32
-    ws = out if fp32 else torch.empty((m, n), dtype=torch.float32, device=out.device)
+    ws = out       # replaced by late_args once the config (its split_k) is known
+
+    def workspace(config):
+        nonlocal ws
+        ws = split_k_workspace(out, None if config is None else config.kwargs["split_k"])
+        return {"ws_ptr": ws}
+
     args = dict(x_ptr=x2d, w_ptr=qt.data, bias_ptr=bias if bias is not None else out, out_ptr=out, ws_ptr=ws,
                 M=m, N=n, K=k, stride_xm=x2d.stride(0), row_bytes=qt.row_bytes,
                 M_BUCKET=configs.next_power_of_2(m), QTYPE=QTYPE_CODES[qt.qtype], HAS_BIAS=bias is not None,
-                SUB=SUB_BLOCK[qt.qtype], RN=not INTERPRETER, DOT_PRECISION="tf32x3" if fp32 else "tf32",
+                SUB=SUB_BLOCK[qt.qtype], RN=not INTERPRETER, DOT_PRECISION=dot_precision(x2d.dtype),
                 GROUP_M=GROUP_M)
 
     def grid(meta):
@@ -93,7 +109,7 @@ def gemm(x2d: torch.Tensor, qt, bias: "torch.Tensor | None", out: torch.Tensor, 
     sms = sm_count(x2d.device)
     config = launch(_gemm_tuned, grid, args, tuning_key("gemm", args, _GEMM_KEY),
                     lambda: configs.gemm_heuristic_config(m, n, k, qt.qtype, sms, split_k, fp32=fp32),
-                    tune=split_k is None, device=x2d.device)
+                    tune=split_k is None, device=x2d.device, late_args=workspace)
     split = config.kwargs["split_k"]
     if split > 1 and ws is not out:
         out.copy_(ws)

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..formats import QuantizedTensor, dequantize
+from ..formats import QTYPES, QuantizedTensor, dequantize, get_spec
 from .configs import KERNEL_FAMILIES, select_kernel
 from .dequant import check_triton_device, dequantize_into
 from .gemm import gemm
@@ -27,6 +27,7 @@ from .runtime import INTERPRETER, new_output
 BACKENDS = ("auto", "triton", "torch")
 KERNELS = ("auto",) + KERNEL_FAMILIES
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SPECS = {name: get_spec(name) for name in QTYPES}      # the op's qtype strings are canonical names
 
 
 def qmatmul(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor] = None, backend: str = "auto", *,
@@ -93,10 +94,22 @@ def _validate(x, qt, bias, backend, kernel, split_k) -> tuple[int, int, str]:
 
 
 # ---------------------------------------------------------------------------------------------- op
+def _op_weight(data: torch.Tensor, qtype: str, n: int, k: int) -> QuantizedTensor:
+    """The op's weight, rewrapped once per call. qmatmul() passes the pieces of an already validated
+    QuantizedTensor, for which a few cheap comparisons suffice (and take the fast constructor); anything
+    else (the op called directly with inconsistent pieces) gets the full validation and its error."""
+    spec = _SPECS.get(qtype)
+    if (spec is not None and data.dtype == torch.uint8 and data.dim() == 2 and n > 0 and k > 0
+            and k % spec.block_size == 0 and data.shape[0] == n and data.shape[1] == spec.row_bytes(k)
+            and data.is_contiguous()):
+        return QuantizedTensor._from_validated(data, spec, (n, k))
+    return QuantizedTensor(data, qtype, (n, k))
+
+
 @torch.library.custom_op("offload_kernels::qmatmul", mutates_args=())
 def _qmatmul_op(x: torch.Tensor, data: torch.Tensor, qtype: str, n: int, k: int, bias: Optional[torch.Tensor],
                 backend: str, kernel: str, split_k: int) -> torch.Tensor:
-    qt = QuantizedTensor(data, qtype, (n, k))
+    qt = _op_weight(data, qtype, n, k)
     lead = x.shape[:-1]
     m = math.prod(lead)
     if m == 0:
@@ -119,7 +132,7 @@ def _qmatmul_fake(x, data, qtype, n, k, bias, backend, kernel, split_k):
 @torch.library.custom_op("offload_kernels::dequantize", mutates_args=())
 def _dequantize_op(data: torch.Tensor, qtype: str, n: int, k: int, dtype: torch.dtype, backend: str) -> torch.Tensor:
     """The (N, K) weight in ``dtype``: the Triton dequantize kernel (backend "triton") or the torch one."""
-    qt = QuantizedTensor(data, qtype, (n, k))
+    qt = _op_weight(data, qtype, n, k)
     if backend == "torch":
         return dequantize(qt, dtype)
     out = new_output((n, k), dtype, data.device)
@@ -164,8 +177,11 @@ def torch_qmatmul(x2d: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
     dtype and cuBLAS multiplies with fp32 accumulation (fast, and within that dtype's own precision)."""
     compute = torch.float32 if (x2d.dtype == torch.float32 or x2d.device.type != "cuda") else x2d.dtype
     w = dequantize(qt, compute)
-    b = bias.to(compute) if bias is not None else None
-    return F.linear(x2d.to(compute), w, b).to(x2d.dtype)
+    # Casts only where the dtype differs (the common same-dtype case costs no dispatcher round trip).
+    b = bias if (bias is None or bias.dtype == compute) else bias.to(compute)
+    x = x2d if x2d.dtype == compute else x2d.to(compute)
+    y = F.linear(x, w, b)
+    return y if y.dtype == x2d.dtype else y.to(x2d.dtype)
 
 
 def triton_qmatmul(x2d: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor], kernel: str = "auto",

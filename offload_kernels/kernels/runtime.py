@@ -75,6 +75,27 @@ def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+# ------------------------------------------------------------------------------------------ split-K
+_placeholders: dict[torch.device, torch.Tensor] = {}
+
+
+def split_k_workspace(out: torch.Tensor, split_k: "int | None") -> torch.Tensor:
+    """The fp32 buffer split-K programs atomically add into, for an (M, N) ``out`` (split_k None: not known
+    yet, the autotuner may try any). An fp32 ``out`` is its own workspace. Without a K split the kernels
+    store straight into ``out`` and never touch the workspace: a cached one-element fp32 placeholder then
+    keeps the kernel signature (and so its compiled binary) the same, with no (M, N) allocation per call."""
+    if out.dtype == torch.float32:
+        return out
+    if split_k == 1:
+        ws = _placeholders.get(out.device)
+        if ws is None:
+            ws = torch.empty(1, dtype=torch.float32, device=out.device)    # never read nor written
+            if not capturing(out.device):       # not from a CUDA graph's private memory pool
+                _placeholders[out.device] = ws
+        return ws
+    return torch.empty(out.shape, dtype=torch.float32, device=out.device)
+
+
 # ------------------------------------------------------------------------------------------ devices
 NOMINAL_SM_COUNT = 132  # an H100 SXM: what the heuristics assume when no GPU is visible (interpreter)
 
@@ -112,7 +133,8 @@ def tuning_key(name: str, args: dict[str, Any], key_names: tuple[str, ...]) -> t
 
 
 def launch(tuner: Any, grid: Callable[[dict], tuple], args: dict[str, Any], key: tuple,
-           heuristic: Callable[[], triton.Config], *, tune: bool, device: torch.device) -> triton.Config:
+           heuristic: Callable[[], triton.Config], *, tune: bool, device: torch.device,
+           late_args: "Callable[[triton.Config | None], dict[str, Any]] | None" = None) -> triton.Config:
     """Launch ``tuner`` (a triton.autotune-wrapped kernel) on ``args`` (all passed by name).
 
     With ``tune`` and a real GPU, the first call per key autotunes (benchmarking every pruned config) and
@@ -120,6 +142,9 @@ def launch(tuner: Any, grid: Callable[[dict], tuple], args: dict[str, Any], key:
     interpreter, or during CUDA graph capture for a key not tuned yet, the ``heuristic`` config is launched
     (benchmarking inside a capture would break it). Returns the config that ran; its ``pre_hook`` (e.g.
     zeroing a split-K workspace) runs right before the kernel, on the current stream of ``device``.
+
+    ``late_args(config)``, if given, returns arguments that depend on the config about to run (a split-K
+    workspace sized for it); it gets None when the autotuner is about to benchmark every config.
     """
     # Triton launches on the current device: make it the tensors' device (its current stream is used).
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
@@ -127,11 +152,15 @@ def launch(tuner: Any, grid: Callable[[dict], tuple], args: dict[str, Any], key:
         config = _tuned.get(key) if tune else None
         if config is None:
             if tune and not capturing(device):
+                if late_args is not None:
+                    args = {**args, **late_args(None)}
                 tuner[grid](**args)
                 config = tuner.best_config
                 _tuned[key] = config
                 return config
             config = heuristic()
+        if late_args is not None:
+            args = {**args, **late_args(config)}
         meta = config.all_kwargs()
         if config.pre_hook is not None:
             config.pre_hook({**args, **meta})

@@ -72,3 +72,20 @@ def test_dequantize_rejects_bad_input():
     qt = random_blocks("q8_0", 1, 32, torch.Generator().manual_seed(0))
     with pytest.raises(TypeError, match="dtype must be one of"):
         dequantize(qt, torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.bool, torch.complex64,
+                                   getattr(torch, "float8_e4m3fn", None), "float32", None])
+def test_dequantize_blocks_checks_dtype(dtype):
+    """Only float32/float16/bfloat16/float64 outputs: an integer (or fp8) one would truncate every value."""
+    blocks = random_blocks("q4_0", 2, 64, torch.Generator().manual_seed(6)).data.view(-1, 18)
+    with pytest.raises(TypeError, match="dtype must be one of"):
+        dequantize_blocks(blocks, "q4_0", dtype)
+    qt = QuantizedTensor(blocks.reshape(2, 36), "q4_0", (2, 64))
+    with pytest.raises(TypeError, match="dtype must be one of"):
+        dequantize(qt, dtype)
+
+
+def test_dequantize_blocks_rejects_non_tensor():
+    with pytest.raises(TypeError, match="torch.uint8 tensor"):
+        dequantize_blocks(bytes(18), "q4_0")

@@ -7,7 +7,7 @@ from gguf import quants
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from offload_kernels.formats import QTYPES, dequantize, get_spec, quantize
+from offload_kernels.formats import QTYPES, dequantize, get_spec, quantize, quantize_blocks
 
 from .helpers import DISTRIBUTIONS, weights
 
@@ -107,3 +107,26 @@ def test_shapes_and_scale_property(qtype, n, blocks, scale):
     qt = quantize(w, qtype)
     assert qt.data.shape == (n, blocks * spec.block_bytes)
     assert snr_db(w, dequantize(qt)) >= MIN_SNR_DB[qtype] - 6   # small samples: looser floor
+
+
+FP8_DTYPES = [getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+              if hasattr(torch, name)]
+
+
+@pytest.mark.parametrize("dtype", FP8_DTYPES, ids=str)
+def test_fp8_weights_are_refused(dtype):
+    """fp8 values are meaningless without their checkpoint's scales: a TypeError that says so, not garbage
+    bytes or an error from deep inside torch."""
+    w = weights("normal", 2, 256, seed=5).to(dtype)
+    for qtype in ("q4_0", "q4_k"):
+        with pytest.raises(TypeError, match=r"float8.*not supported.*scales"):
+            quantize(w, qtype)
+    with pytest.raises(TypeError, match=r"float8.*not supported"):
+        quantize_blocks(w.reshape(-1, 32), "q4_0")
+
+
+def test_quantize_blocks_rejects_non_float_input():
+    with pytest.raises(TypeError, match="floating point"):
+        quantize_blocks(torch.zeros(2, 32, dtype=torch.int32), "q8_0")
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        quantize_blocks(np.zeros((2, 32), dtype=np.float32), "q8_0")

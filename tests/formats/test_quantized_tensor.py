@@ -1,5 +1,6 @@
 """QuantizedTensor validates on construction and behaves like a small tensor wrapper."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -88,3 +89,38 @@ def test_byte_count_must_match_exactly(qtype, n, blocks, extra):
     else:
         with pytest.raises(ValueError, match=f"needs {n * spec.row_bytes(k)} bytes"):
             QuantizedTensor(data, qtype, (n, k))
+
+
+@pytest.mark.parametrize("index", [torch.tensor([True, False, True, False]), [True, False],
+                                   torch.tensor([0.0, 2.0]), torch.tensor([1.5]), [0.0, 1.0],
+                                   torch.tensor([0, 1], dtype=torch.complex64)],
+                         ids=["bool_tensor", "bool_list", "float_tensor", "fractional", "float_list", "complex"])
+def test_index_rows_rejects_bool_and_float_indices(index):
+    """A bool mask or float tensor silently cast to long would gather rows 0/1 or truncated row numbers."""
+    qt = random_blocks("q4_0", 4, 64, torch.Generator().manual_seed(3))
+    with pytest.raises(TypeError, match="index must be integer row numbers"):
+        qt.index_rows(index)
+
+
+@pytest.mark.parametrize("index", [[2, 0], np.array([2, 0]), torch.tensor([2, 0], dtype=torch.int32),
+                                   torch.tensor([2, 0], dtype=torch.uint8)], ids=["list", "numpy", "int32", "uint8"])
+def test_index_rows_accepts_integer_indices(index):
+    qt = random_blocks("q4_0", 4, 64, torch.Generator().manual_seed(4))
+    assert torch.equal(qt.index_rows(index).data, qt.data[[2, 0]])
+
+
+@pytest.mark.parametrize("shape", [(1.0, 256), (1, 256.0), (1, 256.5), (True, 256), (1, np.float64(256)),
+                                   (np.float32(1), 256), (torch.tensor(1.0), 256), (torch.tensor(True), 256),
+                                   (1, "256")],
+                         ids=["float_n", "float_k", "fractional_k", "bool_n", "np_float_k", "np_float32_n",
+                              "torch_float_n", "torch_bool_n", "str_k"])
+def test_construction_rejects_non_int_dims(shape):
+    with pytest.raises(TypeError, match=r"shape must be two ints, got \w+ .* at dim \d"):
+        QuantizedTensor(torch.zeros(1, 144, dtype=torch.uint8), "q4_k", shape)
+
+
+def test_construction_accepts_integer_scalars():
+    for shape in [(np.int64(1), np.int32(256)), (torch.tensor(1), 256), torch.Size([1, 256])]:
+        assert QuantizedTensor(torch.zeros(1, 144, dtype=torch.uint8), "q4_k", shape).shape == (1, 256)
+    with pytest.raises(TypeError, match="sequence of two ints"):
+        QuantizedTensor(torch.zeros(1, 144, dtype=torch.uint8), "q4_k", 256)

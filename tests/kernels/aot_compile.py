@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -21,10 +22,11 @@ from triton.compiler import ASTSource
 from offload_kernels.kernels import configs
 from offload_kernels.kernels.decode import QTYPE_CODES, SUB_BLOCK
 from offload_kernels.kernels.dequant import _dequant_kernel
-from offload_kernels.kernels.gemm import GROUP_M, _gemm_kernel
+from offload_kernels.kernels.gemm import GROUP_M, _gemm_kernel, dot_precision
 from offload_kernels.kernels.gemv import _gemv_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ALIGNED = ["x_ptr", "w_ptr", "out_ptr", "ws_ptr", "row_bytes", "K", "stride_xm"]
 
 
@@ -61,7 +63,7 @@ def main() -> int:
                 report["compiled"].append(f"gemv/{qtype}/{x}/m{block_m}")
             c = configs.gemm_heuristic_config(512, 4096, 4096, qtype, 132, fp32=x == "fp32")
             compile_kernel(_gemm_kernel, sig, dict(QTYPE=code, HAS_BIAS=True, SUB=SUB_BLOCK[qtype], RN=True,
-                                                   DOT_PRECISION="tf32x3" if x == "fp32" else "tf32", GROUP_M=GROUP_M,
+                                                   DOT_PRECISION=dot_precision(DTYPES[x]), GROUP_M=GROUP_M,
                                                    **{k: c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}),
                            ALIGNED, num_warps=c.num_warps, num_stages=c.num_stages)
             report["compiled"].append(f"gemm/{qtype}/{x}")
