@@ -1,4 +1,4 @@
-"""Byte counts: parsing "24GiB"-style budgets and printing sizes."""
+"""Small shared helpers: parsing "24GiB"-style budgets, printing sizes, the default device."""
 
 from __future__ import annotations
 
@@ -40,3 +40,15 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"
+
+
+def default_device(device: "object | None" = None):
+    """``device`` as a torch.device; None: cuda when torch sees a CUDA device, else cpu.
+
+    The one place that picks the default device, so offload(), the CLI and the measurements agree.
+    """
+    import torch        # lazily: parse_bytes/human_bytes are used where importing torch is not wanted
+
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -47,8 +47,6 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
-import math
-import re
 import time
 import traceback
 from collections import defaultdict
@@ -159,24 +157,13 @@ def count_params(config) -> int:
 
 
 def budget_for(model, fraction: float, qtype: str, num_slots: int, skip: tuple[str, ...] = ("lm_head",)) -> int:
-    """gpu_budget keeping ``fraction`` of the quantized bytes resident, by offload()'s own accounting: every
-    non-quantized parameter and buffer stays (fixed), staging needs ``num_slots`` slots of the largest block,
-    and whole blocks (model.layers.N) are the streaming units."""
-    from torch import nn
+    """gpu_budget keeping ``fraction`` of the quantized bytes resident, by offload()'s own accounting
+    (select_linears: every non-quantized parameter and buffer stays; blocks are the streaming units)."""
+    from offload_kernels.model.offload import select_linears
+    from offload_kernels.model.planner import budget_for_resident_fraction
 
-    from offload_kernels.formats import get_spec
-
-    spec = get_spec(qtype)
-    blocks: dict[str, int] = defaultdict(int)
-    quantized: set[int] = set()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in skip:
-            block = re.match(r"(.*\.layers\.\d+)\.", name)
-            blocks[block.group(1) if block else name] += module.out_features * spec.row_bytes(module.in_features)
-            quantized.add(id(module.weight))
-    tensors = [p for p in model.parameters() if id(p) not in quantized] + list(model.buffers())
-    fixed = sum(t.numel() * t.element_size() for t in tensors)
-    return fixed + num_slots * max(blocks.values()) + math.ceil(fraction * sum(blocks.values()))
+    sel = select_linears(model, qtype, skip)
+    return budget_for_resident_fraction(sel.specs, sel.fixed_bytes, fraction, num_slots)
 
 
 def free_memory(device) -> None:

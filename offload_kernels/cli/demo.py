@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 from dataclasses import dataclass, replace
 
 import torch
 
+from ..model.bandwidth import median_seconds
 from ..model.shapes import PRESETS, LlamaShape
+from ..units import default_device
 from .table import format_table, human_bytes
 
 
@@ -33,24 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format-rows", type=int, default=4096, help="rows of the weight in the formats table")
     parser.add_argument("--format-cols", type=int, default=4096, help="columns (a multiple of 256)")
     parser.add_argument("--seed", type=int, default=0)
-
-
-# ---------------------------------------------------------------------------------------------- timing
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_time(fn, device: torch.device, repeats: int) -> float:
-    fn()                                        # warm-up (and the streamer's learning pass)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 # ---------------------------------------------------------------------------------------------- part 1
@@ -71,9 +53,9 @@ def formats_report(rows: int, cols: int, seed: int, device: torch.device) -> str
     fp16_bytes = w.numel() * 2
     table = []
     for qtype in QTYPES:
-        t_q = _median_time(lambda: quantize(w, qtype), device, repeats=1)
+        t_q = median_seconds(lambda: quantize(w, qtype), device, repeats=1)
         qt = quantize(w, qtype)
-        t_dq = _median_time(lambda: dequantize(qt, torch.float16), device, repeats=3)
+        t_dq = median_seconds(lambda: dequantize(qt, torch.float16), device, repeats=3)
         w_hat = dequantize(qt)
         err = (w.double() - w_hat.double()).pow(2).sum()
         rel_rms = float((err / w.double().pow(2).sum()).sqrt())
@@ -119,16 +101,13 @@ def build_model(size: DemoSize, device: torch.device, seed: int):
     return model
 
 
-def _budget_streaming(model, qtype: str, fraction: float, device: torch.device) -> int:
-    """The gpu_budget that streams about ``fraction`` of the quantized linear bytes through 2 slots."""
+def _budget_streaming(model, qtype: str, streamed: float) -> int:
+    """The gpu_budget that streams about ``streamed`` of the quantized linear bytes through 2 slots."""
     from offload_kernels.model.offload import select_linears
+    from offload_kernels.model.planner import budget_for_resident_fraction
 
     sel = select_linears(model, qtype)
-    per_block: dict[str, int] = {}
-    for s in sel.specs:
-        per_block[s.group] = per_block.get(s.group, 0) + s.nbytes
-    total = sum(s.nbytes for s in sel.specs)
-    return int(sel.fixed_bytes + 2 * max(per_block.values()) + (1 - fraction) * total)
+    return budget_for_resident_fraction(sel.specs, sel.fixed_bytes, 1 - streamed, num_slots=2)
 
 
 def offload_report(args: argparse.Namespace, device: torch.device) -> str:
@@ -146,7 +125,7 @@ def offload_report(args: argparse.Namespace, device: torch.device) -> str:
     resident = copy.deepcopy(original)
     offload(resident, args.qtype, device=device, progress=False, measure=False)
     streamed = copy.deepcopy(original)
-    budget = _budget_streaming(original, args.qtype, args.streamed, device)
+    budget = _budget_streaming(original, args.qtype, args.streamed)
     report = offload(streamed, args.qtype, gpu_budget=budget, device=device, progress=False, measure=False)
     del original
     streamer = streamer_of(streamed)
@@ -161,7 +140,7 @@ def offload_report(args: argparse.Namespace, device: torch.device) -> str:
                 x = ids[:, :t]
                 if streamer is not None and model is streamed:
                     streamer.engine.reset_stats()
-                secs = _median_time(lambda: model(x, use_cache=False), device, repeats=3)
+                secs = median_seconds(lambda: model(x, use_cache=False), device, repeats=3)
                 link_bytes = achieved = ""
                 if model is streamed and streamer is not None:
                     st = streamer.stats()
@@ -194,7 +173,7 @@ def offload_report(args: argparse.Namespace, device: torch.device) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     if args.format_cols % 256:
         raise SystemExit(f"--format-cols must be a multiple of 256 (the k-quant block), got {args.format_cols}")
     if not 0 < args.streamed < 1:

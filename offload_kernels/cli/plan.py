@@ -62,7 +62,8 @@ def _hardware(args):
 
 
 def run(args: argparse.Namespace) -> int:
-    from offload_kernels.model.planner import BudgetError, parse_bytes, plan_placement, predict_throughput
+    from offload_kernels.model.planner import (BudgetError, budget_for_resident_fraction, parse_bytes,
+                                               plan_placement, predict_throughput)
     from offload_kernels.model.shapes import resolve_inventory
 
     inv = resolve_inventory(args.model, args.qtype)
@@ -79,8 +80,7 @@ def run(args: argparse.Namespace) -> int:
     columns.append(f"100% resident ({human_bytes(full.device_bytes)})")
     plans.append(full)
     for frac in (0.5, 0.2):
-        slot = max(sum(l.nbytes for l in inv.linears if l.group == g) for g in {l.group for l in inv.linears})
-        budget = int(inv.fixed_bytes + args.slots * slot + frac * total_q)
+        budget = budget_for_resident_fraction(inv.linears, inv.fixed_bytes, frac, args.slots)
         p = plan_placement(inv.linears, budget, inv.fixed_bytes, args.slots)
         columns.append(f"{p.resident_fraction:.0%} resident ({human_bytes(p.device_bytes)})")
         plans.append(p)

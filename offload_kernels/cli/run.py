@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default="Once upon a time", help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--gpu-budget", default=None, help="device bytes for weights + staging, e.g. 20GiB "
-                                                           "(default: everything resident)")
+                                                           "(default on CUDA: the free device memory less 10%% "
+                                                           "and 1 GiB for activations; on the CPU: no limit)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--slots", type=int, default=2, help="staging slots for streamed layers")
@@ -31,10 +32,11 @@ def _sync(device: torch.device) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from offload_kernels.model.gguf_model import load_gguf_model, load_gguf_tokenizer
+    from offload_kernels.units import default_device
 
     if args.max_new_tokens < 1:
         raise SystemExit("--max-new-tokens must be at least 1")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     dtype = getattr(torch, args.dtype)
     if device.type == "cpu" and dtype != torch.float32:
         dtype = torch.float32           # CPU matmuls in half precision are slow and not what a user wants

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..units import default_device
+
 
 @dataclass(frozen=True)
 class Hardware:
@@ -29,11 +31,20 @@ class Hardware:
         return asdict(self)
 
 
-def _median_seconds(fn, device: torch.device, repeats: int) -> float:
+def median_seconds(fn, device: "torch.device | str", repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after one untimed warm-up call.
+
+    On CUDA each call is bracketed by events after a synchronize, so queued earlier work is not counted
+    and the asynchronous work ``fn`` launches is.
+    """
+    device = torch.device(device)
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     fn()  # warm-up
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
+            torch.cuda.synchronize(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -53,11 +64,11 @@ def measure_link_bandwidth(device: torch.device, nbytes: int = 256 << 20, repeat
     if device.type == "cuda":
         src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
         dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        return nbytes / _median_seconds(lambda: dst.copy_(src, non_blocking=True), device, repeats)
+        return nbytes / median_seconds(lambda: dst.copy_(src, non_blocking=True), device, repeats)
     nbytes = min(nbytes, 64 << 20)
     src = torch.ones(nbytes, dtype=torch.uint8)
     dst = torch.empty_like(src)
-    return nbytes / _median_seconds(lambda: dst.copy_(src), device, repeats)
+    return nbytes / median_seconds(lambda: dst.copy_(src), device, repeats)
 
 
 def measure_memory_bandwidth(device: torch.device, nbytes: int = 512 << 20, repeats: int = 5) -> float:
@@ -67,7 +78,7 @@ def measure_memory_bandwidth(device: torch.device, nbytes: int = 512 << 20, repe
         nbytes = min(nbytes, 64 << 20)
     src = torch.ones(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    return 2 * nbytes / _median_seconds(lambda: dst.copy_(src), device, repeats)
+    return 2 * nbytes / median_seconds(lambda: dst.copy_(src), device, repeats)
 
 
 def measure_matmul_flops(device: torch.device, size: int = 8192, repeats: int = 5) -> float:
@@ -79,7 +90,7 @@ def measure_matmul_flops(device: torch.device, size: int = 8192, repeats: int = 
         dtype, size = torch.float32, min(size, 1024)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    return 2 * size**3 / _median_seconds(lambda: a @ b, device, repeats)
+    return 2 * size**3 / median_seconds(lambda: a @ b, device, repeats)
 
 
 _CACHE: dict[str, Hardware] = {}
@@ -87,7 +98,7 @@ _CACHE: dict[str, Hardware] = {}
 
 def measure_hardware(device: "torch.device | str | None" = None, refresh: bool = False) -> Hardware:
     """Measure (once per process, then cached) the ceilings of ``device`` (default: cuda if present)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     key = str(device)

@@ -12,7 +12,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..formats import get_spec, quantize
+from ..formats.quantize import validate_weight
 from ..layers import OffloadedLinear
+from ..units import default_device
 from .bandwidth import Hardware, measure_hardware
 from .planner import (LinearSpec, Placement, Prediction, default_budget, parse_bytes, plan_placement,
                       predict_throughput)
@@ -81,6 +83,37 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or name.split(".")[-1] == p for p in patterns)
 
 
+def _patterns(value: "str | Iterable[str] | None", what: str) -> tuple[str, ...]:
+    """A pattern or an iterable of patterns as a tuple; a bare string is one pattern, not its characters."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    try:
+        patterns = tuple(value)
+    except TypeError:
+        raise TypeError(f"{what} must be a name/glob pattern or an iterable of them, "
+                        f"got {type(value).__name__}") from None
+    bad = [p for p in patterns if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"{what} patterns must be strings, got {bad[0]!r}")
+    return patterns
+
+
+def _overrides(value: "Mapping[str, Optional[str]] | None") -> dict[str, Optional[str]]:
+    """qtype_overrides checked: a mapping of pattern -> known qtype name or None."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"qtype_overrides must be a mapping {{pattern: qtype or None}}, got {type(value).__name__}")
+    for pattern, q in value.items():
+        if not isinstance(pattern, str):
+            raise TypeError(f"qtype_overrides keys must be name/glob patterns (str), got {pattern!r}")
+        if q is not None:
+            get_spec(q)
+    return dict(value)
+
+
 def _group_of(model: nn.Module, name: str) -> str:
     """The path of the nearest ancestor that is an item of an nn.ModuleList (a transformer block)."""
     parts = name.split(".")
@@ -115,14 +148,24 @@ class LinearSelection:
     fixed_bytes: int                     # everything else the device holds: other params, buffers, biases
 
 
-def select_linears(model: nn.Module, qtype: str = "q4_k", skip: Sequence[str] = ("lm_head",),
+def select_linears(model: nn.Module, qtype: str = "q4_k", skip: "str | Sequence[str] | None" = ("lm_head",),
                    qtype_overrides: Optional[Mapping[str, Optional[str]]] = None,
                    stream_whole_blocks: bool = True) -> LinearSelection:
-    """Decide, without changing ``model``, what offload() would quantize and what the device must hold."""
-    overrides = dict(qtype_overrides or {})
+    """Decide, without changing ``model``, what offload() would quantize and what the device must hold.
+
+    Raises TypeError/ValueError for bad patterns, unknown qtypes, an override that names no nn.Linear of
+    the model, or weights on the meta device.
+    """
+    get_spec(qtype)
+    skip = _patterns(skip, "skip")
+    overrides = _overrides(qtype_overrides)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     if not linears:
         raise ValueError("model has no nn.Linear layers to offload")
+    unmatched = [p for p in overrides if not any(_matches(name, [p]) for name in linears)]
+    if unmatched:       # most likely a typo: silently ignoring it would quantize what the user meant to keep
+        raise ValueError(f"qtype_overrides pattern(s) {', '.join(map(repr, unmatched))} match no nn.Linear of "
+                         f"the model (e.g. {next(iter(linears))!r})")
     chosen: dict[str, str] = {}
     skipped: dict[str, str] = {}
     for name, lin in linears.items():
@@ -136,17 +179,84 @@ def select_linears(model: nn.Module, qtype: str = "q4_k", skip: Sequence[str] = 
             raise ValueError(f"{name} has no weights (meta device); load the model's weights first")
         else:
             chosen[name] = q
-    # Everything but the quantized weights stays on the device at its own dtype (biases included).
-    quantized_weights = {id(linears[n].weight) for n in chosen}
-    fixed = _tensor_bytes(p for p in model.parameters() if id(p) not in quantized_weights)
-    fixed += _tensor_bytes(model.buffers())
+    # Everything but the quantized weights stays on the device at its own dtype (biases included). Count by
+    # reference, not by tensor: a weight tied to another module (lm_head.weight is embed_tokens.weight)
+    # leaves the device only if every name it has is a quantized linear's weight.
+    consumed = {f"{n}.weight" for n in chosen}
+    kept = {id(t): t for name, t in model.named_parameters(remove_duplicate=False) if name not in consumed}
+    kept.update((id(t), t) for t in model.buffers())
+    fixed = _tensor_bytes(kept.values())
     specs = [LinearSpec(n, linears[n].out_features, linears[n].in_features, q,
                         _group_of(model, n) if stream_whole_blocks else "") for n, q in chosen.items()]
     return LinearSelection(chosen, skipped, specs, fixed)
 
 
+_BIAS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)     # what OffloadedLinear accepts
+
+
+def _validate_weights(linears: Mapping[str, nn.Linear], chosen: Mapping[str, str]) -> None:
+    """Everything quantize() and OffloadedLinear would reject, checked for every chosen layer first, so a
+    bad layer late in the model fails the call before the model is changed."""
+    for name, q in chosen.items():
+        lin = linears[name]
+        try:
+            validate_weight(lin.weight.detach(), get_spec(q))
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{name}: {exc}") from exc
+        if lin.bias is not None and lin.bias.dtype not in _BIAS_DTYPES:
+            raise TypeError(f"{name}: bias dtype must be fp16, bf16 or fp32, got {lin.bias.dtype}")
+
+
+# The hook registries of an nn.Module. A replacement module takes the original's dict objects, so hooks
+# registered before offload() still fire and their handles (which hold these dicts) still remove them.
+_HOOK_ATTRS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
+               "_is_full_backward_hook", "_state_dict_hooks", "_state_dict_pre_hooks",
+               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _share_hooks(original: nn.Module, new: nn.Module) -> None:
+    for attr in _HOOK_ATTRS:
+        if attr in original.__dict__:
+            new.__dict__[attr] = original.__dict__[attr]
+
+
+def _tensor_devices(model: nn.Module) -> list[tuple[nn.Module, str, str, torch.device]]:
+    """Where every parameter and buffer of ``model`` lives, to undo a partial model.to() on failure."""
+    out = []
+    for module in model.modules():
+        for kind in ("_parameters", "_buffers"):
+            for key, t in getattr(module, kind).items():
+                if t is not None:
+                    out.append((module, kind, key, t.device))
+    return out
+
+
+def _roll_back(model: nn.Module, originals: list[tuple[nn.Module, str, nn.Module]],
+               devices: list[tuple[nn.Module, str, str, torch.device]], had_streamer: bool) -> None:
+    """Put back every replaced nn.Linear and every moved tensor; drop a streamer this call attached."""
+    for parent, attr, original in reversed(originals):
+        setattr(parent, attr, original)
+    streamer = streamer_of(model)
+    if streamer is not None and not had_streamer:
+        del model._offload_streamer
+        try:
+            streamer.close()                     # removes its hooks on the model, frees the engine
+        except Exception:  # noqa: BLE001 - the original error is the one to report
+            log.warning("offload: could not close the streamer while rolling back", exc_info=True)
+    with torch.no_grad():
+        for module, kind, key, device in devices:
+            t = getattr(module, kind).get(key)
+            if t is None or t.device == device:
+                continue
+            if kind == "_parameters":
+                t.data = t.data.to(device)       # the same Parameter object: tied references stay tied
+            else:
+                module._buffers[key] = t.to(device)
+
+
 def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None" = None,
-            device: "torch.device | str | None" = None, *, skip: Sequence[str] = ("lm_head",),
+            device: "torch.device | str | None" = None, *, skip: "str | Sequence[str] | None" = ("lm_head",),
             qtype_overrides: Optional[Mapping[str, Optional[str]]] = None, num_slots: int = 2,
             stream_whole_blocks: bool = True, progress: bool = True, measure: bool = True,
             token_counts: Sequence[int] = DEFAULT_TOKEN_COUNTS) -> OffloadReport:
@@ -161,27 +271,27 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
             the budget does not count); on the CPU no limit.
         device: where the model runs (default: cuda if available, else cpu — the CPU path uses the torch
             kernels and the engine's host backend).
-        skip: linears left untouched (names or glob patterns; a bare name matches the last component).
+        skip: linears left untouched: a name or glob pattern, or several (a bare name matches the last
+            component).
         qtype_overrides: {pattern: qtype or None} per-layer formats, e.g. {"*.down_proj": "q6_k"};
-            None keeps a layer unquantized.
+            None keeps a layer unquantized. A pattern that matches no nn.Linear is an error.
         num_slots: staging slots of the transfer engine (2 = double buffering).
         stream_whole_blocks: stream a whole transformer block per copy (else one layer per copy).
         measure: measure link/memory/matmul ceilings for the report's predictions.
 
-    Raises ValueError/TypeError for bad arguments — before the model is touched.
+    Raises ValueError/TypeError for bad arguments or weights (NaN/Inf, non-float, ...) before the model is
+    touched; if quantizing or placing still fails, the model is restored as it was before re-raising.
     """
     # ---------------------------------------------------------------- validate everything first
     if not isinstance(model, nn.Module):
         raise TypeError(f"offload expects an nn.Module, got {type(model).__name__}")
     get_spec(qtype)
-    overrides = dict(qtype_overrides or {})
-    for pattern, q in overrides.items():
-        if q is not None:
-            get_spec(q)
+    skip = _patterns(skip, "skip")
+    overrides = _overrides(qtype_overrides)
     budget = parse_bytes(gpu_budget)
     if not isinstance(num_slots, int) or num_slots < 1:
         raise ValueError(f"num_slots must be a positive int, got {num_slots!r}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device is cuda but torch sees no CUDA device")
     if device.type not in ("cuda", "cpu"):
@@ -191,30 +301,47 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
     if budget is None:
         budget = default_budget(device)
 
-    # ---------------------------------------------------------------- decide per linear, plan
+    # ---------------------------------------------------------------- decide per linear, check weights, plan
     selection = select_linears(model, qtype, skip, overrides, stream_whole_blocks)
     for name, reason in selection.skipped.items():
         log.info("offload: keeping %s as nn.Linear: %s", name, reason)
     chosen, skipped, specs, fixed = selection.chosen, selection.skipped, selection.specs, selection.fixed_bytes
+    if not chosen:
+        reasons = "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:4])
+        raise ValueError(f"no nn.Linear to quantize: all {len(skipped)} were kept ({reasons}"
+                         f"{'; ...' if len(skipped) > 4 else ''})")
     linears = {name: m for name, m in model.named_modules() if name in chosen}
+    _validate_weights(linears, chosen)
     placement = plan_placement(specs, budget, fixed, num_slots, stream_whole_groups=stream_whole_blocks)
 
     # ---------------------------------------------------------------- quantize and replace
+    # Should anything still fail (quantize() checks the fp16 block scales only on its result; device memory
+    # may run out), every replaced module and moved tensor is put back: the model is exactly as before.
+    # That keeps each replaced layer's float weight alive until the end (host memory, where models that
+    # need offloading usually are, rather than freeing it layer by layer).
     resident = set(placement.resident)
     replaced: dict[str, OffloadedLinear] = {}
+    originals: list[tuple[nn.Module, str, nn.Module]] = []
+    devices = _tensor_devices(model)
+    had_streamer = streamer_of(model) is not None
     work_device = device if device.type == "cuda" else torch.device("cpu")
-    for name in tqdm(list(chosen), desc=f"quantizing to {qtype}", disable=not progress, unit="layer"):
-        lin = linears.pop(name)              # drop our reference so the float weight can be freed
-        qt = quantize(lin.weight.detach().to(work_device), chosen[name])
-        qt = qt.to(device) if name in resident else qt.to("cpu")
-        bias = None if lin.bias is None else lin.bias.detach()
-        new = OffloadedLinear.from_quantized(qt, bias)
-        new._forward_hooks.update(lin._forward_hooks)
-        new._forward_pre_hooks.update(lin._forward_pre_hooks)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
-        replaced[name] = new
-    apply_placement(model, replaced, placement, device)
+    try:
+        for name in tqdm(list(chosen), desc=f"quantizing to {qtype}", disable=not progress, unit="layer"):
+            lin = linears.pop(name)
+            qt = quantize(lin.weight.detach().to(work_device), chosen[name])
+            qt = qt.to(device) if name in resident else qt.to("cpu")
+            bias = None if lin.bias is None else lin.bias.detach()
+            new = OffloadedLinear.from_quantized(qt, bias)
+            _share_hooks(lin, new)
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, new)
+            originals.append((parent, attr, lin))
+            replaced[name] = new
+        apply_placement(model, replaced, placement, device)
+    except BaseException:
+        _roll_back(model, originals, devices, had_streamer)
+        raise
     return _report(device, qtype, placement, chosen, skipped, specs, measure, token_counts)
 
 
@@ -229,7 +356,11 @@ def apply_placement(model: nn.Module, layers: Mapping[str, OffloadedLinear], pla
         return None
     groups = [[layers[n] for n in g] for g in placement.streamed_groups]
     streamer = WeightStreamer(groups, device, placement.num_slots)
-    streamer.attach(model)
+    try:
+        streamer.attach(model)
+    except BaseException:
+        streamer.close()                 # removes whatever hooks it did register, frees the engine
+        raise
     model._offload_streamer = streamer   # keeps the engine alive with the model
     return streamer
 

@@ -13,6 +13,7 @@ Time model for one forward of M tokens (a roofline per layer, copies overlapping
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -111,6 +112,39 @@ def _spread(count: int, total: int) -> list[int]:
     return sorted({min(total - 1, int((i + 0.5) * total / count)) for i in range(count)})
 
 
+def _units(linears: Sequence[LinearSpec], stream_whole_groups: bool) -> list[list[LinearSpec]]:
+    """The streaming units: whole groups (transformer blocks), or single layers."""
+    return _groups_in_order(linears) if stream_whole_groups else [[lin] for lin in linears]
+
+
+def _unit_bytes(linears: Sequence[LinearSpec], stream_whole_groups: bool) -> list[int]:
+    return [sum(lin.nbytes for lin in u) for u in _units(linears, stream_whole_groups)]
+
+
+def budget_for_resident_fraction(linears: Sequence[LinearSpec], fixed_bytes: int, fraction: float,
+                                 num_slots: int = 2, stream_whole_groups: bool = True) -> int:
+    """The gpu_budget under which :func:`plan_placement` keeps about ``fraction`` of the linears' bytes
+    resident: the fixed bytes, ``num_slots`` staging slots of the largest streaming unit, and ``fraction``
+    of the linear bytes. ``fraction=1`` is the budget that holds everything (no slots needed).
+
+    The plan keeps whole units and fills what is left with single layers, so it reaches ``fraction`` to
+    within one unit; when the rest would fit in the slots anyway, this budget holds everything and the
+    plan keeps it all resident. ``linears``/``fixed_bytes`` come from ``offload.select_linears(model, ...)`` (its ``specs``
+    and ``fixed_bytes``) or a ``shapes.ModelInventory`` (``linears`` and ``fixed_bytes``).
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be a number between 0 and 1, got {fraction!r}")
+    if num_slots < 1:
+        raise ValueError(f"num_slots must be at least 1, got {num_slots}")
+    if not linears:
+        raise ValueError("no linear layers to place: there is no resident fraction to budget for")
+    total = sum(lin.nbytes for lin in linears)
+    if fraction >= 1:
+        return fixed_bytes + total
+    slots = num_slots * max(_unit_bytes(linears, stream_whole_groups))
+    return fixed_bytes + slots + math.ceil(fraction * total)
+
+
 def plan_placement(linears: Sequence[LinearSpec], budget: int | None, fixed_bytes: int = 0,
                    num_slots: int = 2, stream_whole_groups: bool = True) -> Placement:
     """Keep as many bytes resident as ``budget`` allows (after fixed params and staging slots); stream the rest.
@@ -121,6 +155,10 @@ def plan_placement(linears: Sequence[LinearSpec], budget: int | None, fixed_byte
     """
     if num_slots < 1:
         raise ValueError(f"num_slots must be at least 1, got {num_slots}")
+    if not linears:
+        # Nothing to decide: an empty plan would hide a configuration that quantizes nothing, and the
+        # staging-slot arithmetic below has no largest unit.
+        raise ValueError("no linear layers to place: the plan needs at least one (quantized) linear")
     sizes = {lin.name: lin.nbytes for lin in linears}
     if len(sizes) != len(linears):
         raise ValueError("linear names must be unique")
@@ -128,7 +166,7 @@ def plan_placement(linears: Sequence[LinearSpec], budget: int | None, fixed_byte
     if budget is None or everything <= budget:
         return Placement([lin.name for lin in linears], [], [], fixed_bytes, num_slots, 0, sizes)
 
-    units = _groups_in_order(linears) if stream_whole_groups else [[lin] for lin in linears]
+    units = _units(linears, stream_whole_groups)
     unit_bytes = [sum(lin.nbytes for lin in u) for u in units]
     slot_bytes = max(unit_bytes)
     staging = num_slots * slot_bytes

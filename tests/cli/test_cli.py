@@ -78,3 +78,18 @@ def test_demo_formats_table(capsys):
         assert f"\n{qtype}" in out
     with pytest.raises(SystemExit, match="multiple of 256"):
         main(["demo", "--format-cols", "100"])
+
+
+def test_cli_shares_one_timer_one_default_device_and_one_budget_rule():
+    """demo/run/plan use the package's helpers, not private copies of them."""
+    import inspect
+
+    from offload_kernels.benchmarks import offload as bench_offload
+    from offload_kernels.cli import demo, plan, run
+    from offload_kernels.model import bandwidth
+
+    assert demo.median_seconds is bandwidth.median_seconds and not hasattr(demo, "_median_time")
+    for module in (demo, run):
+        assert "is_available() else" not in inspect.getsource(module)
+    for module in (demo, plan, bench_offload):
+        assert "budget_for_resident_fraction" in inspect.getsource(module)

@@ -1,6 +1,7 @@
 """offload(model) end to end on a transformers LlamaForCausalLM, CPU path (torch kernels + host engine)."""
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ from torch import nn
 
 from offload_kernels import OffloadedLinear, offload
 from offload_kernels.model import BudgetError, streamer_of
-from offload_kernels.model.planner import parse_bytes
+from offload_kernels.model.offload import select_linears
+from offload_kernels.model.planner import budget_for_resident_fraction, parse_bytes
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,12 +38,10 @@ def dequantized_copy(original: nn.Module, offloaded: nn.Module) -> nn.Module:
 
 def budget_for(model, fraction_streamed, qtype="q8_0", num_slots=2):
     """A budget that streams about ``fraction_streamed`` of the quantized bytes through ``num_slots`` slots."""
-    probe = copy.deepcopy(model)
-    report = offload(probe, qtype, device="cpu", progress=False, measure=False)
-    q = report.placement.resident_bytes
-    n_blocks = len(probe.model.layers)
+    n_blocks = len(model.model.layers)
     assert fraction_streamed * n_blocks > num_slots, "this budget would not force streaming"
-    return int(report.placement.fixed_bytes + num_slots * q / n_blocks + (1 - fraction_streamed) * q) + 1
+    sel = select_linears(model, qtype)
+    return budget_for_resident_fraction(sel.specs, sel.fixed_bytes, 1 - fraction_streamed, num_slots)
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +174,11 @@ def test_report_predictions_and_text(ids):
     ({"num_slots": 0}, ValueError, "num_slots"),
     ({"qtype_overrides": {"*": "q7"}}, ValueError, "unknown qtype"),
     ({"device": "cuda"}, ValueError, "no CUDA device"),
+    ({"qtype_overrides": {"*.down_prj": "q8_0"}}, ValueError, "match no nn.Linear"),
+    ({"qtype_overrides": ["*.down_proj"]}, TypeError, "mapping"),
+    ({"skip": 5}, TypeError, "skip"),
+    ({"skip": ["lm_head", 3]}, TypeError, "strings"),
+    ({"skip": "*"}, ValueError, "no nn.Linear to quantize"),
 ])
 def test_bad_arguments_raise_before_touching_the_model(kwargs, exc, match):
     if kwargs.get("device") == "cuda" and torch.cuda.is_available():
@@ -211,3 +216,173 @@ def test_gradients_through_streamed_layers_use_the_right_weights(ids):
         m(inputs_embeds=emb).logits.square().mean().backward()
         grads.append(emb.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------- all-or-nothing replacement
+def _snapshot(model):
+    """The model's module objects (in order) and a copy of its state."""
+    return list(model.named_modules()), {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model, snapshot, ids, logits):
+    modules, state = snapshot
+    now = list(model.named_modules())
+    assert [n for n, _ in now] == [n for n, _ in modules]
+    assert all(a is b for (_, a), (_, b) in zip(now, modules)), "a module was not restored"
+    assert not any(isinstance(m, OffloadedLinear) for m in model.modules())
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.allclose(state[k], v, rtol=0, atol=0, equal_nan=True) for k, v in model.state_dict().items())
+    assert streamer_of(model) is None
+    assert not model._forward_hooks and not model._forward_pre_hooks     # no streamer hooks left behind
+    if logits is None:
+        return
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, logits, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("poison, exc, match", [
+    ("nan", ValueError, r"model\.layers\.2\.mlp\.down_proj: weight contains NaN"),
+    ("inf", ValueError, r"model\.layers\.2\.mlp\.down_proj: weight contains NaN or Inf"),
+    ("1e20", ValueError, r"model\.layers\.2\.mlp\.down_proj: weight magnitude too large"),
+    ("f64 bias", TypeError, r"model\.layers\.2\.mlp\.down_proj: bias dtype"),
+])
+def test_bad_weight_in_a_late_layer_fails_before_any_layer_is_replaced(poison, exc, match, ids):
+    model = tiny_llama(layers=3)
+    down = model.model.layers[2].mlp.down_proj
+    with torch.no_grad():
+        if poison == "f64 bias":
+            down.bias = nn.Parameter(torch.zeros(down.out_features, dtype=torch.float64), requires_grad=False)
+        else:
+            down.weight[3, 5] = float(poison)
+    with torch.no_grad():
+        logits = None if poison == "f64 bias" else model(ids).logits     # an f64 bias does not run at all
+    snapshot = _snapshot(model)
+    with pytest.raises(exc, match=match):
+        offload(model, "q8_0", device="cpu", progress=False, measure=False)
+    _assert_unchanged(model, snapshot, ids, logits)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_quantize_failing_mid_loop_restores_the_model(monkeypatch, streamed, ids):
+    offload_module = importlib.import_module("offload_kernels.model.offload")   # the package exports a function of that name
+
+    model = tiny_llama(layers=4)
+    calls = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *a: calls.append("hook"))
+    with torch.no_grad():
+        logits = model(ids).logits
+    snapshot = _snapshot(model)
+    real_quantize, n = offload_module.quantize, []
+
+    def third_call_fails(w, qtype):
+        n.append(1)
+        if len(n) == 3:
+            raise RuntimeError("injected failure")
+        return real_quantize(w, qtype)
+
+    monkeypatch.setattr(offload_module, "quantize", third_call_fails)
+    budget = budget_for(model, 0.75) if streamed else None
+    with pytest.raises(RuntimeError, match="injected failure"):
+        offload(model, "q8_0", gpu_budget=budget, device="cpu", progress=False, measure=False)
+    assert len(n) == 3
+    calls.clear()
+    _assert_unchanged(model, snapshot, ids, logits)
+    assert calls == ["hook"]
+    monkeypatch.undo()                      # and the restored model offloads normally afterwards
+    offload(model, "q8_0", gpu_budget=budget, device="cpu", progress=False, measure=False)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, OffloadedLinear)
+
+
+def test_failure_while_attaching_the_streamer_restores_the_model(monkeypatch, ids):
+    from offload_kernels.model.streaming import WeightStreamer
+
+    model = tiny_llama(layers=4)
+    with torch.no_grad():
+        logits = model(ids).logits
+    snapshot = _snapshot(model)
+    real_attach = WeightStreamer.attach
+
+    def attach_then_fail(self, root):
+        real_attach(self, root)              # its hooks are on the model now
+        raise RuntimeError("injected attach failure")
+
+    monkeypatch.setattr(WeightStreamer, "attach", attach_then_fail)
+    with pytest.raises(RuntimeError, match="injected attach failure"):
+        offload(model, "q8_0", gpu_budget=budget_for(model, 0.75), device="cpu", progress=False, measure=False)
+    _assert_unchanged(model, snapshot, ids, logits)
+
+
+# ------------------------------------------------------------------------- hooks follow the module
+def test_hooks_registered_before_offload_fire_and_remove(ids):
+    model = tiny_llama(layers=4)
+    original = model.model.layers[1].self_attn.q_proj
+    calls = []
+    handles = [
+        original.register_forward_pre_hook(lambda m, args, kwargs: calls.append("pre-kwargs"), with_kwargs=True),
+        original.register_forward_hook(lambda m, args, out: calls.append("forward")),
+        original.register_forward_hook(lambda m, args, kwargs, out: calls.append("always"), with_kwargs=True,
+                                       always_call=True),
+        original.register_forward_pre_hook(lambda m, args: calls.append("pre")),
+    ]
+    offload(model, "q8_0", gpu_budget=budget_for(model, 0.75), device="cpu", progress=False, measure=False)
+    new = model.model.layers[1].self_attn.q_proj
+    assert isinstance(new, OffloadedLinear)
+    for attr in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                 "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_state_dict_hooks",
+                 "_load_state_dict_pre_hooks"):
+        assert getattr(new, attr) is getattr(original, attr), attr
+    with torch.no_grad():
+        model(ids)
+    assert calls == ["pre-kwargs", "pre", "forward", "always"]
+    calls.clear()
+    with pytest.raises(ValueError, match="last dimension"):
+        new(torch.randn(2, 3))                   # always_call hooks run even when forward raises
+    assert calls == ["pre-kwargs", "pre", "always"]
+    for h in handles:
+        h.remove()
+    calls.clear()
+    with torch.no_grad():
+        model(ids)
+    assert calls == [] and not new._forward_hooks and not new._forward_pre_hooks
+
+
+# ------------------------------------------------------------------------- tied embeddings
+def tied_llama(layers=2):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+def test_tied_embedding_stays_in_fixed_bytes_when_lm_head_is_quantized(ids):
+    model = tied_llama()
+    embedding = model.model.embed_tokens.weight
+    kept = select_linears(model, "q8_0")                   # lm_head skipped
+    quantized = select_linears(model, "q8_0", skip=())     # lm_head quantized: the embedding still is resident
+    assert "lm_head" in quantized.chosen and "lm_head" not in kept.chosen
+    assert quantized.fixed_bytes == kept.fixed_bytes >= embedding.numel() * embedding.element_size()
+    everything = sum(p.numel() * p.element_size() for p in model.parameters()) + \
+        sum(b.numel() * b.element_size() for b in model.buffers())
+    block_weights = sum(m.weight.numel() * m.weight.element_size() for n, m in model.named_modules()
+                        if isinstance(m, nn.Linear) and n != "lm_head")
+    assert quantized.fixed_bytes == everything - block_weights
+    report = offload(model, "q8_0", device="cpu", progress=False, measure=False, skip=())
+    assert report.placement.fixed_bytes == quantized.fixed_bytes
+    assert isinstance(model.lm_head, OffloadedLinear) and model.model.embed_tokens.weight is embedding
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+# ------------------------------------------------------------------------- skip as a single string
+def test_skip_accepts_a_single_pattern_string():
+    model = tiny_llama(layers=2)
+    report = offload(model, "q8_0", device="cpu", progress=False, measure=False, skip="lm_head")
+    assert type(model.lm_head) is nn.Linear and report.skipped == {"lm_head": "skipped by configuration"}
+    model = tiny_llama(layers=2)
+    offload(model, "q8_0", device="cpu", progress=False, measure=False, skip="*.mlp.*")
+    assert type(model.model.layers[1].mlp.up_proj) is nn.Linear
+    assert isinstance(model.model.layers[1].self_attn.q_proj, OffloadedLinear)
+    assert isinstance(model.lm_head, OffloadedLinear)

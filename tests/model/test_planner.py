@@ -3,8 +3,8 @@
 import pytest
 
 from offload_kernels.model.bandwidth import Hardware
-from offload_kernels.model.planner import (BudgetError, LinearSpec, parse_bytes, plan_placement,
-                                           predict_throughput)
+from offload_kernels.model.planner import (BudgetError, LinearSpec, budget_for_resident_fraction, parse_bytes,
+                                           plan_placement, predict_throughput)
 from offload_kernels.model.shapes import PRESETS, llama_inventory
 
 
@@ -102,3 +102,65 @@ def test_llama_inventory_sizes():
     assert 7.4e9 < params < 7.6e9           # Llama-3-8B without embeddings
     q = next(lin for lin in inv.linears if lin.name == "model.layers.0.self_attn.k_proj")
     assert (q.out_features, q.in_features) == (1024, 4096) and q.nbytes == 1024 * 4096 * 9 // 16
+
+
+@pytest.mark.parametrize("budget, fixed", [(None, 0), (10**9, 100), (10, 1000)])
+def test_no_linears_to_place_is_a_clear_error(budget, fixed):
+    with pytest.raises(ValueError, match="no linear layers to place"):
+        plan_placement([], budget, fixed_bytes=fixed)
+    with pytest.raises(ValueError, match="no linear layers to place"):
+        budget_for_resident_fraction([], fixed, 0.5)
+
+
+@pytest.mark.parametrize("fraction, resident_blocks, planned", [
+    (0.5, 3, 0.5), (0.0, 0, 0.0),
+    (2 / 3, 4, 1.0),      # the two streamed blocks would fit in the two slots: the budget holds everything
+])
+def test_budget_for_resident_fraction_by_hand(fraction, resident_blocks, planned):
+    lin = blocks(n_blocks=6)
+    budget = budget_for_resident_fraction(lin, 100, fraction, num_slots=2)
+    assert budget == 100 + 2 * BLOCK + resident_blocks * BLOCK
+    p = plan_placement(lin, budget, fixed_bytes=100, num_slots=2)
+    assert p.resident_fraction == planned and p.device_bytes <= budget
+
+
+def test_budget_for_resident_fraction_edges():
+    lin = blocks(n_blocks=4)
+    full = budget_for_resident_fraction(lin, 100, 1.0, num_slots=2)
+    assert full == 100 + 4 * BLOCK and plan_placement(lin, full, 100).streamed_groups == []
+    # an ungrouped layer (lm_head) is a streaming unit of its own: the largest one sets the slot size
+    head = LinearSpec("lm_head", 4 * 256, 256, "q8_0", "")
+    assert budget_for_resident_fraction(lin + [head], 0, 0.0, num_slots=3) == 3 * 4 * LAYER
+    assert budget_for_resident_fraction(lin, 0, 0.0, num_slots=2, stream_whole_groups=False) == 2 * LAYER
+    for bad in (-0.1, 1.5, float("nan"), "half", True):
+        with pytest.raises(ValueError, match="fraction"):
+            budget_for_resident_fraction(lin, 0, bad)
+    with pytest.raises(ValueError, match="num_slots"):
+        budget_for_resident_fraction(lin, 0, 0.5, num_slots=0)
+
+
+def test_budget_for_resident_fraction_on_a_preset_inventory():
+    inv = llama_inventory(PRESETS["llama-3-8b"], "q4_k")
+    for fraction in (0.2, 0.5):
+        p = plan_placement(inv.linears, budget_for_resident_fraction(inv.linears, inv.fixed_bytes, fraction),
+                           inv.fixed_bytes)
+        assert fraction - 1 / 32 <= p.resident_fraction <= fraction + 1e-9     # within one of 32 blocks
+
+
+def test_default_device():
+    import torch
+
+    from offload_kernels.units import default_device
+
+    assert default_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert default_device("cpu") == torch.device("cpu") and default_device(torch.device("meta")).type == "meta"
+
+
+def test_median_seconds_warms_up_then_times_each_repeat():
+    from offload_kernels.model.bandwidth import median_seconds
+
+    calls = []
+    assert median_seconds(lambda: calls.append(1), "cpu", repeats=3) >= 0
+    assert len(calls) == 4
+    with pytest.raises(ValueError, match="repeats"):
+        median_seconds(lambda: None, "cpu", repeats=0)
