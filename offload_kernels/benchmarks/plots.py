@@ -112,11 +112,14 @@ def plot_transfer(plt, rows: list[dict[str, str]], shape=None):
 
 def plot_quantize(plt, rows: list[dict[str, str]], shape=None):
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    several_thread_counts = len({r.get("threads") for r in rows}) > 1
     for ax, kernel in zip(axes, ("quantize_throughput", "dequantize_throughput")):
         medians: dict[str, dict[str, float]] = defaultdict(dict)     # provider -> qtype -> Mweights/s
         for r in rows:
             if r["kernel"] == kernel:
-                medians[r["provider"]][r["x"]] = float(r["median"])
+                # a run timed with several --threads values gets one bar per provider and thread count
+                label = r["provider"] + (f" ({r['threads']} threads)" if several_thread_counts else "")
+                medians[label][r["x"]] = float(r["median"])
         qtypes = sorted({q for by_qtype in medians.values() for q in by_qtype})
         width = 0.8 / max(1, len(medians))
         for i, (provider, by_qtype) in enumerate(medians.items()):

@@ -3,7 +3,8 @@
 Per qtype it times, in the same run (median, p20, p80 of --reps runs after a warm-up, wall clock, in ms,
 plus the throughput in millions of weights per second and the speedup over each baseline):
 
-* ``quantize``: offload_kernels.quantize on CPU (torch's default threads) and on CUDA when present,
+* ``quantize``: offload_kernels.quantize on CPU (torch's default threads, or each count in --threads) and on
+  CUDA when present,
   next to ggml's single-threaded C reference ``quantize_row_*_ref`` called through ctypes
   (libggml-base.so from --ggml-lib or $OFFLOAD_KERNELS_GGML_LIB, via the checkout's
   tests/vectors/ggml_ref.py; skipped without them), and checks that the bytes are identical;
@@ -17,6 +18,7 @@ ratios is printed; rows are appended to ``<results>/<device-slug>/formats.csv`` 
 
     offload-kernels bench quantize --ggml-lib /path/to/libggml-base.so
     offload-kernels bench quantize --qtypes q4_k,q6_k --reps 3
+    offload-kernels bench quantize --threads 1,2      # like-for-like with ggml (1 thread), then 2 threads
     offload-kernels bench quantize --cpu-chunk-weights 4194304   # weights per quantize_blocks call on CPU
 """
 
@@ -43,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", default="4096x4096", help="ROWSxCOLS of the weight")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-cuda", action="store_true", help="skip CUDA even when present")
+    parser.add_argument("--threads", help="comma-separated torch CPU thread counts to run the CPU rows with, one "
+                                          "pass each (default: torch's current setting); ggml's reference is "
+                                          "single-threaded, so --threads 1 is the like-for-like comparison")
     parser.add_argument("--cpu-chunk-weights", type=int,
                         help="override quantize()'s weights per block-quantizer call on CPU (an experiment; the "
                              "provider is then recorded as offload_kernels[cpu_chunk=N])")
@@ -75,9 +80,9 @@ class QtypeBench:
 
     def __init__(self, qtype: str, w_np: np.ndarray, reps: int, ours: str) -> None:
         self.qtype, self.w_np, self.reps, self.ours = qtype, w_np, reps, ours
-        self.row: dict[str, Any] = {"qtype": qtype}
         self.shape = f"{w_np.shape[0]}x{w_np.shape[1]}"
         self.threads = torch_threads()
+        self.row: dict[str, Any] = {"qtype": qtype, "threads": self.threads}
 
     def time(self, rec: Recorder, kernel: str, provider: str, key: str, fn, sync=None,
              baselines: tuple[str, ...] = ()) -> Any:
@@ -159,15 +164,15 @@ def _ratio(a, b) -> str:
 
 def table(rows: list[dict], cuda: bool) -> tuple[list[str], list[list[str]]]:
     """Headers and cells of the summary table (medians in ms, ratios baseline / ours)."""
-    head = ["qtype", "quantize ours", "ggml C", "ggml/ours", "identical", "dequant ours", "gguf numpy", "gguf/ours",
-            "ggml C dq", "ggml dq/ours"]
+    head = ["qtype", "threads", "quantize ours", "ggml C", "ggml/ours", "identical", "dequant ours", "gguf numpy",
+            "gguf/ours", "ggml C dq", "ggml dq/ours"]
     if cuda:
         head += ["quantize cuda", "ggml/cuda", "identical cuda", "dequant cuda", "gguf/cuda"]
     cells = []
     for r in rows:
         g = r.get
-        line = [r["qtype"], _fmt(g("q_ours")), _fmt(g("q_ggml")), _ratio(g("q_ggml"), g("q_ours")),
-                _fmt(g("identical")), _fmt(g("dq_ours")), _fmt(g("dq_gguf")), _ratio(g("dq_gguf"), g("dq_ours")),
+        line = [r["qtype"], _fmt(g("threads")), _fmt(g("q_ours")), _fmt(g("q_ggml")),
+                _ratio(g("q_ggml"), g("q_ours")), _fmt(g("identical")), _fmt(g("dq_ours")), _fmt(g("dq_gguf")), _ratio(g("dq_gguf"), g("dq_ours")),
                 _fmt(g("dq_ggml")), _ratio(g("dq_ggml"), g("dq_ours"))]
         if cuda:
             line += [_fmt(g("q_cuda")), _ratio(g("q_ggml"), g("q_cuda")), _fmt(g("identical_cuda")), _fmt(g("dq_cuda")),
@@ -187,9 +192,13 @@ def run(args: argparse.Namespace) -> int:
         importlib.import_module("offload_kernels.formats.quantize")._CHUNK_WEIGHTS["cpu"] = args.cpu_chunk_weights
         ours = f"{OURS}[cpu_chunk={args.cpu_chunk_weights}]"
     ggml, why_not = load_ggml_reference(args.ggml_lib)
-    notes = [f"{rows_}x{cols_} fp32 weight; ours = {ours} with {torch.get_num_threads()} torch CPU threads; ggml's C "
-             "reference is single-threaded; wall-clock medians in ms (CUDA timings synchronize); "
-             "\"A/B\" columns are A's time over B's (above 1: B is faster)"]
+    thread_counts = [int(t) for t in parse_list(args.threads)] if args.threads else [torch.get_num_threads()]
+    if any(t < 1 for t in thread_counts):
+        raise SystemExit(f"--threads: thread counts must be >= 1, got {args.threads!r}")
+    notes = [f"{rows_}x{cols_} fp32 weight; ours = {ours} with the torch CPU thread count in the threads column "
+             "(the CUDA columns, when present, come from the first pass); ggml's C reference is single-threaded; "
+             "wall-clock medians in ms (CUDA timings synchronize); \"A/B\" columns are A's time over B's "
+             "(above 1: B is faster)"]
     if why_not:
         notes.append(why_not)
         print(why_not)
@@ -200,13 +209,19 @@ def run(args: argparse.Namespace) -> int:
     w_np = realistic_weight(rows_, cols_)
 
     rows = []
-    for qtype in parse_list(args.qtypes):
-        bench = QtypeBench(qtype, w_np, args.reps, ours)
-        ours_bytes = bench.run_cpu(recorders["cpu"], ggml)
-        if cuda:
-            bench.run_cuda(recorders["cuda"], ours_bytes)
-        rows.append(bench.row)
-        print(f"{qtype}: done", flush=True)
+    threads_before = torch.get_num_threads()
+    try:
+        for pass_index, n_threads in enumerate(thread_counts):
+            torch.set_num_threads(n_threads)
+            for qtype in parse_list(args.qtypes):
+                bench = QtypeBench(qtype, w_np, args.reps, ours)
+                ours_bytes = bench.run_cpu(recorders["cpu"], ggml)
+                if cuda and pass_index == 0:
+                    bench.run_cuda(recorders["cuda"], ours_bytes)
+                rows.append(bench.row)
+                print(f"{qtype} ({n_threads} threads): done", flush=True)
+    finally:
+        torch.set_num_threads(threads_before)
 
     head, cells = table(rows, cuda)
     print("\n" + notes[0] + "\n" + format_table(head, cells))

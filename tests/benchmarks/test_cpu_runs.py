@@ -39,6 +39,23 @@ def test_quantize_benchmark_on_cpu(tmp_path, one_thread):
     assert (out / "formats.png").stat().st_size > 0
 
 
+def test_quantize_benchmark_times_each_thread_count(tmp_path, one_thread):
+    assert cli_main(["bench", "quantize", "--shape", "64x256", "--qtypes", "q4_0", "--reps", "1", "--no-cuda",
+                     "--threads", "1,2", "--out", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == 1                       # restored after the passes
+    out = results_dir(tmp_path, RunInfo.collect("cpu").slug)
+    rows = [r for r in rows_of(out / "formats.csv") if r["kernel"] == "quantize" and r["provider"] == "offload_kernels"]
+    assert sorted(r["threads"] for r in rows) == ["1", "2"]
+    table = (out / "formats.md").read_text()
+    assert "| q4_0 | 1 |" in table and "| q4_0 | 2 |" in table
+
+
+def test_quantize_benchmark_rejects_a_zero_thread_count(tmp_path):
+    with pytest.raises(SystemExit, match="thread counts must be >= 1"):
+        cli_main(["bench", "quantize", "--shape", "64x256", "--qtypes", "q4_0", "--reps", "1", "--no-cuda",
+                  "--threads", "0", "--out", str(tmp_path)])
+
+
 def test_offload_benchmark_on_the_cpu_path(tmp_path, one_thread):
     assert cli_main(["bench", "offload", "--device", "cpu", "--shape", "tiny", "--layers", "8", "--tokens", "1,4",
                      "--batch-max", "4", "--fractions", "1,0.2", "--reps", "2", "--warmup", "1",
