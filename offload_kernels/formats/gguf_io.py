@@ -8,6 +8,8 @@ file, and never faults). Quantized tensors come back as :class:`QuantizedTensor`
 from __future__ import annotations
 
 import os
+import struct
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -94,11 +96,22 @@ class GGUFFile:
 
     # ------------------------------------------------------------------ metadata
     @property
+    def closed(self) -> bool:
+        return self._reader is None
+
+    def _open_reader(self) -> GGUFReader:
+        """The reader, or a clear error once :meth:`close` has dropped it (not a crash deep in numpy)."""
+        if self._reader is None:
+            raise ValueError(f"{self.path}: GGUFFile is closed (open it again to read metadata or tensors)")
+        return self._reader
+
+    @property
     def metadata(self) -> dict[str, Any]:
         """All key/value metadata as Python values (the GGUF header fields excluded)."""
+        reader = self._open_reader()
         if self._metadata is None:
             md = {}
-            for name, field in self._reader.fields.items():
+            for name, field in reader.fields.items():
                 if name.startswith("GGUF."):
                     continue
                 try:
@@ -134,8 +147,9 @@ class GGUFFile:
 
     def raw_bytes(self, name: str) -> torch.Tensor:
         """The tensor's bytes as a 1-D uint8 view of the file."""
+        reader = self._open_reader()
         info = self.info(name)
-        arr = self._reader.data[info.offset:info.offset + info.nbytes]
+        arr = reader.data[info.offset:info.offset + info.nbytes]
         return torch.from_numpy(arr.view(np.uint8))
 
     def tensor(self, name: str) -> "QuantizedTensor | torch.Tensor":
@@ -152,11 +166,16 @@ class GGUFFile:
         return QuantizedTensor(raw, get_spec(info.ggml_type), (n, k))
 
     def tensors(self) -> dict[str, "QuantizedTensor | torch.Tensor"]:
+        self._open_reader()
         return {name: self.tensor(name) for name in self._infos}
 
     def close(self) -> None:
-        """Drop this object's reference to the mapping; views already handed out keep it alive."""
+        """Drop this object's reference to the mapping; views already handed out keep it alive.
+
+        Afterwards metadata and tensor reads raise ValueError; tensor infos stay available.
+        """
         self._reader = None  # type: ignore[assignment]
+        self._metadata = None
 
     def __enter__(self) -> "GGUFFile":
         return self
@@ -165,6 +184,8 @@ class GGUFFile:
         self.close()
 
     def __repr__(self) -> str:
+        if self.closed:
+            return f"GGUFFile({str(self.path)!r}, closed)"
         return f"GGUFFile({str(self.path)!r}, architecture={self.architecture!r}, tensors={len(self._infos)})"
 
 
@@ -174,74 +195,201 @@ def read_gguf(path: "str | os.PathLike[str]") -> tuple[dict[str, Any], dict[str,
     return f.metadata, f.tensors()
 
 
-def _metadata_value(value: Any) -> tuple[Any, GGUFValueType, "GGUFValueType | None"]:
-    """(value, type, array sub-type) for a metadata value; (value, GGUFValueType) tuples pass through."""
+_INT_RANGES = {
+    GGUFValueType.UINT8: (0, 2**8 - 1), GGUFValueType.INT8: (-2**7, 2**7 - 1),
+    GGUFValueType.UINT16: (0, 2**16 - 1), GGUFValueType.INT16: (-2**15, 2**15 - 1),
+    GGUFValueType.UINT32: (0, 2**32 - 1), GGUFValueType.INT32: (-2**31, 2**31 - 1),
+    GGUFValueType.UINT64: (0, 2**64 - 1), GGUFValueType.INT64: (-2**63, 2**63 - 1),
+}
+# Inferred integer array element types, narrowest first (llama.cpp reads token types etc. as int32).
+_INT_ARRAY_TYPES = (GGUFValueType.INT32, GGUFValueType.UINT32, GGUFValueType.INT64, GGUFValueType.UINT64)
+_MAX_TENSOR_NAME = 63          # llama.cpp's GGML_MAX_NAME is 64 bytes including the terminating NUL
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_float(v: Any) -> bool:
+    return isinstance(v, (float, np.floating))
+
+
+def _is_sequence(v: Any) -> bool:
+    return isinstance(v, (list, tuple, np.ndarray, bytes, bytearray))
+
+
+def _scalar(key: str, value: Any, vtype: GGUFValueType) -> Any:
+    """``value`` checked (type and range) and converted for a GGUF scalar of type ``vtype``.
+
+    Everything the writer would otherwise reject deep inside (struct.error, OverflowError, a bad
+    encoding) is caught here, with the key in the message, before the output file exists.
+    """
+    if vtype in _INT_RANGES:
+        if not _is_int(value):
+            raise TypeError(f"metadata {key!r}: {vtype.name} needs an integer, got {type(value).__name__}")
+        lo, hi = _INT_RANGES[vtype]
+        if not lo <= int(value) <= hi:
+            raise ValueError(f"metadata {key!r}: {int(value)} is out of range for {vtype.name} [{lo}, {hi}]")
+        return int(value)
+    if vtype in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64):
+        if not (_is_int(value) or _is_float(value)):
+            raise TypeError(f"metadata {key!r}: {vtype.name} needs a number, got {type(value).__name__}")
+        try:
+            v = float(value)
+            struct.pack("<f" if vtype == GGUFValueType.FLOAT32 else "<d", v)
+        except OverflowError:
+            raise ValueError(f"metadata {key!r}: {value!r} is out of range for {vtype.name}"
+                             + (" (pass (value, GGUFValueType.FLOAT64))" if vtype == GGUFValueType.FLOAT32
+                                else "")) from None
+        return v
+    if vtype == GGUFValueType.BOOL:
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"metadata {key!r}: BOOL needs a bool, got {type(value).__name__}")
+        return bool(value)
+    if vtype == GGUFValueType.STRING:
+        if not isinstance(value, str):
+            raise TypeError(f"metadata {key!r}: STRING needs a str, got {type(value).__name__}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"metadata {key!r}: string is not encodable as UTF-8 ({exc.reason})") from None
+        return value
+    raise TypeError(f"metadata {key!r}: {vtype.name} is not a scalar type (nested arrays are not supported)")
+
+
+def _int_type(key: str, values: list) -> GGUFValueType:
+    lo, hi = min(values), max(values)
+    for t in _INT_ARRAY_TYPES:
+        if _INT_RANGES[t][0] <= lo and hi <= _INT_RANGES[t][1]:
+            return t
+    raise ValueError(f"metadata {key!r}: integers in [{lo}, {hi}] do not fit any GGUF integer type")
+
+
+def _array(key: str, value: Any, elem: "GGUFValueType | None") -> tuple[list, GGUFValueType, GGUFValueType]:
+    if isinstance(value, (bytes, bytearray)):
+        items, elem = list(value), elem or GGUFValueType.UINT8
+    elif isinstance(value, np.ndarray):
+        items = value.tolist()
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise TypeError(f"metadata {key!r}: an ARRAY needs a list, tuple, bytes or numpy array, "
+                        f"got {type(value).__name__}")
+    if not items:
+        raise ValueError(f"metadata {key!r}: empty arrays cannot be written (GGUF needs an element type)")
+    if any(_is_sequence(i) or isinstance(i, Mapping) for i in items):
+        raise TypeError(f"metadata {key!r}: nested arrays are not supported")
+    if elem is None:
+        if all(isinstance(i, (bool, np.bool_)) for i in items):
+            elem = GGUFValueType.BOOL
+        elif all(isinstance(i, str) for i in items):
+            elem = GGUFValueType.STRING
+        elif all(_is_int(i) for i in items):
+            elem = _int_type(key, [int(i) for i in items])
+        elif all(_is_int(i) or _is_float(i) for i in items):
+            elem = GGUFValueType.FLOAT32
+        else:
+            kinds = sorted({type(i).__name__ for i in items})
+            raise TypeError(f"metadata {key!r}: array elements must all be bool, all str or all numbers, "
+                            f"got {', '.join(kinds)}")
+    elif elem == GGUFValueType.ARRAY:
+        raise TypeError(f"metadata {key!r}: nested arrays are not supported")
+    return [_scalar(f"{key}[{i}]", item, elem) for i, item in enumerate(items)], GGUFValueType.ARRAY, elem
+
+
+def _metadata_value(key: str, value: Any) -> tuple[Any, GGUFValueType, "GGUFValueType | None"]:
+    """(value, type, array element type) for a metadata value, checked so that writing it cannot fail.
+
+    ``(value, GGUFValueType.X)`` chooses the type: a scalar of type X, or for a sequence value an array
+    of X elements (``ARRAY``: element type inferred).
+    """
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], GGUFValueType):
         v, vtype = value
-        sub = None
-        if vtype == GGUFValueType.ARRAY and len(v):
-            sub = _metadata_value(v[0])[1]
-        return v, vtype, sub
+        if vtype == GGUFValueType.ARRAY:
+            return _array(key, v, None)
+        if _is_sequence(v) and not (isinstance(v, (bytes, bytearray)) and vtype == GGUFValueType.STRING):
+            return _array(key, v, vtype)
+        return _scalar(key, v, vtype), vtype, None
     if isinstance(value, (bool, np.bool_)):
         return bool(value), GGUFValueType.BOOL, None
-    if isinstance(value, (int, np.integer)):
+    if _is_int(value):
         v = int(value)
         if 0 <= v < 2**32:
-            return v, GGUFValueType.UINT32, None
-        if -2**31 <= v < 2**31:
-            return v, GGUFValueType.INT32, None
-        return v, (GGUFValueType.UINT64 if v >= 0 else GGUFValueType.INT64), None
-    if isinstance(value, (float, np.floating)):
-        return float(value), GGUFValueType.FLOAT32, None
+            vtype = GGUFValueType.UINT32
+        elif -2**31 <= v < 0:
+            vtype = GGUFValueType.INT32
+        else:
+            vtype = GGUFValueType.UINT64 if v >= 0 else GGUFValueType.INT64
+        return _scalar(key, v, vtype), vtype, None
+    if _is_float(value):
+        return _scalar(key, value, GGUFValueType.FLOAT32), GGUFValueType.FLOAT32, None
     if isinstance(value, str):
-        return value, GGUFValueType.STRING, None
-    if isinstance(value, (bytes, bytearray)):
-        return list(value), GGUFValueType.ARRAY, GGUFValueType.UINT8
-    if isinstance(value, (list, tuple, np.ndarray)):
-        items = list(value.tolist() if isinstance(value, np.ndarray) else value)
-        if not items:
-            raise ValueError("empty metadata arrays cannot be written (GGUF needs an element type)")
-        first = _metadata_value(items[0])
-        sub = first[1]
-        if sub == GGUFValueType.UINT32 and any(isinstance(i, (int, np.integer)) and i < 0 for i in items):
-            sub = GGUFValueType.INT32
-        if sub == GGUFValueType.UINT32:
-            sub = GGUFValueType.INT32 if all(int(i) < 2**31 for i in items) else GGUFValueType.UINT32
-        return items, GGUFValueType.ARRAY, sub
-    raise TypeError(f"cannot store metadata value of type {type(value).__name__} in GGUF")
+        return _scalar(key, value, GGUFValueType.STRING), GGUFValueType.STRING, None
+    if _is_sequence(value):
+        return _array(key, value, None)
+    raise TypeError(f"metadata {key!r}: cannot store metadata value of type {type(value).__name__} in GGUF")
+
+
+def _prepare_tensor(name: Any, t: Any) -> tuple[str, np.ndarray, "GGMLQuantizationType | None"]:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
+    if len(name.encode("utf-8", "replace")) > _MAX_TENSOR_NAME:
+        raise ValueError(f"tensor name {name!r} is longer than {_MAX_TENSOR_NAME} bytes (llama.cpp's limit)")
+    if isinstance(t, QuantizedTensor):
+        return name, t.data.detach().cpu().contiguous().numpy(), t.spec.ggml_type
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"tensor {name!r}: expected QuantizedTensor or torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _TORCH_TO_GGML:
+        raise TypeError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in GGUF")
+    if not 1 <= t.dim() <= 4:
+        raise ValueError(f"tensor {name!r}: GGUF tensors have 1 to 4 dimensions, got shape {tuple(t.shape)}")
+    c = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:  # numpy has no bf16: write the raw bytes, typed BF16
+        return name, c.view(torch.uint8).numpy().reshape(*c.shape[:-1], c.shape[-1] * 2), GGMLQuantizationType.BF16
+    return name, c.numpy(), None
 
 
 def write_gguf(path: "str | os.PathLike[str]", tensors: Mapping[str, "QuantizedTensor | torch.Tensor"],
-               metadata: Mapping[str, Any] | None = None, architecture: str = "llama") -> Path:
+               metadata: Mapping[str, Any] | None = None, architecture: str | None = None) -> Path:
     """Write tensors (QuantizedTensors keep their exact bytes; plain tensors their dtype) and metadata.
 
-    ``metadata`` values are Python scalars, strings or lists (types inferred: int -> uint32/int32,
-    float -> float32), or ``(value, gguf.GGUFValueType)`` to choose the type exactly. The GGUF
-    ``general.architecture`` key is set from ``architecture``.
+    ``metadata`` values are Python scalars, strings or flat lists (types inferred: int -> uint32/int32
+    (64-bit when needed), float -> float32), or ``(value, gguf.GGUFValueType)`` to choose the type exactly.
+    ``architecture`` is written as ``general.architecture``; None takes the metadata's
+    ``general.architecture``, else "llama". Everything is checked before any file is created (ValueError
+    or TypeError naming the key or tensor), and the file is written under a temporary name in the same
+    directory and renamed into place, so a failure never leaves a partial file at ``path``.
     """
     path = Path(path)
-    prepared: list[tuple[str, np.ndarray, GGMLQuantizationType | None]] = []
-    for name, t in tensors.items():  # validate everything before creating the file
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
-        if isinstance(t, QuantizedTensor):
-            prepared.append((name, t.data.detach().cpu().contiguous().numpy(), t.spec.ggml_type))
-        elif isinstance(t, torch.Tensor):
-            if t.dtype not in _TORCH_TO_GGML:
-                raise TypeError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in GGUF")
-            c = t.detach().cpu().contiguous()
-            if t.dtype == torch.bfloat16:  # numpy has no bf16: write the raw bytes, typed BF16
-                arr = c.view(torch.uint8).numpy().reshape(*c.shape[:-1], c.shape[-1] * 2) if c.dim() else \
-                    c.reshape(1).view(torch.uint8).numpy()
-                prepared.append((name, arr, GGMLQuantizationType.BF16))
-            else:
-                prepared.append((name, c.numpy(), None))
-        else:
-            raise TypeError(f"tensor {name!r}: expected QuantizedTensor or torch.Tensor, got {type(t).__name__}")
-    kv = [(k, *_metadata_value(v)) for k, v in (metadata or {}).items() if k != "general.architecture"]
+    prepared = [_prepare_tensor(name, t) for name, t in tensors.items()]
+    metadata = dict(metadata or {})
+    for key in metadata:
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"metadata keys must be non-empty strings, got {key!r}")
+    md_arch = metadata.pop("general.architecture", None)
+    if md_arch is not None:
+        md_arch = _metadata_value("general.architecture", md_arch)[0]
+        if not isinstance(md_arch, str):
+            raise TypeError(f"metadata 'general.architecture' must be a string, got {md_arch!r}")
+        if architecture is not None and architecture != md_arch:
+            raise ValueError(f"metadata 'general.architecture' is {md_arch!r} but architecture={architecture!r}")
+    architecture = architecture if architecture is not None else (md_arch or "llama")
+    if not isinstance(architecture, str) or not architecture:
+        raise ValueError(f"architecture must be a non-empty string, got {architecture!r}")
+    _scalar("general.architecture", architecture, GGUFValueType.STRING)
+    alignment = None
+    if "general.alignment" in metadata:       # also changes where the tensor data goes: the writer must know
+        alignment = _metadata_value("general.alignment", metadata.pop("general.alignment"))[0]
+        if not _is_int(alignment) or alignment <= 0 or alignment & (alignment - 1) or alignment >= 2**32:
+            raise ValueError(f"metadata 'general.alignment' must be a power of two below 2**32, got {alignment!r}")
+    kv = [(k, *_metadata_value(k, v)) for k, v in metadata.items()]
 
-    writer = GGUFWriter(path, architecture)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    writer = GGUFWriter(tmp, architecture)
+    done = False
     try:
+        if alignment is not None:
+            writer.add_custom_alignment(alignment)
         for key, value, vtype, sub in kv:
             writer.add_key_value(key, value, vtype, sub_type=sub)
         for name, arr, raw_dtype in prepared:
@@ -249,6 +397,11 @@ def write_gguf(path: "str | os.PathLike[str]", tensors: Mapping[str, "QuantizedT
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+        done = True
     finally:
         writer.close()
+        if not done:
+            tmp.unlink(missing_ok=True)
     return path

@@ -1,9 +1,9 @@
 """save_gguf: a transformers llama/mistral/qwen2 causal LM -> a llama.cpp GGUF file.
 
 Linears are quantized with this package's ggml-exact quantizers (or, for OffloadedLinear layers, their
-bytes are written as they are), attn_q/attn_k rows are permuted the way llama.cpp's converter does, and
-the metadata llama.cpp needs is written. Used to make test models that both llama.cpp and
-:func:`load_gguf_model` read, and to save an offloaded model without requantizing it.
+bytes are written as they are), attn_q/attn_k rows (and their biases) are permuted the way llama.cpp's
+converter does, and the metadata llama.cpp needs is written. Used to make test models that both
+llama.cpp and :func:`load_gguf_model` read, and to save an offloaded model without requantizing it.
 """
 
 from __future__ import annotations
@@ -16,24 +16,16 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from ..formats import QuantizedTensor, get_spec, quantize, write_gguf
+from ..formats import QTYPES, QuantizedTensor, get_spec, quantize, write_gguf
 from ..layers import OffloadedLinear
 from .gguf_model import permute_rows
+from .gguf_names import HF_TO_GGUF_ARCHITECTURE, OUTPUT, PERMUTED_QK_ARCHITECTURES, hf_to_gguf_name, qk_side
 
 # Per-tensor overrides approximating llama.cpp's mixed presets (GGUF-name glob -> qtype).
 MIXES: dict[str, dict[str, str]] = {
     "q4_k_m": {"*.attn_v.weight": "q6_k", "*.ffn_down.weight": "q6_k", "output.weight": "q6_k"},
     "q3_k_m": {"*.attn_v.weight": "q5_k", "*.ffn_down.weight": "q5_k", "output.weight": "q6_k"},
 }
-
-_HF_TO_GGUF_LINEAR = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-_HF_TO_GGUF_NORM = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-_GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-_PERMUTES_QK = {"llama", "mistral"}
 
 _FLOAT_TYPES = {"f32": torch.float32, "f16": torch.float16}
 
@@ -60,23 +52,6 @@ def synthetic_spm_vocab(vocab_size: int) -> dict:
     return {"tokens": tokens, "scores": scores, "token_type": types, "bos": 1, "eos": 2, "unk": 0}
 
 
-def _gguf_name(hf_name: str) -> Optional[str]:
-    if hf_name == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if hf_name == "model.norm.weight":
-        return "output_norm.weight"
-    if hf_name == "lm_head.weight":
-        return "output.weight"
-    parts = hf_name.split(".")
-    if len(parts) >= 5 and parts[:2] == ["model", "layers"]:
-        i, rest, what = parts[2], ".".join(parts[3:-1]), parts[-1]
-        if rest in _HF_TO_GGUF_LINEAR:
-            return f"blk.{i}.{_HF_TO_GGUF_LINEAR[rest]}.{what}"
-        if rest in _HF_TO_GGUF_NORM and what == "weight":
-            return f"blk.{i}.{_HF_TO_GGUF_NORM[rest]}.weight"
-    return None
-
-
 def _choose_qtype(gguf_name: str, k: int, default: str, overrides: Mapping[str, str]) -> Optional[str]:
     q = next((q for pat, q in overrides.items() if fnmatch.fnmatchcase(gguf_name, pat)), default)
     if q in _FLOAT_TYPES:
@@ -96,19 +71,16 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
     ``vocab`` is {"tokens", "scores", "token_type", "bos", "eos", "unk"}; a synthetic SentencePiece-style
     vocabulary of the model's vocab_size is written when it is None.
     """
+    overrides = _check_qtypes(qtype, mix, qtype_overrides)   # before anything is looked up or computed
     config = model.config
     model_type = config.model_type
-    if model_type not in _GGUF_ARCH:
+    if model_type not in HF_TO_GGUF_ARCHITECTURE:
         raise ValueError(f"save_gguf supports llama, mistral and qwen2 models, got {model_type!r}")
-    if qtype not in _FLOAT_TYPES:
-        get_spec(qtype)
-    overrides = dict(MIXES[mix]) if mix else {}
-    if mix and mix not in MIXES:
-        raise ValueError(f"unknown mix {mix!r}; known: {', '.join(MIXES)}")
-    overrides.update(qtype_overrides or {})
-    arch = _GGUF_ARCH[model_type]
+    _check_rope(config)
+    arch = HF_TO_GGUF_ARCHITECTURE[model_type]
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    default_head_dim = config.hidden_size // n_heads
+    head_dim = getattr(config, "head_dim", None) or default_head_dim
 
     tensors: dict[str, "QuantizedTensor | torch.Tensor"] = {}
     modules = dict(model.named_modules())
@@ -119,19 +91,19 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
                 value = modules[module_name].quantized_weight()
             elif not hf_name.endswith(".bias"):
                 continue                                       # weight_format: encoded in the GGUF type
-        gguf_name = _gguf_name(hf_name)
+        gguf_name = hf_to_gguf_name(hf_name)
         if gguf_name is None:
             continue
-        if getattr(config, "tie_word_embeddings", False) and gguf_name == "output.weight":
+        if getattr(config, "tie_word_embeddings", False) and gguf_name == OUTPUT:
             continue
-        permute = model_type in _PERMUTES_QK and (".attn_q." in gguf_name or ".attn_k." in gguf_name) and \
-            gguf_name.endswith(".weight")
-        heads = n_heads if ".attn_q." in gguf_name else n_kv
+        # llama.cpp's rope layout: q/k weight rows and, along its length, a q/k bias are permuted alike.
+        side = qk_side(gguf_name) if model_type in PERMUTED_QK_ARCHITECTURES else ""
+        heads = n_heads if side == "q" else n_kv
         if isinstance(value, QuantizedTensor):
-            tensors[gguf_name] = value.index_rows(permute_rows(value.shape[0], heads)) if permute else value
+            tensors[gguf_name] = value.index_rows(permute_rows(value.shape[0], heads)) if side else value
             continue
         w = value.detach().float().cpu()
-        if permute:
+        if side:
             w = w[permute_rows(w.shape[0], heads)]
         is_matrix = w.dim() == 2 and not gguf_name.endswith("norm.weight")
         q = _choose_qtype(gguf_name, w.shape[-1], qtype, overrides) if is_matrix else None
@@ -164,7 +136,50 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
         "tokenizer.ggml.unknown_token_id": int(vocab["unk"]),
         "tokenizer.ggml.add_bos_token": True,
     }
+    if head_dim != default_head_dim or config.hidden_size % n_heads:
+        # An explicit head_dim (Mistral Nemo style): llama.cpp otherwise takes hidden_size / heads.
+        md[f"{arch}.attention.key_length"] = int(head_dim)
+        md[f"{arch}.attention.value_length"] = int(head_dim)
     return write_gguf(path, tensors, md, architecture=arch)
+
+
+def _check_qtypes(qtype, mix, qtype_overrides) -> dict[str, Optional[str]]:
+    """The per-tensor overrides, after checking every type and mix name the caller gave."""
+    valid = (*QTYPES, *_FLOAT_TYPES)
+    if qtype not in valid:
+        raise ValueError(f"unknown qtype {qtype!r}; valid: {', '.join(valid)}")
+    if mix is not None and mix not in MIXES:
+        raise ValueError(f"unknown mix {mix!r}; valid mixes: {', '.join(MIXES)} (plain types go in qtype: "
+                         f"{', '.join(valid)})")
+    overrides = dict(MIXES[mix]) if mix else {}
+    for pattern, q in (qtype_overrides or {}).items():
+        if not isinstance(pattern, str):
+            raise TypeError(f"qtype_overrides keys are GGUF-name globs, got {pattern!r}")
+        if q is not None and q not in valid:
+            raise ValueError(f"qtype_overrides[{pattern!r}]: unknown qtype {q!r}; valid: {', '.join(valid)} "
+                             f"or None (f16)")
+        overrides[pattern] = q
+    return overrides
+
+
+def _check_rope(config) -> None:
+    """Only plain rope with a base frequency is written (rope.freq_base); anything else would be lost."""
+    params: dict = {}
+    for attr in ("rope_scaling", "rope_parameters"):       # transformers 4 / 5 names
+        value = getattr(config, attr, None)
+        if isinstance(value, Mapping):
+            params.update(value)
+        elif value is not None:
+            raise ValueError(f"save_gguf: config.{attr}={value!r} cannot be written to GGUF metadata")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    extra = sorted(set(params) - {"rope_type", "type", "rope_theta"})
+    if rope_type not in (None, "default") or extra:
+        raise ValueError(f"save_gguf: the config's rope scaling {params!r} cannot be expressed in the GGUF "
+                         f"metadata this writes (plain rope with rope.freq_base only); rope_type "
+                         f"{rope_type!r}{', keys ' + ', '.join(extra) if extra else ''} would be lost")
+    partial = getattr(config, "partial_rotary_factor", None)
+    if partial not in (None, 1, 1.0):
+        raise ValueError(f"save_gguf: partial_rotary_factor={partial} cannot be written (full rotary only)")
 
 
 def _rope_theta(config) -> float:

@@ -9,82 +9,32 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..formats import QuantizedTensor, dequantize, get_spec
+from ..formats import QuantizedTensor, dequantize
 from ..formats.gguf_io import GGUFError, GGUFFile, GGUFTensorInfo
 from ..layers import OffloadedLinear
-from .offload import OffloadReport, _report, apply_placement
-from .planner import LinearSpec, default_budget, parse_bytes, plan_placement
+from ..units import default_device
+from .gguf_names import SUPPORTED_ARCHITECTURES, Target, gguf_targets
+from .offload import _report, apply_placement
+from .planner import BudgetError, LinearSpec, Placement, default_budget, parse_bytes, plan_placement
+from .shapes import gguf_linear_plan, unsupported_type_message
 
 log = logging.getLogger("offload_kernels")
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
-# llama.cpp's converter permutes attn_q/attn_k rows for its rope layout on these architectures.
-_PERMUTED_QK = ("llama", "mistral")
-
-_BLOCK_LINEARS = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_BLOCK_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-_BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
-
-
-@dataclass(frozen=True)
-class _Target:
-    """Where one file tensor goes in the transformers model."""
-
-    hf_name: str                 # e.g. "model.layers.3.self_attn.q_proj" (module) or a parameter path
-    kind: str                    # "linear", "linear_bias", "embedding", "norm", "rope_freqs"
-    permute_heads: int = 0       # >0: undo llama.cpp's q/k row permutation with this many heads
-
-
-def _targets(f: GGUFFile, arch: str, n_heads: int, n_kv_heads: int) -> dict[str, _Target]:
-    out: dict[str, _Target] = {}
-    unknown = []
-    for name in f:
-        if name == "token_embd.weight":
-            out[name] = _Target("model.embed_tokens.weight", "embedding")
-        elif name == "output_norm.weight":
-            out[name] = _Target("model.norm.weight", "norm")
-        elif name == "output.weight":
-            out[name] = _Target("lm_head", "linear")
-        elif name == "rope_freqs.weight":
-            out[name] = _Target("model.rotary_emb", "rope_freqs")
-        elif (m := _BLOCK_TENSOR.match(name)) and (m.group(2) in _BLOCK_LINEARS or m.group(2) in _BLOCK_NORMS):
-            i, short, what = m.groups()
-            prefix = f"model.layers.{i}."
-            if short in _BLOCK_NORMS and what == "weight":
-                out[name] = _Target(prefix + _BLOCK_NORMS[short] + ".weight", "norm")
-            elif short in _BLOCK_LINEARS:
-                heads = 0
-                if arch in _PERMUTED_QK and short in ("attn_q", "attn_k"):
-                    heads = n_heads if short == "attn_q" else n_kv_heads
-                kind = "linear" if what == "weight" else "linear_bias"
-                out[name] = _Target(prefix + _BLOCK_LINEARS[short], kind, heads)
-            else:
-                unknown.append(name)
-        else:
-            unknown.append(name)
-    if unknown:
-        raise GGUFError(f"{f.path}: tensors not understood for architecture {arch!r}: {', '.join(unknown[:8])}"
-                        + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""))
-    return out
+__all__ = ["SUPPORTED_ARCHITECTURES", "load_gguf_model", "load_gguf_tokenizer", "permute_rows", "unpermute_rows"]
 
 
 def unpermute_rows(n_rows: int, n_heads: int) -> torch.Tensor:
     """Gather index undoing llama.cpp's rope permutation of q/k rows: hf_weight = gguf_weight[index].
 
     Within each head the converter moves row (pair j, i) of the (2, half) layout to (i, pair j) of the
-    (half, 2) layout; this index moves it back. Whole rows move, so it is free on quantized data.
+    (half, 2) layout; this index moves it back. Whole rows move, so it is free on quantized data. A q/k
+    bias is permuted the same way along its length (entry r belongs to output row r).
     """
     if n_heads <= 0 or n_rows % (2 * n_heads):
         raise GGUFError(f"cannot undo the q/k permutation: {n_rows} rows do not split into {n_heads} heads x 2")
@@ -97,24 +47,137 @@ def permute_rows(n_rows: int, n_heads: int) -> torch.Tensor:
     return torch.argsort(unpermute_rows(n_rows, n_heads))
 
 
-def _hf_config(path: Path):
+def _hf_config(f: GGUFFile):
+    """transformers' reading of the metadata, completed where llama.cpp reads more of it.
+
+    Any failure to build the config is a GGUFError naming the file: the metadata is what is wrong.
+    """
     from transformers import AutoConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    parsed = load_gguf_checkpoint(str(path), return_tensors=False)
-    cfg = dict(parsed["config"])
-    model_type = cfg.pop("model_type")
-    cfg.pop("_model_name_or_path", None)
-    return AutoConfig.for_model(model_type, **cfg)
+    try:
+        parsed = load_gguf_checkpoint(str(f.path), return_tensors=False)
+        cfg = dict(parsed["config"])
+        model_type = cfg.pop("model_type")
+        cfg.pop("_model_name_or_path", None)
+        config = AutoConfig.for_model(model_type, **cfg)
+    except Exception as exc:  # transformers raises KeyError/ValueError/TypeError... on odd metadata
+        raise GGUFError(f"{f.path}: cannot build a transformers config from the file's metadata "
+                        f"({type(exc).__name__}: {exc})") from exc
+    _set_head_dim(f, config)
+    _set_bias_flags(f, config)
+    return config
 
 
-def _check_tensor(f: GGUFFile, info: GGUFTensorInfo, target: _Target, expected: tuple[int, ...]) -> None:
+def _metadata_int(f: GGUFFile, key: str) -> Optional[int]:
+    value = f.metadata.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise GGUFError(f"{f.path}: metadata {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _set_head_dim(f: GGUFFile, config) -> None:
+    """The head size as llama.cpp reads it: attention.key_length/value_length, else hidden / heads.
+
+    transformers takes llama's head_dim from rope.dimension_count and ignores key_length; the two agree
+    only when the whole head is rotated, which is all transformers' llama/mistral/qwen2 implement.
+    """
+    arch = f.architecture
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    if not heads or heads <= 0:
+        raise GGUFError(f"{f.path}: metadata {arch}.attention.head_count must be a positive integer")
+    default = hidden // heads
+    key = _metadata_int(f, f"{arch}.attention.key_length") or default
+    value = _metadata_int(f, f"{arch}.attention.value_length") or default
+    rope = _metadata_int(f, f"{arch}.rope.dimension_count") or key
+    if key != value:
+        raise GGUFError(f"{f.path}: attention.key_length {key} != attention.value_length {value}; transformers' "
+                        f"{config.model_type} attention needs one head size")
+    if rope != key:
+        raise GGUFError(f"{f.path}: rope.dimension_count {rope} != head size {key}: partial rotary embeddings "
+                        f"are not supported for {arch}")
+    config.head_dim = key
+
+
+def _set_bias_flags(f: GGUFFile, config) -> None:
+    """llama with biases in every layer: say so in the config (transformers' GGUF reader does not)."""
+    if config.model_type != "llama":
+        return
+    n = config.num_hidden_layers
+
+    def everywhere(shorts):
+        return n > 0 and all(f"blk.{i}.{s}.bias" in f for i in range(n) for s in shorts)
+
+    if everywhere(("attn_q", "attn_k", "attn_v", "attn_output")):
+        config.attention_bias = True
+    if everywhere(("ffn_gate", "ffn_up", "ffn_down")):
+        config.mlp_bias = True
+
+
+def _check_tensor(f: GGUFFile, info: GGUFTensorInfo, target: Target, expected: tuple[int, ...]) -> None:
     if info.shape != expected:
         raise GGUFError(f"{f.path}: tensor {info.name!r} has shape {info.shape}, expected {expected} "
                         f"for {target.hf_name}")
-    if target.kind == "linear" and info.is_quantized and not info.is_supported:
-        raise GGUFError(f"{f.path}: tensor {info.name!r} has type {info.ggml_type.name}, which is not supported "
-                        f"(supported: q4_0, q8_0, q3_k, q4_k, q5_k, q6_k, f16, bf16, f32)")
+    if info.is_quantized and not info.is_supported:
+        raise GGUFError(unsupported_type_message(f, info))
+
+
+def _validate(f: GGUFFile, targets: dict[str, Target], model: nn.Module, config) -> None:
+    """Every file tensor against the module it is meant for: present, shaped and typed as it needs."""
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    for name, target in targets.items():
+        info = f.info(name)
+        if target.kind in ("linear", "linear_bias"):
+            lin = modules.get(target.hf_name)
+            if not isinstance(lin, nn.Linear):
+                raise GGUFError(_no_such_module(f, name, target, config))
+            expected = (lin.out_features, lin.in_features) if target.kind == "linear" else (lin.out_features,)
+        elif target.kind in ("embedding", "norm"):
+            if target.hf_name not in params:
+                raise GGUFError(_no_such_module(f, name, target, config))
+            expected = tuple(params[target.hf_name].shape)
+        else:                                   # rope_freqs: one factor per rotary frequency
+            inv = getattr(modules.get(target.hf_name), "inv_freq", None)
+            if inv is None:
+                raise GGUFError(_no_such_module(f, name, target, config))
+            expected = (inv.numel(),)
+        _check_tensor(f, info, target, expected)
+        if target.kind == "rope_freqs":
+            if info.type_name not in ("f32", "f16", "bf16"):
+                raise GGUFError(f"{f.path}: tensor {name!r} has type {info.ggml_type.name}; rope frequency "
+                                f"factors must be f32, f16 or bf16")
+            factors = f.tensor(name).float()
+            if not bool(torch.isfinite(factors).all()) or bool((factors <= 0).any()):
+                raise GGUFError(f"{f.path}: tensor {name!r} holds non-positive or non-finite rope frequency "
+                                f"factors")
+
+
+def _no_such_module(f: GGUFFile, name: str, target: Target, config) -> str:
+    return (f"{f.path}: tensor {name!r} is for {target.hf_name}, which the model described by the file's "
+            f"metadata ({config.num_hidden_layers} layers) does not have")
+
+
+def _place(specs: list[LinearSpec], budget: Optional[int], fixed: int, num_slots: int) -> Placement:
+    if specs:
+        return plan_placement(specs, budget, fixed, num_slots)
+    # No quantized linear (an f32/f16 file): nothing to stream, everything stays on the device.
+    if num_slots < 1:
+        raise ValueError(f"num_slots must be at least 1, got {num_slots}")
+    if budget is not None and fixed > budget:
+        raise BudgetError(f"gpu_budget {budget} bytes is too small: the model's unquantized parameters need "
+                          f"{fixed} bytes")
+    return Placement([], [], [], fixed, num_slots, 0, {})
+
+
+def _dense(f: GGUFFile, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """A float copy of a non-linear tensor (embeddings, norms, biases may be stored quantized)."""
+    t = f.tensor(name)
+    if isinstance(t, QuantizedTensor):
+        return dequantize(t, dtype).reshape(f.info(name).shape)
+    return t.to(dtype, copy=True)
 
 
 def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | None" = None,
@@ -131,82 +194,75 @@ def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | Non
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"dtype must be fp16, bf16 or fp32, got {dtype}")
     budget = parse_bytes(gpu_budget)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device is cuda but torch sees no CUDA device")
     if budget is None:
         budget = default_budget(device)
-    f = GGUFFile(path)
+    with GGUFFile(path) as f:     # closing drops only our reference: the layers' views keep the mapping
+        return _load(f, budget, dtype, device, num_slots, measure, return_report)
+
+
+def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report):
     arch = f.architecture
     if arch not in SUPPORTED_ARCHITECTURES:
         raise GGUFError(f"{f.path}: architecture {arch!r} is not supported (supported: "
                         f"{', '.join(SUPPORTED_ARCHITECTURES)})")
-    config = _hf_config(f.path)
+    config = _hf_config(f)
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
-    targets = _targets(f, arch, n_heads, n_kv)
+    targets = gguf_targets(f)
+    blocks = {t.hf_name.split(".")[2] for t in targets.values() if t.hf_name.startswith("model.layers.")}
+    if config.num_hidden_layers > len(blocks):      # also keeps an absurd block_count from building for ages
+        raise GGUFError(f"{f.path}: block_count is {config.num_hidden_layers} but the file has tensors for "
+                        f"{len(blocks)} blocks")
 
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    params = dict(model.named_parameters())
-    modules = dict(model.named_modules())
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as exc:  # e.g. a rope base of the wrong type only fails when the rotary table is built
+        raise GGUFError(f"{f.path}: cannot build the transformers model the metadata describes "
+                        f"({type(exc).__name__}: {exc})") from exc
 
     # ---------------------------------------------------------------- validate every tensor first
-    for name, target in targets.items():
-        info = f.info(name)
-        if target.kind == "linear":
-            lin = modules[target.hf_name]
-            _check_tensor(f, info, target, (lin.out_features, lin.in_features))
-        elif target.kind == "linear_bias":
-            _check_tensor(f, info, target, (modules[target.hf_name].out_features,))
-        elif target.kind in ("embedding", "norm"):
-            _check_tensor(f, info, target, tuple(params[target.hf_name].shape))
-        if target.kind != "linear" and info.is_quantized and not info.is_supported:
-            raise GGUFError(f"{f.path}: tensor {name!r} has unsupported type {info.ggml_type.name}")
-    expected_linears = {n for n, m in modules.items() if isinstance(m, nn.Linear)}
-    provided = {t.hf_name for t in targets.values() if t.kind == "linear"}
-    tied = "lm_head" not in provided and "lm_head" in expected_linears
-    missing = expected_linears - provided - ({"lm_head"} if tied else set())
+    _validate(f, targets, model, config)
+    elem = torch.tensor([], dtype=dtype).element_size()
+    plan = gguf_linear_plan(f, targets, elem)      # the same function gives the planner's inventory
+    params = dict(model.named_parameters())
+    expected_linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    missing = expected_linears - set(plan.sources)
     if missing:
         raise GGUFError(f"{f.path}: missing weights for {', '.join(sorted(missing)[:8])}")
+    bias_sources = {t.hf_name: n for n, t in targets.items() if t.kind == "linear_bias"}
     covered = {t.hf_name for t in targets.values()}
     missing_params = [n for n in params if n not in covered and n.rpartition(".")[0] not in expected_linears]
     missing_bias = [n for n in params if n.endswith(".bias") and n.rpartition(".")[0] in expected_linears
-                    and n.rpartition(".")[0] not in {t.hf_name for t in targets.values() if t.kind == "linear_bias"}]
+                    and n.rpartition(".")[0] not in bias_sources]
     if missing_params or missing_bias:
         raise GGUFError(f"{f.path}: missing tensors for {', '.join(sorted(missing_params + missing_bias)[:8])}")
 
     # ---------------------------------------------------------------- plan before touching the device
-    linear_sources = {t.hf_name: n for n, t in targets.items() if t.kind == "linear"}
-    if tied:
-        linear_sources["lm_head"] = "token_embd.weight"
-    quantized = {hf: src for hf, src in linear_sources.items() if f.info(src).is_quantized}
-    specs = [LinearSpec(hf, *f.info(src).shape, get_spec(f.info(src).ggml_type).name, _group(hf))
-             for hf, src in quantized.items()]
-    elem = torch.tensor([], dtype=dtype).element_size()
-    fixed = sum(int(torch.Size(f.info(n).shape).numel()) * elem for n, t in targets.items()
-                if t.kind in ("embedding", "norm", "linear_bias"))
-    fixed += sum(int(torch.Size(f.info(src).shape).numel()) * elem for hf, src in linear_sources.items()
-                 if hf not in quantized)
-    placement = plan_placement(specs, budget, fixed, num_slots)
+    quantized = {s.name for s in plan.specs}
+    placement = _place(plan.specs, budget, plan.fixed_bytes, num_slots)
 
     # ---------------------------------------------------------------- build
     layers: dict[str, OffloadedLinear] = {}
     unpermute: dict[str, torch.Tensor] = {}     # layer -> row gather, applied once the bytes are placed
-    for hf, src in linear_sources.items():
-        target = targets.get(src) or _Target(hf, "linear")
-        bias_src = src.replace(".weight", ".bias")
-        bias = f.tensor(bias_src).to(dtype, copy=True) if bias_src in f and src != "token_embd.weight" else None
+    for hf, src in plan.sources.items():
+        qk = targets[src].qk
+        heads = n_heads if qk == "q" else n_kv if qk == "k" else 0
+        bias = _dense(f, bias_sources[hf], dtype) if hf in bias_sources else None
+        if bias is not None and heads:         # the converter permuted the bias like the weight rows
+            bias = bias[unpermute_rows(bias.shape[0], heads)]
         if hf in quantized:
             new = OffloadedLinear.from_quantized(f.tensor(src), bias)     # over the mapped file bytes
-            if target.permute_heads:
-                unpermute[hf] = unpermute_rows(new.out_features, target.permute_heads)
+            if heads:
+                unpermute[hf] = unpermute_rows(new.out_features, heads)
         else:                                   # float linear in the file: kept as nn.Linear in dtype
             w = f.tensor(src)
-            w = w[unpermute_rows(w.shape[0], target.permute_heads)].to(dtype) if target.permute_heads \
-                else w.to(dtype, copy=True)
+            w = w[unpermute_rows(w.shape[0], heads)].to(dtype) if heads else w.to(dtype, copy=True)
             new = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=dtype)
             new.weight = nn.Parameter(w, requires_grad=False)
             if bias is not None:
@@ -217,13 +273,11 @@ def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | Non
             layers[hf] = new
     for name, target in targets.items():
         if target.kind in ("embedding", "norm"):
-            t = f.tensor(name)
-            value = dequantize(t, dtype) if isinstance(t, QuantizedTensor) else t.to(dtype, copy=True)
-            _set_parameter(model, target.hf_name, value)
+            _set_parameter(model, target.hf_name, _dense(f, name, dtype))
         elif target.kind == "rope_freqs":
             _apply_rope_freqs(model, f.tensor(name).float())
-    if tied:
-        model.config.tie_word_embeddings = False   # lm_head holds the quantized bytes, not the embedding
+    if plan.tied:
+        model.config.tie_word_embeddings = False   # lm_head has its own copy or the embedding's quantized bytes
 
     apply_placement(model, layers, placement, device)
     # Undo llama.cpp's q/k row order where the bytes now live (device memory, the engine's pinned storage,
@@ -232,16 +286,10 @@ def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | Non
     for hf, rows in unpermute.items():
         w = layers[hf].weight
         w.copy_(w.index_select(0, rows.to(w.device)))
-    f.close()
     model.eval()
-    report = _report(device, "gguf", placement, {n: layers[n].qtype for n in layers}, {}, specs, measure,
+    report = _report(device, "gguf", placement, {n: layers[n].qtype for n in layers}, {}, plan.specs, measure,
                      (1, 8, 64, 512))
     return (model, report) if return_report else model
-
-
-def _group(hf_name: str) -> str:
-    m = re.match(r"^(model\.layers\.\d+)\.", hf_name)
-    return m.group(1) if m else ""
 
 
 def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:

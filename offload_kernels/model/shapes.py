@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
-from ..formats import get_spec
-from ..formats.gguf_io import GGUFFile
+from ..formats import QTYPES, get_spec
+from ..formats.gguf_io import GGUFError, GGUFFile
+from .gguf_names import EMBEDDING, Target, gguf_targets
 from .planner import LinearSpec
 
 
@@ -67,22 +70,71 @@ def llama_inventory(shape: LlamaShape, qtype: str = "q4_k", lm_head_qtype: str |
     return ModelInventory(name, linears, fixed)
 
 
-def gguf_inventory(path: "str | os.PathLike[str]") -> ModelInventory:
-    """Linears of a GGUF file with the file's own types (2-D ``blk.*``/``output`` weights)."""
-    f = GGUFFile(path)
-    linears, fixed = [], 0
-    for name, info in f.tensor_infos.items():
-        if len(info.shape) == 2 and name.endswith(".weight") and name != "token_embd.weight" and info.is_supported:
-            group = ".".join(name.split(".")[:2]) if name.startswith("blk.") else ""
-            qtype = get_spec(info.ggml_type).name if info.is_quantized else None
-            linears.append(LinearSpec(name, info.shape[0], info.shape[1], qtype, group,
-                                      unquantized_bytes_per_weight=info.nbytes // max(1, info.shape[0] * info.shape[1])))
+@dataclass(frozen=True)
+class GGUFLinearPlan:
+    """What loading a GGUF file puts where; :func:`load_gguf_model` and :func:`gguf_inventory` both use it."""
+
+    sources: dict[str, str]       # transformers linear -> the GGUF tensor holding its weight
+    specs: list[LinearSpec]       # the quantized linears: OffloadedLinears over the file bytes (placeable)
+    fixed_bytes: int              # always on the device: embeddings, norms, biases, float linears
+    tied: bool                    # no output.weight: lm_head is a linear over token_embd.weight
+
+
+_FLOAT_LINEAR_TYPES = ("F32", "F16", "BF16")
+
+
+def gguf_linear_plan(f: GGUFFile, targets: "Mapping[str, Target]", elem_bytes: int = 2) -> GGUFLinearPlan:
+    """The linears of a GGUF file as the loader builds them, and the bytes that stay on the device.
+
+    Quantized linears (lm_head over a quantized token_embd when tied, too) become LinearSpecs with the
+    file's own types; float linears are kept as nn.Linear in the model dtype, so like embeddings, norms
+    and biases they count toward ``fixed_bytes`` at ``elem_bytes`` per element.
+    """
+    sources = {t.hf_name: name for name, t in targets.items() if t.kind == "linear"}
+    tied = "lm_head" not in sources and EMBEDDING in targets
+    if tied:                       # llama.cpp then computes the logits with the embedding matrix
+        sources["lm_head"] = EMBEDDING
+    specs, fixed = [], 0
+    for hf, src in sources.items():
+        info = f.info(src)
+        if len(info.shape) != 2:
+            raise GGUFError(f"{f.path}: tensor {src!r} has shape {info.shape}, a linear weight must be 2-D")
+        if info.is_quantized:
+            if not info.is_supported:
+                raise GGUFError(unsupported_type_message(f, info))
+            specs.append(LinearSpec(hf, *info.shape, get_spec(info.ggml_type).name, block_of(hf)))
+        elif info.ggml_type.name in _FLOAT_LINEAR_TYPES:
+            fixed += _numel(info.shape) * elem_bytes
         else:
-            n = 1
-            for d in info.shape:
-                n *= d
-            fixed += 2 * n          # embeddings and norms are dequantized to fp16 on the device
-    return ModelInventory(Path(path).name, linears, fixed)
+            raise GGUFError(unsupported_type_message(f, info))
+    fixed += sum(_numel(f.info(name).shape) * elem_bytes for name, t in targets.items()
+                 if t.kind in ("embedding", "norm", "linear_bias"))
+    return GGUFLinearPlan(sources, specs, fixed, tied)
+
+
+def unsupported_type_message(f: GGUFFile, info) -> str:
+    return (f"{f.path}: tensor {info.name!r} has type {info.ggml_type.name}, which is not supported "
+            f"(supported: {', '.join(QTYPES)}, {', '.join(t.lower() for t in _FLOAT_LINEAR_TYPES)})")
+
+
+def block_of(hf_name: str) -> str:
+    """The streaming group of a linear: its transformer block ("model.layers.3"), "" outside the blocks."""
+    m = re.match(r"^(model\.layers\.\d+)\.", hf_name)
+    return m.group(1) if m else ""
+
+
+def _numel(shape: "tuple[int, ...]") -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def gguf_inventory(path: "str | os.PathLike[str]") -> ModelInventory:
+    """Linears of a GGUF file with the file's own types, as :func:`load_gguf_model` would place them."""
+    with GGUFFile(path) as f:
+        plan = gguf_linear_plan(f, gguf_targets(f))
+    return ModelInventory(Path(path).name, plan.specs, plan.fixed_bytes)
 
 
 def config_inventory(path: "str | os.PathLike[str]", qtype: str = "q4_k") -> ModelInventory:

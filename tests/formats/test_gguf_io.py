@@ -135,3 +135,154 @@ def test_write_rejects_bad_input(tmp_path):
     with pytest.raises(TypeError, match="cannot store metadata value"):
         write_gguf(tmp_path / "c.gguf", {"x": torch.zeros(3)}, {"k": object()})
     assert not (tmp_path / "a.gguf").exists() and not (tmp_path / "c.gguf").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# metadata validation before any file exists, atomic writes, closed files
+
+BAD_METADATA = [  # (value, exception, message)
+    ((300, GGUFValueType.UINT8), ValueError, r"300 is out of range for UINT8 \[0, 255\]"),
+    ((-1, GGUFValueType.UINT32), ValueError, "out of range for UINT32"),
+    ((2**63, GGUFValueType.INT64), ValueError, "out of range for INT64"),
+    (2**64, ValueError, "out of range for UINT64"),
+    (-(2**63) - 1, ValueError, "out of range for INT64"),
+    (1e39, ValueError, r"out of range for FLOAT32 \(pass \(value, GGUFValueType.FLOAT64\)\)"),
+    ([1.0, 1e39], ValueError, r"'k\[1\]'.*out of range for FLOAT32"),
+    ([1, 2**64], ValueError, "do not fit any GGUF integer type"),
+    (("x", GGUFValueType.UINT32), TypeError, "UINT32 needs an integer, got str"),
+    ((1.5, GGUFValueType.BOOL), TypeError, "BOOL needs a bool"),
+    ((True, GGUFValueType.INT32), TypeError, "INT32 needs an integer, got bool"),
+    ((7, GGUFValueType.STRING), TypeError, "STRING needs a str"),
+    ("\ud800", ValueError, "not encodable as UTF-8"),
+    ([[1, 2], [3]], TypeError, "nested arrays are not supported"),
+    (np.zeros((2, 2)), TypeError, "nested arrays are not supported"),
+    (([1, 2], GGUFValueType.ARRAY), None, None),             # fine: element type inferred
+    ([1, "a"], TypeError, "array elements must all be bool, all str or all numbers"),
+    ([True, 1], TypeError, "array elements must all be bool, all str or all numbers"),
+    ([], ValueError, "empty arrays cannot be written"),
+    ({"a": 1}, TypeError, "cannot store metadata value of type dict"),
+    (None, TypeError, "cannot store metadata value of type NoneType"),
+    (([300], GGUFValueType.UINT8), ValueError, r"'k\[0\]': 300 is out of range for UINT8"),
+]
+
+
+@pytest.mark.parametrize("value, exc, match", BAD_METADATA)
+def test_metadata_is_validated_before_the_file_is_created(tmp_path, value, exc, match):
+    """A bad value is a ValueError/TypeError naming the key (never struct.error or OverflowError from inside
+    the writer), raised before anything exists at the path or beside it."""
+    path = tmp_path / "m.gguf"
+    md = {"general.name": "ok", "k": value}
+    if exc is None:
+        write_gguf(path, {"x": torch.zeros(4)}, md)
+        return
+    with pytest.raises(exc, match=f"metadata 'k(\\[\\d+\\])?'") as info:
+        write_gguf(path, {"x": torch.zeros(4)}, md)
+    assert info.match(match)
+    assert not list(tmp_path.iterdir())
+
+
+def test_metadata_types_are_written_as_chosen(tmp_path):
+    md = {"a.i64": (5, GGUFValueType.INT64), "a.f64": (1e300, GGUFValueType.FLOAT64),
+          "a.u8s": ([1, 2, 255], GGUFValueType.UINT8), "a.bytes": b"\x00\xff", "a.mixed": [0, -1.5],
+          "a.np": np.arange(3, dtype=np.int16), "a.big": [0, 2**63], "a.u32": [0, 2**31], "a.neg_big": [-1, 2**40],
+          "a.bools": [True, False], "a.strs": ("x", "y")}
+    path = write_gguf(tmp_path / "t.gguf", {"x": torch.zeros(4)}, md)
+    fields = GGUFReader(path).fields
+    expected = {"a.i64": [GGUFValueType.INT64], "a.f64": [GGUFValueType.FLOAT64],
+                "a.u8s": [GGUFValueType.ARRAY, GGUFValueType.UINT8],
+                "a.bytes": [GGUFValueType.ARRAY, GGUFValueType.UINT8],
+                "a.mixed": [GGUFValueType.ARRAY, GGUFValueType.FLOAT32],
+                "a.np": [GGUFValueType.ARRAY, GGUFValueType.INT32],
+                "a.big": [GGUFValueType.ARRAY, GGUFValueType.UINT64],
+                "a.u32": [GGUFValueType.ARRAY, GGUFValueType.UINT32],
+                "a.neg_big": [GGUFValueType.ARRAY, GGUFValueType.INT64],
+                "a.bools": [GGUFValueType.ARRAY, GGUFValueType.BOOL],
+                "a.strs": [GGUFValueType.ARRAY, GGUFValueType.STRING]}
+    for key, types in expected.items():
+        assert fields[key].types == types, key
+    read = GGUFFile(path).metadata
+    assert read["a.f64"] == 1e300 and read["a.mixed"] == [0.0, -1.5] and read["a.neg_big"] == [-1, 2**40]
+    assert read["a.bytes"] == [0, 255] and read["a.strs"] == ["x", "y"]
+
+
+def test_architecture_argument_and_metadata_key(tmp_path):
+    t = {"x": torch.zeros(4)}
+    with pytest.raises(ValueError, match="metadata 'general.architecture' is 'qwen2' but architecture='llama'"):
+        write_gguf(tmp_path / "a.gguf", t, {"general.architecture": "qwen2"}, architecture="llama")
+    with pytest.raises(TypeError, match="'general.architecture' must be a string"):
+        write_gguf(tmp_path / "a.gguf", t, {"general.architecture": 3})
+    with pytest.raises(TypeError, match="metadata keys must be non-empty strings"):
+        write_gguf(tmp_path / "a.gguf", t, {"": 3})
+    assert not list(tmp_path.iterdir())
+    assert GGUFFile(write_gguf(tmp_path / "b.gguf", t, {"general.architecture": "qwen2"})).architecture == "qwen2"
+    assert GGUFFile(write_gguf(tmp_path / "c.gguf", t, {"general.architecture": "qwen2"},
+                               architecture="qwen2")).architecture == "qwen2"
+    assert GGUFFile(write_gguf(tmp_path / "d.gguf", t)).architecture == "llama"
+
+
+def test_custom_alignment_moves_the_data(tmp_path, mixed_tensors):
+    """general.alignment is where readers look for tensor data: writing the key must also align the data."""
+    path = write_gguf(tmp_path / "m.gguf", mixed_tensors, {"general.alignment": 256})
+    f = GGUFFile(path)
+    assert f.metadata["general.alignment"] == 256
+    assert all(info.offset % 256 == 0 for info in f.tensor_infos.values())
+    assert f.tensor("blk.0.attn_q.weight").equal(mixed_tensors["blk.0.attn_q.weight"])
+    assert torch.equal(f.tensor("positions"), mixed_tensors["positions"])
+    with pytest.raises(ValueError, match="general.alignment' must be a power of two"):
+        write_gguf(tmp_path / "n.gguf", mixed_tensors, {"general.alignment": 48})
+
+
+def test_bad_tensors_are_named(tmp_path):
+    with pytest.raises(ValueError, match="tensor 'x': GGUF tensors have 1 to 4 dimensions"):
+        write_gguf(tmp_path / "a.gguf", {"x": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match="tensor 'x': GGUF tensors have 1 to 4 dimensions"):
+        write_gguf(tmp_path / "a.gguf", {"x": torch.zeros(1, 1, 1, 1, 2)})
+    with pytest.raises(ValueError, match="longer than 63 bytes"):
+        write_gguf(tmp_path / "a.gguf", {"x" * 64: torch.zeros(2)})
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch, mixed_tensors):
+    """The file is written under a temporary name beside the target and renamed in only when complete."""
+    import gguf
+
+    path = tmp_path / "m.gguf"
+    original = gguf.GGUFWriter.write_tensors_to_file
+
+    def fail_halfway(self, *args, **kwargs):
+        for fout in self.fout:
+            fout.write(b"\0" * 1000)          # some bytes reach the disk, then the disk is full
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail_halfway)
+    with pytest.raises(OSError, match="No space left"):
+        write_gguf(path, mixed_tensors, METADATA)
+    assert not list(tmp_path.iterdir())                     # nothing at the path, no temporary left
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", original)
+    write_gguf(path, mixed_tensors, METADATA)
+    before = path.read_bytes()
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail_halfway)
+    with pytest.raises(OSError):
+        write_gguf(path, {"x": torch.zeros(4)})
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
+def test_closed_file_raises_a_clear_error(tmp_path, mixed_tensors):
+    path = write_gguf(tmp_path / "m.gguf", mixed_tensors)
+    f = GGUFFile(path)
+    view = f.tensor("token_embd.weight")
+    _ = f.metadata
+    f.close()
+    assert f.closed and "closed" in repr(f)
+    for use in (lambda: f.tensor("token_embd.weight"), lambda: f.raw_bytes("output.weight"), f.tensors,
+                lambda: f.metadata, lambda: f.architecture):
+        with pytest.raises(ValueError, match="m.gguf: GGUFFile is closed"):
+            use()
+    assert f.info("output.weight").type_name == "q8_0" and len(f) == len(mixed_tensors)   # the header stays
+    assert torch.equal(view, mixed_tensors["token_embd.weight"])        # views handed out stay valid
+    f.close()                                                           # closing twice is fine
+    with GGUFFile(path) as g:
+        assert g.architecture == "llama"
+    with pytest.raises(ValueError, match="closed"):
+        g.tensor("positions")

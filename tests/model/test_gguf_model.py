@@ -32,11 +32,16 @@ MIXES = {  # name -> (default qtype, mix)
 }
 
 
-def tiny_model(arch="llama", layers=2, seed=0):
-    """A small random model whose attention is sharp enough that a wrong q/k row order changes the logits."""
+def tiny_model(arch="llama", layers=2, seed=0, **config):
+    """A small random model whose attention is sharp enough that a wrong q/k row order changes the logits.
+
+    ``config`` overrides the config (attention_bias, head_dim, tie_word_embeddings, rope_scaling...);
+    every attention bias the model has is random, so a wrongly ordered bias changes the logits too.
+    """
     torch.manual_seed(seed)
     kw = dict(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    kw.update(config)
     cfg = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
            "qwen2": transformers.Qwen2Config}[arch](**kw)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
@@ -44,9 +49,10 @@ def tiny_model(arch="llama", layers=2, seed=0):
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(6)
             layer.self_attn.k_proj.weight.mul_(6)
-            if layer.self_attn.q_proj.bias is not None:
-                layer.self_attn.q_proj.bias.normal_(0, 0.5)
-                layer.self_attn.k_proj.bias.normal_(0, 0.5)
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                bias = getattr(layer.self_attn, proj).bias
+                if bias is not None:
+                    bias.normal_(0, 0.5)
     return model
 
 
@@ -62,9 +68,11 @@ def files(tmp_path_factory):
     return out
 
 
-def hf_reference_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+def hf_reference_logits(path: Path, ids: torch.Tensor, config=None) -> torch.Tensor:
+    """Logits of transformers' own GGUF loader on ``path`` (``config``: instead of the one it reads)."""
+    kw = {"config": config} if config is not None else {}
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                            dtype=torch.float32).eval()
+                                                            dtype=torch.float32, **kw).eval()
     with torch.no_grad():
         return ref(ids).logits
 
@@ -245,15 +253,19 @@ def _parity(path: Path, model) -> tuple[float, float, float]:
 
 
 @needs_llama_cpp
-def test_parity_with_llama_cpp_unquantized(tmp_path):
-    """An f32 file isolates everything but the matmul arithmetic (names, q/k rows, rope, norms, config):
-    llama.cpp (with an f32 KV cache) and we must then agree to float rounding."""
-    model = tiny_model()
+@pytest.mark.parametrize("config", [{}, {"attention_bias": True}, {"head_dim": 32}, {"tie_word_embeddings": True}],
+                         ids=["plain", "attention_bias", "head_dim", "tied"])
+def test_parity_with_llama_cpp_unquantized(tmp_path, config):
+    """An f32 file isolates everything but the matmul arithmetic (names, q/k rows and biases, rope, norms,
+    head sizes, tied output, config): llama.cpp (with an f32 KV cache) and we must then agree to float
+    rounding. llama.cpp is the independent reference for what our exporter and loader both assume."""
+    model = tiny_model(**config)
     path = save_gguf(model, tmp_path / "f32.gguf", "f32")
     loaded = load_gguf_model(path, dtype=torch.float32, device="cpu")
     assert not any(isinstance(m, OffloadedLinear) for m in loaded.modules())
     max_diff, span, top1 = _parity(path, loaded)
-    print(f"llama.cpp parity f32: max |logit diff| {max_diff:.2e} (logit range {span:.2f}), top-1 {top1:.0%}")
+    print(f"llama.cpp parity f32 {config}: max |logit diff| {max_diff:.2e} (logit range {span:.2f}), "
+          f"top-1 {top1:.0%}")
     assert max_diff <= 1e-4 * span and top1 == 1.0
 
 
@@ -301,3 +313,210 @@ def test_host_memory_stays_near_one_copy_of_the_file(tmp_path):
         f"anonymous memory grew by {grew / 2**20:.1f} MiB for a {file_bytes / 2**20:.1f} MiB file"
     with torch.no_grad():
         model(IDS)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# q/k biases, head sizes, rope, tied embeddings, argument and metadata checks
+
+@pytest.mark.parametrize("qtype", ["f32", "q8_0"])
+def test_llama_attention_bias_is_permuted_like_the_rows(tmp_path, qtype):
+    """llama.cpp's converter permutes a q/k bias along its length exactly like the q/k rows (entry r goes
+    with row r); save_gguf must write it so and load_gguf_model undo it, on float and quantized layers."""
+    model = tiny_model(attention_bias=True)
+    path = save_gguf(model, tmp_path / "m.gguf", qtype)
+    f = GGUFFile(path)
+    attn = model.model.layers[1].self_attn
+    for side, proj, heads in (("q", attn.q_proj, 4), ("k", attn.k_proj, 2)):
+        rows = permute_rows(proj.out_features, heads)
+        assert torch.equal(f.tensor(f"blk.1.attn_{side}.bias"), proj.bias.detach()[rows])
+        if qtype == "f32":
+            assert torch.equal(f.tensor(f"blk.1.attn_{side}.weight"), proj.weight.detach()[rows])
+    assert torch.equal(f.tensor("blk.1.attn_v.bias"), attn.v_proj.bias.detach())     # not permuted
+
+    loaded = load_gguf_model(path, dtype=torch.float32, device="cpu")
+    assert loaded.config.attention_bias
+    for ours, theirs in zip(loaded.model.layers, model.model.layers):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            assert torch.equal(getattr(ours.self_attn, proj).bias, getattr(theirs.self_attn, proj).bias), proj
+    with torch.no_grad():
+        ours = loaded(IDS).logits
+        if qtype == "f32":
+            torch.testing.assert_close(ours, model(IDS).logits, rtol=1e-5, atol=1e-5)
+    # transformers' own GGUF loader un-permutes attn_q/attn_k biases too; it is given the config because
+    # its GGUF config reader never sets attention_bias (it would build the model without biases).
+    expected = hf_reference_logits(path, IDS, config=model.config)
+    torch.testing.assert_close(ours, expected, rtol=LOGITS_RTOL, atol=LOGITS_RTOL * expected.abs().max())
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "dynamic", "factor": 2.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 32},
+])
+def test_save_gguf_rejects_rope_scaling_it_cannot_write(tmp_path, rope):
+    model = tiny_model(layers=1, rope_scaling=rope)
+    with pytest.raises(ValueError, match=f"rope scaling .*rope_type '{rope['rope_type']}'.* would be lost"):
+        save_gguf(model, tmp_path / "m.gguf", "q8_0")
+    assert not list(tmp_path.iterdir())
+    save_gguf(tiny_model(layers=1, rope_theta=5e5), tmp_path / "plain.gguf", "q8_0")   # a plain base is fine
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_explicit_head_dim_is_written_and_honoured(tmp_path, arch):
+    model = tiny_model(arch, head_dim=32)                     # hidden_size / heads would be 64
+    assert model.model.layers[0].self_attn.q_proj.out_features == 4 * 32
+    path = save_gguf(model, tmp_path / "m.gguf", "f32")
+    f = GGUFFile(path)
+    assert f.metadata[f"{arch}.attention.key_length"] == f.metadata[f"{arch}.attention.value_length"] == 32
+    loaded = load_gguf_model(path, dtype=torch.float32, device="cpu")
+    assert loaded.config.head_dim == 32
+    with torch.no_grad():
+        ours = loaded(IDS).logits
+        torch.testing.assert_close(ours, model(IDS).logits, rtol=1e-5, atol=1e-5)
+    if arch == "llama":   # transformers takes llama's head_dim from rope.dimension_count; qwen2's it never reads
+        expected = hf_reference_logits(path, IDS)
+        torch.testing.assert_close(ours, expected, rtol=LOGITS_RTOL, atol=LOGITS_RTOL * expected.abs().max())
+
+    # key_length alone decides the head size, as in llama.cpp (rope.dimension_count defaults to it)
+    md = {k: v for k, v in f.metadata.items() if k != f"{arch}.rope.dimension_count"}
+    (tmp_path / "norope").mkdir()
+    p = write_gguf(tmp_path / "norope" / "m.gguf", f.tensors(), md)
+    with torch.no_grad():
+        torch.testing.assert_close(load_gguf_model(p, dtype=torch.float32, device="cpu")(IDS).logits, ours)
+    # the default head size is not written
+    assert f"{arch}.attention.key_length" not in GGUFFile(save_gguf(tiny_model(arch, layers=1), tmp_path / "d.gguf",
+                                                                     "q8_0")).metadata
+
+
+def _rewrite(tmp_path, path, name, metadata=None, tensors=None, drop=()):
+    """``path``'s tensors and metadata with changes, as ``tmp_path / name``."""
+    f = GGUFFile(path)
+    t = {n: f.tensor(n) for n in f if n not in drop}
+    t.update(tensors or {})
+    md = dict(f.metadata)
+    md.update(metadata or {})
+    return write_gguf(tmp_path / name, t, md)
+
+
+def test_head_sizes_transformers_cannot_build_are_rejected(tmp_path):
+    path = save_gguf(tiny_model(layers=1), tmp_path / "m.gguf", "q8_0")
+    for i, (md, match) in enumerate((
+            ({"llama.attention.key_length": 64, "llama.attention.value_length": 32},
+             "key_length 64 != attention.value_length 32"),
+            ({"llama.rope.dimension_count": 32}, "rope.dimension_count 32 != head size 64: partial rotary"),
+            ({"llama.attention.key_length": "64"}, "key_length must be a positive integer"))):
+        with pytest.raises(GGUFError, match=match):
+            load_gguf_model(_rewrite(tmp_path, path, f"bad{i}.gguf", md), device="cpu")
+
+
+def test_save_gguf_checks_type_and_mix_names_first(tmp_path):
+    """Names are checked before the model is even looked at (None here), each error listing the valid ones."""
+    for kwargs, match in (
+            ({"mix": "q5_k_m"}, "unknown mix 'q5_k_m'; valid mixes: q4_k_m, q3_k_m"),
+            ({"mix": "f16"}, "unknown mix 'f16'; valid mixes: q4_k_m, q3_k_m \\(plain types go in qtype: "),
+            ({"qtype": "q2_k"}, "unknown qtype 'q2_k'; valid: q4_0, .*q6_k, f32, f16"),
+            ({"qtype_overrides": {"*.attn_v.weight": "q7"}}, r"qtype_overrides\['\*.attn_v.weight'\]: unknown")):
+        with pytest.raises(ValueError, match=match):
+            save_gguf(None, tmp_path / "m.gguf", **kwargs)
+    assert not list(tmp_path.iterdir())
+
+
+def test_tensor_for_a_module_the_model_lacks(tmp_path):
+    path = save_gguf(tiny_model(layers=2), tmp_path / "m.gguf", "q8_0")
+    fewer = _rewrite(tmp_path, path, "fewer.gguf", {"llama.block_count": 1})
+    with pytest.raises(GGUFError, match=r"fewer\.gguf: tensor 'blk\.1\.[a-z_]+\.weight' is for model\.layers\.1\."
+                                        r".*\(1 layers\) does not have"):
+        load_gguf_model(fewer, device="cpu")
+    more = _rewrite(tmp_path, path, "more.gguf", {"llama.block_count": 10**9})   # would take ages to build
+    with pytest.raises(GGUFError, match="block_count is 1000000000 but the file has tensors for 2 blocks"):
+        load_gguf_model(more, device="cpu")
+
+
+def test_metadata_transformers_cannot_use_is_a_gguf_error(tmp_path):
+    path = save_gguf(tiny_model(layers=1), tmp_path / "m.gguf", "q8_0")
+    with pytest.raises(GGUFError, match=r"heads\.gguf: cannot build a transformers config .*num_attention_heads"):
+        load_gguf_model(_rewrite(tmp_path, path, "heads.gguf", {"llama.attention.head_count": "four"}), device="cpu")
+    with pytest.raises(GGUFError, match=r"base\.gguf: cannot build the transformers model"):
+        load_gguf_model(_rewrite(tmp_path, path, "base.gguf", {"llama.rope.freq_base": "x"}), device="cpu")
+
+
+class _MustNotBuild:
+    @staticmethod
+    def from_quantized(*args, **kwargs):
+        raise AssertionError("a layer was built before the file was validated")
+
+
+@pytest.mark.parametrize("freqs, match", [
+    (torch.ones(5), r"'rope_freqs\.weight' has shape \(5,\), expected \(32,\)"),
+    (torch.ones(32, dtype=torch.int32), "type I32; rope frequency factors must be f32, f16 or bf16"),
+    (torch.full((32,), -1.0), "non-positive or non-finite rope frequency factors"),
+    (torch.full((32,), float("inf")), "non-positive or non-finite rope frequency factors"),
+])
+def test_rope_freqs_are_checked_before_the_model_is_built(tmp_path, monkeypatch, freqs, match):
+    from offload_kernels.model import gguf_model
+
+    path = save_gguf(tiny_model(layers=1), tmp_path / "m.gguf", "q8_0")
+    bad = _rewrite(tmp_path, path, "bad.gguf", tensors={"rope_freqs.weight": freqs})
+    monkeypatch.setattr(gguf_model, "OffloadedLinear", _MustNotBuild)
+    with pytest.raises(GGUFError, match=match):
+        load_gguf_model(bad, device="cpu")
+
+
+def test_rope_freqs_divide_the_rotary_frequencies(tmp_path):
+    path = save_gguf(tiny_model(layers=1), tmp_path / "m.gguf", "q8_0")
+    plain = load_gguf_model(path, dtype=torch.float32, device="cpu")
+    factors = torch.linspace(1, 4, 32)
+    scaled = load_gguf_model(_rewrite(tmp_path, path, "f.gguf", tensors={"rope_freqs.weight": factors}),
+                             dtype=torch.float32, device="cpu")
+    torch.testing.assert_close(scaled.model.rotary_emb.inv_freq, plain.model.rotary_emb.inv_freq / factors)
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "f32"])
+def test_tied_embeddings_without_output_weight(tmp_path, qtype):
+    """No output.weight: lm_head computes the logits with token_embd (its quantized bytes, or a float copy)."""
+    model = tiny_model(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    path = save_gguf(model, tmp_path / "m.gguf", qtype)
+    f = GGUFFile(path)
+    assert "output.weight" not in f and "token_embd.weight" in f
+    loaded, report = load_gguf_model(path, dtype=torch.float32, device="cpu", return_report=True)
+    head = loaded.lm_head
+    if qtype == "q8_0":
+        assert isinstance(head, OffloadedLinear) and head.qtype == "q8_0"
+        assert head.quantized_weight().equal(f.tensor("token_embd.weight"))
+        assert report.placement.linear_bytes["lm_head"] == f.info("token_embd.weight").nbytes
+        torch.testing.assert_close(head.dequantized_weight(), loaded.model.embed_tokens.weight, rtol=0, atol=0)
+    else:
+        assert type(head) is torch.nn.Linear and "lm_head" not in report.placement.linear_bytes
+        assert torch.equal(head.weight, model.lm_head.weight)
+        assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    with torch.no_grad():
+        ours = loaded(IDS).logits
+        if qtype == "f32":
+            torch.testing.assert_close(ours, model(IDS).logits, rtol=1e-5, atol=1e-5)
+    expected = hf_reference_logits(path, IDS)         # transformers ties lm_head when output.weight is absent
+    torch.testing.assert_close(ours, expected, rtol=LOGITS_RTOL, atol=LOGITS_RTOL * expected.abs().max())
+
+
+@pytest.mark.parametrize("case", ["q4_k_m", "tied_q8_0", "f16_ffn_up", "f32"])
+def test_inventory_is_what_the_loader_places(tmp_path, case):
+    """gguf_inventory (the planner CLI's view of a file) and load_gguf_model share one spec function."""
+    from offload_kernels.model.shapes import gguf_inventory
+
+    qtype, kwargs = {"q4_k_m": ("q4_k", {"mix": "q4_k_m"}), "tied_q8_0": ("q8_0", {}),
+                     "f16_ffn_up": ("q8_0", {"qtype_overrides": {"*.ffn_up.weight": "f16"}}),
+                     "f32": ("f32", {})}[case]
+    path = save_gguf(tiny_model(layers=1, tie_word_embeddings=case.startswith("tied")), tmp_path / "m.gguf", qtype,
+                     **kwargs)
+    inventory = gguf_inventory(path)
+    _, report = load_gguf_model(path, dtype=torch.float16, device="cpu", return_report=True)
+    assert {lin.name: lin.nbytes for lin in inventory.linears} == report.placement.linear_bytes
+    assert inventory.fixed_bytes == report.placement.fixed_bytes
+    names = {lin.name for lin in inventory.linears}
+    assert ("lm_head" in names) == (case != "f32")
+    assert all(lin.group == ("" if lin.name == "lm_head" else ".".join(lin.name.split(".")[:3]))
+               for lin in inventory.linears)
+    if case == "f16_ffn_up":
+        assert not any(n.endswith("mlp.up_proj") for n in names)     # float linears stay resident: fixed bytes

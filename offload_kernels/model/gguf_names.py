@@ -1,0 +1,117 @@
+"""GGUF <-> transformers names for the llama-family architectures: one table for loading and saving.
+
+llama.cpp names tensors ``blk.N.attn_q.weight``; transformers names the same weight
+``model.layers.N.self_attn.q_proj.weight``. Both directions come from the tables below so the loader
+(:mod:`.gguf_model`), the exporter (:mod:`.gguf_export`) and the planner inventory (:mod:`.shapes`)
+cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from ..formats.gguf_io import GGUFError, GGUFFile
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# llama.cpp's converter permutes attn_q/attn_k rows (and the matching bias entries) for its rope layout
+# on these architectures; qwen2 uses the neox rope layout, which needs no permutation.
+PERMUTED_QK_ARCHITECTURES = ("llama", "mistral")
+# transformers model_type -> the GGUF architecture llama.cpp writes for it (Mistral 7B is a llama in GGUF).
+HF_TO_GGUF_ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+
+BLOCK_LINEARS = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+BLOCK_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+_HF_BLOCK_LINEARS = {hf: g for g, hf in BLOCK_LINEARS.items()}
+_HF_BLOCK_NORMS = {hf: g for g, hf in BLOCK_NORMS.items()}
+_BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+_HF_BLOCK_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+EMBEDDING = "token_embd.weight"
+OUTPUT = "output.weight"                 # absent when lm_head is tied to the embedding
+OUTPUT_NORM = "output_norm.weight"
+ROPE_FREQS = "rope_freqs.weight"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one file tensor goes in the transformers model."""
+
+    hf_name: str      # a module ("model.layers.3.self_attn.q_proj") for linears and their biases, else a parameter path
+    kind: str         # "linear", "linear_bias", "embedding", "norm", "rope_freqs"
+    qk: str = ""      # "q"/"k": rows (weight) or entries (bias) permuted by llama.cpp's converter for rope
+
+
+def gguf_target(name: str, arch: str) -> Optional[Target]:
+    """The transformers destination of GGUF tensor ``name`` (None when the name is not one we map)."""
+    if name == EMBEDDING:
+        return Target("model.embed_tokens.weight", "embedding")
+    if name == OUTPUT_NORM:
+        return Target("model.norm.weight", "norm")
+    if name == OUTPUT:
+        return Target("lm_head", "linear")
+    if name == ROPE_FREQS:
+        return Target("model.rotary_emb", "rope_freqs")
+    m = _BLOCK_TENSOR.match(name)
+    if not m:
+        return None
+    i, short, what = m.groups()
+    prefix = f"model.layers.{i}."
+    if short in BLOCK_NORMS and what == "weight":
+        return Target(prefix + BLOCK_NORMS[short] + ".weight", "norm")
+    if short in BLOCK_LINEARS:
+        qk = short[-1] if arch in PERMUTED_QK_ARCHITECTURES and short in ("attn_q", "attn_k") else ""
+        return Target(prefix + BLOCK_LINEARS[short], "linear" if what == "weight" else "linear_bias", qk)
+    return None
+
+
+def gguf_targets(f: GGUFFile) -> dict[str, Target]:
+    """Every tensor of ``f`` mapped to its transformers destination; GGUFError for anything unknown."""
+    arch = f.architecture
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise GGUFError(f"{f.path}: architecture {arch!r} is not supported (supported: "
+                        f"{', '.join(SUPPORTED_ARCHITECTURES)})")
+    out: dict[str, Target] = {}
+    unknown = []
+    for name in f:
+        target = gguf_target(name, arch)
+        if target is None:
+            unknown.append(name)
+        else:
+            out[name] = target
+    if unknown:
+        raise GGUFError(f"{f.path}: tensors not understood for architecture {arch!r}: {', '.join(unknown[:8])}"
+                        + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""))
+    return out
+
+
+def hf_to_gguf_name(hf_name: str) -> Optional[str]:
+    """The GGUF name of a transformers state_dict entry (None for entries GGUF does not store)."""
+    if hf_name == "model.embed_tokens.weight":
+        return EMBEDDING
+    if hf_name == "model.norm.weight":
+        return OUTPUT_NORM
+    if hf_name == "lm_head.weight":
+        return OUTPUT
+    m = _HF_BLOCK_TENSOR.match(hf_name)
+    if not m:
+        return None
+    i, rest, what = m.groups()
+    if rest in _HF_BLOCK_LINEARS:
+        return f"blk.{i}.{_HF_BLOCK_LINEARS[rest]}.{what}"
+    if rest in _HF_BLOCK_NORMS and what == "weight":
+        return f"blk.{i}.{_HF_BLOCK_NORMS[rest]}.weight"
+    return None
+
+
+def qk_side(gguf_name: str) -> str:
+    """"q" or "k" for attn_q/attn_k weights and biases (the tensors llama.cpp permutes), else ""."""
+    m = _BLOCK_TENSOR.match(gguf_name)
+    if m and m.group(2) in ("attn_q", "attn_k"):
+        return m.group(2)[-1]
+    return ""
