@@ -77,6 +77,7 @@ void SlotRing::forget_contents(int slot) {
   Slot& s = slots_[slot];
   if (s.item != kNoItem) slot_of_item_[static_cast<size_t>(s.item)] = kNoSlot;
   s.item = kNoItem;
+  s.freed_at = 0;  // an empty slot is the first to reuse: taking it evicts nothing still valid
 }
 
 bool SlotRing::drop_item(size_t item) {

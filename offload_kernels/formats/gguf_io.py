@@ -373,7 +373,7 @@ def write_gguf(path: "str | os.PathLike[str]", tensors: Mapping[str, "QuantizedT
             raise TypeError(f"metadata 'general.architecture' must be a string, got {md_arch!r}")
         if architecture is not None and architecture != md_arch:
             raise ValueError(f"metadata 'general.architecture' is {md_arch!r} but architecture={architecture!r}")
-    architecture = architecture if architecture is not None else (md_arch or "llama")
+    architecture = architecture if architecture is not None else (md_arch if md_arch is not None else "llama")
     if not isinstance(architecture, str) or not architecture:
         raise ValueError(f"architecture must be a non-empty string, got {architecture!r}")
     _scalar("general.architecture", architecture, GGUFValueType.STRING)

@@ -124,6 +124,7 @@ def capturing(device: torch.device) -> bool:
 # than read back from triton's Autotuner cache so that the "is it tuned?" question (asked during CUDA
 # graph capture, where benchmarking is impossible) has the same answer on every Triton version.
 _tuned: dict[tuple, triton.Config] = {}
+_tuners: dict[int, Any] = {}      # the autotuners launch() has tuned with (forget_tuned_configs)
 
 
 def tuning_key(name: str, args: dict[str, Any], key_names: tuple[str, ...]) -> tuple:
@@ -157,6 +158,7 @@ def launch(tuner: Any, grid: Callable[[dict], tuple], args: dict[str, Any], key:
                 tuner[grid](**args)
                 config = tuner.best_config
                 _tuned[key] = config
+                _tuners[id(tuner)] = tuner
                 return config
             config = heuristic()
         if late_args is not None:
@@ -169,8 +171,14 @@ def launch(tuner: Any, grid: Callable[[dict], tuple], args: dict[str, Any], key:
 
 
 def forget_tuned_configs() -> None:
-    """Drop every remembered autotuning result (the next call per key tunes again)."""
+    """Drop every remembered autotuning result (the next call per key tunes again): ours, and the one
+    Triton's Autotuner keeps per key (``.cache``), which would otherwise answer without benchmarking."""
     _tuned.clear()
+    for tuner in _tuners.values():
+        cache = getattr(tuner, "cache", None)
+        if isinstance(cache, dict):
+            cache.clear()
+    _tuners.clear()
 
 
 def is_tuned(key: tuple) -> bool:

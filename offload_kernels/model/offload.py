@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..formats import get_spec, quantize
 from ..formats.quantize import validate_weight
 from ..layers import OffloadedLinear
+from ..layers.offloaded_linear import _FLOAT_DTYPES as _LAYER_DTYPES
 from ..units import default_device
 from .bandwidth import Hardware, measure_hardware
 from .planner import (LinearSpec, Placement, Prediction, default_budget, parse_bytes, plan_placement,
@@ -191,7 +192,7 @@ def select_linears(model: nn.Module, qtype: str = "q4_k", skip: "str | Sequence[
     return LinearSelection(chosen, skipped, specs, fixed)
 
 
-_BIAS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)     # what OffloadedLinear accepts
+_BIAS_DTYPES = _LAYER_DTYPES     # what OffloadedLinear accepts for its bias
 
 
 def _validate_weights(linears: Mapping[str, nn.Linear], chosen: Mapping[str, str]) -> None:
@@ -339,10 +340,10 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
             originals.append((parent, attr, lin))
             replaced[name] = new
         apply_placement(model, replaced, placement, device)
+        return _report(device, qtype, placement, chosen, skipped, specs, measure, token_counts)
     except BaseException:
         _roll_back(model, originals, devices, had_streamer)
         raise
-    return _report(device, qtype, placement, chosen, skipped, specs, measure, token_counts)
 
 
 def apply_placement(model: nn.Module, layers: Mapping[str, OffloadedLinear], placement: Placement,
@@ -351,12 +352,16 @@ def apply_placement(model: nn.Module, layers: Mapping[str, OffloadedLinear], pla
     for name in placement.resident:
         layer = layers[name]
         layer._buffers["weight"] = layer.weight.to(device)
-    model.to(device)            # streamed layers keep their bytes on the host (OffloadedLinear._apply)
     if not placement.streamed_groups:
+        model.to(device)
         return None
+    # The streamer takes the streamed bytes into pinned host memory and marks their layers as streamed
+    # first: only then does model.to() leave them on the host (OffloadedLinear._apply) instead of copying
+    # every streamed weight to the device, which is what the budget said would not fit.
     groups = [[layers[n] for n in g] for g in placement.streamed_groups]
     streamer = WeightStreamer(groups, device, placement.num_slots)
     try:
+        model.to(device)
         streamer.attach(model)
     except BaseException:
         streamer.close()                 # removes whatever hooks it did register, frees the engine
@@ -366,7 +371,15 @@ def apply_placement(model: nn.Module, layers: Mapping[str, OffloadedLinear], pla
 
 
 def _report(device, qtype, placement, chosen, skipped, specs, measure, token_counts) -> OffloadReport:
-    hw = measure_hardware(device) if measure else None
+    hw = None
+    if measure:
+        # The model is already placed: a measurement that fails (e.g. no memory left for its buffers once
+        # the budget is filled) costs the predictions, not the offload.
+        try:
+            hw = measure_hardware(device)
+        except (RuntimeError, MemoryError) as e:      # torch.OutOfMemoryError is a RuntimeError
+            log.warning("could not measure %s for the throughput predictions (%s); report without them",
+                        device, e)
     predictions = predict_throughput(specs, placement, hw, token_counts) if hw else []
     return OffloadReport(str(device), qtype, placement.num_slots, placement, dict(chosen), dict(skipped), hw,
                          predictions)

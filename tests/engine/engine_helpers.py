@@ -105,7 +105,7 @@ class SlotModel:
             return "host"
         if self.state[s] != "free":
             return self.state[s]
-        self.item[s] = None  # the slot stays FREE (same LRU tick) but empty
+        self.item[s], self.freed_at[s] = None, 0  # FREE and empty: picked before any slot still holding an item
         return "dropped"
 
 

@@ -50,6 +50,19 @@ def test_without_invalidate_the_slot_serves_stale_bytes(make_engine):
     assert bytes(cycle(eng, h)) == b"a" * 64
 
 
+def test_the_emptied_slot_is_reused_before_evicting_a_valid_one(make_engine):
+    """After invalidate(a), the next copy goes into a's emptied slot, not into the least recently released
+    slot that still holds a valid item."""
+    eng = make_engine("cpu", num_slots=2)
+    a, b, c = (eng.register(bytes([i]) * 32) for i in range(3))
+    cycle(eng, b), cycle(eng, a)          # b released first: plain LRU would evict b next
+    assert eng.invalidate(a) is True
+    cycle(eng, c)
+    assert eng.state(b) == "resident" and eng.state(c) == "resident"
+    assert eng.prefetch(b) is False       # still a hit
+    eng.acquire(b), eng.release(b)
+
+
 def test_invalidate_of_an_item_in_no_slot_is_a_no_op(make_engine):
     eng = make_engine("cpu", num_slots=1)
     a, b = eng.register(b"a" * 10), eng.register(b"b" * 10)

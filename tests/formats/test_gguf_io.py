@@ -213,6 +213,8 @@ def test_architecture_argument_and_metadata_key(tmp_path):
         write_gguf(tmp_path / "a.gguf", t, {"general.architecture": 3})
     with pytest.raises(TypeError, match="metadata keys must be non-empty strings"):
         write_gguf(tmp_path / "a.gguf", t, {"": 3})
+    with pytest.raises(ValueError, match="architecture must be a non-empty string"):
+        write_gguf(tmp_path / "a.gguf", t, {"general.architecture": ""})     # not silently "llama"
     assert not list(tmp_path.iterdir())
     assert GGUFFile(write_gguf(tmp_path / "b.gguf", t, {"general.architecture": "qwen2"})).architecture == "qwen2"
     assert GGUFFile(write_gguf(tmp_path / "c.gguf", t, {"general.architecture": "qwen2"},

@@ -181,6 +181,35 @@ def test_launch_late_args_follow_the_config(monkeypatch):
     runtime.forget_tuned_configs()
 
 
+def test_forget_tuned_configs_also_clears_the_autotuners_cache(monkeypatch):
+    """Triton's Autotuner answers a key it has seen from its own ``cache`` without benchmarking again:
+    forgetting our configs must clear that too, or the next call would not really tune."""
+    import triton
+
+    runtime = importlib.import_module("offload_kernels.kernels.runtime")
+    monkeypatch.setattr(runtime, "INTERPRETER", False)
+    monkeypatch.setattr(runtime, "AUTOTUNE", True)
+    monkeypatch.setattr(runtime, "capturing", lambda device: False)
+    runtime.forget_tuned_configs()
+
+    class Tuner:                   # like triton's Autotuner: remembers the best config per key in .cache
+        best_config = triton.Config({"split_k": 2})
+
+        def __init__(self):
+            self.cache = {}
+
+        def __getitem__(self, grid):
+            def run(**kw):
+                self.cache.setdefault(("key",), self.best_config)
+            return run
+
+    tuner = Tuner()
+    runtime.launch(tuner, None, {"a": 1}, ("forget", 1), lambda: None, tune=True, device=torch.device("meta"))
+    assert tuner.cache and runtime.is_tuned(("forget", 1))
+    runtime.forget_tuned_configs()
+    assert tuner.cache == {} and not runtime.is_tuned(("forget", 1))
+
+
 def test_split_k_workspace_placeholder_is_cached(device):
     from offload_kernels.kernels.runtime import split_k_workspace
 

@@ -386,3 +386,64 @@ def test_skip_accepts_a_single_pattern_string():
     assert type(model.model.layers[1].mlp.up_proj) is nn.Linear
     assert isinstance(model.model.layers[1].self_attn.q_proj, OffloadedLinear)
     assert isinstance(model.lm_head, OffloadedLinear)
+
+
+# ------------------------------------------------------------------------- placement order, late failures
+def test_streamed_weights_never_follow_model_to(monkeypatch):
+    """model.to(device) must run only once the streamed layers are marked as streamed: before, it would
+    copy every streamed weight to the device (on CUDA: the bytes the budget said would not fit, and the
+    engine then refuses them as not host data). On CPU the copy is a no-op, so check the order itself."""
+    model = tiny_llama(layers=4)
+    states = []
+    real_to = nn.Module.to
+
+    def recording_to(self, *args, **kwargs):
+        if self is model:
+            states.append({n: m._streamer is not None for n, m in model.named_modules()
+                           if isinstance(m, OffloadedLinear)})
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "to", recording_to)
+    report = offload(model, "q8_0", gpu_budget=budget_for(model, 0.75), device="cpu", progress=False, measure=False)
+    streamed = {n for g in report.placement.streamed_groups for n in g}
+    assert streamed and states, "the budget must force streaming and offload must move the model"
+    for state in states:
+        assert {n for n, is_streamed in state.items() if is_streamed} == streamed
+
+
+def test_a_failed_measurement_keeps_the_offload_without_predictions(monkeypatch, caplog, ids):
+    offload_module = importlib.import_module("offload_kernels.model.offload")
+
+    def no_memory(device):
+        raise torch.OutOfMemoryError("injected: no memory left to measure")
+
+    monkeypatch.setattr(offload_module, "measure_hardware", no_memory)
+    model = tiny_llama(layers=4)
+    with caplog.at_level("WARNING", logger="offload_kernels"):
+        report = offload(model, "q8_0", gpu_budget=budget_for(model, 0.75), device="cpu", progress=False,
+                         measure=True)
+    assert report.hardware is None and report.predictions == []
+    assert "could not measure" in caplog.text
+    assert isinstance(model.model.layers[0].self_attn.q_proj, OffloadedLinear)
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_interrupt_after_placement_restores_the_model(monkeypatch, ids):
+    """A KeyboardInterrupt after the streamer is attached (here: while measuring) rolls everything back."""
+    offload_module = importlib.import_module("offload_kernels.model.offload")
+
+    model = tiny_llama(layers=4)
+    with torch.no_grad():
+        logits = model(ids).logits
+    snapshot = _snapshot(model)
+
+    def interrupted(device):
+        assert streamer_of(model) is not None           # the streamer really was attached
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(offload_module, "measure_hardware", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        offload(model, "q8_0", gpu_budget=budget_for(model, 0.75), device="cpu", progress=False, measure=True)
+    assert streamer_of(model) is None
+    _assert_unchanged(model, snapshot, ids, logits)
