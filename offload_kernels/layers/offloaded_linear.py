@@ -30,10 +30,13 @@ class OffloadedLinear(nn.Module):
 
     state_dict keys: ``weight`` (uint8 GGUF bytes, shape (N, row_bytes)), ``weight_format`` (int64
     tensor [ggml_type, N, K]) and ``bias``: tensors only, so safetensors can store them. Loading a plain
-    nn.Linear state dict (a float ``weight``) quantizes it to this module's qtype. ``weight`` and
+    nn.Linear state dict (a float ``weight``) quantizes it to this module's qtype, or to the qtype a
+    ``weight_format`` beside it names (whose shape must be this layer's). Quantized ``weight`` bytes and
     ``weight_format`` must agree (a ``weight_format`` naming another qtype needs that qtype's ``weight``);
     a streamed layer's new bytes are written into the engine's pinned storage in place, also with
     ``assign=True``, and it keeps its byte count (another qtype only if its bytes are the same size).
+    A load refused with an error (weight, format or bias of the wrong shape or dtype, a failed copy)
+    leaves the layer as it was.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, qtype: str = "q4_k",
@@ -171,24 +174,37 @@ class OffloadedLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        key_w, key_f = prefix + "weight", prefix + "weight_format"
+        key_w, key_f, key_b = prefix + "weight", prefix + "weight_format", prefix + "bias"
         load = super()._load_from_state_dict
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        # Everything is checked, and a new qtype's bytes copied to the device, before anything changes: a load
+        # rejected with an error leaves this layer as it was. (Missing and unexpected keys are only reported,
+        # as torch does for every module: load_state_dict raises for them after loading, unless a post-hook
+        # waives them.)
+        errors = []
+        spec, data = self._spec, None
+        if key_w in state_dict or key_f in state_dict:
+            try:
+                spec, data = self._incoming_weight(state_dict.get(key_w), state_dict.get(key_f))
+            except _LoadError as exc:
+                errors.append(f"{key_w}: {exc}")
+        try:
+            self._check_incoming_bias(state_dict.get(key_b, _ABSENT), assign)
+        except _LoadError as exc:
+            errors.append(f"{key_b}: {exc}")
+        if errors:
+            error_msgs.extend(errors)
+            return
         if key_w not in state_dict and key_f not in state_dict:
             return load(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        # Everything is checked before anything changes: a rejected load leaves this layer as it was.
-        try:
-            spec, data = self._incoming_weight(state_dict.get(key_w), state_dict.get(key_f))
-        except _LoadError as exc:
-            error_msgs.append(f"{prefix}weight: {exc}")
-            return
-        quantized_here = data is not None and data is not state_dict.get(key_w)   # from a float weight
         state_dict = dict(state_dict)
-        if data is not None:
-            state_dict[key_w] = data
-        if key_f in state_dict or quantized_here:   # the tag always describes the bytes loaded
+        if key_f in state_dict or data is not None:   # the tag always describes the bytes loaded
             state_dict[key_f] = _format_tensor(spec, self.out_features, self.in_features).to(
                 self.weight_format.device)
-        if self._streamer is not None and data is not None:
+        if data is None:                    # weight_format alone, naming the format the layer holds
+            return load(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+        if self._streamer is not None:
             # The bytes live in the engine's pinned storage, which the buffer aliases: write them there in
             # place (with assign=True too, which would otherwise swap in a tensor the engine never reads),
             # once the engine has dropped its device copies and finished the copies in flight.
@@ -200,28 +216,53 @@ class OffloadedLinear(nn.Module):
             with torch.no_grad():
                 self.weight.copy_(data)
             self._spec = spec               # _incoming_weight checked the byte count is unchanged
-            del state_dict[key_w]
-            self._non_persistent_buffers_set.add("weight")   # loaded here: neither missing nor loaded again
-            try:
-                return load(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-            finally:
-                self._non_persistent_buffers_set.discard("weight")
-        if spec.name != self.qtype:         # resident: room for the new format's bytes, which the load fills
+        elif assign or data.shape != self.weight.shape:
+            if not assign:                  # another size: copy to the device first; the swap can't fail
+                try:
+                    data = data.to(self.weight.device, copy=True)
+                except Exception as exc:  # noqa: BLE001 - reported like torch's own copy failures
+                    error_msgs.append(f"{key_w}: could not copy the {spec.name} bytes to {self.weight.device}: "
+                                      f"{exc}")
+                    return
+            self._buffers["weight"] = data  # with assign: the state dict's tensor itself, as torch does
             self._spec = spec
-            self._buffers["weight"] = torch.empty(data.shape, dtype=torch.uint8, device=self.weight.device)
-        return load(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        else:
+            with torch.no_grad():
+                self.weight.copy_(data)
+            self._spec = spec
+        # The weight is loaded: torch loads the rest (bias, format tag) with `weight` neither missing nor
+        # loaded again.
+        del state_dict[key_w]
+        self._non_persistent_buffers_set.add("weight")
+        try:
+            return load(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        finally:
+            self._non_persistent_buffers_set.discard("weight")
+
+    def _check_incoming_bias(self, b, assign: bool) -> None:
+        """Raises _LoadError where torch would fail to load ``b`` only after this layer's weight changed (or
+        where assign=True would install a bias this layer cannot use)."""
+        if b is _ABSENT or self.bias is None:   # nothing to load (a bias of a bias-free layer is unexpected)
+            return
+        if not isinstance(b, torch.Tensor):
+            raise _LoadError(f"bias must be a tensor, got {type(b).__name__}")
+        if tuple(b.shape) != (self.out_features,):
+            raise _LoadError(f"bias of shape {tuple(b.shape)} does not match ({self.out_features},)")
+        if not b.is_floating_point() or (assign and b.dtype not in _FLOAT_DTYPES):
+            raise _LoadError(f"bias dtype {b.dtype} is not {'fp16/bf16/fp32' if assign else 'a float dtype'}")
+        if b.is_meta and not self.bias.is_meta:
+            raise _LoadError("bias is a meta tensor, which has no data to load")
 
     def _incoming_weight(self, w, fmt):
         """The qtype and uint8 bytes (None if the state dict has no weight) a state dict's ``weight`` and
-        ``weight_format`` describe, checked against this layer. Raises _LoadError."""
+        ``weight_format`` describe, checked against this layer; a float ``weight`` is quantized to the qtype
+        ``weight_format`` names, else to the layer's. Raises _LoadError."""
         n, k = self.out_features, self.in_features
         for name, t in (("weight", w), ("weight_format", fmt)):
             if t is not None and not isinstance(t, torch.Tensor):
                 raise _LoadError(f"{name} must be a tensor, got {type(t).__name__}")
-        if w is not None and w.is_floating_point():          # a plain nn.Linear checkpoint: quantize it
-            if tuple(w.shape) != (n, k):
-                raise _LoadError(f"float weight of shape {tuple(w.shape)} does not match ({n}, {k})")
-            return self._spec, quantize(w.detach().to(self.weight.device), self._spec).data
+            if t is not None and t.is_meta and not self.weight.is_meta:
+                raise _LoadError(f"{name} is a meta tensor, which has no data to load")
         spec = self._spec
         if fmt is not None:
             try:
@@ -240,12 +281,19 @@ class OffloadedLinear(nn.Module):
                                  "state dict has no weight to replace them: load weight and weight_format together")
             return spec, None
         need = (n, spec.row_bytes(k))
-        if tuple(w.shape) != need or w.dtype != torch.uint8:
-            raise _LoadError(f"weight bytes {tuple(w.shape)} {w.dtype} do not match {spec.name} ({n}, {k}), "
-                             f"which needs uint8 {need}")
         if self._streamer is not None and need != tuple(self.weight.shape):
             raise _LoadError(f"cannot change a streamed layer's qtype from {self.qtype} to {spec.name}: its pinned "
                              f"storage holds {self.weight.numel()} bytes, {spec.name} needs {need[0] * need[1]}")
+        if w.is_floating_point():           # a plain nn.Linear checkpoint: quantize it
+            if tuple(w.shape) != (n, k):
+                raise _LoadError(f"float weight of shape {tuple(w.shape)} does not match ({n}, {k})")
+            try:
+                return spec, quantize(w.detach().to(self.weight.device), spec).data
+            except (TypeError, ValueError) as exc:
+                raise _LoadError(f"cannot quantize the float weight to {spec.name}: {exc}") from None
+        if tuple(w.shape) != need or w.dtype != torch.uint8:
+            raise _LoadError(f"weight bytes {tuple(w.shape)} {w.dtype} do not match {spec.name} ({n}, {k}), "
+                             f"which needs uint8 {need}")
         return spec, w
 
     def extra_repr(self) -> str:
@@ -255,6 +303,9 @@ class OffloadedLinear(nn.Module):
 
 class _LoadError(ValueError):
     """A state dict this layer cannot load; reported through load_state_dict's error list."""
+
+
+_ABSENT = object()   # a state dict without the key (None could be a value)
 
 
 def _format_tensor(spec, n: int, k: int) -> torch.Tensor:

@@ -16,7 +16,10 @@ Learning ends at whichever comes first:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
+import weakref
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
@@ -55,47 +58,47 @@ class WeightStreamer:
         self._seen: list[int] = []          # while learning: the visits so far, and their layer uses
         self._seen_uses: list[int] = []
         self._seen_groups: set[int] = set()
-        self._passes: list[bool] = []       # one entry per root forward in progress: did it complete?
+        self._depth = 0                     # root forwards in progress (nested calls of the root)
         self._pos = -1                      # position of the current visit in `order`
         self._current: Optional[int] = None
         self._current_view: Optional[torch.Tensor] = None
         self._visit_count = 0               # layer uses in the current visit
         self._pending: list[int] = []       # prefetched, not yet acquired, in prefetch order
         self.mispredictions = 0
-        self._hooks: list = []
+        self._hooks: list = []              # removable handles (the _PassWrapper of each attached root)
 
-    # ------------------------------------------------------------------ model hooks
+    # ------------------------------------------------------------------ pass boundaries
     def attach(self, root: nn.Module) -> None:
-        """Mark forward-pass boundaries of ``root``: the first complete pass teaches the order."""
-        # Our pre-hook runs first, so every end below has its begin; the end hook is always called, so an
-        # exception in the forward still releases the slot and ends the pass (flagged as aborted).
-        self._hooks.append(root.register_forward_pre_hook(lambda *_: self.begin_pass(), prepend=True))
-        self._hooks.append(root.register_forward_hook(lambda *_: self._mark_completed(), prepend=True))
-        self._hooks.append(root.register_forward_hook(lambda *_: self._end_hook(), always_call=True))
+        """Mark forward-pass boundaries of ``root``: the first complete pass teaches the order.
 
-    def _mark_completed(self) -> None:
-        if self._passes:
-            self._passes[-1] = True
-
-    def _end_hook(self) -> None:
-        if not self._passes:                # a hook that ran before ours failed: this pass never began
-            return
-        completed = self._passes.pop()
-        if not self._passes:                # the end of a nested call of the root is not the end of the pass
-            self._finish_pass(aborted=not completed)
+        ``root.forward`` is wrapped (an instance attribute; removed again by :meth:`close`) rather than hooked:
+        torch calls ``always_call`` forward hooks only for an ``Exception``, so a KeyboardInterrupt in the
+        forward would leave the pass open forever. The wrapper's ``finally`` ends the pass whatever is raised.
+        Nested calls of ``root`` count as one pass.
+        """
+        self._hooks.append(_PassWrapper(self, root))
 
     def begin_pass(self) -> None:
-        self._passes.append(False)
-        if len(self._passes) > 1:
+        """Start a pass (``attach``'s wrapper calls this); a pass begun inside another is part of it."""
+        self._depth += 1
+        if self._depth > 1:
             return
         self._release_current()
         if self._learning:                  # a pass is what we learn from: drop stray uses recorded before it
             self._reset_learning()
         self._pos = len(self.order) - 1
 
+    def _leave_pass(self, completed: bool) -> None:
+        """One ``begin_pass`` is over; the outermost one ends the pass (``completed``: it returned)."""
+        if self._depth == 0:                # close() or end_pass() already ended it
+            return
+        self._depth -= 1
+        if self._depth == 0:
+            self._finish_pass(aborted=not completed)
+
     def end_pass(self, aborted: bool = False) -> None:
-        """End the current pass (``attach`` calls this); ``aborted``: the forward raised."""
-        self._passes.clear()
+        """End the current pass, however deeply nested; ``aborted``: the forward raised."""
+        self._depth = 0
         self._finish_pass(aborted)
 
     def _finish_pass(self, aborted: bool) -> None:
@@ -139,7 +142,7 @@ class WeightStreamer:
         its group and wait for copies in flight, so the next use copies the new bytes."""
         gi, _ = self._where[id(module)]
         if gi == self._current:
-            if self._passes:
+            if self._depth:
                 raise RuntimeError("cannot load new weights into a streamed layer while a forward pass is using "
                                    "its group")
             self._release_current()       # left acquired by layers called outside the root's forward
@@ -238,7 +241,7 @@ class WeightStreamer:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        self._passes.clear()
+        self._depth = 0
         if self.engine.closed:
             return
         self._release_current()
@@ -254,3 +257,52 @@ class WeightStreamer:
     def __repr__(self) -> str:
         return (f"WeightStreamer(groups={len(self.groups)}, slots={self.engine.num_slots}, "
                 f"slot_bytes={self.engine.slot_bytes}, device={self.device})")
+
+
+class _PassWrapper:
+    """Wraps ``root.forward`` so that every call is one streaming pass, ended in ``finally`` whatever the
+    forward raises (KeyboardInterrupt included); ``remove()`` puts the original back, like a hook handle."""
+
+    def __init__(self, streamer: WeightStreamer, root: nn.Module) -> None:
+        # The forward found on the instance, if something (accelerate's hooks, say) set one: called and
+        # restored as is. Otherwise the class's forward is looked up per call through a weak reference, so
+        # the wrapper stored on the root does not keep the root alive in a reference cycle.
+        own = root.__dict__.get("forward")
+        root_ref = weakref.ref(root)
+        self._root, self._own, self.active = root_ref, own, True
+
+        def forward(*args, **kwargs):
+            target = own if own is not None else functools.partial(type(root_ref()).forward, root_ref())
+            if not self.active:             # removed, but someone wrapped over us: pass straight through
+                return target(*args, **kwargs)
+            streamer.begin_pass()
+            completed = False
+            try:
+                out = target(*args, **kwargs)
+                completed = True
+                return out
+            finally:
+                streamer._leave_pass(completed)
+
+        bound = root.forward
+        functools.wraps(bound)(forward)
+        # Callers read the forward's parameters (transformers' generate() checks model kwargs against
+        # inspect.signature(model.forward)): give the real signature without __wrapped__, which would hold the
+        # bound method, and so the root, strongly.
+        del forward.__wrapped__
+        try:
+            forward.__signature__ = inspect.signature(bound)
+        except (TypeError, ValueError):     # pragma: no cover - a forward without a signature
+            pass
+        self._wrapper = forward
+        root.forward = forward
+
+    def remove(self) -> None:
+        self.active = False
+        root = self._root()
+        if root is None or root.__dict__.get("forward") is not self._wrapper:
+            return                          # gone, or wrapped again by someone else: leave theirs in place
+        if self._own is None:
+            del root.__dict__["forward"]
+        else:
+            root.__dict__["forward"] = self._own

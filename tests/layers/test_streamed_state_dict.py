@@ -207,3 +207,113 @@ def test_streamed_layer_loads_plain_bytes_without_a_format(lin):
     layer.load_state_dict({"weight": new.data}, strict=False)
     assert torch.equal(layer(x), OffloadedLinear.from_quantized(new, layer.bias.detach().clone())(x))
     del root
+
+
+# ---------------------------------------------------------------- a refused load changes nothing
+
+def full_state(layer):
+    """Everything a load could change, and the layer's output."""
+    x = torch.randn(2, K, generator=torch.Generator().manual_seed(3))
+    bias = None if layer.bias is None else layer.bias.detach().clone()
+    return layer_state(layer), bias, x, layer(x)
+
+
+def assert_fully_unchanged(layer, snapshot):
+    state, bias, x, y = snapshot
+    assert_unchanged(layer, state)
+    assert (layer.bias is None) == (bias is None)
+    if bias is not None:
+        assert torch.equal(layer.bias, bias) and layer.bias.dtype == bias.dtype
+    assert torch.equal(layer(x), y)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("assign", [False, True])
+@pytest.mark.parametrize("qtype", ["q4_k", "q4_0", "q6_k"])   # same format, same size, another size (refused
+                                                               # anyway by a streamed layer: both reported)
+def test_a_bad_bias_refuses_the_whole_load(lin, streamed, assign, qtype):
+    """The bias is checked with the weight: before, a streamed layer's bytes (and a resident layer's, torch
+    going on past the bias error) were already replaced when the bias was refused."""
+    layer = OffloadedLinear.from_linear(lin, "q4_k")
+    root = single_streamed(layer) if streamed else layer
+    snapshot = full_state(layer)
+    torch.manual_seed(4)
+    source = OffloadedLinear.from_linear(nn.Linear(K, 48), qtype).state_dict()
+    bad_biases = [(torch.zeros(49), "bias of shape"), (torch.zeros(48, 1), "bias of shape"),
+                  (torch.zeros(48, dtype=torch.int32), "bias dtype"), (torch.zeros(48, device="meta"), "meta"),
+                  ([0.0] * 48, "bias must be a tensor")]
+    if assign:
+        bad_biases.append((torch.zeros(48, dtype=torch.float64), "bias dtype"))
+    for bias, message in bad_biases:
+        for sd in (dict(source, bias=bias), {"bias": bias}):
+            with pytest.raises(RuntimeError, match=message):
+                layer.load_state_dict(sd, assign=assign, strict=False)
+            assert_fully_unchanged(layer, snapshot)
+    if streamed:
+        assert_aliases_engine_storage(root)
+
+
+def test_a_bias_for_a_layer_without_one_is_only_unexpected(lin):
+    layer = OffloadedLinear.from_linear(nn.Linear(K, 48, bias=False), "q4_k")
+    sd = dict(OffloadedLinear.from_linear(lin, "q4_k").state_dict(), bias=torch.zeros(7))
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        layer.load_state_dict(sd)
+    assert layer.load_state_dict(sd, strict=False).unexpected_keys == ["bias"]
+
+
+class CopyFails(torch.Tensor):
+    """Bytes that cannot be copied anywhere (a failing device copy)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.to, torch.Tensor.copy_, torch.Tensor.clone, torch.Tensor.cpu, torch.Tensor.cuda,
+                    torch.Tensor.contiguous):
+            raise RuntimeError("injected copy failure")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_a_failing_copy_during_a_qtype_switch_leaves_the_layer_unchanged(lin, assign):
+    layer = OffloadedLinear.from_linear(lin, "q4_k")
+    snapshot = full_state(layer)
+    q6 = OffloadedLinear.from_linear(lin, "q6_k").state_dict()
+    if not assign:                          # assign=True takes the tensor as is: nothing is copied
+        with pytest.raises(RuntimeError, match="could not copy the q6_k bytes.*injected copy failure"):
+            layer.load_state_dict(dict(q6, weight=q6["weight"].as_subclass(CopyFails)))
+        assert_fully_unchanged(layer, snapshot)
+    with pytest.raises(RuntimeError, match="weight is a meta tensor"):       # no bytes to copy at all
+        layer.load_state_dict(dict(q6, weight=q6["weight"].to("meta")), assign=assign)
+    assert_fully_unchanged(layer, snapshot)
+    layer.load_state_dict(q6, assign=assign)                                 # and a good load still works
+    assert layer.qtype == "q6_k" and torch.equal(layer(snapshot[2]), OffloadedLinear.from_linear(lin, "q6_k")(
+        snapshot[2]))
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_float_weight_is_quantized_to_the_format_beside_it(lin, streamed):
+    """A float weight with a weight_format: quantized to the qtype the format names (it used to be
+    quantized to the layer's qtype, the format silently ignored); a format of another shape is refused."""
+    layer = OffloadedLinear.from_linear(lin, "q4_k")
+    root = single_streamed(layer) if streamed else layer
+    x = torch.randn(2, K)
+    torch.manual_seed(6)
+    source = nn.Linear(K, 48)
+    q4_0 = OffloadedLinear.from_linear(source, "q4_0")     # q4_k's size at in_features=K: a streamed layer fits it
+    layer.load_state_dict(dict(source.state_dict(), weight_format=q4_0.weight_format))
+    assert layer.qtype == "q4_0" and torch.equal(layer.weight_format, q4_0.weight_format)
+    assert layer.quantized_weight().equal(q4_0.quantized_weight()) and torch.equal(layer(x), q4_0(x))
+    snapshot = full_state(layer)
+    wrong_shape = torch.tensor([int(q4_0.quantized_weight().spec.ggml_type), 48, 2 * K])
+    with pytest.raises(RuntimeError, match=r"weight_format shape \(48, 512\) does not match \(48, 256\)"):
+        layer.load_state_dict(dict(source.state_dict(), weight_format=wrong_shape))
+    assert_fully_unchanged(layer, snapshot)
+    q6 = OffloadedLinear.from_linear(source, "q6_k")
+    sd = dict(source.state_dict(), weight_format=q6.weight_format)
+    if streamed:
+        with pytest.raises(RuntimeError, match="cannot change a streamed layer's qtype from q4_0 to q6_k"):
+            layer.load_state_dict(sd)
+        assert_fully_unchanged(layer, snapshot)
+        assert_aliases_engine_storage(root)
+    else:
+        layer.load_state_dict(sd)
+        assert layer.qtype == "q6_k" and layer.quantized_weight().equal(q6.quantized_weight())

@@ -150,3 +150,192 @@ def test_blocks_called_without_the_root_forward():
         assert s.mispredictions == 0
         assert torch.equal(streamed(X), resident(X))   # a root pass afterwards starts cleanly
     assert not acquired(streamed)
+
+
+# ------------------------------------------------------------ interrupts: BaseException, not Exception
+# torch runs always_call forward hooks only for an Exception: the pass boundaries must survive a
+# KeyboardInterrupt (or any other BaseException) raised anywhere in the forward.
+
+class Abort(BaseException):
+    pass
+
+
+def raise_once(exc_type):
+    left = [1]
+
+    def hook(*_):
+        if left[0]:
+            left[0] -= 1
+            raise exc_type("mid-pass")
+    return hook
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, Abort])
+@pytest.mark.parametrize("num_slots", [1, 2])
+@pytest.mark.parametrize("fail_at", [0, 2])
+def test_interrupt_while_learning_then_normal_passes(exc_type, fail_at, num_slots):
+    streamed, resident = pair(Net(), num_slots)
+    s = streamer_of(streamed)
+    hook = streamed.blocks[fail_at].down.register_forward_pre_hook(raise_once(exc_type))
+    with torch.no_grad(), pytest.raises(exc_type):
+        streamed(X)
+    hook.remove()
+    assert not acquired(streamed), "the interrupted pass must give its slot back"
+    assert s.order == [] and s._learning, "a partial order must not be kept"
+    with torch.no_grad():
+        expected = resident(X)
+        for _ in range(4):
+            assert torch.equal(streamed(X), expected)
+            assert not acquired(streamed)
+    assert s.order == [group_of(streamed, i) for i in range(4)]
+    assert s.mispredictions == 0
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, Abort])
+def test_interrupt_after_learning_then_normal_passes_and_a_load(exc_type):
+    streamed, resident = pair(Net())
+    s = streamer_of(streamed)
+    with torch.no_grad():
+        streamed(X)
+        hook = streamed.blocks[2].up.register_forward_hook(raise_once(exc_type))   # a layer that raises
+        with pytest.raises(exc_type):
+            streamed(X)
+        hook.remove()
+        assert not acquired(streamed), "the interrupted group must be released"
+        assert s.order == [group_of(streamed, i) for i in range(4)]
+        for _ in range(3):
+            assert torch.equal(streamed(X), resident(X))
+        assert s.mispredictions == 0
+        other = offloaded(Net(seed=1), stream=False)
+        streamed.load_state_dict(other.state_dict())     # was refused: "while a forward pass is using its group"
+        for _ in range(2):
+            assert torch.equal(streamed(X), other(X))
+    assert s.mispredictions == 0 and not acquired(streamed)
+
+
+class Recursive(Net):
+    """A root that calls itself: the nested call is part of the outer pass."""
+
+    def forward(self, x, depth=0):
+        x = self.blocks[0](x) if depth == 0 else x
+        if depth == 0:
+            return self(x, depth=1)
+        for i in range(1, len(self.blocks)):
+            x = self.blocks[i](x)
+        return x
+
+
+def test_nested_calls_of_the_root_are_one_pass():
+    streamed, resident = pair(Recursive())
+    s = streamer_of(streamed)
+    hook = streamed.blocks[2].down.register_forward_pre_hook(raise_once(KeyboardInterrupt))
+    with torch.no_grad(), pytest.raises(KeyboardInterrupt):
+        streamed(X)                          # interrupted inside the nested call
+    hook.remove()
+    assert not acquired(streamed) and s._learning and s.order == []
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(streamed(X), resident(X))
+    assert s.order == [group_of(streamed, i) for i in range(4)], "one pass: learned when the outer call returned"
+    assert s.mispredictions == 0 and not acquired(streamed)
+
+
+# ------------------------------------------------------------ the forward wrapper itself
+
+def test_wrapper_keeps_the_signature_and_close_removes_it():
+    import inspect
+
+    streamed, _ = pair(Net())
+    s = streamer_of(streamed)
+    assert "forward" in streamed.__dict__
+    assert inspect.signature(streamed.forward) == inspect.signature(Net().forward)
+    assert streamed.forward.__name__ == "forward" and streamed.forward.__doc__ == Net.forward.__doc__
+    s.close()
+    assert "forward" not in streamed.__dict__
+    assert not streamed._forward_hooks and not streamed._forward_pre_hooks
+    with torch.no_grad():
+        streamed(X)
+
+
+def test_a_forward_set_on_the_instance_is_wrapped_and_restored():
+    """Like accelerate's hooks: an instance-level forward is called through the wrapper and put back."""
+    net = Net()
+    calls = []
+    own = net.forward
+
+    def logged(x):
+        calls.append(1)
+        return own(x)
+
+    net.forward = logged
+    streamed = offloaded(net)
+    s = streamer_of(streamed)
+    with torch.no_grad():
+        for _ in range(2):
+            streamed(X)
+    assert calls == [1, 1] and s.order == [group_of(streamed, i) for i in range(4)]
+    s.close()
+    assert streamed.__dict__["forward"] is logged
+
+
+def test_the_wrapper_does_not_keep_the_model_alive():
+    import gc
+    import weakref
+
+    streamed, _ = pair(Net())
+    ref = weakref.ref(streamed)
+    gc.disable()
+    try:
+        del streamed
+        assert ref() is None, "the model is freed without waiting for the cycle collector"
+    finally:
+        gc.enable()
+
+
+# ------------------------------------------------------------ transformers: generate() through the wrapper
+
+def test_generate_with_the_wrapper_and_after_an_interrupt():
+    transformers = pytest.importorskip("transformers")
+    from offload_kernels import offload
+    from offload_kernels.model.offload import select_linears
+    from offload_kernels.model.planner import budget_for_resident_fraction
+
+    def tiny(seed=0):
+        torch.manual_seed(seed)
+        cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        return transformers.LlamaForCausalLM(cfg).eval()
+
+    def offload_tiny(model, fraction_resident):
+        sel = select_linears(model, "q8_0")
+        budget = budget_for_resident_fraction(sel.specs, sel.fixed_bytes, fraction_resident)
+        offload(model, "q8_0", gpu_budget=budget, device="cpu", progress=False, measure=False)
+        return model
+
+    streamed, resident = offload_tiny(tiny(), 0.3), offload_tiny(tiny(), 1.0)
+    s = streamer_of(streamed)
+    assert s is not None and streamer_of(resident) is None
+    import inspect
+    assert "input_ids" in inspect.signature(streamed.forward).parameters
+    ids = torch.randint(0, 320, (1, 6), generator=torch.Generator().manual_seed(2))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=0)
+    expected = resident.generate(ids, **kw)
+    layer = s.groups[-1][0]                 # a streamed layer of the last group
+    for interrupt_at in (1, 3):             # the prefill, while learning; a decode step, after it
+        calls = {"n": 0}
+
+        def interrupt(*_):
+            calls["n"] += 1
+            if calls["n"] == interrupt_at:
+                raise KeyboardInterrupt
+
+        hook = layer.register_forward_pre_hook(interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            streamed.generate(ids, **kw)
+        hook.remove()
+        assert not acquired(streamed)
+        for _ in range(2):
+            assert torch.equal(streamed.generate(ids, **kw), expected)
+        assert not acquired(streamed)
+        assert s.order == list(range(len(s.groups))) and s.mispredictions == 0
+    streamed.load_state_dict(resident.state_dict())
