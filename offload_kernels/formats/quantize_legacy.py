@@ -13,7 +13,7 @@ def _signed_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     A row whose largest magnitude occurs with one sign only (nearly all rows) needs no index search; rows
     holding both +m and -m fall back to argmax. All-zero rows keep the scan's initial +0.0.
     """
-    lo, hi = torch.aminmax(x, dim=1)
+    lo, hi = x.amin(dim=1), x.amax(dim=1)      # two passes beat torch's CPU aminmax(dim=1) ~5x on short rows
     amax = torch.maximum(hi.abs(), lo.abs())           # abs: an all-zero row gives +0.0, as in ggml
     has_pos, has_neg = hi == amax, -lo == amax
     vmax = torch.where(has_pos, amax, -amax)
@@ -38,8 +38,10 @@ def quantize_q4_0_blocks(x: torch.Tensor) -> torch.Tensor:
     # ggml casts (x*id + 8.5f) to int8_t (truncation; never negative here), then clamps to 15. When d is
     # so small that 1/d overflows, x*id is +-inf or NaN and x86's conversion yields 0x80000000, whose low
     # byte is 0: nan_to_num reproduces that.
-    q = y.add_(8.5).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).trunc_().clamp_(max=15).to(torch.uint8)
-    qs = q[:, :16] | (q[:, 16:] << 4)
+    # |y| <= 8 (up to rounding of 1/d), so y + 8.5 lies in [0, 17): the int32 cast is the truncation itself,
+    # and clamping and packing in int32 is cheaper than in float or uint8 on CPU.
+    q = y.add_(8.5).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).to(torch.int32).clamp_(max=15)
+    qs = (q[:, :16] | (q[:, 16:] << 4)).to(torch.uint8)
     return torch.cat([fp16_bytes(d), qs], dim=1)
 
 

@@ -19,13 +19,15 @@ def nearest_int(x: torch.Tensor) -> torch.Tensor:
 
 
 def roundf(x: torch.Tensor) -> torch.Tensor:
-    """C ``roundf``: round half away from zero (fp32 in, fp32 out; -0.0 may come back as +0.0).
+    """C ``roundf``: round half away from zero (fp32 in, fp32 out, signed zeros kept).
 
-    ``r = x - trunc(x)`` and ``2 * r`` are exact in fp32, and ``trunc(2 * r)`` is +-1 exactly when
-    ``|r| >= 0.5``: no comparison, no rounding of ``|x| + 0.5`` (which goes wrong just below 0.5).
+    ``a - floor(a)`` is exact in fp32 for ``a = |x|`` (Sterbenz: floor(a) <= a < 2*floor(a) once a >= 1),
+    so comparing it with 0.5 decides the rounding with no error; adding 0.5 first would round wrongly just
+    below 0.5. Built from floor/abs/copysign because torch's CPU ``trunc`` is not vectorized.
     """
-    t = torch.trunc(x)
-    return t + torch.trunc((x - t).mul_(2.0))
+    a = x.abs()
+    f = torch.floor(a)
+    return f.add_(torch.sub(a, f).ge_(0.5)).copysign_(x)
 
 
 def fp16_bytes(x: torch.Tensor) -> torch.Tensor:

@@ -106,3 +106,24 @@ def test_sequential_sum_keeps_ggmls_order():
     terms = torch.tensor([[1e8], [1.0], [-1e8], [1.0]])
     # ((1e8 + 1) - 1e8) + 1 = 1 in fp32 (1e8 + 1 rounds to 1e8); any pairwise order gives 2
     assert ka.sequential_sum(terms, start_at_zero=True).item() == 1.0
+
+
+def test_roundf_is_c_roundf_on_random_bit_patterns():
+    """rounding.roundf against C's roundf (half away from zero), computed in float64 where |x| + 0.5 is
+    exact: random fp32 bit patterns (every exponent, subnormals, inf, NaN), ties, and values just below a
+    tie, where adding 0.5 in fp32 would round up."""
+    from offload_kernels.formats.rounding import roundf
+
+    g = np.random.default_rng(7)
+    bits = g.integers(0, 2**32, size=1 << 20, dtype=np.uint64).astype(np.uint32)
+    below_half = np.nextafter(np.float32(0.5), np.float32(0))
+    special = np.array([0.5, -0.5, 1.5, -2.5, below_half, -below_half, 0.0, -0.0, np.inf, -np.inf, 8388607.5,
+                        -8388607.5, 2.0**24 + 2, 1e-45, -1e-45], dtype=np.float32)
+    x = np.concatenate([bits.view(np.float32), special, np.arange(-64, 64, 0.25, dtype=np.float32)])
+    with np.errstate(invalid="ignore"):
+        a = np.abs(x.astype(np.float64))
+        expected = np.where(np.isfinite(x), np.copysign(np.floor(a + 0.5), x), x).astype(np.float32)
+    got = roundf(torch.from_numpy(x)).numpy()
+    nan = np.isnan(x)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), expected[~nan].view(np.uint32))   # signed zeros too
