@@ -71,6 +71,15 @@ def _dq_q4_k(b: torch.Tensor, out: torch.Tensor) -> None:
     _scale_min_(out.view(nb, 8, 32), d, sc, dmin, mn)
 
 
+def _bit_planes(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """The ``8 // bits`` fields of ``bits`` bits of every byte of ``x``, lowest first, stacked along a new
+    ``dim``. Shifts by Python scalars: torch's CPU shift by a broadcast tensor is not vectorized and was
+    the largest cost of the decoders that used it."""
+    mask = (1 << bits) - 1
+    planes = [x & mask] + [(x >> shift) & mask for shift in range(bits, 8, bits)]
+    return torch.stack(planes, dim=dim)
+
+
 def _dq_q5_k(b: torch.Tensor, out: torch.Tensor) -> None:
     nb = b.shape[0]
     d, dmin = _f16(b, 0), _f16(b, 2)
@@ -78,8 +87,7 @@ def _dq_q5_k(b: torch.Tensor, out: torch.Tensor) -> None:
     qh = b[:, 16:48]
     qs = b[:, 48:176].reshape(nb, 4, 1, 32)
     q = torch.cat([qs & 15, qs >> 4], dim=2).reshape(nb, 8, 32)
-    bit_shift = torch.arange(8, device=b.device, dtype=torch.uint8)[None, :, None]
-    q |= ((qh[:, None, :] >> bit_shift) & 1) << 4                    # fifth bit of sub-block s
+    q |= _bit_planes(qh, 1, dim=1) << 4                              # fifth bit of sub-block s: bit s of qh
     out.view(nb, 8, 32).copy_(q)
     _scale_min_(out.view(nb, 8, 32), d, sc, dmin, mn)
 
@@ -93,13 +101,11 @@ def _scale_min_(q: torch.Tensor, d, sc, dmin, mn) -> None:
 def _dq_q3_k(b: torch.Tensor, out: torch.Tensor) -> None:
     nb = b.shape[0]
     hmask = b[:, 0:32]
-    qs = b[:, 32:96].reshape(nb, 2, 1, 32)                           # (half h, -, l)
+    qs = b[:, 32:96].reshape(nb, 2, 32)                               # (half h, l)
     d = _f16(b, 108)
     sc = unpack_scales_q3_k(b[:, 96:108]).view(torch.int8) - 32      # (nb, 16)
-    j_shift = (torch.arange(4, device=b.device, dtype=torch.uint8) * 2)[None, None, :, None]
-    q2 = (qs >> j_shift) & 3                                          # (nb, 2, 4, 32): e = 128h+32j+l
-    hb_shift = torch.arange(8, device=b.device, dtype=torch.uint8).reshape(1, 2, 4, 1)  # 4h + j
-    no_high = ((hmask[:, None, None, :] >> hb_shift) & 1) ^ 1
+    q2 = _bit_planes(qs, 2, dim=2)                                    # (nb, 2, 4, 32): e = 128h+32j+l
+    no_high = _bit_planes(hmask, 1, dim=1).view(nb, 2, 4, 32) ^ 1     # bit 4h + j of hmask[l]
     q = q2.view(torch.int8) - (no_high << 2).view(torch.int8)         # minus 4 when the high bit is 0
     out.copy_(q.view(nb, 256))
     out.view(nb, 16, 16).mul_((d[:, None] * sc.float())[:, :, None])  # s = 8h + 2j + (l >> 4)
@@ -107,14 +113,12 @@ def _dq_q3_k(b: torch.Tensor, out: torch.Tensor) -> None:
 
 def _dq_q6_k(b: torch.Tensor, out: torch.Tensor) -> None:
     nb = b.shape[0]
-    ql = b[:, 0:128].reshape(nb, 2, 1, 2, 32)                        # (h, -, r&1, l)
-    qh = b[:, 128:192].reshape(nb, 2, 1, 32)                         # (h, -, l)
+    ql = b[:, 0:128].reshape(nb, 2, 2, 32)                           # (h, r&1, l)
+    qh = b[:, 128:192].reshape(nb, 2, 32)                            # (h, l)
     scales = b[:, 192:208].contiguous().view(torch.int8)
     d = _f16(b, 208)
-    nib_shift = (torch.arange(2, device=b.device, dtype=torch.uint8) * 4).reshape(1, 1, 2, 1, 1)  # 4*(r>>1)
-    nib = ((ql >> nib_shift) & 15).reshape(nb, 2, 4, 32)             # r = 2*(r>>1) + (r&1)
-    hi_shift = (torch.arange(4, device=b.device, dtype=torch.uint8) * 2).reshape(1, 1, 4, 1)
-    q = (nib | (((qh >> hi_shift) & 3) << 4)).view(torch.int8) - 32
+    nib = torch.cat([ql & 15, ql >> 4], dim=2)                       # (nb, 2, 4, 32): r = 2*(r>>1) + (r&1)
+    q = (nib | (_bit_planes(qh, 2, dim=2) << 4)).view(torch.int8) - 32
     out.copy_(q.view(nb, 256))
     out.view(nb, 16, 16).mul_((d[:, None] * scales.float())[:, :, None])  # s = 8h + 2r + (l >> 4)
 
