@@ -385,8 +385,6 @@ class OffloadBench:
         from offload_kernels.model import streamer_of
 
         provider = f"{self.args.qtype}_{round(fraction * 100)}pct"
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
         model = self.fresh_model(build_device)
         if model is None:
             return self.note(f"time budget reached before {provider}")
@@ -403,6 +401,8 @@ class OffloadBench:
                 predicted={pr.tokens: pr.tokens_per_s for pr in report.predictions})
             print(f"\n{provider}: offload() took {p.offload_s:.1f} s (quantize + place); target {fraction:.0%} "
                   f"resident, planned {p.resident_fraction:.1%}\n{report}", flush=True)
+            if self.cuda:       # the peak of running the offloaded model, not of building the dense one
+                torch.cuda.reset_peak_memory_stats(self.device)
             self.measure(provider, model, self.points, streamer_of(model))
             if self.cuda:
                 p.peak_gpu_bytes = torch.cuda.max_memory_allocated(self.device)

@@ -123,7 +123,12 @@ def offload_report(args: argparse.Namespace, device: torch.device) -> str:
         ref_logits = original(ids[:, :64]).logits.float()
 
     resident = copy.deepcopy(original)
-    offload(resident, args.qtype, device=device, progress=False, measure=False)
+    resident_report = offload(resident, args.qtype, device=device, progress=False, measure=False)
+    if resident_report.placement.streamed_groups:       # the default budget (free memory) was too small
+        raise SystemExit(f"the demo model does not fit in {device}'s free memory fully resident "
+                         f"({human_bytes(resident_report.placement.resident_bytes)} resident, "
+                         f"{human_bytes(resident_report.bytes_streamed_per_forward)} streamed); "
+                         "try fewer --layers")
     streamed = copy.deepcopy(original)
     budget = _budget_streaming(original, args.qtype, args.streamed)
     report = offload(streamed, args.qtype, gpu_budget=budget, device=device, progress=False, measure=False)
@@ -143,6 +148,7 @@ def offload_report(args: argparse.Namespace, device: torch.device) -> str:
                 secs = median_seconds(lambda: model(x, use_cache=False), device, repeats=3)
                 link_bytes = achieved = ""
                 if model is streamed and streamer is not None:
+                    streamer.engine.synchronize()   # the copies queued for the next pass report their time
                     st = streamer.stats()
                     per_forward = st["bytes_copied"] / 4          # warm-up + 3 timed forwards
                     link_bytes = human_bytes(per_forward)
@@ -165,7 +171,9 @@ def offload_report(args: argparse.Namespace, device: torch.device) -> str:
         format_table(["model", "tokens/forward", "ms/forward", "tokens/s", "link bytes/forward",
                       "achieved link GB/s", "logit rel err vs fp", "top-1 vs fp"], rows),
         f"  greedy generation, 16 tokens: offloaded == fully resident: {torch.equal(gen_streamed, gen_resident)}; "
-        f"streamer mispredictions: {streamer.mispredictions if streamer else 0}",
+        f"streamer mispredictions: {streamer.mispredictions if streamer else 0}"
+        + ("" if device.type != "cuda" else " (on a GPU, split-K kernels add partial sums atomically in a varying "
+           "order, so a near-tie between two tokens may break differently)"),
         "  (errors are against the same model unquantized; with random weights they compound over the layers "
         "more than in trained models: try --qtype q8_0 for the ~1% floor)",
     ]

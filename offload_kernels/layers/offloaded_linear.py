@@ -288,7 +288,10 @@ class OffloadedLinear(nn.Module):
             if tuple(w.shape) != (n, k):
                 raise _LoadError(f"float weight of shape {tuple(w.shape)} does not match ({n}, {k})")
             try:
-                return spec, quantize(w.detach().to(self.weight.device), spec).data
+                # A streamed layer's bytes live on the host, but its streamer's device (a GPU) quantizes
+                # far faster than the CPU; the bytes come back to the host view afterwards.
+                where = self._streamer.device if self._streamer is not None else self.weight.device
+                return spec, quantize(w.detach().to(where), spec).data
             except (TypeError, ValueError) as exc:
                 raise _LoadError(f"cannot quantize the float weight to {spec.name}: {exc}") from None
         if tuple(w.shape) != need or w.dtype != torch.uint8:

@@ -85,13 +85,16 @@ class BudgetError(ValueError):
 
 def default_budget(device) -> int | None:
     """The budget used when none is given: on CUDA, the device's free memory less 10% and 1 GiB left for
-    activations and the KV cache; on the CPU, no limit (everything resident)."""
+    activations and the KV cache; on the CPU, no limit (everything resident). Free memory includes what
+    torch's caching allocator holds but does not use (it is reused for our tensors), which the driver's
+    mem_get_info counts as taken."""
     import torch
 
     device = torch.device(device)
     if device.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return max(0, int(free * 0.9) - (1 << 30))
 
 
