@@ -38,6 +38,18 @@ std::string hex(uintptr_t v) {
   return os.str();
 }
 
+// An idle event from `idle` (events are reused rather than created per copy), or a new one with `flags`.
+cudaEvent_t take_event(std::vector<cudaEvent_t>& idle, unsigned int flags) {
+  if (!idle.empty()) {
+    cudaEvent_t e = idle.back();
+    idle.pop_back();
+    return e;
+  }
+  cudaEvent_t e = nullptr;
+  OK_CUDA_CHECK(cudaEventCreateWithFlags(&e, flags));
+  return e;
+}
+
 }  // namespace
 
 CudaBackend::CudaBackend(int device, int num_slots) : device_(device), slots_(static_cast<size_t>(num_slots)) {
@@ -92,27 +104,9 @@ void CudaBackend::check_stream(uintptr_t stream) const {
 #endif
 }
 
-cudaEvent_t CudaBackend::take_sync_event() {
-  if (!idle_sync_events_.empty()) {
-    cudaEvent_t e = idle_sync_events_.back();
-    idle_sync_events_.pop_back();
-    return e;
-  }
-  cudaEvent_t e = nullptr;
-  OK_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-  return e;
-}
+cudaEvent_t CudaBackend::take_sync_event() { return take_event(idle_sync_events_, cudaEventDisableTiming); }
 
-cudaEvent_t CudaBackend::take_timing_event() {
-  if (!idle_timing_events_.empty()) {
-    cudaEvent_t e = idle_timing_events_.back();
-    idle_timing_events_.pop_back();
-    return e;
-  }
-  cudaEvent_t e = nullptr;
-  OK_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDefault));
-  return e;
-}
+cudaEvent_t CudaBackend::take_timing_event() { return take_event(idle_timing_events_, cudaEventDefault); }
 
 void CudaBackend::recycle(const PendingTiming& t) {
   for (int i = 0; i < t.count; ++i) idle_timing_events_.push_back(t.events[i]);

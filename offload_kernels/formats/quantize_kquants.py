@@ -131,12 +131,17 @@ def _pack_scale_min_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
     return packed.to(torch.uint8)
 
 
-def _q4_k_chunk(x: torch.Tensor, out: torch.Tensor, scratch: Scratch) -> None:
-    d, dmin, scales, q = _quantize_qkx2(x, nmax=15, rmin=-1.0, nstep=20, scratch=scratch)
-    nb = x.shape[0]
+def _write_scales_k4(out: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, scales: torch.Tensor) -> None:
+    """The header q4_k and q5_k blocks share: fp16 d and dmin, then the 12 packed 6-bit scale/min bytes."""
     out[:, 0:2] = fp16_bytes(d)
     out[:, 2:4] = fp16_bytes(dmin)
     out[:, 4:16] = scales
+
+
+def _q4_k_chunk(x: torch.Tensor, out: torch.Tensor, scratch: Scratch) -> None:
+    d, dmin, scales, q = _quantize_qkx2(x, nmax=15, rmin=-1.0, nstep=20, scratch=scratch)
+    nb = x.shape[0]
+    _write_scales_k4(out, d, dmin, scales)
     q = q.view(nb, 4, 2, 32)                                          # group 2c + h, position l
     torch.bitwise_or(q[:, :, 0], q[:, :, 1] << 4, out=out[:, 16:144].view(nb, 4, 32))
 
@@ -144,9 +149,7 @@ def _q4_k_chunk(x: torch.Tensor, out: torch.Tensor, scratch: Scratch) -> None:
 def _q5_k_chunk(x: torch.Tensor, out: torch.Tensor, scratch: Scratch) -> None:
     d, dmin, scales, q = _quantize_qkx2(x, nmax=31, rmin=-0.5, nstep=15, scratch=scratch)
     nb = x.shape[0]
-    out[:, 0:2] = fp16_bytes(d)
-    out[:, 2:4] = fp16_bytes(dmin)
-    out[:, 4:16] = scales
+    _write_scales_k4(out, d, dmin, scales)
     out[:, 16:48] = _pack_bit_planes(q >> 4)                          # bit s of qh[l]: fifth bit of group s
     low = (q & 15).view(nb, 4, 2, 32)
     torch.bitwise_or(low[:, :, 0], low[:, :, 1] << 4, out=out[:, 48:176].view(nb, 4, 32))

@@ -19,7 +19,7 @@ import triton.language as tl
 from . import configs
 from .decode import Q4_0, Q8_0, QTYPE_CODES, SUB_BLOCK, decode_tile
 from .epilogue import store_output
-from .runtime import INTERPRETER, count_launch, launch, sm_count, split_k_workspace, tuning_key
+from .runtime import INTERPRETER, count_launch, launch_split_k, sm_count, tuning_key
 
 
 @triton.jit
@@ -90,14 +90,7 @@ def gemm(x2d: torch.Tensor, qt, bias: "torch.Tensor | None", out: torch.Tensor, 
     m, k = x2d.shape
     n = qt.shape[0]
     fp32 = x2d.dtype == torch.float32
-    ws = out       # replaced by late_args once the config (its split_k) is known
-
-    def workspace(config):
-        nonlocal ws
-        ws = split_k_workspace(out, None if config is None else config.kwargs["split_k"])
-        return {"ws_ptr": ws}
-
-    args = dict(x_ptr=x2d, w_ptr=qt.data, bias_ptr=bias if bias is not None else out, out_ptr=out, ws_ptr=ws,
+    args = dict(x_ptr=x2d, w_ptr=qt.data, bias_ptr=bias if bias is not None else out, out_ptr=out,
                 M=m, N=n, K=k, stride_xm=x2d.stride(0), row_bytes=qt.row_bytes,
                 M_BUCKET=configs.next_power_of_2(m), QTYPE=QTYPE_CODES[qt.qtype], HAS_BIAS=bias is not None,
                 SUB=SUB_BLOCK[qt.qtype], RN=not INTERPRETER, DOT_PRECISION=dot_precision(x2d.dtype),
@@ -107,12 +100,9 @@ def gemm(x2d: torch.Tensor, qt, bias: "torch.Tensor | None", out: torch.Tensor, 
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["split_k"])
 
     sms = sm_count(x2d.device)
-    config = launch(_gemm_tuned, grid, args, tuning_key("gemm", args, _GEMM_KEY),
-                    lambda: configs.gemm_heuristic_config(m, n, k, qt.qtype, sms, split_k, fp32=fp32),
-                    tune=split_k is None, device=x2d.device, late_args=workspace)
-    split = config.kwargs["split_k"]
-    if split > 1 and ws is not out:
-        out.copy_(ws)
+    split = launch_split_k(_gemm_tuned, grid, args, tuning_key("gemm", args, _GEMM_KEY),
+                           lambda: configs.gemm_heuristic_config(m, n, k, qt.qtype, sms, split_k, fp32=fp32),
+                           tune=split_k is None, out=out)
     variant = "gemm_splitk" if split > 1 else "gemm"
     count_launch(variant)
     return variant

@@ -27,7 +27,7 @@ from . import configs
 from .decode import (Q3_K, Q4_0, Q4_K, Q5_K, Q6_K, QTYPE_CODES, f16_field, f16_field_masked,
                      k4_scale_min, q3_k_scale, q6_k_scale, scaled_quant)
 from .epilogue import store_output
-from .runtime import count_launch, launch, sm_count, split_k_workspace, tuning_key
+from .runtime import count_launch, launch_split_k, sm_count, tuning_key
 
 
 # ---------------------------------------------------------------------------------- per-format steps
@@ -219,14 +219,7 @@ def gemv(x2d: torch.Tensor, qt, bias: "torch.Tensor | None", out: torch.Tensor, 
     n = qt.shape[0]
     block_m = configs.gemv_block_m(m)
     tile_a, tile_b = configs.GEMV_TILE[qt.qtype]
-    ws = out       # replaced by late_args once the config (its split_k) is known
-
-    def workspace(config):
-        nonlocal ws
-        ws = split_k_workspace(out, None if config is None else config.kwargs["split_k"])
-        return {"ws_ptr": ws}
-
-    args = dict(x_ptr=x2d, w_ptr=qt.data, bias_ptr=bias if bias is not None else out, out_ptr=out, ws_ptr=ws,
+    args = dict(x_ptr=x2d, w_ptr=qt.data, bias_ptr=bias if bias is not None else out, out_ptr=out,
                 M=m, N=n, K=k, stride_xm=x2d.stride(0), row_bytes=qt.row_bytes,
                 M_BUCKET=configs.next_power_of_2(m), QTYPE=QTYPE_CODES[qt.qtype], HAS_BIAS=bias is not None,
                 BLOCK_M=block_m, TILE_A=tile_a, TILE_B=tile_b)
@@ -235,12 +228,9 @@ def gemv(x2d: torch.Tensor, qt, bias: "torch.Tensor | None", out: torch.Tensor, 
         return (triton.cdiv(n, meta["BLOCK_N"]), meta["split_k"], triton.cdiv(m, block_m))
 
     sms = sm_count(x2d.device)
-    config = launch(_gemv_tuned, grid, args, tuning_key("gemv", args, _GEMV_KEY),
-                    lambda: configs.gemv_heuristic_config(m, n, k, qt.qtype, sms, split_k),
-                    tune=split_k is None, device=x2d.device, late_args=workspace)
-    split = config.kwargs["split_k"]
-    if split > 1 and ws is not out:
-        out.copy_(ws)
+    split = launch_split_k(_gemv_tuned, grid, args, tuning_key("gemv", args, _GEMV_KEY),
+                           lambda: configs.gemv_heuristic_config(m, n, k, qt.qtype, sms, split_k),
+                           tune=split_k is None, out=out)
     variant = "gemv_splitk" if split > 1 else "gemv"
     count_launch(variant)
     return variant

@@ -170,6 +170,26 @@ def launch(tuner: Any, grid: Callable[[dict], tuple], args: dict[str, Any], key:
         return config
 
 
+def launch_split_k(tuner: Any, grid: Callable[[dict], tuple], args: dict[str, Any], key: tuple,
+                   heuristic: Callable[[], triton.Config], *, tune: bool, out: torch.Tensor) -> int:
+    """:func:`launch` for the split-K kernels (GEMV, GEMM): a program stores into ``out`` when K is not split
+    and atomically adds into the fp32 workspace ``ws_ptr`` otherwise. The workspace is sized for the config
+    that runs (see split_k_workspace) and cast into ``out`` afterwards. Returns the split that ran."""
+    ws = out
+
+    def workspace(config: "triton.Config | None") -> dict[str, Any]:
+        nonlocal ws
+        ws = split_k_workspace(out, None if config is None else config.kwargs["split_k"])
+        return {"ws_ptr": ws}
+
+    config = launch(tuner, grid, {**args, "ws_ptr": out}, key, heuristic, tune=tune, device=out.device,
+                    late_args=workspace)
+    split = config.kwargs["split_k"]
+    if split > 1 and ws is not out:
+        out.copy_(ws)
+    return split
+
+
 def forget_tuned_configs() -> None:
     """Drop every remembered autotuning result (the next call per key tunes again): ours, and the one
     Triton's Autotuner keeps per key (``.cache``), which would otherwise answer without benchmarking."""
