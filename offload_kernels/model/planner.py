@@ -14,6 +14,7 @@ Time model for one forward of M tokens (a roofline per layer, copies overlapping
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -132,13 +133,15 @@ def budget_for_resident_fraction(linears: Sequence[LinearSpec], fixed_bytes: int
 
     The plan keeps whole units and fills what is left with single layers, so it reaches ``fraction`` to
     within one unit; when the rest would fit in the slots anyway, this budget holds everything and the
-    plan keeps it all resident. ``linears``/``fixed_bytes`` come from ``offload.select_linears(model, ...)`` (its ``specs``
-    and ``fixed_bytes``) or a ``shapes.ModelInventory`` (``linears`` and ``fixed_bytes``).
+    plan keeps it all resident. ``linears``/``fixed_bytes`` come from ``offload.select_linears(model, ...)``
+    (its ``specs`` and ``fixed_bytes``) or a ``shapes.ModelInventory`` (``linears`` and ``fixed_bytes``).
     """
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
         raise ValueError(f"fraction must be a number between 0 and 1, got {fraction!r}")
     if num_slots < 1:
         raise ValueError(f"num_slots must be at least 1, got {num_slots}")
+    if isinstance(fixed_bytes, bool) or not isinstance(fixed_bytes, numbers.Integral) or fixed_bytes < 0:
+        raise ValueError(f"fixed_bytes must be a non-negative integer, got {fixed_bytes!r}")
     if not linears:
         raise ValueError("no linear layers to place: there is no resident fraction to budget for")
     total = sum(lin.nbytes for lin in linears)

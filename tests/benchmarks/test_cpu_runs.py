@@ -50,10 +50,11 @@ def test_quantize_benchmark_times_each_thread_count(tmp_path, one_thread):
     assert "| q4_0 | 1 |" in table and "| q4_0 | 2 |" in table
 
 
-def test_quantize_benchmark_rejects_a_zero_thread_count(tmp_path):
-    with pytest.raises(SystemExit, match="thread counts must be >= 1"):
+@pytest.mark.parametrize("threads", ["0", "two", "1,-2"])
+def test_quantize_benchmark_rejects_bad_thread_counts(tmp_path, threads):
+    with pytest.raises(SystemExit, match="thread counts must be integers >= 1"):
         cli_main(["bench", "quantize", "--shape", "64x256", "--qtypes", "q4_0", "--reps", "1", "--no-cuda",
-                  "--threads", "0", "--out", str(tmp_path)])
+                  "--threads", threads, "--out", str(tmp_path)])
 
 
 def test_offload_benchmark_on_the_cpu_path(tmp_path, one_thread):

@@ -2,14 +2,16 @@
 copy/compute overlap, a hot path that never blocks the host, pinned-memory accounting and fallback, and
 clean-up. Skipped without a CUDA device and the CUDA build of the extension.
 
-Timing assertions are skipped under compute-sanitizer (OFFLOAD_KERNELS_UNDER_SANITIZER=1), which slows
-everything down; see run_compute_sanitizer.sh.
+No assertion here is about speed (that is bench/'s job: `offload-kernels bench transfer`). Overlap and a
+non-blocking host are shown by stream state instead: a long spin kernel keeps a stream busy, and what must
+(or must not) have finished while it runs is checked with stream queries. Those checks are skipped under
+compute-sanitizer (OFFLOAD_KERNELS_UNDER_SANITIZER=1), which serializes GPU work; see
+run_compute_sanitizer.sh.
 """
 
 from __future__ import annotations
 
 import random
-import time
 
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ from .engine_helpers import (CUDA_SKIP_REASON, HAS_CUDA, UNDER_SANITIZER, Driver
                              register_random_items, run_random_schedule)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON)]
-timing = pytest.mark.skipif(UNDER_SANITIZER, reason="timings are meaningless under compute-sanitizer")
+concurrent = pytest.mark.skipif(UNDER_SANITIZER, reason="compute-sanitizer serializes GPU work")
 
 MiB = 1 << 20
 
@@ -34,11 +36,6 @@ def cycles_per_ms() -> float:
 
 def on_device(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).cuda()
-
-
-def elapsed_ms(start: torch.cuda.Event, end: torch.cuda.Event) -> float:
-    end.synchronize()
-    return start.elapsed_time(end)
 
 
 class DeviceChecks:
@@ -164,11 +161,10 @@ def test_invalidate_waits_for_a_copy_in_flight_and_drops_the_stale_slot(make_eng
         eng.release(a)               # the slot is free only after the spin
         assert eng.prefetch(b) is True  # its copy waits ~100 ms for the slot
         eng.cancel(b)
-        t0 = time.perf_counter()
         assert eng.invalidate(b) is True
-        waited_s = time.perf_counter() - t0
-        if not UNDER_SANITIZER:
-            assert waited_s > 0.05, f"invalidate returned after {waited_s * 1e3:.1f} ms, before the copy landed"
+        # The cancelled copy waited for the spin (its slot's release); invalidate waited for that copy, so
+        # the spin is over. Had invalidate returned at once, the 100 ms spin would still be running.
+        assert consumer.query(), "invalidate returned before the copy in flight had landed"
         eng.host_views(b)[0].copy_(torch.from_numpy(b_new))
         assert eng.prefetch(b) is True  # not a hit on the old bytes
         checks(b, eng.acquire(b))
@@ -177,77 +173,29 @@ def test_invalidate_waits_for_a_copy_in_flight_and_drops_the_stale_slot(make_eng
     assert eng.state(b) == "resident" and eng.invalidate(b) is True and eng.state(b) == "host"
 
 
-def test_copy_overlaps_compute(make_engine, cycles_per_ms):
-    n = 128 * MiB
+@concurrent
+def test_copy_completes_while_a_kernel_runs(make_engine, cycles_per_ms):
+    """Evidence of overlap: a copy enqueued while a long kernel occupies the consumer stream lands while
+    that kernel is still running, and its bytes are right once the consumer reads them."""
+    rng = np.random.default_rng(8)
+    a_src, b_src = random_bytes(rng, 16 * MiB), random_bytes(rng, 16 * MiB)
     eng = make_engine("cuda", num_slots=2)
-    items = eng.register_many([np.full(n, i, np.uint8) for i in range(3)])
+    a, b = eng.register_many([a_src, b_src])
+    checks = DeviceChecks({a: a_src, b: b_src})
     compute = torch.cuda.Stream()
-    order = iter(items * 10)  # 3 items through 2 slots in turn: every prefetch is a copy
-
-    def run(with_copy: bool, spin_cycles: int) -> float:
-        with torch.cuda.stream(compute):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(compute)
-            if spin_cycles:
-                spin(spin_cycles, compute)
-            if with_copy:
-                h = next(order)
-                assert eng.prefetch(h) is True
-                eng.acquire(h)
-            end.record(compute)
-            ms = elapsed_ms(start, end)
-            if with_copy:
-                eng.release(h)
-            return ms
-
-    run(True, 0), run(False, 1000)  # warm up (slots allocated, module loaded)
-    copy_ms = min(run(True, 0) for _ in range(3))
-    spin_cycles = int(cycles_per_ms * copy_ms)
-    spin_ms = min(run(False, spin_cycles) for _ in range(3))
-    both_ms = min(run(True, spin_cycles) for _ in range(3))
-    print(f"copy {copy_ms:.2f} ms, spin {spin_ms:.2f} ms, both {both_ms:.2f} ms")
-    if not UNDER_SANITIZER:
-        # serialized would be copy + spin; overlapped is close to the longer of the two
-        assert both_ms < 0.75 * (copy_ms + spin_ms)
-        assert both_ms < 1.3 * max(copy_ms, spin_ms)
+    with torch.cuda.stream(compute):
+        eng.prefetch(a), eng.acquire(a), eng.release(a)     # slots allocated; a's slot free before the spin
+        eng.synchronize()
+        spin(int(cycles_per_ms * 500), compute)             # the consumer stream is busy for ~0.5 s
+        assert eng.prefetch(b) is True                      # a copy into the other slot: nothing to wait for
+        eng.synchronize()                                   # waits for copies and earlier releases only
+        assert not compute.query(), "the copy did not finish while the kernel was running"
+        checks(b, eng.acquire(b))
+        eng.release(b)
+    checks.assert_clean()
 
 
-@timing
-def test_pipelined_layers_overlap(make_engine, cycles_per_ms):
-    """prefetch(next); acquire(this); compute; release(this): total close to max(all copies, all compute)."""
-    n, layers = 64 * MiB, 12
-    eng = make_engine("cuda", num_slots=2)
-    handles = eng.register_many([np.full(n, i, np.uint8) for i in range(layers)])
-    compute = torch.cuda.Stream()
-
-    def sweep(spin_cycles: int, copies: bool) -> float:
-        with torch.cuda.stream(compute):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(compute)
-            if copies:
-                eng.prefetch(handles[0])
-            for i, h in enumerate(handles):
-                if copies:
-                    if i + 1 < layers:
-                        eng.prefetch(handles[i + 1])
-                    eng.acquire(h)
-                if spin_cycles:
-                    spin(spin_cycles, compute)
-                if copies:
-                    eng.release(h)
-            end.record(compute)
-            return elapsed_ms(start, end)
-
-    sweep(0, True)
-    copy_ms = sweep(0, True)
-    spin_cycles = int(cycles_per_ms * copy_ms / layers)
-    compute_ms = sweep(spin_cycles, False)
-    both_ms = sweep(spin_cycles, True)
-    print(f"copies {copy_ms:.2f} ms, compute {compute_ms:.2f} ms, overlapped {both_ms:.2f} ms")
-    assert both_ms < 1.25 * max(copy_ms, compute_ms)
-
-
-@timing
+@concurrent
 def test_hot_path_never_blocks_the_host(make_engine, cycles_per_ms):
     eng = make_engine("cuda", num_slots=2)
     handles = eng.register_many([np.full(16 * MiB, i, np.uint8) for i in range(3)])
@@ -257,19 +205,19 @@ def test_hot_path_never_blocks_the_host(make_engine, cycles_per_ms):
             eng.prefetch(h), eng.acquire(h), eng.release(h)
         torch.cuda.synchronize()
         spin(int(cycles_per_ms * 300), compute)  # the consumer stream is busy for 300 ms
-        t0 = time.perf_counter()
         for i in range(9):
             h = handles[i % 3]
             eng.prefetch(h)
             eng.acquire(h)
             eng.release(h)
             eng.stats()
-        host_s = time.perf_counter() - t0
-    assert host_s < 0.1, f"the host blocked for {host_s * 1e3:.0f} ms while the GPU was busy"
+        # Nine prefetch/acquire/release cycles, each depending on GPU work, were enqueued without the host
+        # waiting for any of it: the 300 ms spin is still running.
+        assert not compute.query(), "the host blocked on GPU work in the prefetch/acquire/release cycle"
     eng.synchronize()
 
 
-@timing
+@concurrent
 def test_timings_are_measured(make_engine, cycles_per_ms):
     eng = make_engine("cuda", num_slots=1)
     a, b = eng.register_many([np.zeros(64 * MiB, np.uint8), np.ones(64 * MiB, np.uint8)])
@@ -288,37 +236,8 @@ def test_timings_are_measured(make_engine, cycles_per_ms):
     eng.synchronize()
     s = eng.stats()
     assert (s["copies"], s["hits"], s["bytes_copied"]) == (1, 1, 64 * MiB)
-    assert 0.010 < s["slot_wait_s"] < 0.5
-    assert s["consumer_wait_s"] > 0.5 * s["copy_time_s"] > 0
-    assert 1e9 < s["bytes_copied"] / s["copy_time_s"] < 1e12  # a plausible host-to-device bandwidth
-
-
-@timing
-def test_engine_copies_at_pinned_bandwidth(make_engine):
-    """Pageable memory would copy at about half the speed of torch's pinned copy."""
-    n = 256 * MiB
-    eng = make_engine("cuda", num_slots=2)
-    handles = eng.register_many([np.zeros(n, np.uint8) for _ in range(3)])
-    for h in handles:
-        eng.prefetch(h), eng.acquire(h), eng.release(h)
-    eng.synchronize()
-    eng.reset_stats()
-    for h in handles:
-        eng.prefetch(h), eng.acquire(h), eng.release(h)
-    eng.synchronize()
-    s = eng.stats()
-    engine_gbs = s["bytes_copied"] / s["copy_time_s"] / 1e9
-
-    src, dst = torch.zeros(n, dtype=torch.uint8).pin_memory(), torch.empty(n, dtype=torch.uint8, device="cuda")
-    dst.copy_(src, non_blocking=True)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(3):
-        dst.copy_(src, non_blocking=True)
-    end.record()
-    torch_gbs = 3 * n / (elapsed_ms(start, end) * 1e-3) / 1e9
-    print(f"engine {engine_gbs:.1f} GB/s, torch pinned {torch_gbs:.1f} GB/s")
-    assert engine_gbs > 0.8 * torch_gbs
+    assert s["slot_wait_s"] > 0             # the copy of b waited for the spin to free the slot
+    assert s["consumer_wait_s"] > 0 and s["copy_time_s"] > 0   # every wait and copy was timed
 
 
 def test_pinned_bytes_are_exact(make_engine):
@@ -419,8 +338,8 @@ def test_spin_calibration_is_plausible(cycles_per_ms):
     assert 1e5 < cycles_per_ms < 1e7  # GPU clocks are 0.1 to 10 GHz
     if UNDER_SANITIZER:
         return
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    spin(int(cycles_per_ms * 10))
-    end.record()
-    assert 7.0 < elapsed_ms(start, end) < 15.0
+    stream = torch.cuda.current_stream()
+    spin(int(cycles_per_ms * 200))     # what the other tests rely on: a long spin keeps its stream busy
+    assert not stream.query()
+    stream.synchronize()
+    assert stream.query()

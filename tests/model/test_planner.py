@@ -137,6 +137,9 @@ def test_budget_for_resident_fraction_edges():
             budget_for_resident_fraction(lin, 0, bad)
     with pytest.raises(ValueError, match="num_slots"):
         budget_for_resident_fraction(lin, 0, 0.5, num_slots=0)
+    for bad in (-1, 2.5, None):
+        with pytest.raises(ValueError, match="fixed_bytes"):
+            budget_for_resident_fraction(lin, bad, 0.5)
 
 
 def test_budget_for_resident_fraction_on_a_preset_inventory():
