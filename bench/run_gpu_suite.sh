@@ -22,7 +22,9 @@
 #   test                pytest -m gpu tests (no -x; junit XML), including tests/benchmarks/test_gpu_smoke.py,
 #                       each benchmark on tiny settings: their CUDA code checked before the long stages  ~3-6 min
 #   test-all            the whole test suite there (device-parametrized tests then take the CUDA path)
-#   sanitize            tests/engine/run_compute_sanitizer.sh: memcheck, racecheck, synccheck    ~3-5 min
+#   sanitize            tests/engine/run_compute_sanitizer.sh: memcheck, synccheck, racecheck (each at most
+#                       200 s; racecheck, slowest, last: it did not finish in 6 min on the first H100 run)
+#   profile             bench/profile_qmatmul.py --cprofile: host launch time vs kernel time per call  ~1-2 min
 #   bench-kernels       offload-kernels bench kernels --quick (autotuned)                         ~3-6 min
 #   bench-kernels-full  every qtype on the Llama-3-8B shapes, heuristic configs, in the time left
 #   bench-transfer      offload-kernels bench transfer                                            ~2 min
@@ -38,10 +40,12 @@
 #
 # A 30-minute device budget, one call per line, in this order (machine start and rebuild cost 1-3 min a call
 # unless the next call follows within 30 s):
-#   1. build test                      correctness first                               ~6-8 min
+#   1. build test profile              correctness first, then where a call's time goes ~7-9 min
 #   2. bench-offload                   issue 5's end-to-end numbers                    ~6-9 min
 #   3. bench-kernels bench-transfer                                                    ~6-8 min
 #   4. sanitize bench-quantize         if time is left                                 ~5-7 min
+# The idle machine goes back 30 s after a call: send the next call at once, read the results afterwards.
+# (First H100 run, 2026-11-24: calls 1-3 took 4, 6 and 3 min of command time, 1-2 min of start each.)
 #
 # Environment: PYTHON (default python3), OUT (default .device_out/ in the repo), SUITE_LIMIT_S (0: no limit),
 # OFFLOAD_KERNELS_COMMIT, OFFLOAD_KERNELS_CUDA_ARCHS (default 90), RESULTS_DIR (default bench/results: the
@@ -62,11 +66,11 @@ PACK_S=25                                   # kept back for packing the results
 work="$(mktemp -d)"
 mkdir -p "$work/logs"
 touch "$work/start-stamp"
-declare -A LIMIT=([build]=360 [test]=480 [test-all]=560 [sanitize]=480 [bench-kernels]=420
+declare -A LIMIT=([build]=360 [test]=480 [test-all]=560 [sanitize]=480 [profile]=240 [bench-kernels]=420
                   [bench-kernels-full]=560 [bench-transfer]=300 [bench-quantize]=300 [bench-offload]=560)
-STAGES=(build test test-all sanitize bench-kernels bench-kernels-full bench-transfer bench-quantize bench-offload)
-ALL=(build test sanitize bench-kernels bench-transfer bench-quantize bench-offload)
-NEEDS_CUDA=" test test-all sanitize bench-kernels bench-kernels-full bench-transfer bench-offload "
+STAGES=(build test test-all sanitize profile bench-kernels bench-kernels-full bench-transfer bench-quantize bench-offload)
+ALL=(build test sanitize profile bench-kernels bench-transfer bench-quantize bench-offload)
+NEEDS_CUDA=" test test-all sanitize profile bench-kernels bench-kernels-full bench-transfer bench-offload "
 
 usage() {
   echo "usage: bash bench/run_gpu_suite.sh STAGE [STAGE ...]   (stages: ${STAGES[*]} all)"
@@ -166,6 +170,8 @@ run_stage() {
     sanitize)
       guarded "$limit" env PYTHON="$PY" OFFLOAD_KERNELS_SANITIZER_LOGS="$work/sanitizer" \
         bash tests/engine/run_compute_sanitizer.sh ;;
+    profile)
+      guarded "$limit" "$PY" bench/profile_qmatmul.py --cprofile ;;
     bench-kernels)
       guarded "$limit" "$PY" -m offload_kernels.cli.main bench kernels --quick --time-budget-s $(( limit > 120 ? limit - 60 : 60 )) --out "$RESULTS" ;;
     bench-kernels-full)

@@ -3,7 +3,10 @@
 For each qtype, weight shape (N, K) and number of tokens M it times (triton.testing.do_bench: median with
 p20/p80, L2 flushed between repetitions, so the weight comes from HBM as it would when streamed):
 
-* ``auto``: qmatmul as dispatched (the kernel variant the crossover table picks is recorded);
+* ``auto``: qmatmul as dispatched (the kernel variant the crossover table picks is recorded), called
+  eagerly: at small M this includes the host's launch overhead whenever it exceeds the kernels' time;
+* ``auto_graph``: the same call captured once in a CUDA graph and replayed: the kernels' device time alone
+  (what the kernels cost inside a captured decode step);
 * ``gemv`` / ``gemm`` / ``dequant``: each family forced (GEMV only up to --gemv-max-m tokens);
 * ``cublas_fp16``: torch.matmul on the fp16 dequantized weight (the dense baseline);
 * ``int4_tinygemm``: torch's int4 weight-only kernel (``aten._weight_int4pack_mm``, group size 32, bf16
@@ -29,7 +32,7 @@ from typing import Any
 
 from .results import (GB, Deadline, Recorder, RunInfo, Stats, Target, add_output_argument,
                       cuda_unavailable_reason, markdown_table, parse_list, plot_quietly, print_targets, results_dir,
-                      time_cuda, write_summary)
+                      time_cuda, time_cuda_graph, write_summary)
 
 ALL_QTYPES = ("q4_0", "q8_0", "q3_k", "q4_k", "q5_k", "q6_k")
 ALL_SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192))
@@ -150,8 +153,8 @@ def bench_point(rec: Recorder, qt, w16, int4, m: int, cfg: Settings) -> dict[str
     x = torch.randn(m, k, device="cuda").to(cfg.dtype)
     timings: dict[str, Timing] = {}
 
-    def record(provider: str, fn, nbytes: int, variant: str = "") -> None:
-        t = rec.add("time", provider, m, time_cuda(fn, cfg.rep_ms), "ms", **point, variant=variant)
+    def record(provider: str, fn, nbytes: int, variant: str = "", timer=time_cuda) -> None:
+        t = rec.add("time", provider, m, timer(fn, cfg.rep_ms), "ms", **point, variant=variant)
         bw = rec.add("weight_bandwidth", provider, m, t.reciprocal(nbytes / GB * 1e3), "GB/s", **point,
                      variant=variant)
         rec.add("hbm_fraction", provider, m, bw.scaled(1 / cfg.copy_gbs), "fraction of copy bandwidth", **point,
@@ -166,6 +169,7 @@ def bench_point(rec: Recorder, qt, w16, int4, m: int, cfg: Settings) -> dict[str
 
     auto = lambda: kernels.qmatmul(x, qt)  # noqa: E731
     record("auto", auto, qt.nbytes, ran_variant(auto))
+    record("auto_graph", auto, qt.nbytes, timings["auto"].variant, timer=time_cuda_graph)
     for family in cfg.families:
         if family == "gemv" and m > cfg.gemv_max_m:
             continue
@@ -192,24 +196,27 @@ def best_family(t: dict[str, Timing], families) -> str:
     return min(ours, key=ours.get) if ours else "-"
 
 
-def speedup(t: dict[str, Timing]) -> float:
-    return t[BASELINE].stats.median / t["auto"].stats.median
+def speedup(t: dict[str, Timing], provider: str = "auto") -> float:
+    return t[BASELINE].stats.median / t[provider].stats.median
 
 
 # --------------------------------------------------------------------------------------------- report
 def evaluate_targets(table: dict) -> list[Target]:
     targets = []
-    for qtype, want in TARGETS_M1.items():
-        t = table.get((qtype, *TARGET_SHAPE), {}).get(1)
-        if t is not None:
-            got = speedup(t)
-            targets.append(Target(f"{qtype} M=1 {TARGET_SHAPE[0]}x{TARGET_SHAPE[1]} >= {want}x fp16 cuBLAS",
-                                  f"{got:.2f}x", got >= want))
-    large = [(key, m, speedup(t)) for key, rows in table.items() for m, t in rows.items() if m >= TARGET_LARGE_M]
-    if large:
-        key, m, worst = min(large, key=lambda r: r[2])
-        targets.append(Target(f"M >= {TARGET_LARGE_M}: >= {TARGET_LARGE_M_SPEEDUP}x fp16 cuBLAS throughput (worst)",
-                              f"{worst:.2f}x ({key[0]} {key[1]}x{key[2]} M={m})", worst >= TARGET_LARGE_M_SPEEDUP))
+    for provider, how in (("auto", "eager"), ("auto_graph", "CUDA graph")):
+        for qtype, want in TARGETS_M1.items():
+            t = table.get((qtype, *TARGET_SHAPE), {}).get(1)
+            if t is not None and provider in t:
+                got = speedup(t, provider)
+                targets.append(Target(f"{qtype} M=1 {TARGET_SHAPE[0]}x{TARGET_SHAPE[1]} >= {want}x fp16 cuBLAS ({how})",
+                                      f"{got:.2f}x", got >= want))
+        large = [(key, m, speedup(t, provider)) for key, rows in table.items() for m, t in rows.items()
+                 if m >= TARGET_LARGE_M and provider in t]
+        if large:
+            key, m, worst = min(large, key=lambda r: r[2])
+            targets.append(Target(f"M >= {TARGET_LARGE_M}: >= {TARGET_LARGE_M_SPEEDUP}x fp16 cuBLAS throughput "
+                                  f"({how}, worst)", f"{worst:.2f}x ({key[0]} {key[1]}x{key[2]} M={m})",
+                                  worst >= TARGET_LARGE_M_SPEEDUP))
     return targets
 
 
@@ -217,16 +224,17 @@ def summary_body(table: dict, copy_gbs: float, families) -> list[str]:
     body = [f"Device-to-device copy bandwidth in this run: {copy_gbs:.0f} GB/s. Times are medians in microseconds; "
             "\"picked\" is the variant qmatmul's dispatcher ran, \"best\" the fastest of our families; speedups are "
             "over fp16 cuBLAS timed in the same run.", ""]
-    providers = ["auto", *families, BASELINE, "int4_tinygemm"]
+    providers = ["auto", "auto_graph", *families, BASELINE, "int4_tinygemm"]
     for (qtype, n, k), rows in table.items():
         body += [f"## {qtype}, N={n}, K={k}", ""]
         lines = []
         for m, t in rows.items():
             gbs = t["auto"].stats.reciprocal(rows_nbytes(qtype, n, k) / GB * 1e3).median
             lines.append([m, *(f"{t[p].stats.median * 1e3:.1f}" if p in t else "-" for p in providers),
-                          t["auto"].variant, best_family(t, families), f"{speedup(t):.2f}x", f"{gbs:.0f}"])
+                          t["auto"].variant, best_family(t, families), f"{speedup(t):.2f}x",
+                          f"{speedup(t, 'auto_graph'):.2f}x" if "auto_graph" in t else "-", f"{gbs:.0f}"])
         body += markdown_table(["M", *(f"{p} (us)" for p in providers), "picked", "best", "auto vs cuBLAS",
-                                "weight GB/s (auto)"], lines)
+                                "auto_graph vs cuBLAS", "weight GB/s (auto)"], lines)
     return body
 
 
@@ -307,6 +315,7 @@ def measure_all(rec: Recorder, table: dict, qtypes, shapes, ms, cfg: Settings, d
                 t = rows[m] = bench_point(rec, qt, w16, int4, m, cfg)
                 gbs = t["auto"].stats.reciprocal(qt.nbytes / GB * 1e3).median
                 print(f"{qtype} {n}x{k} M={m:5d}: auto {t['auto'].stats.median * 1e3:9.1f} us [{t['auto'].variant}] "
+                      f"(graph {t['auto_graph'].stats.median * 1e3:7.1f} us) "
                       f"{gbs:6.0f} GB/s ({gbs / cfg.copy_gbs:.2f} of copy)  cuBLAS fp16 "
                       f"{t[BASELINE].stats.median * 1e3:9.1f} us  -> {speedup(t):5.2f}x"
                       + (f"  int4 {t['int4_tinygemm'].stats.median * 1e3:8.1f} us" if "int4_tinygemm" in t else "")

@@ -20,18 +20,20 @@ from .runtime import INTERPRETER, sm_count
 
 # ----------------------------------------------------------------------------------------- crossovers
 #: Kernel family by M (tokens in the call = product of x's leading dims): the first row whose bound is
-#: >= M wins. Reasoning (H100, q4_k, 8192x8192; measured values come from bench/bench_kernels.py):
-#:  * M <= 4, "gemv": reading the quantized bytes once is the whole cost. The GEMV decodes each weight
-#:    once and spends one FMA per weight per token on CUDA cores; padding M to 16 for tl.dot would buy
-#:    nothing, but past ~4 tokens the per-token FMAs overtake the decode and tensor cores win.
-#:  * M <= 1024, "gemm": fused dequantize + tl.dot still reads 4.5 bits per weight instead of the 16 bits
-#:    a dequantized fp16 copy costs to write and read again (~55 us of extra traffic at 8192x8192),
-#:    which outweighs the fused kernel's lower tensor-core efficiency until the matmul itself (~2*M*N*K
-#:    flops) dwarfs it.
-#:  * above, "dequant": Triton dequantize to the activation dtype, then cuBLAS (torch.matmul).
+#: >= M wins. From the first H100 run (bench/results/nvidia-h100-80gb-hbm3/, q4_k and q3_k on 8192x8192,
+#: autotuned, device time of the kernels from torch.profiler and CUDA-graph replay):
+#:  * M <= 4, "gemv": reading the quantized bytes once is the whole cost (q4_k M=1: 44 us of kernels
+#:    against 60 us for fp16 cuBLAS). One FMA per weight per token on CUDA cores; no padding of M to 16.
+#:  * M <= 64, "gemm": fused dequantize + tl.dot reads 4.5 bits per weight instead of writing and
+#:    re-reading a 16-bit copy (~60 us of traffic at 8192x8192): 82 us at M=16 where dequant + cuBLAS
+#:    costs ~120 us. The fused kernel's tensor-core rate is ~3x below cuBLAS (635 us against 198 us at
+#:    M=1024), so it loses once the matmul outweighs that traffic: 224 us against 133 us at M=256.
+#:    The bound between 16 and 256 is interpolated (M=64, 128 unmeasured).
+#:  * above, "dequant": Triton dequantize to the activation dtype (~60 us, at the HBM copy rate), then
+#:    cuBLAS (torch.matmul).
 KERNEL_BY_M: tuple[tuple[int, str], ...] = (
     (4, "gemv"),
-    (1024, "gemm"),
+    (64, "gemm"),
     (sys.maxsize, "dequant"),
 )
 

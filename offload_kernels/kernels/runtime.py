@@ -133,6 +133,29 @@ def tuning_key(name: str, args: dict[str, Any], key_names: tuple[str, ...]) -> t
     return (name, *(args[k] for k in key_names), dtypes)
 
 
+_NO_DEVICE_SWITCH = contextlib.nullcontext()
+
+
+def _on_device(device: torch.device) -> Any:
+    """torch.cuda.device(device), or a no-op when it is already current (the common case: entering
+    torch.cuda.device costs two device queries per launch, which add up over hundreds of layers)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return _NO_DEVICE_SWITCH
+    return torch.cuda.device(device)
+
+
+def _launch_kwargs(config: triton.Config) -> dict[str, Any]:
+    """config.all_kwargs(), computed once per config object (tuned configs launch on every call)."""
+    meta = getattr(config, "_offload_kernels_kwargs", None)
+    if meta is None:
+        meta = config.all_kwargs()
+        try:
+            config._offload_kernels_kwargs = meta
+        except AttributeError:      # a Triton whose Config takes no new attributes: recompute each time
+            pass
+    return meta
+
+
 def launch(tuner: Any, grid: Callable[[dict], tuple], args: dict[str, Any], key: tuple,
            heuristic: Callable[[], triton.Config], *, tune: bool, device: torch.device,
            late_args: "Callable[[triton.Config | None], dict[str, Any]] | None" = None) -> triton.Config:
@@ -148,7 +171,7 @@ def launch(tuner: Any, grid: Callable[[dict], tuple], args: dict[str, Any], key:
     workspace sized for it); it gets None when the autotuner is about to benchmark every config.
     """
     # Triton launches on the current device: make it the tensors' device (its current stream is used).
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with _on_device(device):
         tune = tune and AUTOTUNE and not INTERPRETER
         config = _tuned.get(key) if tune else None
         if config is None:
@@ -163,7 +186,7 @@ def launch(tuner: Any, grid: Callable[[dict], tuple], args: dict[str, Any], key:
             config = heuristic()
         if late_args is not None:
             args = {**args, **late_args(config)}
-        meta = config.all_kwargs()
+        meta = _launch_kwargs(config)
         if config.pre_hook is not None:
             config.pre_hook({**args, **meta})
         tuner.fn[grid](**args, **meta)

@@ -95,7 +95,7 @@ def test_plots_of_the_gpu_csvs(kind, tmp_path):
         rec.add("copy_bandwidth", "torch_copy", 0, Stats(3000.0, 2900.0, 3100.0), "GB/s", dtype="uint8")
         for kernel in ("speedup_vs_cublas_fp16", "hbm_fraction"):
             for qtype in ("q4_k", "q3_k"):
-                fake_rows(rec, kernel, ["auto", "gemv", "gemm", "dequant"], [1, 16, 1024], qtype=qtype, N=8192,
+                fake_rows(rec, kernel, ["auto", "auto_graph", "gemv", "gemm", "dequant"], [1, 16, 1024], qtype=qtype, N=8192,
                           K=8192, dtype="float16", autotune="on")
     else:
         fake_rows(rec, "h2d_bandwidth", ["torch_pinned", "engine"], [1e6, 64e6])

@@ -12,7 +12,8 @@ from offload_kernels.cli import bench as bench_cli
 from offload_kernels.cli.main import main as cli_main
 
 BENCH_DIR = REPO_ROOT / "bench"
-SCRIPTS = ["bench_kernels.py", "bench_transfer.py", "bench_quantize.py", "bench_offload.py", "plot.py"]
+SCRIPTS = ["bench_kernels.py", "bench_transfer.py", "bench_quantize.py", "bench_offload.py", "plot.py",
+           "profile_qmatmul.py"]
 
 
 def test_bench_help_lists_every_benchmark(capsys):
@@ -53,3 +54,13 @@ def test_bench_scripts_help(script, monkeypatch, capsys):
 def test_plot_without_results_says_so(tmp_path, capsys):
     assert cli_main(["bench", "plot", "--results", str(tmp_path)]) == 0
     assert "no results CSVs" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not BENCH_DIR.is_dir(), reason="not a checkout")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_profile_qmatmul_without_cuda_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["profile_qmatmul.py", "--points", "q4_k:1"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(BENCH_DIR / "profile_qmatmul.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    assert "needs a CUDA device" in capsys.readouterr().out

@@ -32,8 +32,8 @@ def test_kernels(out):
     assert cli_main(["bench", "kernels", "--qtypes", "q4_k", "--shapes", "512x256", "--m", "1,16", "--no-autotune",
                      "--rep-ms", "5", "--out", str(out)]) == 0
     got = rows(out, "cuda", "kernels")
-    assert {("time", "auto"), ("time", "gemv"), ("time", "cublas_fp16"), ("speedup_vs_cublas_fp16", "auto"),
-            ("copy_bandwidth", "torch_copy")} <= got
+    assert {("time", "auto"), ("time", "auto_graph"), ("time", "gemv"), ("time", "cublas_fp16"),
+            ("speedup_vs_cublas_fp16", "auto"), ("copy_bandwidth", "torch_copy")} <= got
 
 
 def test_transfer(out):

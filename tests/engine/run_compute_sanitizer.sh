@@ -32,7 +32,13 @@ if ! "$python" -c "import sys, torch, offload_kernels._C as c; sys.exit(0 if c.B
   exit 2
 fi
 
-tools=(memcheck racecheck synccheck)
+# racecheck last: it instruments every shared-memory access of every kernel in the process (torch's
+# reductions in the byte checks included), which makes it by far the slowest; the engine's own device code
+# (the spin kernel) uses no shared memory. Each tool gets at most OFFLOAD_KERNELS_SANITIZER_TOOL_TIMEOUT_S
+# (default 200 s) so a slow one cannot use up the others' time; a tool stopped there is reported as
+# "timed out", which is neither clean nor an error found.
+tools=(memcheck synccheck racecheck)
+tool_timeout="${OFFLOAD_KERNELS_SANITIZER_TOOL_TIMEOUT_S:-200}"
 if [[ $# -gt 0 && "$1" =~ ^(memcheck|racecheck|synccheck|initcheck)$ ]]; then
   tools=("$1")
   shift
@@ -47,11 +53,17 @@ for tool in "${tools[@]}"; do
   echo "== compute-sanitizer --tool $tool (log: $log)"
   # No --leak-check: torch's caching allocator keeps its device memory until exit by design. The engine's own
   # memory is checked by the tests (torch.cuda.memory_allocated and live_host_memory back to baseline).
-  if "$sanitizer" --tool "$tool" --error-exitcode 99 --target-processes all --log-file "$log" \
-      "$python" -m pytest "$repo/tests/engine/test_engine_gpu.py" -m gpu -q -p no:cacheprovider "$@"; then
+  rc=0
+  timeout --signal=INT --kill-after=15 "$tool_timeout" \
+    "$sanitizer" --tool "$tool" --error-exitcode 99 --target-processes all --log-file "$log" \
+      "$python" -m pytest "$repo/tests/engine/test_engine_gpu.py" -m gpu -q -p no:cacheprovider "$@" || rc=$?
+  if (( rc == 0 )); then
     echo "== $tool: clean"
+  elif (( rc == 124 || rc == 137 )); then
+    echo "== $tool: timed out after ${tool_timeout}s (incomplete: no verdict; see $log)"
+    status=1
   else
-    echo "== $tool: FAILED (see $log)"
+    echo "== $tool: FAILED, exit $rc (see $log)"
     status=1
   fi
 done

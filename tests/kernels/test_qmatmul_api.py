@@ -97,6 +97,41 @@ def test_custom_op_is_registered(qt, device):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every op that reaches the dispatcher."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_calls_skip_the_dispatcher_only_when_nothing_would_see_the_op(qt, device):
+    """qmatmul calls the implementation directly in plain eager inference (the dispatcher round trip costs
+    more than a small kernel), and goes through the custom op whenever something could observe it: autograd,
+    a dispatch mode, meta tensors (torch.compile: the compile tests). Both give the same bits."""
+    from offload_kernels.kernels.qmatmul import _eager_fast_path
+
+    x = torch.randn(3, 256, device=device)
+    bias = torch.randn(16, device=device)
+    assert _eager_fast_path(x, bias) and _eager_fast_path(x, None)
+    needs_grad = x.clone().requires_grad_()
+    assert not _eager_fast_path(needs_grad, None) and not _eager_fast_path(x, bias.clone().requires_grad_())
+    with torch.no_grad():
+        assert _eager_fast_path(needs_grad, None)
+    assert not _eager_fast_path(x.to("meta"), None)
+    recorder = _OpRecorder()
+    with recorder:
+        assert not _eager_fast_path(x, bias)
+        via_op = kernels.qmatmul(x, qt, bias, backend="torch")
+    assert "offload_kernels.qmatmul.default" in recorder.ops
+    direct = kernels.qmatmul(x, qt, bias, backend="torch")
+    torch.testing.assert_close(direct, via_op, rtol=0, atol=0)
+
+
 def _compile_check(backend: str, device) -> None:
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(5)
