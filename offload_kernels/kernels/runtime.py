@@ -81,10 +81,14 @@ _placeholders: dict[torch.device, torch.Tensor] = {}
 
 def split_k_workspace(out: torch.Tensor, split_k: "int | None") -> torch.Tensor:
     """The fp32 buffer split-K programs atomically add into, for an (M, N) ``out`` (split_k None: not known
-    yet, the autotuner may try any). An fp32 ``out`` is its own workspace. Without a K split the kernels
+    yet, the autotuner may try any, and its config pre-hook zeroes the buffer before each try). For a known
+    split > 1 the buffer comes zeroed (one allocation-and-fill instead of an allocation plus the pre-hook's
+    memset). An fp32 ``out`` is its own workspace, zeroed here for a split > 1. Without a K split the kernels
     store straight into ``out`` and never touch the workspace: a cached one-element fp32 placeholder then
     keeps the kernel signature (and so its compiled binary) the same, with no (M, N) allocation per call."""
     if out.dtype == torch.float32:
+        if split_k is not None and split_k > 1:
+            out.zero_()
         return out
     if split_k == 1:
         ws = _placeholders.get(out.device)
@@ -93,7 +97,9 @@ def split_k_workspace(out: torch.Tensor, split_k: "int | None") -> torch.Tensor:
             if not capturing(out.device):       # not from a CUDA graph's private memory pool
                 _placeholders[out.device] = ws
         return ws
-    return torch.empty(out.shape, dtype=torch.float32, device=out.device)
+    if split_k is None:
+        return torch.empty(out.shape, dtype=torch.float32, device=out.device)
+    return torch.zeros(out.shape, dtype=torch.float32, device=out.device)
 
 
 # ------------------------------------------------------------------------------------------ devices
@@ -158,7 +164,8 @@ def _launch_kwargs(config: triton.Config) -> dict[str, Any]:
 
 def launch(tuner: Any, grid: Callable[[dict], tuple], args: dict[str, Any], key: tuple,
            heuristic: Callable[[], triton.Config], *, tune: bool, device: torch.device,
-           late_args: "Callable[[triton.Config | None], dict[str, Any]] | None" = None) -> triton.Config:
+           late_args: "Callable[[triton.Config | None], dict[str, Any]] | None" = None,
+           run_pre_hook: bool = True) -> triton.Config:
     """Launch ``tuner`` (a triton.autotune-wrapped kernel) on ``args`` (all passed by name).
 
     With ``tune`` and a real GPU, the first call per key autotunes (benchmarking every pruned config) and
@@ -169,6 +176,8 @@ def launch(tuner: Any, grid: Callable[[dict], tuple], args: dict[str, Any], key:
 
     ``late_args(config)``, if given, returns arguments that depend on the config about to run (a split-K
     workspace sized for it); it gets None when the autotuner is about to benchmark every config.
+    ``run_pre_hook=False`` skips the pre-hook on direct launches, for callers whose ``late_args`` already
+    did its work (the autotuner still runs it around each benchmarked config).
     """
     # Triton launches on the current device: make it the tensors' device (its current stream is used).
     with _on_device(device):
@@ -187,7 +196,7 @@ def launch(tuner: Any, grid: Callable[[dict], tuple], args: dict[str, Any], key:
         if late_args is not None:
             args = {**args, **late_args(config)}
         meta = _launch_kwargs(config)
-        if config.pre_hook is not None:
+        if run_pre_hook and config.pre_hook is not None:
             config.pre_hook({**args, **meta})
         tuner.fn[grid](**args, **meta)
         return config
@@ -197,7 +206,8 @@ def launch_split_k(tuner: Any, grid: Callable[[dict], tuple], args: dict[str, An
                    heuristic: Callable[[], triton.Config], *, tune: bool, out: torch.Tensor) -> int:
     """:func:`launch` for the split-K kernels (GEMV, GEMM): a program stores into ``out`` when K is not split
     and atomically adds into the fp32 workspace ``ws_ptr`` otherwise. The workspace is sized for the config
-    that runs (see split_k_workspace) and cast into ``out`` afterwards. Returns the split that ran."""
+    that runs, comes zeroed (see split_k_workspace: so the configs' zeroing pre-hook is needed only while
+    autotuning) and is cast into ``out`` afterwards. Returns the split that ran."""
     ws = out
 
     def workspace(config: "triton.Config | None") -> dict[str, Any]:
@@ -206,7 +216,7 @@ def launch_split_k(tuner: Any, grid: Callable[[dict], tuple], args: dict[str, An
         return {"ws_ptr": ws}
 
     config = launch(tuner, grid, {**args, "ws_ptr": out}, key, heuristic, tune=tune, device=out.device,
-                    late_args=workspace)
+                    late_args=workspace, run_pre_hook=False)
     split = config.kwargs["split_k"]
     if split > 1 and ws is not out:
         out.copy_(ws)

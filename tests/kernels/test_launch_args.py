@@ -221,3 +221,17 @@ def test_split_k_workspace_placeholder_is_cached(device):
         assert ws.shape == (3, 5) and ws.dtype == torch.float32
     out32 = torch.empty(3, 5, device=device)
     assert all(split_k_workspace(out32, s) is out32 for s in (None, 1, 2))
+
+
+def test_split_k_workspace_comes_zeroed_for_a_known_split(device):
+    """Direct launches skip the configs' zeroing pre-hook, so a workspace for a known split > 1 must
+    start at zero (an fp32 output, its own workspace, zeroed in place); an unsplit fp32 output is left as is
+    (the kernel overwrites it)."""
+    from offload_kernels.kernels.runtime import split_k_workspace
+
+    ws = split_k_workspace(torch.full((3, 5), float("nan"), dtype=torch.float16, device=device), 4)
+    assert torch.equal(ws, torch.zeros(3, 5, device=device))
+    out32 = torch.full((3, 5), float("nan"), device=device)
+    split_k_workspace(out32, 1)
+    assert out32.isnan().all()
+    assert split_k_workspace(out32, 2) is out32 and torch.equal(out32, torch.zeros(3, 5, device=device))
