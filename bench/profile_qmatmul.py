@@ -59,6 +59,27 @@ def host_time_us(fn, calls: int = 200) -> float:
     return host
 
 
+def _parse(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[tuple[int, int], list[tuple[str, int]]]:
+    """--shape and --points, checked before anything is allocated (argparse's error names the bad value)."""
+    from offload_kernels.formats import QTYPES, get_spec
+
+    try:
+        n, k = (int(v) for v in args.shape.lower().split("x"))
+    except ValueError:
+        parser.error(f"--shape must be NxK with positive integers, got {args.shape!r}")
+    points = []
+    for point in args.points.split(","):
+        qtype, _, m_text = point.partition(":")
+        if qtype not in QTYPES or not m_text.isdigit() or int(m_text) < 1:
+            parser.error(f"--points entries must be qtype:M with qtype in {', '.join(QTYPES)} and M >= 1, "
+                         f"got {point!r}")
+        if n < 1 or k < 1 or k % get_spec(qtype).block_size:
+            parser.error(f"--shape {args.shape}: N and K must be positive and K a multiple of {qtype}'s "
+                         f"{get_spec(qtype).block_size}-weight block")
+        points.append((qtype, int(m_text)))
+    return (n, k), points
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="8192x8192", help="N x K of the weight")
@@ -66,6 +87,7 @@ def main() -> int:
     parser.add_argument("--no-autotune", action="store_true", help="heuristic configs (no tuning)")
     parser.add_argument("--cprofile", action="store_true", help="cProfile the host path of the first point")
     args = parser.parse_args()
+    shape, points = _parse(parser, args)
 
     import torch
 
@@ -77,14 +99,12 @@ def main() -> int:
     from offload_kernels.kernels import qmatmul, runtime
 
     runtime.AUTOTUNE = not args.no_autotune
-    n, k = (int(v) for v in args.shape.lower().split("x"))
+    n, k = shape
     torch.manual_seed(0)
     w = torch.randn(n, k, device="cuda") * 0.02
     w16 = w.half()
     print(f"{torch.cuda.get_device_name()}, {n}x{k}, autotune {'off' if args.no_autotune else 'on'}; us per call")
-    for i, point in enumerate(args.points.split(",")):
-        qtype, m_text = point.split(":")
-        m = int(m_text)
+    for i, (qtype, m) in enumerate(points):
         qt = quantize(w, qtype)
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         fn = lambda: qmatmul(x, qt)  # noqa: E731

@@ -64,3 +64,16 @@ def test_profile_qmatmul_without_cuda_says_so(monkeypatch, capsys):
         runpy.run_path(str(BENCH_DIR / "profile_qmatmul.py"), run_name="__main__")
     assert exit_info.value.code == 0
     assert "needs a CUDA device" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not BENCH_DIR.is_dir(), reason="not a checkout")
+@pytest.mark.parametrize("argv, message", [(["--shape", "8192by8192"], "--shape must be NxK"),
+                                           (["--points", "q4_k:0"], "qtype:M"),
+                                           (["--points", "q9_k:1"], "qtype:M"),
+                                           (["--shape", "64x100", "--points", "q4_k:1"], "multiple of q4_k's 256")])
+def test_profile_qmatmul_rejects_bad_arguments(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["profile_qmatmul.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(BENCH_DIR / "profile_qmatmul.py"), run_name="__main__")
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -130,6 +130,7 @@ def test_eager_calls_skip_the_dispatcher_only_when_nothing_would_see_the_op(qt, 
     assert "offload_kernels.qmatmul.default" in recorder.ops
     direct = kernels.qmatmul(x, qt, bias, backend="torch")
     torch.testing.assert_close(direct, via_op, rtol=0, atol=0)
+    assert_close(direct, x, qt, bias)          # and both against float64 math on the dequantized weight
 
 
 def _compile_check(backend: str, device) -> None:
