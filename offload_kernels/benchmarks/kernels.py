@@ -8,6 +8,8 @@ p20/p80, L2 flushed between repetitions, so the weight comes from HBM as it woul
 * ``auto_graph``: the same call captured once in a CUDA graph and replayed: the kernels' device time alone
   (what the kernels cost inside a captured decode step);
 * ``gemv`` / ``gemm`` / ``dequant``: each family forced (GEMV only up to --gemv-max-m tokens);
+* ``gemv_layout1_graph`` / ``gemv_layout2_graph``: the GEMV's two loop layouts (see kernels/gemv.py) with
+  their heuristic configs, device time (graph replay): which one the untuned default should be;
 * ``cublas_fp16``: torch.matmul on the fp16 dequantized weight (the dense baseline);
 * ``int4_tinygemm``: torch's int4 weight-only kernel (``aten._weight_int4pack_mm``, group size 32, bf16
   activations), where this torch/GPU runs it;
@@ -175,6 +177,14 @@ def bench_point(rec: Recorder, qt, w16, int4, m: int, cfg: Settings) -> dict[str
             continue
         fn = (lambda f: lambda: kernels.qmatmul(x, qt, backend="triton", kernel=f))(family)
         record(family, fn, qt.nbytes, ran_variant(fn))
+    if "gemv" in cfg.families and m <= cfg.gemv_max_m:
+        # The two GEMV loop layouts head to head, untuned (heuristic configs), device time (graph replay).
+        from offload_kernels.kernels.gemv import gemv
+
+        out = torch.empty(m, n, device="cuda", dtype=cfg.dtype)
+        for layout in (1, 2):
+            fn = (lambda lay: lambda: gemv(x, qt, None, out, layout=lay))(layout)
+            record(f"gemv_layout{layout}_graph", fn, qt.nbytes, ran_variant(fn), timer=time_cuda_graph)
     x16 = x.to(torch.float16)
     record(BASELINE, lambda: torch.matmul(x16, w16.T), w16.numel() * 2)
     if int4[0] is not None:
@@ -224,7 +234,8 @@ def summary_body(table: dict, copy_gbs: float, families) -> list[str]:
     body = [f"Device-to-device copy bandwidth in this run: {copy_gbs:.0f} GB/s. Times are medians in microseconds; "
             "\"picked\" is the variant qmatmul's dispatcher ran, \"best\" the fastest of our families; speedups are "
             "over fp16 cuBLAS timed in the same run.", ""]
-    providers = ["auto", "auto_graph", *families, BASELINE, "int4_tinygemm"]
+    providers = ["auto", "auto_graph", *families, "gemv_layout1_graph", "gemv_layout2_graph", BASELINE,
+                 "int4_tinygemm"]
     for (qtype, n, k), rows in table.items():
         body += [f"## {qtype}, N={n}, K={k}", ""]
         lines = []

@@ -96,35 +96,72 @@ def _qtype_name(a: dict) -> str:
 GEMV_STEP_K = 256
 #: Largest number of tokens one GEMV program handles (the accumulator grows with it).
 GEMV_MAX_BLOCK_M = 8
-#: Per-row accumulator shape (TILE_A, TILE_B) of each format's GEMV step: the storage order of the
-#: quant bytes it decodes (see gemv.py); TILE_A * TILE_B fp32 registers per row per token, over the CTA.
+#: GEMV loop layouts (the LAYOUT constexpr, see gemv.py). 1: per-format storage-order tiles, the x tile
+#: and scales converted into the weight tile's layout every step (through shared memory, with barriers);
+#: 2: per-thread 16-byte chunks, every load of a step in one layout, software-pipelined loop. Both are in
+#: the autotune space; the heuristic (untuned) config uses GEMV_DEFAULT_LAYOUT.
+GEMV_LAYOUTS = (1, 2)
+#: Layout of the heuristic config, per format. From sm_90 machine code, not yet timed on a GPU: for q4_k
+#: and q5_k (16-byte-aligned blocks) layout 2's loop has no conversion, barrier or shared-memory access
+#: with Triton 3.6 and 3.9, and ~80 registers instead of ~170 (tests/kernels/test_compile_sm90.py). For
+#: the 2-byte-aligned formats Triton 3.6 still converts layouts inside layout 2's loop (3.9 does not), so
+#: they stay on layout 1 until a GPU run says otherwise.
+GEMV_DEFAULT_LAYOUT = {"q4_k": 2, "q5_k": 2, "q3_k": 1, "q6_k": 1, "q4_0": 1, "q8_0": 1}
+#: Layout 1: per-row accumulator shape (TILE_A, TILE_B) of each format's step: the storage order of the
+#: quant bytes it decodes; TILE_A * TILE_B fp32 registers per row per token, over the CTA.
 GEMV_TILE = {"q4_0": (8, 16), "q8_0": (8, 32), "q3_k": (4, 16), "q4_k": (4, 32), "q5_k": (4, 32), "q6_k": (8, 16)}
+#: Layout 2: accumulator elements per row per token (A * B * 16: quant bytes a step decodes per row).
+GEMV2_ROW_ELEMS = {"q4_0": 128, "q8_0": 256, "q3_k": 64, "q4_k": 128, "q5_k": 128, "q6_k": 128}
+#: Layout 2: software-pipelining stages (tl.range num_stages) the tuner tries.
+GEMV2_STAGES = (1, 3)
 
 
 def gemv_block_m(m: int) -> int:
     return min(next_power_of_2(m), GEMV_MAX_BLOCK_M)
 
 
-def _gemv_accumulator_fits(block_m: int, block_n: int, qtype: str, num_warps: int) -> bool:
-    a, b = GEMV_TILE[qtype]
-    return block_m * block_n * a * b <= 64 * 32 * num_warps      # <= 64 fp32 registers per thread
+def _gemv_accumulator_fits(block_m: int, block_n: int, qtype: str, num_warps: int, layout: int = 1) -> bool:
+    if layout == 2:
+        elems = block_m * block_n * GEMV2_ROW_ELEMS[qtype]
+    else:
+        a, b = GEMV_TILE[qtype]
+        elems = block_m * block_n * a * b
+    return elems <= 64 * 32 * num_warps      # <= 64 fp32 accumulator registers per thread
+
+
+def _gemv_enough_work(block_n: int, qtype: str, num_warps: int, layout: int) -> bool:
+    """Each thread gets at least 16 weights (layout 1) or one full 16-byte run (layout 2) per step and token:
+    decode overheads are per row and step, and layout 2's loads are 16 bytes wide only then."""
+    if layout == 2:
+        return block_n * GEMV2_ROW_ELEMS[qtype] >= 16 * 32 * num_warps
+    return block_n * GEMV_STEP_K >= 16 * 32 * num_warps
+
+
+def _gemv2_min_block_n(qtype: str, num_warps: int = 4) -> int:
+    """Layout 2's fewest rows per program that give each of the threads a full 16-byte run."""
+    return max(4, (16 * 32 * num_warps) // GEMV2_ROW_ELEMS[qtype])
+
+
+def _gemv_config(block_n: int, split_k: int, num_warps: int, layout: int, stages: int = 1) -> triton.Config:
+    return triton.Config({"BLOCK_N": block_n, "split_k": split_k, "LAYOUT": layout, "STAGES": stages},
+                         num_warps=num_warps, num_stages=2, pre_hook=zero_workspace_if_split)
 
 
 def gemv_configs(interpreter: bool = INTERPRETER) -> list[triton.Config]:
     """The GEMV autotune space (a single config under the interpreter, which never tunes)."""
     if interpreter:
-        return [triton.Config({"BLOCK_N": 32, "split_k": 1}, num_warps=4, num_stages=2,
-                              pre_hook=zero_workspace_if_split)]
-    return [triton.Config({"BLOCK_N": bn, "split_k": sk}, num_warps=w, num_stages=2, pre_hook=zero_workspace_if_split)
-            for bn in (8, 16, 32, 64) for sk in (1, 2, 4, 8, 16, 32) for w in (2, 4, 8)]
+        return [_gemv_config(32, 1, 4, 1)]       # never launched: the interpreter runs the heuristic config
+    return ([_gemv_config(bn, sk, w, 1) for bn in (8, 16, 32, 64) for sk in (1, 2, 4, 8, 16, 32) for w in (2, 4, 8)]
+            + [_gemv_config(bn, sk, w, 2, st) for bn in (8, 16, 32, 64) for sk in (1, 2, 4, 8, 16, 32)
+               for w in (2, 4, 8) for st in GEMV2_STAGES])
 
 
 def prune_gemv_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Early pruner: split_k must cut the K steps into equal slices (a correctness-neutral but required
     load balance: no idle or double-length programs), the accumulator must fit in registers and each
-    thread get at least 16 weights per step (decode overheads are per row and step), tiles no
-    wider than the matrix, no more split-K programs than can be useful (atomics are not free), and at most
-    MAX_TUNED_CONFIGS, those whose program count is closest to ~4 per SM."""
+    thread get enough work per step (see _gemv_enough_work), tiles no wider than the matrix, no more
+    split-K programs than can be useful (atomics are not free); then, per layout, at most
+    MAX_TUNED_CONFIGS / 2, those whose program count is closest to ~4 per SM."""
     a = _args(named_args, kwargs)
     m, n, k, block_m, qtype = a["M"], a["N"], a["K"], a["BLOCK_M"], _qtype_name(a)
     sms = sm_count(a["x_ptr"].device)
@@ -133,33 +170,44 @@ def prune_gemv_configs(configs: list[triton.Config], named_args: dict, **kwargs)
     def programs(c):
         return triton.cdiv(n, c.kwargs["BLOCK_N"]) * triton.cdiv(m, block_m) * c.kwargs["split_k"]
 
-    kept = []
+    kept: dict[int, list[triton.Config]] = {layout: [] for layout in GEMV_LAYOUTS}
     for c in configs:
-        bn, sk = c.kwargs["BLOCK_N"], c.kwargs["split_k"]
+        bn, sk, layout = c.kwargs["BLOCK_N"], c.kwargs["split_k"], c.kwargs.get("LAYOUT", 1)
         if steps % sk or bn > max(8, next_power_of_2(n)):
             continue
-        if not _gemv_accumulator_fits(block_m, bn, qtype, c.num_warps):
+        if not _gemv_accumulator_fits(block_m, bn, qtype, c.num_warps, layout):
             continue
-        if bn * GEMV_STEP_K < 16 * 32 * c.num_warps:   # < 16 weights per thread per step: too little work
+        if not _gemv_enough_work(bn, qtype, c.num_warps, layout):
             continue
         if sk > 1 and programs(c) > 16 * sms:
             continue
-        kept.append(c)
-    return _closest(kept, programs, 4 * sms) or [gemv_heuristic_config(m, n, k, qtype, sms)]
+        kept[layout].append(c)
+    chosen = [c for layout in GEMV_LAYOUTS for c in _closest(kept[layout], programs, 4 * sms, MAX_TUNED_CONFIGS // 2)]
+    return chosen or [gemv_heuristic_config(m, n, k, qtype, sms)]
 
 
-def gemv_heuristic_config(m: int, n: int, k: int, qtype: str, sms: int, split_k: "int | None" = None) -> triton.Config:
-    """A GEMV config without tuning: 32-row tiles (16/8 for more tokens or wide accumulators), 4 warps,
-    and enough equal K slices for ~4 resident programs per SM (so the loads in flight cover HBM latency)."""
+def gemv_heuristic_config(m: int, n: int, k: int, qtype: str, sms: int, split_k: "int | None" = None,
+                          layout: "int | None" = None) -> triton.Config:
+    """A GEMV config without tuning, in ``layout`` (default: GEMV_DEFAULT_LAYOUT[qtype]): 4 warps; layout 1 with
+    32-row tiles (16/8 for more tokens or wide accumulators), layout 2 with the fewest rows that give every
+    thread a 16-byte run (fewer registers, more resident programs), pipelined 3 deep; and enough equal K
+    slices for ~4 resident programs per SM (so the loads in flight cover HBM latency)."""
+    layout = GEMV_DEFAULT_LAYOUT[qtype] if layout is None else layout
     block_m = gemv_block_m(m)
-    block_n = 32
-    while block_n > 4 and not _gemv_accumulator_fits(block_m, block_n, qtype, 4):
-        block_n //= 2
+    if layout == 2 and not _gemv_accumulator_fits(block_m, _gemv2_min_block_n(qtype), qtype, 4, 2):
+        layout = 1          # 8 tokens: layout 2's accumulator would spill; layout 1 shrinks its row tile
+    if layout == 2:
+        block_n = _gemv2_min_block_n(qtype)
+        stages = 3
+    else:
+        block_n = 32
+        while block_n > 4 and not _gemv_accumulator_fits(block_m, block_n, qtype, 4):
+            block_n //= 2
+        stages = 1
     if split_k is None:
         tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
         split_k = largest_divisor_at_most(triton.cdiv(k, GEMV_STEP_K), max(1, (4 * sms) // tiles))
-    return triton.Config({"BLOCK_N": block_n, "split_k": split_k}, num_warps=4, num_stages=2,
-                         pre_hook=zero_workspace_if_split)
+    return _gemv_config(block_n, split_k, 4, layout, stages)
 
 
 # ----------------------------------------------------------------------------------------- GEMM

@@ -4,17 +4,28 @@ At M = 1..4 the cost is reading the quantized bytes, so the kernel is built arou
 
 * a program owns BLOCK_N rows and one K slice (split_k equal slices of 256-weight steps; partial sums go
   to a zeroed fp32 workspace with atomic adds), so even N = 4096 gives enough programs to fill every SM;
-* each step reads, per row, one whole k-quant super-block (or eight q4_0/q8_0 blocks): contiguous byte
-  runs, each byte loaded once and decoded in its *storage order* with integer ops on int32. x is loaded
-  in the matching permuted order (a dot product does not care about order), once per step for all rows;
-* products are accumulated elementwise into a (BLOCK_M, BLOCK_N, TILE_A, TILE_B) fp32 tile with FMAs,
-  one per weight per token, and reduced (tl.sum) once at the end: the weight tile is never reduced across
-  lanes inside the loop, no tl.dot, no padding of M to 16. The q4_k/q5_k "- dmin*m" term is accumulated
-  per sub-block from the sums of x (small per-step reductions of the x tile only).
+* each step reads, per row, one whole k-quant super-block (or eight q4_0/q8_0 blocks) as contiguous byte
+  runs, each byte loaded once and decoded in its *storage order* with integer ops on int32; x is loaded
+  in the matching permuted order (a dot product does not care about order);
+* products are accumulated elementwise into an fp32 tile with FMAs, one per weight per token, and reduced
+  (tl.sum) once at the end: no tl.dot, no padding of M to 16;
 * a weight is its quant bits OR-ed into the mantissa of 1.5 and one FFMA with the pre-scaled block scale
   (decode.scaled_quant: exact product, one rounding), the q4_k high nibble used in place (x16) with its
-  scale divided by 16: about 1.5 integer ops and two FFMAs (scale, accumulate) per weight for q4_k at
-  M = 1 (sm_90 SASS inspected, not timed: see bench/bench_kernels.py).
+  scale divided by 16.
+
+Two loop layouts, both in the autotune space (configs.GEMV_LAYOUTS):
+
+* layout 1, storage-order tiles: the weight tile is (BLOCK_M, BLOCK_N, TILE_A, TILE_B); the x tile and the
+  per-sub-block scales are computed in their own (smaller) shapes and broadcast into it, which Triton
+  implements as layout conversions through shared memory: ~12 barriers per step and ~170 registers for
+  q4_k on sm_90. The first H100 run measured this layout at 25-29% of the copy bandwidth (44 us for q4_k
+  8192x8192 at M = 1): latency-bound, not issue-bound.
+* layout 2, per-thread chunks (the heuristic default for q4_k/q5_k, see configs.GEMV_DEFAULT_LAYOUT):
+  every tensor of a step has one shape and layout, so the loop has no conversion, barrier or shared-memory
+  traffic (checked on the sm_90 machine code by tests/kernels/test_compile_sm90.py; Triton 3.6 still
+  converts for the 2-byte-aligned formats), needs ~80 registers, and is software-pipelined by Triton. It
+  folds the q4_k/q5_k min into each weight (one FMA per weight instead of per-step sums of x). Not yet timed
+  on a GPU: `bench kernels` times both layouts side by side (gemv_layout1_graph, gemv_layout2_graph).
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ from .epilogue import store_output
 from .runtime import count_launch, launch_split_k, sm_count, tuning_key
 
 
-# ---------------------------------------------------------------------------------- per-format steps
+# ---------------------------------------------------------------------------------- layout 1 steps
 # Each step handles one 256-weight step for BLOCK_N rows (bp/w_rows: (BLOCK_N,) byte pointers) and
 # BLOCK_M tokens (xp: (BLOCK_M,) pointers into x) and returns the updated accumulator(s).
 # Weight-side tensors carry a leading unit token dim from the byte load on ((1, BN, A, B)): broadcasting
@@ -163,25 +174,151 @@ def _step_q8_0(acc, w_rows, xp, step, n_blocks):
     return acc
 
 
+# ---------------------------------------------------------------------------------- layout 2 steps
+# Layout 2 ("per-thread chunks"): every tensor of a step has the same rank-5 shape SHAPE = (BLOCK_M,
+# BLOCK_N, A, B, 16): [token, row, two format-specific indices, 16 consecutive bytes]. Each thread owns
+# runs of 16 consecutive quant bytes (one vector load when the block is 16-byte aligned) and the x
+# values and scales those bytes need are loaded through pointers broadcast to that same shape
+# (_full), so Triton gives every load the same layout: the step has no layout conversion, shared-memory
+# round trip or barrier (layout 1 had ~12 per step on sm_90), and the repeated loads and scale decodes
+# a thread makes for its 16 elements fold into one (common-subexpression elimination; SASS checked).
+# The loop is software-pipelined by Triton (tl.range num_stages: cp.async for the 16-byte loads).
+
+@triton.jit
+def _full(ptr, SHAPE: tl.constexpr):
+    return tl.broadcast_to(ptr, SHAPE)
+
+
+@triton.jit
+def _byte(ptr, SHAPE: tl.constexpr):
+    return tl.load(_full(ptr, SHAPE)).to(tl.int32)
+
+
+@triton.jit
+def _byte_masked(ptr, mask, SHAPE: tl.constexpr):
+    return tl.load(_full(ptr, SHAPE), mask=_full(mask, SHAPE), other=0).to(tl.int32)
+
+
+@triton.jit
+def _f16_full(ptr, SHAPE: tl.constexpr):
+    return (_byte(ptr, SHAPE) | (_byte(ptr + 1, SHAPE) << 8)).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _x_full(ptr, SHAPE: tl.constexpr):
+    return tl.load(_full(ptr, SHAPE)).to(tl.float32)
+
+
+@triton.jit
+def _v2_q4_k_q5_k(acc, bp, xp, a, b, i, SHAPE: tl.constexpr, IS_Q5: tl.constexpr):
+    """a = c (0..3), b = h (0..1): qs byte 32c + 16h + i holds weights 64c + l (low nibble, sub-block
+    2c) and 64c + 32 + l (high nibble, sub-block 2c + 1), l = 16h + i; q5_k's fifth bits: bit 2c / 2c + 1
+    of qh[l]. The min is folded into each weight (one more FMA, no per-step sums of x)."""
+    l = 16 * b + i
+    if IS_Q5:
+        qs = _byte(bp + 48 + 32 * a + l, SHAPE)
+    else:
+        qs = _byte(bp + 16 + 32 * a + l, SHAPE)
+    lo = qs & 15
+    hi = qs & 0xF0          # 16 * high nibble: its scale is divided by 16 instead of shifting every byte
+    if IS_Q5:
+        qh = _byte(bp + 16 + l, SHAPE)
+        lo = lo | (((qh >> (2 * a)) & 1) << 4)
+        hi = hi | (((qh >> (2 * a + 1)) & 1) << 8)
+    d = _f16_full(bp, SHAPE)
+    dmin = _f16_full(bp + 2, SHAPE)
+    sc_lo, m_lo = _k4_scale_min_full(bp + 4, 2 * a, SHAPE)
+    sc_hi, m_hi = _k4_scale_min_full(bp + 4, 2 * a + 1, SHAPE)
+    w_lo = scaled_quant(lo, d * sc_lo.to(tl.float32) * 8388608.0, 0) - dmin * m_lo.to(tl.float32)
+    w_hi = scaled_quant(hi, d * sc_hi.to(tl.float32) * 524288.0, 0) - dmin * m_hi.to(tl.float32)
+    acc = _accumulate(acc, w_lo, _x_full(xp + 64 * a + l, SHAPE))
+    acc = _accumulate(acc, w_hi, _x_full(xp + 64 * a + 32 + l, SHAPE))
+    return acc
+
+
+@triton.jit
+def _k4_scale_min_full(p, s, SHAPE: tl.constexpr):
+    """q4_k/q5_k 6-bit (scale, min) of sub-block(s) s from scales[12] at p (see decode.k4_scale_min)."""
+    a = _byte(p + s, SHAPE)
+    b = _byte(p + s + 4, SHAPE)
+    c = _byte(p + (s & 3), SHAPE)
+    low_half = s < 4
+    sc = tl.where(low_half, a & 63, (b & 15) | ((c >> 6) << 4))
+    mn = tl.where(low_half, b & 63, (b >> 4) | ((a >> 6) << 4))
+    return sc, mn
+
+
+@triton.jit
+def _v2_q3_k(acc, bp, xp, a, b, i, SHAPE: tl.constexpr):
+    """a = h (128-weight half), b = t: qs byte 32h + r (r = 16t + i) holds 2-bit planes j = 0..3 of weights
+    128h + 32j + r, whose third bit is bit 4h + j of hmask[r]; sub-block 8h + 2j + t."""
+    r = 16 * b + i
+    qs = _byte(bp + 32 + 32 * a + r, SHAPE)
+    hm = _byte(bp + r, SHAPE) << 2
+    d = _f16_full(bp + 108, SHAPE)
+    for j in tl.static_range(4):
+        s = 8 * a + 2 * j + b
+        low = (_byte(bp + 96 + (s & 7), SHAPE) >> (4 * (s >> 3))) & 15
+        high = (_byte(bp + 104 + (s & 3), SHAPE) >> (2 * (s >> 2))) & 3
+        scale = d * ((low | (high << 4)) - 32).to(tl.float32) * 8388608.0
+        w = scaled_quant(((qs >> (2 * j)) & 3) | ((hm >> (4 * a + j)) & 4), scale, 4)
+        acc = _accumulate(acc, w, _x_full(xp + 128 * a + 32 * j + r, SHAPE))
+    return acc
+
+
+@triton.jit
+def _v2_q6_k(acc, bp, xp, a, b, i, SHAPE: tl.constexpr):
+    """a = h, b = u = 2 (r & 1) + t: ql byte 64h + 16u + i holds the low nibbles of weights 128h + 32r + 16t + i
+    for r = r & 1 (low nibble) and r & 1 + 2 (high nibble); their top bits are field r of qh[32h + 16t + i];
+    sub-block 8h + 2r + t."""
+    t = b & 1
+    ql = _byte(bp + 64 * a + 16 * b + i, SHAPE)
+    qh = _byte(bp + 128 + 32 * a + 16 * t + i, SHAPE)
+    d = _f16_full(bp + 208, SHAPE)
+    for rb in tl.static_range(2):
+        r = 2 * rb + (b >> 1)
+        sc = (_byte(bp + 192 + 8 * a + 2 * r + t, SHAPE) ^ 0x80) - 128
+        w = scaled_quant(((ql >> (4 * rb)) & 15) | (((qh >> (2 * r)) & 3) << 4),
+                         d * sc.to(tl.float32) * 8388608.0, 32)
+        acc = _accumulate(acc, w, _x_full(xp + 128 * a + 32 * r + 16 * t + i, SHAPE))
+    return acc
+
+
+@triton.jit
+def _v2_q4_0(acc, w_rows, x_rows, step, n_blocks, a, i, SHAPE: tl.constexpr):
+    """a = block g of the step's eight (blocks past n_blocks read as 0): qs[j] holds weights j (low
+    nibble) and 16 + j (high)."""
+    blk = step * 8 + a
+    valid = blk < n_blocks
+    bp = w_rows + blk * 18
+    qs = _byte_masked(bp + 2 + i, valid, SHAPE)
+    d = ((_byte_masked(bp, valid, SHAPE) | (_byte_masked(bp + 1, valid, SHAPE) << 8))
+         .to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) * 8388608.0)
+    x_lo = tl.load(_full(x_rows + 32 * blk + i, SHAPE), mask=_full(valid, SHAPE), other=0.0).to(tl.float32)
+    x_hi = tl.load(_full(x_rows + 32 * blk + 16 + i, SHAPE), mask=_full(valid, SHAPE), other=0.0).to(tl.float32)
+    acc = _accumulate(acc, scaled_quant(qs & 15, d, 8), x_lo)
+    acc = _accumulate(acc, scaled_quant(qs & 0xF0, d * 0.0625, 128), x_hi)   # 16 (nibble - 8) d / 16
+    return acc
+
+
+@triton.jit
+def _v2_q8_0(acc, w_rows, x_rows, step, n_blocks, a, b, i, SHAPE: tl.constexpr):
+    """a = block g of the step's eight, b = which 16 of its 32 int8 quants."""
+    blk = step * 8 + a
+    valid = blk < n_blocks
+    bp = w_rows + blk * 34
+    qs = _byte_masked(bp + 2 + 16 * b + i, valid, SHAPE)
+    d = ((_byte_masked(bp, valid, SHAPE) | (_byte_masked(bp + 1, valid, SHAPE) << 8))
+         .to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) * 8388608.0)
+    x = tl.load(_full(x_rows + 32 * blk + 16 * b + i, SHAPE), mask=_full(valid, SHAPE), other=0.0).to(tl.float32)
+    return _accumulate(acc, scaled_quant(qs ^ 0x80, d, 128), x)     # int8 = (byte ^ 128) - 128
+
+
 # ---------------------------------------------------------------------------------- kernel
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, M, N, K, stride_xm, row_bytes, split_k, M_BUCKET,
-                 QTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 TILE_A: tl.constexpr, TILE_B: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    # Out-of-range rows/tokens are clamped onto the last valid one: every load stays in bounds without
-    # masks (masks would break the byte-run vectorization); their results are never stored.
-    w_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * row_bytes
-    x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64) * stride_xm
-    n_steps = tl.cdiv(K, 256)
-    steps_per_split = tl.cdiv(n_steps, split_k)
-    step_begin = pid_k * steps_per_split
-    step_end = tl.minimum(step_begin + steps_per_split, n_steps)
-
+def _gemv_layout1(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, TILE_A: tl.constexpr, TILE_B: tl.constexpr):
+    """The (BLOCK_M, BLOCK_N) partial sums over steps [step_begin, step_end), storage-order tiles."""
     acc = tl.zeros((BLOCK_M, BLOCK_N, TILE_A, TILE_B), dtype=tl.float32)
     acc_min = tl.zeros((BLOCK_M, BLOCK_N, TILE_A), dtype=tl.float32)
     for step in range(step_begin, step_end):
@@ -200,6 +337,72 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, M, N, K, stride_xm, ro
     y = tl.sum(tl.sum(acc, axis=3), axis=2)
     if QTYPE == Q4_K or QTYPE == Q5_K:
         y -= tl.sum(acc_min, axis=2)
+    return y
+
+
+@triton.jit
+def _gemv_layout2(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+    """The (BLOCK_M, BLOCK_N) partial sums over steps [step_begin, step_end), per-thread chunks."""
+    if QTYPE == Q4_K or QTYPE == Q5_K:
+        A: tl.constexpr = 4
+        B: tl.constexpr = 2
+    elif QTYPE == Q3_K:
+        A: tl.constexpr = 2
+        B: tl.constexpr = 2
+    elif QTYPE == Q6_K:
+        A: tl.constexpr = 2
+        B: tl.constexpr = 4
+    elif QTYPE == Q4_0:
+        A: tl.constexpr = 8
+        B: tl.constexpr = 1
+    else:  # Q8_0
+        A: tl.constexpr = 8
+        B: tl.constexpr = 2
+    SHAPE: tl.constexpr = (BLOCK_M, BLOCK_N, A, B, 16)
+    a = tl.arange(0, A)[None, None, :, None, None]
+    b = tl.arange(0, B)[None, None, None, :, None]
+    i = tl.arange(0, 16)[None, None, None, None, :]
+    rows = w_rows[None, :, None, None, None]
+    xs = x_rows[:, None, None, None, None]
+    acc = tl.zeros(SHAPE, dtype=tl.float32)
+    for step in tl.range(step_begin, step_end, num_stages=STAGES):
+        if QTYPE == Q4_K:
+            acc = _v2_q4_k_q5_k(acc, rows + step * 144, xs + step * 256, a, b, i, SHAPE, False)
+        elif QTYPE == Q5_K:
+            acc = _v2_q4_k_q5_k(acc, rows + step * 176, xs + step * 256, a, b, i, SHAPE, True)
+        elif QTYPE == Q3_K:
+            acc = _v2_q3_k(acc, rows + step * 110, xs + step * 256, a, b, i, SHAPE)
+        elif QTYPE == Q6_K:
+            acc = _v2_q6_k(acc, rows + step * 210, xs + step * 256, a, b, i, SHAPE)
+        elif QTYPE == Q4_0:
+            acc = _v2_q4_0(acc, rows, xs, step, K // 32, a, i, SHAPE)
+        else:  # Q8_0
+            acc = _v2_q8_0(acc, rows, xs, step, K // 32, a, b, i, SHAPE)
+    return tl.sum(tl.sum(tl.sum(acc, axis=4), axis=3), axis=2)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, M, N, K, stride_xm, row_bytes, split_k, M_BUCKET,
+                 QTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 TILE_A: tl.constexpr, TILE_B: tl.constexpr, LAYOUT: tl.constexpr, STAGES: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Out-of-range rows/tokens are clamped onto the last valid one: every load stays in bounds without
+    # masks (masks would break the byte-run vectorization); their results are never stored.
+    w_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * row_bytes
+    x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64) * stride_xm
+    n_steps = tl.cdiv(K, 256)
+    steps_per_split = tl.cdiv(n_steps, split_k)
+    step_begin = pid_k * steps_per_split
+    step_end = tl.minimum(step_begin + steps_per_split, n_steps)
+    if LAYOUT == 2:
+        y = _gemv_layout2(w_rows, x_rows, step_begin, step_end, K, QTYPE, BLOCK_M, BLOCK_N, STAGES)
+    else:
+        y = _gemv_layout1(w_rows, x_rows, step_begin, step_end, K, QTYPE, BLOCK_M, BLOCK_N, TILE_A, TILE_B)
     store_output(y, offs_m, offs_n, M, N, bias_ptr, out_ptr, ws_ptr, pid_k, split_k, HAS_BIAS)
 
 
@@ -211,10 +414,11 @@ _gemv_tuned = triton.autotune(configs=configs.gemv_configs(), key=list(_GEMV_KEY
 
 # ---------------------------------------------------------------------------------- launcher
 def gemv(x2d: torch.Tensor, qt, bias: "torch.Tensor | None", out: torch.Tensor, *,
-         split_k: "int | None" = None) -> str:
+         split_k: "int | None" = None, layout: "int | None" = None) -> str:
     """out (M, N) = x2d (M, K) @ W.T (+ bias) with the GEMV kernel; returns the variant that ran
     ("gemv" or "gemv_splitk"). Inputs are validated by the caller (qmatmul): x2d has unit stride along K,
-    out is contiguous of x2d's dtype. ``split_k`` forces that many K slices (no tuning); None tunes it."""
+    out is contiguous of x2d's dtype. ``split_k`` forces that many K slices (no tuning); None tunes it.
+    ``layout`` (1 or 2, see configs.GEMV_LAYOUTS) forces the loop layout (no tuning)."""
     m, k = x2d.shape
     n = qt.shape[0]
     block_m = configs.gemv_block_m(m)
@@ -229,8 +433,8 @@ def gemv(x2d: torch.Tensor, qt, bias: "torch.Tensor | None", out: torch.Tensor, 
 
     sms = sm_count(x2d.device)
     split = launch_split_k(_gemv_tuned, grid, args, tuning_key("gemv", args, _GEMV_KEY),
-                           lambda: configs.gemv_heuristic_config(m, n, k, qt.qtype, sms, split_k),
-                           tune=split_k is None, out=out)
+                           lambda: configs.gemv_heuristic_config(m, n, k, qt.qtype, sms, split_k, layout),
+                           tune=split_k is None and layout is None, out=out)
     variant = "gemv_splitk" if split > 1 else "gemv"
     count_launch(variant)
     return variant

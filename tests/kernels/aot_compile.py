@@ -47,20 +47,43 @@ def sass_of(kernel) -> "str | None":
         return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
 
 
+def loop_sync_ops(sass: str) -> dict[str, int]:
+    """Barriers, shared-memory accesses and shuffles inside the kernel's main loop (the instructions between
+    the backward branch spanning the most code and its target): the layout conversions' cost."""
+    instrs = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)[^;]*;", sass)]
+    branches = [(int(t, 16), int(a, 16)) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", sass)]
+    loops = [(t, a) for t, a in branches if t < a]
+    if not loops:
+        return {"no_loop": 1}
+    begin, end = max(loops, key=lambda ta: ta[1] - ta[0])
+    body = [op for addr, op in instrs if begin <= addr <= end]
+    return {kind: sum(op.startswith(prefix) for op in body)
+            for kind, prefix in (("BAR", "BAR"), ("LDS", "LDS"), ("STS", "STS"), ("SHFL", "SHFL"))}
+
+
 def main() -> int:
-    report = {"compiled": [], "dequant_ffma": {}}
+    report = {"compiled": [], "dequant_ffma": {}, "gemv_layout2_loop_sync": {}}
     for qtype, code in QTYPE_CODES.items():
         for x in ("fp32", "fp16", "bf16"):
             sig = {"x_ptr": f"*{x}", "w_ptr": "*u8", "bias_ptr": f"*{x}", "out_ptr": f"*{x}", "ws_ptr": "*fp32",
                    "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "row_bytes": "i32", "split_k": "i32",
                    "M_BUCKET": "i32"}
             tile_a, tile_b = configs.GEMV_TILE[qtype]
-            for block_m in ((1, 4) if x == "fp16" else (1,)):
-                c = configs.gemv_heuristic_config(block_m, 4096, 4096, qtype, 132)
-                compile_kernel(_gemv_kernel, sig, dict(QTYPE=code, HAS_BIAS=True, BLOCK_M=block_m,
-                                                       BLOCK_N=c.kwargs["BLOCK_N"], TILE_A=tile_a, TILE_B=tile_b),
-                               ALIGNED, num_warps=c.num_warps)
-                report["compiled"].append(f"gemv/{qtype}/{x}/m{block_m}")
+            gemv_builds = [(block_m, None, None) for block_m in ((1, 4) if x == "fp16" else (1,))]
+            if x == "fp16":
+                gemv_builds += [(1, 1, None), (1, 2, 1)]      # layout 1; layout 2 unpipelined (its loop is inspected)
+            for block_m, layout, stages in gemv_builds:
+                c = configs.gemv_heuristic_config(block_m, 4096, 4096, qtype, 132, layout=layout)
+                stages = c.kwargs["STAGES"] if stages is None else stages
+                k = compile_kernel(_gemv_kernel, sig, dict(QTYPE=code, HAS_BIAS=True, BLOCK_M=block_m,
+                                                           BLOCK_N=c.kwargs["BLOCK_N"], TILE_A=tile_a, TILE_B=tile_b,
+                                                           LAYOUT=c.kwargs["LAYOUT"], STAGES=stages),
+                                   ALIGNED, num_warps=c.num_warps)
+                report["compiled"].append(f"gemv/{qtype}/{x}/m{block_m}/layout{c.kwargs['LAYOUT']}/stages{stages}")
+                if c.kwargs["LAYOUT"] == 2 and stages == 1:
+                    sass = sass_of(k)
+                    if sass is not None:
+                        report["gemv_layout2_loop_sync"][qtype] = loop_sync_ops(sass)
             c = configs.gemm_heuristic_config(512, 4096, 4096, qtype, 132, fp32=x == "fp32")
             compile_kernel(_gemm_kernel, sig, dict(QTYPE=code, HAS_BIAS=True, SUB=SUB_BLOCK[qtype], RN=True,
                                                    DOT_PRECISION=dot_precision(DTYPES[x]), GROUP_M=GROUP_M,

@@ -49,10 +49,22 @@ def test_gemv_pruner(qtype, m):
                                           **_args(M=m, N=n, K=k, BLOCK_M=block_m, QTYPE=QTYPE_CODES[qtype]))
         assert 1 <= len(kept) <= configs.MAX_TUNED_CONFIGS
         steps = triton.cdiv(k, configs.GEMV_STEP_K)
-        for c in kept:
-            assert steps % c.kwargs["split_k"] == 0
-            a, b = configs.GEMV_TILE[qtype]
-            assert block_m * c.kwargs["BLOCK_N"] * a * b <= 64 * 32 * c.num_warps
+        by_layout = {layout: [c for c in kept if c.kwargs["LAYOUT"] == layout] for layout in configs.GEMV_LAYOUTS}
+        for layout, group in by_layout.items():
+            assert len(group) <= configs.MAX_TUNED_CONFIGS // 2       # neither layout crowds the other out
+            for c in group:
+                assert steps % c.kwargs["split_k"] == 0
+                rows = block_m * c.kwargs["BLOCK_N"]
+                threads = 32 * c.num_warps
+                if layout == 1:
+                    a, b = configs.GEMV_TILE[qtype]
+                    assert rows * a * b <= 64 * threads
+                else:   # one fp32 accumulator per quant byte and token; every thread a 16-byte run
+                    assert rows * configs.GEMV2_ROW_ELEMS[qtype] <= 64 * threads
+                    assert c.kwargs["BLOCK_N"] * configs.GEMV2_ROW_ELEMS[qtype] >= 16 * threads
+                    assert c.kwargs["STAGES"] in configs.GEMV2_STAGES
+        if m == 1 and n >= 1024:
+            assert by_layout[1] and by_layout[2], "the tuner must get to time both GEMV layouts"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
@@ -85,10 +97,18 @@ def test_heuristic_configs_are_legal(qtype):
         if k % (256 if qtype.endswith("_k") else 32):
             continue
         for m in (1, 3, 8):
-            c = configs.gemv_heuristic_config(m, n, k, qtype, 132)
-            a, b = configs.GEMV_TILE[qtype]
-            assert configs.gemv_block_m(m) * c.kwargs["BLOCK_N"] * a * b <= 64 * 32 * c.num_warps
-            assert triton.cdiv(k, configs.GEMV_STEP_K) % c.kwargs["split_k"] == 0
+            for layout in configs.GEMV_LAYOUTS:
+                c = configs.gemv_heuristic_config(m, n, k, qtype, 132, layout=layout)
+                rows = configs.gemv_block_m(m) * c.kwargs["BLOCK_N"]
+                if c.kwargs["LAYOUT"] == 1:
+                    a, b = configs.GEMV_TILE[qtype]
+                    assert rows * a * b <= 64 * 32 * c.num_warps
+                else:
+                    assert rows * configs.GEMV2_ROW_ELEMS[qtype] <= 64 * 32 * c.num_warps
+                assert triton.cdiv(k, configs.GEMV_STEP_K) % c.kwargs["split_k"] == 0
+            # the format's default layout, except where layout 2's accumulator would not fit (8 tokens)
+            want = configs.GEMV_DEFAULT_LAYOUT[qtype] if m <= 4 else 1
+            assert configs.gemv_heuristic_config(m, n, k, qtype, 132).kwargs["LAYOUT"] == want
         for m in (5, 100, 3000):
             c = configs.gemm_heuristic_config(m, n, k, qtype, 132)
             assert configs.gemm_block_k_ok(c.kwargs["BLOCK_K"], qtype)

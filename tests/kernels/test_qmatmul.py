@@ -87,6 +87,42 @@ def test_k_shapes(qtype, k_kind, kernel, device, triton_only, poisoned):
     _expect_family(triton_only, kernel)
 
 
+@pytest.mark.parametrize("layout", [1, 2])
+@pytest.mark.parametrize("dtype", X_DTYPES, ids=str)
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_gemv_layouts(qtype, dtype, layout, device, triton_only, poisoned, monkeypatch):
+    """Both GEMV loop layouts (the tuner picks between them on a GPU) with 1..8 tokens, bias, split and
+    unsplit K, odd N and K, and weight bytes at an odd address; the config that ran is checked to be of
+    the layout under test (heuristic configs: no tuning here)."""
+    from offload_kernels.kernels import configs
+
+    ran = []
+    heuristic = configs.gemv_heuristic_config
+
+    def recording_heuristic(*args, **kwargs):
+        config = heuristic(*args, **kwargs)
+        ran.append(config.kwargs["LAYOUT"])
+        return config
+
+    monkeypatch.setattr(configs, "GEMV_DEFAULT_LAYOUT", dict.fromkeys(QTYPES, layout))
+    monkeypatch.setattr(configs, "gemv_heuristic_config", recording_heuristic)
+    g = torch.Generator().manual_seed(seed_of("layouts", qtype, dtype, layout))
+    k = K_ODD[qtype]
+    src = random_qtensor(qtype, 37, k, g)
+    slot = torch.zeros(src.nbytes + 1, dtype=torch.uint8)
+    slot[1:] = src.data.flatten()
+    odd = QuantizedTensor(slot.to(device)[1:].view(37, -1), qtype, (37, k))
+    for qt in (src.to(device), odd):
+        for m, split in ((1, 1), (2, 5) if qtype.endswith("_k") else (2, 2), (4, 1), (5, 1)):
+            x = activations((m, k), g).to(dtype).to(device)
+            bias = activations((37,), g).to(dtype).to(device)
+            ran.clear()
+            y = kernels.qmatmul(x, qt, bias, backend="triton", kernel="gemv", split_k=split)
+            assert_close(y, x, qt, bias)
+            assert ran == [layout if m <= 4 else 1], ran      # 5..8 tokens: layout 2 would spill
+            triton_only.expect(**{"gemv" if split == 1 else "gemv_splitk": 1})
+
+
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 @pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q4_k", "q3_k"])
 def test_distributions(qtype, distribution, device, triton_only, poisoned):
