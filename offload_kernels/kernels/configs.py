@@ -110,8 +110,9 @@ GEMV_DEFAULT_LAYOUT = {"q4_k": 2, "q5_k": 2, "q3_k": 1, "q6_k": 1, "q4_0": 1, "q
 #: Layout 1: per-row accumulator shape (TILE_A, TILE_B) of each format's step: the storage order of the
 #: quant bytes it decodes; TILE_A * TILE_B fp32 registers per row per token, over the CTA.
 GEMV_TILE = {"q4_0": (8, 16), "q8_0": (8, 32), "q3_k": (4, 16), "q4_k": (4, 32), "q5_k": (4, 32), "q6_k": (8, 16)}
-#: Layout 2: accumulator elements per row per token (A * B * 16: quant bytes a step decodes per row).
-GEMV2_ROW_ELEMS = {"q4_0": 128, "q8_0": 256, "q3_k": 64, "q4_k": 128, "q5_k": 128, "q6_k": 128}
+#: Accumulator elements per row per token, either layout: one per quant byte a step decodes per row
+#: (layout 2 arranges the same bytes as (A, B, 16)).
+GEMV_ROW_ELEMS = {qtype: a * b for qtype, (a, b) in GEMV_TILE.items()}
 #: Layout 2: software-pipelining stages (tl.range num_stages) the tuner tries.
 GEMV2_STAGES = (1, 3)
 
@@ -120,26 +121,21 @@ def gemv_block_m(m: int) -> int:
     return min(next_power_of_2(m), GEMV_MAX_BLOCK_M)
 
 
-def _gemv_accumulator_fits(block_m: int, block_n: int, qtype: str, num_warps: int, layout: int = 1) -> bool:
-    if layout == 2:
-        elems = block_m * block_n * GEMV2_ROW_ELEMS[qtype]
-    else:
-        a, b = GEMV_TILE[qtype]
-        elems = block_m * block_n * a * b
-    return elems <= 64 * 32 * num_warps      # <= 64 fp32 accumulator registers per thread
+def _gemv_accumulator_fits(block_m: int, block_n: int, qtype: str, num_warps: int) -> bool:
+    return block_m * block_n * GEMV_ROW_ELEMS[qtype] <= 64 * 32 * num_warps      # <= 64 fp32 per thread
 
 
 def _gemv_enough_work(block_n: int, qtype: str, num_warps: int, layout: int) -> bool:
     """Each thread gets at least 16 weights (layout 1) or one full 16-byte run (layout 2) per step and token:
     decode overheads are per row and step, and layout 2's loads are 16 bytes wide only then."""
     if layout == 2:
-        return block_n * GEMV2_ROW_ELEMS[qtype] >= 16 * 32 * num_warps
+        return block_n * GEMV_ROW_ELEMS[qtype] >= 16 * 32 * num_warps
     return block_n * GEMV_STEP_K >= 16 * 32 * num_warps
 
 
 def _gemv2_min_block_n(qtype: str, num_warps: int = 4) -> int:
     """Layout 2's fewest rows per program that give each of the threads a full 16-byte run."""
-    return max(4, (16 * 32 * num_warps) // GEMV2_ROW_ELEMS[qtype])
+    return max(4, (16 * 32 * num_warps) // GEMV_ROW_ELEMS[qtype])
 
 
 def _gemv_config(block_n: int, split_k: int, num_warps: int, layout: int, stages: int = 1) -> triton.Config:
@@ -172,10 +168,10 @@ def prune_gemv_configs(configs: list[triton.Config], named_args: dict, **kwargs)
 
     kept: dict[int, list[triton.Config]] = {layout: [] for layout in GEMV_LAYOUTS}
     for c in configs:
-        bn, sk, layout = c.kwargs["BLOCK_N"], c.kwargs["split_k"], c.kwargs.get("LAYOUT", 1)
+        bn, sk, layout = c.kwargs["BLOCK_N"], c.kwargs["split_k"], c.kwargs["LAYOUT"]
         if steps % sk or bn > max(8, next_power_of_2(n)):
             continue
-        if not _gemv_accumulator_fits(block_m, bn, qtype, c.num_warps, layout):
+        if not _gemv_accumulator_fits(block_m, bn, qtype, c.num_warps):
             continue
         if not _gemv_enough_work(bn, qtype, c.num_warps, layout):
             continue
@@ -194,7 +190,7 @@ def gemv_heuristic_config(m: int, n: int, k: int, qtype: str, sms: int, split_k:
     slices for ~4 resident programs per SM (so the loads in flight cover HBM latency)."""
     layout = GEMV_DEFAULT_LAYOUT[qtype] if layout is None else layout
     block_m = gemv_block_m(m)
-    if layout == 2 and not _gemv_accumulator_fits(block_m, _gemv2_min_block_n(qtype), qtype, 4, 2):
+    if layout == 2 and not _gemv_accumulator_fits(block_m, _gemv2_min_block_n(qtype), qtype, 4):
         layout = 1          # 8 tokens: layout 2's accumulator would spill; layout 1 shrinks its row tile
     if layout == 2:
         block_n = _gemv2_min_block_n(qtype)

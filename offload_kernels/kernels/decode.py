@@ -87,21 +87,34 @@ def scaled_quant(u, scale_2p23, OFFSET: tl.constexpr):
 
 
 @triton.jit
+def f16_from_bytes(lo, hi):
+    """The fp16 whose little-endian bytes are ``lo``, ``hi`` (int32 0..255), as fp32."""
+    return (lo | (hi << 8)).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def f16_field(ptr):
     """The little-endian fp16 at byte pointer(s) ``ptr``, as fp32. Assembled from two byte loads so that
     no alignment is assumed (blocks of 18, 34, 110, 210 bytes leave fields only 2-byte aligned, and the
     weight bytes may start anywhere inside a transfer slot)."""
-    lo = tl.load(ptr).to(tl.int32)
-    hi = tl.load(ptr + 1).to(tl.int32)
-    return (lo | (hi << 8)).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return f16_from_bytes(tl.load(ptr).to(tl.int32), tl.load(ptr + 1).to(tl.int32))
 
 
 @triton.jit
 def f16_field_masked(ptr, mask):
     """f16_field with masked-off lanes reading as 0.0."""
-    lo = tl.load(ptr, mask=mask, other=0).to(tl.int32)
-    hi = tl.load(ptr + 1, mask=mask, other=0).to(tl.int32)
-    return (lo | (hi << 8)).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return f16_from_bytes(tl.load(ptr, mask=mask, other=0).to(tl.int32),
+                          tl.load(ptr + 1, mask=mask, other=0).to(tl.int32))
+
+
+@triton.jit
+def k4_unpack_scale_min(a, b, c, s):
+    """q4_k/q5_k 6-bit (scale, min) of sub-block(s) ``s`` (0..7) from the int32 bytes a = scales[s],
+    b = scales[s + 4], c = scales[s & 3] (scales[s - 4] when s >= 4), any broadcastable shapes."""
+    low_half = s < 4
+    sc = tl.where(low_half, a & 63, (b & 15) | ((c >> 6) << 4))
+    mn = tl.where(low_half, b & 63, (b >> 4) | ((a >> 6) << 4))
+    return sc, mn
 
 
 @triton.jit
@@ -109,13 +122,18 @@ def k4_scale_min(scales_ptr, s):
     """q4_k/q5_k 6-bit (scale, min) of sub-blocks ``s`` (int32 (S,), values 0..7) for the rows whose
     ``scales[12]`` start at ``scales_ptr`` ((BN,) byte pointers): two int32 (BN, S) tensors."""
     p = scales_ptr[:, None]
-    a = tl.load(p + s[None, :]).to(tl.int32)          # scales[s]
-    b = tl.load(p + (s + 4)[None, :]).to(tl.int32)    # scales[s + 4]
-    c = tl.load(p + (s & 3)[None, :]).to(tl.int32)    # scales[s - 4] when s >= 4
-    low_half = (s < 4)[None, :]
-    sc = tl.where(low_half, a & 63, (b & 15) | ((c >> 6) << 4))
-    mn = tl.where(low_half, b & 63, (b >> 4) | ((a >> 6) << 4))
-    return sc, mn
+    return k4_unpack_scale_min(tl.load(p + s[None, :]).to(tl.int32), tl.load(p + (s + 4)[None, :]).to(tl.int32),
+                               tl.load(p + (s & 3)[None, :]).to(tl.int32), s[None, :])
+
+
+@triton.jit
+def q3_k_unpack_scale(low_byte, high_byte, s):
+    """q3_k signed sub-block scale (sc3[s] - 32) of sub-block(s) ``s`` (0..15) from the int32 bytes
+    low_byte = scales[s % 8] (low 4 bits: its nibble s // 8) and high_byte = scales[8 + s % 4] (high 2
+    bits: its field s // 4), any broadcastable shapes."""
+    low = (low_byte >> (4 * (s >> 3))) & 15
+    high = (high_byte >> (2 * (s >> 2))) & 3
+    return (low | (high << 4)) - 32
 
 
 @triton.jit
@@ -123,18 +141,20 @@ def q3_k_scale(scales_ptr, s):
     """q3_k signed sub-block scales (sc3[s] - 32) of sub-blocks ``s`` (int32 (S,), 0..15) for the rows
     whose ``scales[12]`` start at ``scales_ptr`` ((BN,) byte pointers): int32 (BN, S)."""
     p = scales_ptr[:, None]
-    a = tl.load(p + (s & 7)[None, :]).to(tl.int32)        # low 4 bits: nibble s // 8 of scales[s % 8]
-    b = tl.load(p + (8 + (s & 3))[None, :]).to(tl.int32)  # high 2 bits: field s // 4 of scales[8 + s % 4]
-    low = (a >> (4 * (s >> 3))[None, :]) & 15
-    high = (b >> (2 * (s >> 2))[None, :]) & 3
-    return (low | (high << 4)) - 32
+    return q3_k_unpack_scale(tl.load(p + (s & 7)[None, :]).to(tl.int32),
+                             tl.load(p + (8 + (s & 3))[None, :]).to(tl.int32), s[None, :])
+
+
+@triton.jit
+def int8_from_byte(b):
+    """The int8 value of byte(s) ``b`` (int32 0..255)."""
+    return (b ^ 0x80) - 128
 
 
 @triton.jit
 def q6_k_scale(scales_ptr, s):
     """q6_k int8 sub-block scales of sub-blocks ``s`` (int32 (S,), 0..15): int32 (BN, S)."""
-    b = tl.load(scales_ptr[:, None] + s[None, :]).to(tl.int32)
-    return (b ^ 0x80) - 128
+    return int8_from_byte(tl.load(scales_ptr[:, None] + s[None, :]).to(tl.int32))
 
 
 # ------------------------------------------------------------------------------------- tile decoder

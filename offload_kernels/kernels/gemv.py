@@ -35,8 +35,9 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .decode import (Q3_K, Q4_0, Q4_K, Q5_K, Q6_K, QTYPE_CODES, f16_field, f16_field_masked,
-                     k4_scale_min, q3_k_scale, q6_k_scale, scaled_quant)
+from .decode import (Q3_K, Q4_0, Q4_K, Q5_K, Q6_K, QTYPE_CODES, f16_field, f16_field_masked, f16_from_bytes,
+                     int8_from_byte, k4_scale_min, k4_unpack_scale_min, q3_k_scale, q3_k_unpack_scale, q6_k_scale,
+                     scaled_quant)
 from .epilogue import store_output
 from .runtime import count_launch, launch_split_k, sm_count, tuning_key
 
@@ -201,7 +202,12 @@ def _byte_masked(ptr, mask, SHAPE: tl.constexpr):
 
 @triton.jit
 def _f16_full(ptr, SHAPE: tl.constexpr):
-    return (_byte(ptr, SHAPE) | (_byte(ptr + 1, SHAPE) << 8)).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return f16_from_bytes(_byte(ptr, SHAPE), _byte(ptr + 1, SHAPE))
+
+
+@triton.jit
+def _f16_full_masked(ptr, mask, SHAPE: tl.constexpr):
+    return f16_from_bytes(_byte_masked(ptr, mask, SHAPE), _byte_masked(ptr + 1, mask, SHAPE))
 
 
 @triton.jit
@@ -238,14 +244,8 @@ def _v2_q4_k_q5_k(acc, bp, xp, a, b, i, SHAPE: tl.constexpr, IS_Q5: tl.constexpr
 
 @triton.jit
 def _k4_scale_min_full(p, s, SHAPE: tl.constexpr):
-    """q4_k/q5_k 6-bit (scale, min) of sub-block(s) s from scales[12] at p (see decode.k4_scale_min)."""
-    a = _byte(p + s, SHAPE)
-    b = _byte(p + s + 4, SHAPE)
-    c = _byte(p + (s & 3), SHAPE)
-    low_half = s < 4
-    sc = tl.where(low_half, a & 63, (b & 15) | ((c >> 6) << 4))
-    mn = tl.where(low_half, b & 63, (b >> 4) | ((a >> 6) << 4))
-    return sc, mn
+    """decode.k4_scale_min with SHAPE-broadcast loads (scales[12] at p)."""
+    return k4_unpack_scale_min(_byte(p + s, SHAPE), _byte(p + s + 4, SHAPE), _byte(p + (s & 3), SHAPE), s)
 
 
 @triton.jit
@@ -258,9 +258,8 @@ def _v2_q3_k(acc, bp, xp, a, b, i, SHAPE: tl.constexpr):
     d = _f16_full(bp + 108, SHAPE)
     for j in tl.static_range(4):
         s = 8 * a + 2 * j + b
-        low = (_byte(bp + 96 + (s & 7), SHAPE) >> (4 * (s >> 3))) & 15
-        high = (_byte(bp + 104 + (s & 3), SHAPE) >> (2 * (s >> 2))) & 3
-        scale = d * ((low | (high << 4)) - 32).to(tl.float32) * 8388608.0
+        sc = q3_k_unpack_scale(_byte(bp + 96 + (s & 7), SHAPE), _byte(bp + 104 + (s & 3), SHAPE), s)
+        scale = d * sc.to(tl.float32) * 8388608.0
         w = scaled_quant(((qs >> (2 * j)) & 3) | ((hm >> (4 * a + j)) & 4), scale, 4)
         acc = _accumulate(acc, w, _x_full(xp + 128 * a + 32 * j + r, SHAPE))
     return acc
@@ -277,7 +276,7 @@ def _v2_q6_k(acc, bp, xp, a, b, i, SHAPE: tl.constexpr):
     d = _f16_full(bp + 208, SHAPE)
     for rb in tl.static_range(2):
         r = 2 * rb + (b >> 1)
-        sc = (_byte(bp + 192 + 8 * a + 2 * r + t, SHAPE) ^ 0x80) - 128
+        sc = int8_from_byte(_byte(bp + 192 + 8 * a + 2 * r + t, SHAPE))
         w = scaled_quant(((ql >> (4 * rb)) & 15) | (((qh >> (2 * r)) & 3) << 4),
                          d * sc.to(tl.float32) * 8388608.0, 32)
         acc = _accumulate(acc, w, _x_full(xp + 128 * a + 32 * r + 16 * t + i, SHAPE))
@@ -292,8 +291,7 @@ def _v2_q4_0(acc, w_rows, x_rows, step, n_blocks, a, i, SHAPE: tl.constexpr):
     valid = blk < n_blocks
     bp = w_rows + blk * 18
     qs = _byte_masked(bp + 2 + i, valid, SHAPE)
-    d = ((_byte_masked(bp, valid, SHAPE) | (_byte_masked(bp + 1, valid, SHAPE) << 8))
-         .to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) * 8388608.0)
+    d = _f16_full_masked(bp, valid, SHAPE) * 8388608.0
     x_lo = tl.load(_full(x_rows + 32 * blk + i, SHAPE), mask=_full(valid, SHAPE), other=0.0).to(tl.float32)
     x_hi = tl.load(_full(x_rows + 32 * blk + 16 + i, SHAPE), mask=_full(valid, SHAPE), other=0.0).to(tl.float32)
     acc = _accumulate(acc, scaled_quant(qs & 15, d, 8), x_lo)
@@ -308,8 +306,7 @@ def _v2_q8_0(acc, w_rows, x_rows, step, n_blocks, a, b, i, SHAPE: tl.constexpr):
     valid = blk < n_blocks
     bp = w_rows + blk * 34
     qs = _byte_masked(bp + 2 + 16 * b + i, valid, SHAPE)
-    d = ((_byte_masked(bp, valid, SHAPE) | (_byte_masked(bp + 1, valid, SHAPE) << 8))
-         .to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) * 8388608.0)
+    d = _f16_full_masked(bp, valid, SHAPE) * 8388608.0
     x = tl.load(_full(x_rows + 32 * blk + 16 * b + i, SHAPE), mask=_full(valid, SHAPE), other=0.0).to(tl.float32)
     return _accumulate(acc, scaled_quant(qs ^ 0x80, d, 128), x)     # int8 = (byte ^ 128) - 128
 
@@ -419,6 +416,8 @@ def gemv(x2d: torch.Tensor, qt, bias: "torch.Tensor | None", out: torch.Tensor, 
     ("gemv" or "gemv_splitk"). Inputs are validated by the caller (qmatmul): x2d has unit stride along K,
     out is contiguous of x2d's dtype. ``split_k`` forces that many K slices (no tuning); None tunes it.
     ``layout`` (1 or 2, see configs.GEMV_LAYOUTS) forces the loop layout (no tuning)."""
+    if layout is not None and layout not in configs.GEMV_LAYOUTS:
+        raise ValueError(f"unknown GEMV layout {layout!r}; expected one of {configs.GEMV_LAYOUTS}")
     m, k = x2d.shape
     n = qt.shape[0]
     block_m = configs.gemv_block_m(m)

@@ -60,8 +60,8 @@ def test_gemv_pruner(qtype, m):
                     a, b = configs.GEMV_TILE[qtype]
                     assert rows * a * b <= 64 * threads
                 else:   # one fp32 accumulator per quant byte and token; every thread a 16-byte run
-                    assert rows * configs.GEMV2_ROW_ELEMS[qtype] <= 64 * threads
-                    assert c.kwargs["BLOCK_N"] * configs.GEMV2_ROW_ELEMS[qtype] >= 16 * threads
+                    assert rows * configs.GEMV_ROW_ELEMS[qtype] <= 64 * threads
+                    assert c.kwargs["BLOCK_N"] * configs.GEMV_ROW_ELEMS[qtype] >= 16 * threads
                     assert c.kwargs["STAGES"] in configs.GEMV2_STAGES
         if m == 1 and n >= 1024:
             assert by_layout[1] and by_layout[2], "the tuner must get to time both GEMV layouts"
@@ -104,7 +104,7 @@ def test_heuristic_configs_are_legal(qtype):
                     a, b = configs.GEMV_TILE[qtype]
                     assert rows * a * b <= 64 * 32 * c.num_warps
                 else:
-                    assert rows * configs.GEMV2_ROW_ELEMS[qtype] <= 64 * 32 * c.num_warps
+                    assert rows * configs.GEMV_ROW_ELEMS[qtype] <= 64 * 32 * c.num_warps
                 assert triton.cdiv(k, configs.GEMV_STEP_K) % c.kwargs["split_k"] == 0
             # the format's default layout, except where layout 2's accumulator would not fit (8 tokens)
             want = configs.GEMV_DEFAULT_LAYOUT[qtype] if m <= 4 else 1

@@ -123,6 +123,17 @@ def test_gemv_layouts(qtype, dtype, layout, device, triton_only, poisoned, monke
             triton_only.expect(**{"gemv" if split == 1 else "gemv_splitk": 1})
 
 
+def test_gemv_rejects_unknown_layout(triton_only):
+    from offload_kernels.kernels.gemv import gemv
+
+    qt = random_qtensor("q4_k", 8, 256, torch.Generator().manual_seed(2))
+    out = torch.full((1, 8), float("nan"))
+    with pytest.raises(ValueError, match="unknown GEMV layout 3"):
+        gemv(torch.ones(1, 256), qt, None, out, layout=3)
+    assert torch.isnan(out).all()         # raised before anything ran
+    triton_only.expect()
+
+
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 @pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q4_k", "q3_k"])
 def test_distributions(qtype, distribution, device, triton_only, poisoned):
