@@ -10,6 +10,9 @@ p20/p80, L2 flushed between repetitions, so the weight comes from HBM as it woul
 * ``gemv`` / ``gemm`` / ``dequant``: each family forced (GEMV only up to --gemv-max-m tokens);
 * ``gemv_layout1_graph`` / ``gemv_layout2_graph``: the GEMV's two loop layouts (see kernels/gemv.py) with
   their heuristic configs, device time (graph replay): which one the untuned default should be;
+* ``gemm_exact_decode_graph`` / ``gemm_f16_decode_graph`` (fp16 activations): the fused GEMM's two weight
+  decodes (see kernels/gemm.py) with its heuristic configs, device time: whether the fp16-arithmetic
+  decode (fewer instructions per weight) is faster where it is the default;
 * ``cublas_fp16``: torch.matmul on the fp16 dequantized weight (the dense baseline);
 * ``int4_tinygemm``: torch's int4 weight-only kernel (``aten._weight_int4pack_mm``, group size 32, bf16
   activations), where this torch/GPU runs it;
@@ -185,6 +188,14 @@ def bench_point(rec: Recorder, qt, w16, int4, m: int, cfg: Settings) -> dict[str
         for layout in (1, 2):
             fn = (lambda lay: lambda: gemv(x, qt, None, out, layout=lay))(layout)
             record(f"gemv_layout{layout}_graph", fn, qt.nbytes, ran_variant(fn), timer=time_cuda_graph)
+    if "gemm" in cfg.families and cfg.dtype == torch.float16:
+        # The GEMM's two weight decodes head to head, untuned, device time (graph replay).
+        from offload_kernels.kernels.gemm import gemm
+
+        out = torch.empty(m, n, device="cuda", dtype=cfg.dtype)
+        for name, f16 in (("exact", False), ("f16", True)):
+            fn = (lambda f: lambda: gemm(x, qt, None, out, f16_decode=f))(f16)
+            record(f"gemm_{name}_decode_graph", fn, qt.nbytes, ran_variant(fn), timer=time_cuda_graph)
     x16 = x.to(torch.float16)
     record(BASELINE, lambda: torch.matmul(x16, w16.T), w16.numel() * 2)
     if int4[0] is not None:
@@ -234,8 +245,8 @@ def summary_body(table: dict, copy_gbs: float, families) -> list[str]:
     body = [f"Device-to-device copy bandwidth in this run: {copy_gbs:.0f} GB/s. Times are medians in microseconds; "
             "\"picked\" is the variant qmatmul's dispatcher ran, \"best\" the fastest of our families; speedups are "
             "over fp16 cuBLAS timed in the same run.", ""]
-    providers = ["auto", "auto_graph", *families, "gemv_layout1_graph", "gemv_layout2_graph", BASELINE,
-                 "int4_tinygemm"]
+    providers = ["auto", "auto_graph", *families, "gemv_layout1_graph", "gemv_layout2_graph",
+                 "gemm_exact_decode_graph", "gemm_f16_decode_graph", BASELINE, "int4_tinygemm"]
     for (qtype, n, k), rows in table.items():
         body += [f"## {qtype}, N={n}, K={k}", ""]
         lines = []

@@ -54,6 +54,12 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints: triton.cdiv is a JIT-callable whose Python call costs microseconds, and the
+    launch grids call this on every launch."""
+    return -(-a // b)
+
+
 def largest_divisor_at_most(n: int, cap: int) -> int:
     """The largest divisor of n that is <= cap (at least 1): split-K factors that cut K into equal slices."""
     for d in range(max(1, min(n, cap)), 0, -1):
@@ -161,10 +167,10 @@ def prune_gemv_configs(configs: list[triton.Config], named_args: dict, **kwargs)
     a = _args(named_args, kwargs)
     m, n, k, block_m, qtype = a["M"], a["N"], a["K"], a["BLOCK_M"], _qtype_name(a)
     sms = sm_count(a["x_ptr"].device)
-    steps = triton.cdiv(k, GEMV_STEP_K)
+    steps = cdiv(k, GEMV_STEP_K)
 
     def programs(c):
-        return triton.cdiv(n, c.kwargs["BLOCK_N"]) * triton.cdiv(m, block_m) * c.kwargs["split_k"]
+        return cdiv(n, c.kwargs["BLOCK_N"]) * cdiv(m, block_m) * c.kwargs["split_k"]
 
     kept: dict[int, list[triton.Config]] = {layout: [] for layout in GEMV_LAYOUTS}
     for c in configs:
@@ -201,8 +207,8 @@ def gemv_heuristic_config(m: int, n: int, k: int, qtype: str, sms: int, split_k:
             block_n //= 2
         stages = 1
     if split_k is None:
-        tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-        split_k = largest_divisor_at_most(triton.cdiv(k, GEMV_STEP_K), max(1, (4 * sms) // tiles))
+        tiles = cdiv(n, block_n) * cdiv(m, block_m)
+        split_k = largest_divisor_at_most(cdiv(k, GEMV_STEP_K), max(1, (4 * sms) // tiles))
     return _gemv_config(block_n, split_k, 4, layout, stages)
 
 
@@ -248,14 +254,14 @@ def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs)
             continue
         if fp32 and bm * bn > 128 * 128:
             continue
-        k_tiles = triton.cdiv(k, bk)
-        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        k_tiles = cdiv(k, bk)
+        tiles = cdiv(m, bm) * cdiv(n, bn)
         if k_tiles % sk or (sk > 1 and tiles * sk > 4 * sms) or (sk > 1 and tiles >= sms):
             continue
         kept.append(c)
 
     def programs(c):
-        return (triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"])) * c.kwargs["split_k"]
+        return (cdiv(m, c.kwargs["BLOCK_M"]) * cdiv(n, c.kwargs["BLOCK_N"])) * c.kwargs["split_k"]
 
     return _closest(kept, programs, 2 * sms) or [gemm_heuristic_config(m, n, k, qtype, sms, fp32=fp32)]
 
@@ -269,8 +275,8 @@ def gemm_heuristic_config(m: int, n: int, k: int, qtype: str, sms: int, split_k:
     bk = 64
     warps = 8 if bm * bn >= 128 * 128 else 4
     if split_k is None:
-        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-        split_k = largest_divisor_at_most(triton.cdiv(k, bk), min(16, sms // tiles)) if tiles < sms else 1
+        tiles = cdiv(m, bm) * cdiv(n, bn)
+        split_k = largest_divisor_at_most(cdiv(k, bk), min(16, sms // tiles)) if tiles < sms else 1
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "split_k": split_k}, num_warps=warps,
                          num_stages=3, pre_hook=zero_workspace_if_split)
 

@@ -157,37 +157,53 @@ def q6_k_scale(scales_ptr, s):
     return int8_from_byte(tl.load(scales_ptr[:, None] + s[None, :]).to(tl.int32))
 
 
-# ------------------------------------------------------------------------------------- tile decoder
+# ------------------------------------------------------------------------------------- tile decoders
 @triton.jit
-def decode_tile(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, SUB: tl.constexpr,
-                RN: tl.constexpr):
-    """fp32 weights of columns k0 .. k0 + NSUB*SUB of the rows starting at ``w_rows`` ((BN,) byte pointers),
-    as a (BN, NSUB, SUB) tile: element [n, s, l] is column k0 + SUB*s + l, bit-exact with ggml.
+def quant_value(u, OFFSET: tl.constexpr, F16: tl.constexpr):
+    """u - OFFSET exactly, for integer quants 0 <= u < 1024 (int32, or int16 with F16): fp32 through the 2**23 magic number,
+    or (F16) fp16 through 1024's: u OR-ed into the 10-bit mantissa of 1024.0 is the fp16 1024 + u, and
+    subtracting 1024 + OFFSET is exact. Both are one integer op and one add, and the fp16 ones pack two
+    weights per instruction (LOP3/HADD2 on half2 registers)."""
+    if F16:
+        return (u.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + OFFSET)
+    else:
+        return small_uint_to_f32(u, OFFSET)
 
-    SUB is the format's sub-block (32 for q4_0/q8_0/q4_k/q5_k, 16 for q3_k/q6_k), so one scale covers
-    each [n, s, :] row. k-quants: NSUB*SUB divides 256 and k0 is a multiple of it (the tile lies inside
-    one super-block). q4_0/q8_0: each s is a whole block; blocks >= n_blocks (K tail) read as 0.
-    """
+
+@triton.jit
+def _tile_parts(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, SUB: tl.constexpr,
+                RN: tl.constexpr, F16: tl.constexpr):
+    """The pieces of a (BN, NSUB, SUB) weight tile, in ggml's arithmetic: the quants minus their offset
+    (``quant_value``: (BN, NSUB, SUB), fp32 or fp16), the fp32 scale of each sub-block row ((BN, NSUB):
+    d * sc with one rounding, or d), and for q4_k/q5_k the fp32 min term dmin * m ((BN, NSUB); 0.0 for the
+    other formats). See decode_tile for the tile's coordinates."""
     s = tl.arange(0, NSUB)
     l = tl.arange(0, SUB)
+    min_term = 0.0
+    # Integer work in int16 for the fp16 decode (half the width: two lanes per register, no narrowing
+    # before the fp16 bit trick), int32 otherwise (what the bit-exact fp32 path was tuned with).
+    if F16:
+        IT: tl.constexpr = tl.int16
+    else:
+        IT: tl.constexpr = tl.int32
     if QTYPE == Q4_0:
         blk = k0 // 32 + s
         valid = blk < n_blocks
         bp = w_rows[:, None] + blk[None, :] * 18                            # (BN, NSUB) block starts
-        d = f16_field_masked(bp, valid[None, :])
+        scale = f16_field_masked(bp, valid[None, :])
         # Each qs byte is loaded once and split into its two nibbles along a new dim: [n, s, half, j] is
         # weight 16 * half + j of block s, so merging (half, j) gives the natural order.
         j = tl.arange(0, 16)
         byte = tl.load(bp[:, :, None, None] + 2 + j[None, None, None, :], mask=valid[None, :, None, None], other=0)
-        nib = (byte.to(tl.int32) >> (4 * tl.arange(0, 2))[None, None, :, None]) & 15
-        w = fmul(tl.reshape(small_uint_to_f32(nib, 8), (nib.shape[0], NSUB, SUB)), d[:, :, None], RN)
+        nib = (byte.to(IT) >> (4 * tl.arange(0, 2)).to(IT)[None, None, :, None]) & 15
+        q = tl.reshape(quant_value(nib, 8, F16), (nib.shape[0], NSUB, SUB))
     elif QTYPE == Q8_0:
         blk = k0 // 32 + s
         valid = blk < n_blocks
         bp = w_rows[:, None] + blk[None, :] * 34
-        d = f16_field_masked(bp, valid[None, :])
+        scale = f16_field_masked(bp, valid[None, :])
         byte = tl.load(bp[:, :, None] + 2 + l[None, None, :], mask=valid[None, :, None], other=0)
-        w = fmul(small_uint_to_f32(byte.to(tl.int32) ^ 0x80, 128), d[:, :, None], RN)  # int8 = (b ^ 128) - 128
+        q = quant_value(byte.to(IT) ^ 0x80, 128, F16)                  # int8 = (b ^ 128) - 128
     elif QTYPE == Q3_K:
         bp = w_rows + (k0 // 256) * 110
         sb = (k0 % 256) // 16 + s                                           # sub-block in the super-block
@@ -199,20 +215,19 @@ def decode_tile(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, S
             l32 = tl.arange(0, 32)
             h = (k0 % 256) // 128
             j = ((k0 % 128) // 32 + tl.arange(0, NSUB // 2))[None, :, None]
-            qs = tl.load(bp[:, None, None] + 32 + 32 * h + l32[None, None, :]).to(tl.int32)   # (BN, 1, 32)
-            hm = tl.load(bp[:, None, None] + l32[None, None, :]).to(tl.int32)
-            q = small_uint_to_f32(((qs >> (2 * j)) & 3) | (((hm >> (4 * h + j)) & 1) << 2), 4)  # (BN, P, 32)
+            qs = tl.load(bp[:, None, None] + 32 + 32 * h + l32[None, None, :]).to(IT)   # (BN, 1, 32)
+            hm = tl.load(bp[:, None, None] + l32[None, None, :]).to(IT)
+            q = quant_value(((qs >> (2 * j).to(IT)) & 3) | (((hm >> (4 * h + j).to(IT)) & 1) << 2), 4, F16)
             q = tl.reshape(q, (q.shape[0], NSUB, SUB))                       # plane p = sub-blocks 2p, 2p+1
         else:
             h = sb >> 3                                                     # 128-weight half
             j = (sb >> 1) & 3                                               # 2-bit plane
             l32 = (16 * (sb & 1))[:, None] + l[None, :]                     # position in the 32-byte run
-            qs = tl.load(bp[:, None, None] + 32 + ((32 * h)[:, None] + l32)[None, :, :]).to(tl.int32)
-            hm = tl.load(bp[:, None, None] + l32[None, :, :]).to(tl.int32)
-            q2 = (qs >> (2 * j)[None, :, None]) & 3
-            hb = (hm >> (4 * h + j)[None, :, None]) & 1
-            q = small_uint_to_f32(q2 | (hb << 2), 4)                        # q2 - (hb ? 0 : 4)
-        w = fmul(scale[:, :, None], q, RN)
+            qs = tl.load(bp[:, None, None] + 32 + ((32 * h)[:, None] + l32)[None, :, :]).to(IT)
+            hm = tl.load(bp[:, None, None] + l32[None, :, :]).to(IT)
+            q2 = (qs >> (2 * j).to(IT)[None, :, None]) & 3
+            hb = (hm >> (4 * h + j).to(IT)[None, :, None]) & 1
+            q = quant_value(q2 | (hb << 2), 4, F16)                         # q2 - (hb ? 0 : 4)
     elif QTYPE == Q6_K:
         bp = w_rows + (k0 // 256) * 210
         sb = (k0 % 256) // 16 + s
@@ -223,12 +238,11 @@ def decode_tile(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, S
         h = sb >> 3
         r = (sb >> 1) & 3
         l32 = (16 * (sb & 1))[:, None] + l[None, :]
-        ql = tl.load(bp[:, None, None] + ((64 * h + 32 * (r & 1))[:, None] + l32)[None, :, :]).to(tl.int32)
-        qh = tl.load(bp[:, None, None] + 128 + ((32 * h)[:, None] + l32)[None, :, :]).to(tl.int32)
-        nib = (ql >> (4 * (r >> 1))[None, :, None]) & 15
-        hi = (qh >> (2 * r)[None, :, None]) & 3
-        q = small_uint_to_f32(nib | (hi << 4), 32)
-        w = fmul(scale[:, :, None], q, RN)
+        ql = tl.load(bp[:, None, None] + ((64 * h + 32 * (r & 1))[:, None] + l32)[None, :, :]).to(IT)
+        qh = tl.load(bp[:, None, None] + 128 + ((32 * h)[:, None] + l32)[None, :, :]).to(IT)
+        nib = (ql >> (4 * (r >> 1)).to(IT)[None, :, None]) & 15
+        hi = (qh >> (2 * r).to(IT)[None, :, None]) & 3
+        q = quant_value(nib | (hi << 4), 32, F16)
     else:  # Q4_K, Q5_K
         if QTYPE == Q4_K:
             bp = w_rows + (k0 // 256) * 144
@@ -239,15 +253,49 @@ def decode_tile(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, S
             byte = tl.load(bp[:, None, None] + 16 + (32 * (sb >> 1))[None, :, None] + l[None, None, :])
         else:
             byte = tl.load(bp[:, None, None] + 48 + (32 * (sb >> 1))[None, :, None] + l[None, None, :])
-        nib = (byte.to(tl.int32) >> (4 * (sb & 1))[None, :, None]) & 15   # sub-block 2c + half of qs[32c + l]
+        nib = (byte.to(IT) >> (4 * (sb & 1)).to(IT)[None, :, None]) & 15   # sub-block 2c + half of qs[32c + l]
         if QTYPE == Q5_K:
-            qh = tl.load(bp[:, None, None] + 16 + l[None, None, :]).to(tl.int32)
-            nib = nib | (((qh >> sb[None, :, None]) & 1) << 4)
-        q = small_uint_to_f32(nib, 0)
+            qh = tl.load(bp[:, None, None] + 16 + l[None, None, :]).to(IT)
+            nib = nib | (((qh >> sb.to(IT)[None, :, None]) & 1) << 4)
+        q = quant_value(nib, 0, F16)
         d = f16_field(bp)
         dmin = f16_field(bp + 2)
         sc, mn = k4_scale_min(bp + 4, sb)
         scale = fmul(d[:, None], sc.to(tl.float32), RN)
         min_term = fmul(dmin[:, None], mn.to(tl.float32), RN)
-        w = fsub(fmul(scale[:, :, None], q, RN), min_term[:, :, None], RN)
+    return q, scale, min_term
+
+
+@triton.jit
+def decode_tile(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, SUB: tl.constexpr,
+                RN: tl.constexpr):
+    """fp32 weights of columns k0 .. k0 + NSUB*SUB of the rows starting at ``w_rows`` ((BN,) byte pointers),
+    as a (BN, NSUB, SUB) tile: element [n, s, l] is column k0 + SUB*s + l, bit-exact with ggml.
+
+    SUB is the format's sub-block (32 for q4_0/q8_0/q4_k/q5_k, 16 for q3_k/q6_k), so one scale covers
+    each [n, s, :] row. k-quants: NSUB*SUB divides 256 and k0 is a multiple of it (the tile lies inside
+    one super-block). q4_0/q8_0: each s is a whole block; blocks >= n_blocks (K tail) read as 0.
+    """
+    q, scale, min_term = _tile_parts(w_rows, k0, n_blocks, QTYPE, NSUB, SUB, RN, False)
+    w = fmul(scale[:, :, None], q, RN)
+    if QTYPE == Q4_K or QTYPE == Q5_K:
+        w = fsub(w, min_term[:, :, None], RN)
     return w
+
+
+@triton.jit
+def decode_tile_f16(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, SUB: tl.constexpr,
+                    RN: tl.constexpr):
+    """decode_tile's tile computed in fp16 arithmetic, for the fused GEMM with fp16 activations (whose
+    tensor-core operand is fp16 anyway): the exact fp16 quant q times the sub-block scale rounded to fp16,
+    minus the min term rounded to fp16 (q4_k/q5_k), in one fp16 FMA (one rounding). Two weights per
+    instruction. Each weight w = q * scale - min differs from decode_tile's by at most
+    2**-11 * (|q * scale| + |min| + |w|) (three fp16 roundings: scale, min, result) instead of the
+    2**-12 * |w| of rounding the exact value to fp16; the min term makes that bound larger than w itself
+    only where q * scale and min nearly cancel. Scales and weights must be in fp16 range (values that are
+    not are no weight an fp16 model can use). The fp32 scales are computed as in decode_tile."""
+    q, scale, min_term = _tile_parts(w_rows, k0, n_blocks, QTYPE, NSUB, SUB, RN, True)
+    scale16 = scale.to(tl.float16)[:, :, None]
+    if QTYPE == Q4_K or QTYPE == Q5_K:
+        return tl.fma(q, scale16, -min_term.to(tl.float16)[:, :, None])
+    return q * scale16

@@ -77,7 +77,7 @@ def dequantize_into(qt: QuantizedTensor, out: torch.Tensor) -> None:
                 SUB=SUB_BLOCK[qt.qtype], RN=not INTERPRETER, BLOCK_K=configs.DEQUANT_BLOCK_K)
 
     def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))
+        return (configs.cdiv(n, meta["BLOCK_N"]), configs.cdiv(k, meta["BLOCK_K"]))
 
     launch(_dequant_tuned, grid, args, tuning_key("dequant", args, _DEQUANT_KEY),
            configs.dequant_heuristic_config, tune=True, device=out.device)

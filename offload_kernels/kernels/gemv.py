@@ -428,7 +428,7 @@ def gemv(x2d: torch.Tensor, qt, bias: "torch.Tensor | None", out: torch.Tensor, 
                 BLOCK_M=block_m, TILE_A=tile_a, TILE_B=tile_b)
 
     def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]), meta["split_k"], triton.cdiv(m, block_m))
+        return (configs.cdiv(n, meta["BLOCK_N"]), meta["split_k"], configs.cdiv(m, block_m))
 
     sms = sm_count(x2d.device)
     split = launch_split_k(_gemv_tuned, grid, args, tuning_key("gemv", args, _GEMV_KEY),

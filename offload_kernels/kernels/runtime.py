@@ -135,8 +135,9 @@ _tuners: dict[int, Any] = {}      # the autotuners launch() has tuned with (forg
 
 def tuning_key(name: str, args: dict[str, Any], key_names: tuple[str, ...]) -> tuple:
     """Our cache key: at least as fine as the Autotuner's (its key values plus every tensor's dtype)."""
-    dtypes = tuple(str(v.dtype) if isinstance(v, torch.Tensor) else None for v in args.values())
-    return (name, *(args[k] for k in key_names), dtypes)
+    # dtype objects, not their names, and getattr rather than isinstance: this runs on every launch.
+    dtypes = tuple([getattr(v, "dtype", None) for v in args.values()])
+    return (name, *[args[k] for k in key_names], dtypes)
 
 
 _NO_DEVICE_SWITCH = contextlib.nullcontext()

@@ -22,7 +22,7 @@ from triton.compiler import ASTSource
 from offload_kernels.kernels import configs
 from offload_kernels.kernels.decode import QTYPE_CODES, SUB_BLOCK
 from offload_kernels.kernels.dequant import _dequant_kernel
-from offload_kernels.kernels.gemm import GROUP_M, _gemm_kernel, dot_precision
+from offload_kernels.kernels.gemm import GROUP_M, _gemm_kernel, dot_precision, f16_decode_default
 from offload_kernels.kernels.gemv import _gemv_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -47,22 +47,30 @@ def sass_of(kernel) -> "str | None":
         return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
 
 
-def loop_sync_ops(sass: str) -> dict[str, int]:
-    """Barriers, shared-memory accesses and shuffles inside the kernel's main loop (the instructions between
-    the backward branch spanning the most code and its target): the layout conversions' cost."""
+def loop_body(sass: str) -> "list[str] | None":
+    """The opcodes of the kernel's main loop: the instructions between the backward branch spanning the
+    most code and its target (None if the kernel has no loop)."""
     instrs = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)[^;]*;", sass)]
     branches = [(int(t, 16), int(a, 16)) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", sass)]
     loops = [(t, a) for t, a in branches if t < a]
     if not loops:
-        return {"no_loop": 1}
+        return None
     begin, end = max(loops, key=lambda ta: ta[1] - ta[0])
-    body = [op for addr, op in instrs if begin <= addr <= end]
+    return [op for addr, op in instrs if begin <= addr <= end]
+
+
+def loop_sync_ops(sass: str) -> dict[str, int]:
+    """Barriers, shared-memory accesses and shuffles inside the kernel's main loop: the layout conversions'
+    cost."""
+    body = loop_body(sass)
+    if body is None:
+        return {"no_loop": 1}
     return {kind: sum(op.startswith(prefix) for op in body)
             for kind, prefix in (("BAR", "BAR"), ("LDS", "LDS"), ("STS", "STS"), ("SHFL", "SHFL"))}
 
 
 def main() -> int:
-    report = {"compiled": [], "dequant_ffma": {}, "gemv_layout2_loop_sync": {}}
+    report = {"compiled": [], "dequant_ffma": {}, "gemv_layout2_loop_sync": {}, "gemm_fp16_loop_instructions": {}}
     for qtype, code in QTYPE_CODES.items():
         for x in ("fp32", "fp16", "bf16"):
             sig = {"x_ptr": f"*{x}", "w_ptr": "*u8", "bias_ptr": f"*{x}", "out_ptr": f"*{x}", "ws_ptr": "*fp32",
@@ -84,12 +92,22 @@ def main() -> int:
                     sass = sass_of(k)
                     if sass is not None:
                         report["gemv_layout2_loop_sync"][qtype] = loop_sync_ops(sass)
-            c = configs.gemm_heuristic_config(512, 4096, 4096, qtype, 132, fp32=x == "fp32")
-            compile_kernel(_gemm_kernel, sig, dict(QTYPE=code, HAS_BIAS=True, SUB=SUB_BLOCK[qtype], RN=True,
-                                                   DOT_PRECISION=dot_precision(DTYPES[x]), GROUP_M=GROUP_M,
-                                                   **{k: c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}),
-                           ALIGNED, num_warps=c.num_warps, num_stages=c.num_stages)
-            report["compiled"].append(f"gemm/{qtype}/{x}")
+            default = f16_decode_default(DTYPES[x], qtype)
+            # fp16: both weight decodes at a mid-M (16) and a large-M (512) tile, to compare their loops.
+            for m, f16_decode in ([(16, True), (16, False), (512, True), (512, False)] if x == "fp16"
+                                  else [(512, default)]):
+                c = configs.gemm_heuristic_config(m, 4096, 4096, qtype, 132, fp32=x == "fp32")
+                k = compile_kernel(_gemm_kernel, sig, dict(QTYPE=code, HAS_BIAS=True, SUB=SUB_BLOCK[qtype], RN=True,
+                                                           DOT_PRECISION=dot_precision(DTYPES[x]), GROUP_M=GROUP_M,
+                                                           F16_DECODE=f16_decode,
+                                                           **{k: c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}),
+                                   ALIGNED, num_warps=c.num_warps, num_stages=c.num_stages)
+                report["compiled"].append(f"gemm/{qtype}/{x}/m{m}/{'f16' if f16_decode else 'f32'}_decode")
+                if x == "fp16":
+                    sass = sass_of(k)
+                    if sass is not None:
+                        report["gemm_fp16_loop_instructions"].setdefault(qtype, {})[
+                            f"m{m}/{'f16' if f16_decode else 'f32'}"] = len(loop_body(sass) or [])
             d = configs.dequant_heuristic_config()
             k = compile_kernel(_dequant_kernel, {"w_ptr": "*u8", "out_ptr": f"*{x}", "N": "i32", "K": "i32",
                                                  "row_bytes": "i32"},

@@ -1,6 +1,7 @@
 """Without a GPU: every kernel compiles for sm_90 through Triton's real pipeline (ptxas included), the
 dequantize kernel's machine code has no fused multiply-add (the bit-exactness guarantee on hardware), and
-the GEMV's layout-2 loop has no barrier or shared-memory round trip (what that layout is for)."""
+the GEMV's layout-2 loop has no barrier or shared-memory round trip (what that layout is for), and the
+GEMM's fp16 weight decode gives a shorter loop than the exact fp32 one wherever it is the default."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from offload_kernels.formats import QTYPES
 from offload_kernels.kernels import configs
+from offload_kernels.kernels.gemm import f16_decode_default
 
 from .conftest import HAS_CUDA
 
@@ -30,8 +33,9 @@ def test_kernels_compile_for_sm90_without_fma_in_dequant():
         pytest.skip(f"this Triton's ahead-of-time compile API differs: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    # gemv, gemm, dequant x 3 dtypes; fp16 gemv also for 4 tokens, in layout 1 and unpipelined layout 2
-    assert len(report["compiled"]) == len(QTYPES) * (3 * 3 + 3)
+    # gemv, gemm, dequant x 3 dtypes; fp16 gemv also for 4 tokens, in layout 1 and unpipelined layout 2;
+    # fp16 gemm with both weight decodes at two tile sizes (4 builds instead of 1)
+    assert len(report["compiled"]) == len(QTYPES) * (3 * 3 + 3 + 3)
     if report["dequant_ffma"]:
         assert set(report["dequant_ffma"].values()) == {0}, report["dequant_ffma"]
     # GEMV layout 2's point: no layout conversion in its loop, i.e. no barrier, shared memory or shuffle.
@@ -40,3 +44,9 @@ def test_kernels_compile_for_sm90_without_fma_in_dequant():
     for qtype, ops in report["gemv_layout2_loop_sync"].items():
         if configs.GEMV_DEFAULT_LAYOUT[qtype] == 2:
             assert ops == {"BAR": 0, "LDS": 0, "STS": 0, "SHFL": 0}, (qtype, ops)
+    # The fp16 weight decode is the GEMM's default for fp16 activations where its loop is shorter than the
+    # exact fp32 decode's, at both tile sizes (gemm.f16_decode_default; the ratios are in its docstring).
+    for qtype, counts in report["gemm_fp16_loop_instructions"].items():
+        if f16_decode_default(torch.float16, qtype):
+            for m in ("m16", "m512"):
+                assert counts[f"{m}/f16"] < counts[f"{m}/f32"], (qtype, counts)
