@@ -127,6 +127,31 @@ def k4_scale_min(scales_ptr, s):
 
 
 @triton.jit
+def k4_head_from_words(bp, s):
+    """q4_k/q5_k (d, dmin, sc, mn) of sub-blocks ``s`` ((S,) int32) for the blocks at byte pointers ``bp``
+    ((BN,), 4-byte aligned), read as the four little-endian int32 words of the 16-byte block head (d, dmin;
+    scales[0:4]; scales[4:8]; scales[8:12]) instead of seven byte loads: one (BN, 4) load that Triton's
+    pipeliner can copy asynchronously a step ahead (byte loads stay in the loop, their latency exposed).
+    Returns fp32 (BN,) d and dmin and int32 (BN, S) sc and mn, the values k4_scale_min and f16_field give."""
+    words = tl.load(bp.to(tl.pointer_type(tl.int32))[:, None] + tl.arange(0, 4)[None, :])
+    even, odd = tl.split(tl.reshape(words, (words.shape[0], 2, 2)))      # (w0, w2), (w1, w3)
+    w0, w2 = tl.split(even)
+    w1, w3 = tl.split(odd)
+    w1 = w1[:, None]
+    w2 = w2[:, None]
+    w3 = w3[:, None]
+    d = f16_from_bytes(w0 & 255, (w0 >> 8) & 255)
+    dmin = f16_from_bytes((w0 >> 16) & 255, (w0 >> 24) & 255)
+    shift = (8 * (s & 3))[None, :]
+    low_half = (s < 4)[None, :]
+    a = (tl.where(low_half, w1, w2) >> shift) & 255        # scales[s]
+    b = (tl.where(low_half, w2, w3) >> shift) & 255        # scales[s + 4]
+    c = (w1 >> shift) & 255                                # scales[s & 3]
+    sc, mn = k4_unpack_scale_min(a, b, c, s[None, :])
+    return d, dmin, sc, mn
+
+
+@triton.jit
 def q3_k_unpack_scale(low_byte, high_byte, s):
     """q3_k signed sub-block scale (sc3[s] - 32) of sub-block(s) ``s`` (0..15) from the int32 bytes
     low_byte = scales[s % 8] (low 4 bits: its nibble s // 8) and high_byte = scales[8 + s % 4] (high 2
@@ -172,7 +197,7 @@ def quant_value(u, OFFSET: tl.constexpr, F16: tl.constexpr):
 
 @triton.jit
 def _tile_parts(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, SUB: tl.constexpr,
-                RN: tl.constexpr, F16: tl.constexpr):
+                RN: tl.constexpr, F16: tl.constexpr, HEAD_WORDS: tl.constexpr):
     """The pieces of a (BN, NSUB, SUB) weight tile, in ggml's arithmetic: the quants minus their offset
     (``quant_value``: (BN, NSUB, SUB), fp32 or fp16), the fp32 scale of each sub-block row ((BN, NSUB):
     d * sc with one rounding, or d), and for q4_k/q5_k the fp32 min term dmin * m ((BN, NSUB); 0.0 for the
@@ -258,9 +283,12 @@ def _tile_parts(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, S
             qh = tl.load(bp[:, None, None] + 16 + l[None, None, :]).to(IT)
             nib = nib | (((qh >> sb.to(IT)[None, :, None]) & 1) << 4)
         q = quant_value(nib, 0, F16)
-        d = f16_field(bp)
-        dmin = f16_field(bp + 2)
-        sc, mn = k4_scale_min(bp + 4, sb)
+        if HEAD_WORDS:
+            d, dmin, sc, mn = k4_head_from_words(bp, sb)
+        else:
+            d = f16_field(bp)
+            dmin = f16_field(bp + 2)
+            sc, mn = k4_scale_min(bp + 4, sb)
         scale = fmul(d[:, None], sc.to(tl.float32), RN)
         min_term = fmul(dmin[:, None], mn.to(tl.float32), RN)
     return q, scale, min_term
@@ -268,7 +296,7 @@ def _tile_parts(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, S
 
 @triton.jit
 def decode_tile(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, SUB: tl.constexpr,
-                RN: tl.constexpr):
+                RN: tl.constexpr, HEAD_WORDS: tl.constexpr = False):
     """fp32 weights of columns k0 .. k0 + NSUB*SUB of the rows starting at ``w_rows`` ((BN,) byte pointers),
     as a (BN, NSUB, SUB) tile: element [n, s, l] is column k0 + SUB*s + l, bit-exact with ggml.
 
@@ -276,7 +304,7 @@ def decode_tile(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, S
     each [n, s, :] row. k-quants: NSUB*SUB divides 256 and k0 is a multiple of it (the tile lies inside
     one super-block). q4_0/q8_0: each s is a whole block; blocks >= n_blocks (K tail) read as 0.
     """
-    q, scale, min_term = _tile_parts(w_rows, k0, n_blocks, QTYPE, NSUB, SUB, RN, False)
+    q, scale, min_term = _tile_parts(w_rows, k0, n_blocks, QTYPE, NSUB, SUB, RN, False, HEAD_WORDS)
     w = fmul(scale[:, :, None], q, RN)
     if QTYPE == Q4_K or QTYPE == Q5_K:
         w = fsub(w, min_term[:, :, None], RN)
@@ -285,7 +313,7 @@ def decode_tile(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, S
 
 @triton.jit
 def decode_tile_f16(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, SUB: tl.constexpr,
-                    RN: tl.constexpr):
+                    RN: tl.constexpr, HEAD_WORDS: tl.constexpr = False):
     """decode_tile's tile computed in fp16 arithmetic, for the fused GEMM with fp16 activations (whose
     tensor-core operand is fp16 anyway): the exact fp16 quant q times the sub-block scale rounded to fp16,
     minus the min term rounded to fp16 (q4_k/q5_k), in one fp16 FMA (one rounding). Two weights per
@@ -294,7 +322,7 @@ def decode_tile_f16(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexp
     2**-12 * |w| of rounding the exact value to fp16; the min term makes that bound larger than w itself
     only where q * scale and min nearly cancel. Scales and weights must be in fp16 range (values that are
     not are no weight an fp16 model can use). The fp32 scales are computed as in decode_tile."""
-    q, scale, min_term = _tile_parts(w_rows, k0, n_blocks, QTYPE, NSUB, SUB, RN, True)
+    q, scale, min_term = _tile_parts(w_rows, k0, n_blocks, QTYPE, NSUB, SUB, RN, True, HEAD_WORDS)
     scale16 = scale.to(tl.float16)[:, :, None]
     if QTYPE == Q4_K or QTYPE == Q5_K:
         return tl.fma(q, scale16, -min_term.to(tl.float16)[:, :, None])

@@ -12,6 +12,11 @@ dequantized copy. Two weight decodes (see f16_decode_default for which runs):
   shorter for q4_0, q8_0, q4_k and q5_k (Triton 3.6 and 3.9, mid-M and large-M tiles); for q3_k the gain
   is 0-14% with Triton 3.9 and none with 3.6, and q6_k's loop grows, so those two keep the exact decode.
 
+q4_k/q5_k blocks at a 4-byte-aligned address (HEAD_WORDS) read their 16-byte head (d, dmin, scales) as four
+int32 words, which Triton's pipeliner copies asynchronously a step ahead like the quant bytes and x; read
+byte by byte, those loads stayed in the loop with their latency exposed every step (sm_90: the loop then
+has no synchronous global load and 2-3 barriers instead of 4-7).
+
 fp32 activations use input_precision="tf32x3" (near-fp32 error on tensor cores; see dot_precision).
 
 split_k > 1 cuts K into equal slices whose partial tiles are atomically added into a zeroed fp32
@@ -34,6 +39,7 @@ from .runtime import INTERPRETER, count_launch, launch_split_k, sm_count, tuning
 def _gemm_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, M, N, K, stride_xm, row_bytes, split_k, M_BUCKET,
                  QTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SUB: tl.constexpr, RN: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr, F16_DECODE: tl.constexpr,
+                 HEAD_WORDS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -66,15 +72,15 @@ def _gemm_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, M, N, K, stride_xm, ro
         else:
             x = tl.load(x_tile + k0)  # K is a multiple of 256 and BLOCK_K divides 256
         if F16_DECODE:
-            w = decode_tile_f16(w_rows, k0, K // 32, QTYPE, BLOCK_K // SUB, SUB, RN)
+            w = decode_tile_f16(w_rows, k0, K // 32, QTYPE, BLOCK_K // SUB, SUB, RN, HEAD_WORDS)
         else:
-            w = decode_tile(w_rows, k0, K // 32, QTYPE, BLOCK_K // SUB, SUB, RN).to(x.dtype)
+            w = decode_tile(w_rows, k0, K // 32, QTYPE, BLOCK_K // SUB, SUB, RN, HEAD_WORDS).to(x.dtype)
         w = tl.reshape(w, (BLOCK_N, BLOCK_K))
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     store_output(acc, offs_m, offs_n, M, N, bias_ptr, out_ptr, ws_ptr, pid_k, split_k, HAS_BIAS)
 
 
-_GEMM_KEY = ("M_BUCKET", "N", "K", "QTYPE", "HAS_BIAS", "F16_DECODE")
+_GEMM_KEY = ("M_BUCKET", "N", "K", "QTYPE", "HAS_BIAS", "F16_DECODE", "HEAD_WORDS")
 
 _gemm_tuned = triton.autotune(configs=configs.gemm_configs(), key=list(_GEMM_KEY),
                               prune_configs_by={"early_config_prune": configs.prune_gemm_configs})(_gemm_kernel)
@@ -119,7 +125,8 @@ def gemm(x2d: torch.Tensor, qt, bias: "torch.Tensor | None", out: torch.Tensor, 
                 M_BUCKET=configs.next_power_of_2(m), QTYPE=QTYPE_CODES[qt.qtype], HAS_BIAS=bias is not None,
                 SUB=SUB_BLOCK[qt.qtype], RN=not INTERPRETER, DOT_PRECISION=dot_precision(x2d.dtype),
                 GROUP_M=GROUP_M,
-                F16_DECODE=f16_decode_default(x2d.dtype, qt.qtype) if f16_decode is None else bool(f16_decode))
+                F16_DECODE=f16_decode_default(x2d.dtype, qt.qtype) if f16_decode is None else bool(f16_decode),
+                HEAD_WORDS=qt.qtype in ("q4_k", "q5_k") and qt.data.data_ptr() % 4 == 0)
 
     def grid(meta):
         return (configs.cdiv(m, meta["BLOCK_M"]) * configs.cdiv(n, meta["BLOCK_N"]), meta["split_k"])

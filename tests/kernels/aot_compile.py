@@ -70,7 +70,8 @@ def loop_sync_ops(sass: str) -> dict[str, int]:
 
 
 def main() -> int:
-    report = {"compiled": [], "dequant_ffma": {}, "gemv_layout2_loop_sync": {}, "gemm_fp16_loop_instructions": {}}
+    report = {"compiled": [], "dequant_ffma": {}, "gemv_layout2_loop_sync": {}, "gemm_fp16_loop_instructions": {},
+              "gemm_loop_global_loads": {}}
     for qtype, code in QTYPE_CODES.items():
         for x in ("fp32", "fp16", "bf16"):
             sig = {"x_ptr": f"*{x}", "w_ptr": "*u8", "bias_ptr": f"*{x}", "out_ptr": f"*{x}", "ws_ptr": "*fp32",
@@ -100,14 +101,18 @@ def main() -> int:
                 k = compile_kernel(_gemm_kernel, sig, dict(QTYPE=code, HAS_BIAS=True, SUB=SUB_BLOCK[qtype], RN=True,
                                                            DOT_PRECISION=dot_precision(DTYPES[x]), GROUP_M=GROUP_M,
                                                            F16_DECODE=f16_decode,
+                                                           HEAD_WORDS=qtype in ("q4_k", "q5_k"),
                                                            **{k: c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}),
                                    ALIGNED, num_warps=c.num_warps, num_stages=c.num_stages)
                 report["compiled"].append(f"gemm/{qtype}/{x}/m{m}/{'f16' if f16_decode else 'f32'}_decode")
                 if x == "fp16":
                     sass = sass_of(k)
                     if sass is not None:
-                        report["gemm_fp16_loop_instructions"].setdefault(qtype, {})[
-                            f"m{m}/{'f16' if f16_decode else 'f32'}"] = len(loop_body(sass) or [])
+                        body = loop_body(sass) or []
+                        tag = f"m{m}/{'f16' if f16_decode else 'f32'}"
+                        report["gemm_fp16_loop_instructions"].setdefault(qtype, {})[tag] = len(body)
+                        report["gemm_loop_global_loads"].setdefault(qtype, {})[tag] = sum(
+                            op.startswith("LDG.") for op in body)      # synchronous loads (not LDGSTS)
             d = configs.dequant_heuristic_config()
             k = compile_kernel(_dequant_kernel, {"w_ptr": "*u8", "out_ptr": f"*{x}", "N": "i32", "K": "i32",
                                                  "row_bytes": "i32"},

@@ -1,7 +1,8 @@
 """Without a GPU: every kernel compiles for sm_90 through Triton's real pipeline (ptxas included), the
 dequantize kernel's machine code has no fused multiply-add (the bit-exactness guarantee on hardware), and
 the GEMV's layout-2 loop has no barrier or shared-memory round trip (what that layout is for), and the
-GEMM's fp16 weight decode gives a shorter loop than the exact fp32 one wherever it is the default."""
+GEMM's fp16 weight decode gives a shorter loop than the exact fp32 one wherever it is the default, and its
+q4_k/q5_k loop has no synchronous global load."""
 
 from __future__ import annotations
 
@@ -50,3 +51,7 @@ def test_kernels_compile_for_sm90_without_fma_in_dequant():
         if f16_decode_default(torch.float16, qtype):
             for m in ("m16", "m512"):
                 assert counts[f"{m}/f16"] < counts[f"{m}/f32"], (qtype, counts)
+    # q4_k/q5_k block heads read as int32 words are copied asynchronously like the quant bytes: the GEMM's
+    # K loop waits on no global load of its own (gemm.py, HEAD_WORDS).
+    for qtype in ("q4_k", "q5_k"):
+        assert set(report["gemm_loop_global_loads"][qtype].values()) == {0}, report["gemm_loop_global_loads"]

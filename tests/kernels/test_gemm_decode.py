@@ -41,21 +41,34 @@ def _min_term(qt: QuantizedTensor) -> torch.Tensor:
     return -dequantize(QuantizedTensor(raw, qt.qtype, qt.shape), torch.float32)
 
 
+def _at_offset(qt: QuantizedTensor, offset: int) -> QuantizedTensor:
+    """The same bytes starting ``offset`` bytes past an allocation's (aligned) start."""
+    flat = torch.empty(qt.data.numel() + offset, dtype=torch.uint8, device=qt.data.device)
+    flat[offset:] = qt.data.reshape(-1)
+    moved = QuantizedTensor(flat[offset:].view(qt.data.shape), qt.qtype, qt.shape)
+    assert moved.data.data_ptr() % 16 == offset
+    return moved
+
+
+@pytest.mark.parametrize("offset", [0, 2], ids=["aligned", "2-byte-aligned"])
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_exact_decode_is_the_dequantized_weight_rounded(qtype, device):
+def test_exact_decode_is_the_dequantized_weight_rounded(qtype, offset, device):
+    """Bit-exact through both ways of reading q4_k/q5_k block heads (int32 words when 4-byte aligned,
+    bytes otherwise) and every format's byte reader at an address that is only 2-byte aligned."""
     g = torch.Generator().manual_seed(seed_of("exact", qtype))
     k = 2 * get_spec(qtype).block_size
-    qt = random_qtensor(qtype, 40, k, g, device=device)
+    qt = _at_offset(random_qtensor(qtype, 40, k, g, device=device), offset)
     got = _decoded_by_gemm(qt, False, device)
     want = dequantize(qt, torch.float32).cpu().to(torch.float16).float()
     assert torch.equal(got.cpu(), want)
 
 
+@pytest.mark.parametrize("offset", [0, 2], ids=["aligned", "2-byte-aligned"])
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_f16_decode_within_its_error_bound(qtype, device):
+def test_f16_decode_within_its_error_bound(qtype, offset, device):
     g = torch.Generator().manual_seed(seed_of("f16", qtype))
     k = 2 * get_spec(qtype).block_size
-    qt = random_qtensor(qtype, 40, k, g, device=device)
+    qt = _at_offset(random_qtensor(qtype, 40, k, g, device=device), offset)
     got = _decoded_by_gemm(qt, True, device).cpu().double()
     w = dequantize(qt, torch.float32).cpu().double()
     mn = _min_term(qt).double()
