@@ -142,13 +142,20 @@ def k4_head_from_words(bp, s):
     w3 = w3[:, None]
     d = f16_from_bytes(w0 & 255, (w0 >> 8) & 255)
     dmin = f16_from_bytes((w0 >> 16) & 255, (w0 >> 24) & 255)
-    shift = (8 * (s & 3))[None, :]
-    low_half = (s < 4)[None, :]
+    sc, mn = k4_scale_min_from_words(w1, w2, w3, s[None, :])
+    return d, dmin, sc, mn
+
+
+@triton.jit
+def k4_scale_min_from_words(w1, w2, w3, s):
+    """q4_k/q5_k 6-bit (scale, min) of sub-block(s) ``s`` (0..7) from the int32 words w1, w2, w3 holding
+    scales[0:4], scales[4:8], scales[8:12] little-endian; any broadcastable shapes."""
+    shift = 8 * (s & 3)
+    low_half = s < 4
     a = (tl.where(low_half, w1, w2) >> shift) & 255        # scales[s]
     b = (tl.where(low_half, w2, w3) >> shift) & 255        # scales[s + 4]
     c = (w1 >> shift) & 255                                # scales[s & 3]
-    sc, mn = k4_unpack_scale_min(a, b, c, s[None, :])
-    return d, dmin, sc, mn
+    return k4_unpack_scale_min(a, b, c, s)
 
 
 @triton.jit

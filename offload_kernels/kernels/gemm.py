@@ -108,6 +108,12 @@ def f16_decode_default(x_dtype: torch.dtype, qtype: str) -> bool:
 _F16_DECODE_QTYPES = frozenset({"q4_0", "q8_0", "q4_k", "q5_k"})
 
 
+def _head_words(qt) -> bool:
+    """Whether the kernel may read q4_k/q5_k 16-byte block heads as int32 words (HEAD_WORDS): the blocks
+    (144, 176 bytes) keep 4-byte alignment when the first one has it."""
+    return qt.qtype in ("q4_k", "q5_k") and qt.data.data_ptr() % 4 == 0
+
+
 def gemm(x2d: torch.Tensor, qt, bias: "torch.Tensor | None", out: torch.Tensor, *,
          split_k: "int | None" = None, f16_decode: "bool | None" = None) -> str:
     """out (M, N) = x2d (M, K) @ W.T (+ bias) with the fused tiled GEMM; returns the variant that ran
@@ -126,7 +132,7 @@ def gemm(x2d: torch.Tensor, qt, bias: "torch.Tensor | None", out: torch.Tensor, 
                 SUB=SUB_BLOCK[qt.qtype], RN=not INTERPRETER, DOT_PRECISION=dot_precision(x2d.dtype),
                 GROUP_M=GROUP_M,
                 F16_DECODE=f16_decode_default(x2d.dtype, qt.qtype) if f16_decode is None else bool(f16_decode),
-                HEAD_WORDS=qt.qtype in ("q4_k", "q5_k") and qt.data.data_ptr() % 4 == 0)
+                HEAD_WORDS=_head_words(qt))
 
     def grid(meta):
         return (configs.cdiv(m, meta["BLOCK_M"]) * configs.cdiv(n, meta["BLOCK_N"]), meta["split_k"])
