@@ -214,18 +214,28 @@ def gemv_heuristic_config(m: int, n: int, k: int, qtype: str, sms: int, split_k:
 
 # ----------------------------------------------------------------------------------------- GEMM
 def gemm_configs(interpreter: bool = INTERPRETER) -> list[triton.Config]:
-    """The tiled GEMM autotune space (BLOCK_M x BLOCK_N x BLOCK_K, warps, stages) x split_k."""
+    """The tiled GEMM autotune space (BLOCK_M x BLOCK_N x BLOCK_K, warps, stages) x split_k, and the
+    swapped-operand variant (SWAP_AB, see gemm.py) of the tiles with a short M side."""
     if interpreter:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "split_k": 1}, num_warps=4,
-                              num_stages=2, pre_hook=zero_workspace_if_split)]
+        return [_gemm_config(16, 64, 64, 1, 4, 2)]
     tiles = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
         (16, 64, 64, 4, 3), (16, 128, 64, 4, 3), (16, 64, 128, 4, 3), (32, 64, 64, 4, 3), (32, 128, 64, 4, 3),
         (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 32, 4, 4), (64, 256, 64, 8, 3),
         (128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
     ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "split_k": sk}, num_warps=w, num_stages=s,
-                          pre_hook=zero_workspace_if_split)
-            for bm, bn, bk, w, s in tiles for sk in (1, 2, 4, 8, 16)]
+    return [_gemm_config(bm, bn, bk, sk, w, s, swap)
+            for bm, bn, bk, w, s in tiles for sk in (1, 2, 4, 8, 16)
+            for swap in ((False, True) if bm <= GEMM_SWAP_MAX_BLOCK_M else (False,))]
+
+
+#: Tallest BLOCK_M whose tiles are also tried with swapped operands (SWAP_AB).
+GEMM_SWAP_MAX_BLOCK_M = 64
+
+
+def _gemm_config(bm: int, bn: int, bk: int, split_k: int, num_warps: int, num_stages: int,
+                 swap_ab: bool = False) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "split_k": split_k, "SWAP_AB": swap_ab},
+                         num_warps=num_warps, num_stages=num_stages, pre_hook=zero_workspace_if_split)
 
 
 def gemm_block_k_ok(block_k: int, qtype: str) -> bool:
@@ -241,7 +251,8 @@ def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs)
     """Early pruner: BLOCK_K legal for the format (see gemm_block_k_ok), split_k dividing the number of
     K tiles and only when the output tiles alone cannot fill the GPU, BLOCK_M no taller than needed
     (and not tiny for large M), fp32 activations (tf32x3: 3 MMAs, fp32 operand tiles) on smaller tiles;
-    then at most MAX_TUNED_CONFIGS, those with a program count closest to two waves."""
+    then at most MAX_TUNED_CONFIGS, those with a program count closest to two waves (up to a third of them
+    with swapped operands)."""
     a = _args(named_args, kwargs)
     m, n, k, qtype = a["M"], a["N"], a["K"], _qtype_name(a)
     fp32 = a["x_ptr"].element_size() == 4
@@ -263,7 +274,12 @@ def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs)
     def programs(c):
         return (cdiv(m, c.kwargs["BLOCK_M"]) * cdiv(n, c.kwargs["BLOCK_N"])) * c.kwargs["split_k"]
 
-    return _closest(kept, programs, 2 * sms) or [gemm_heuristic_config(m, n, k, qtype, sms, fp32=fp32)]
+    # Swapped-operand configs get a third of the tuning slots of their own (they would otherwise tie with
+    # their unswapped twins on program count and crowd out other tile shapes).
+    swapped = _closest([c for c in kept if c.kwargs["SWAP_AB"]], programs, 2 * sms, MAX_TUNED_CONFIGS // 3)
+    plain = _closest([c for c in kept if not c.kwargs["SWAP_AB"]], programs, 2 * sms,
+                     MAX_TUNED_CONFIGS - len(swapped))
+    return plain + swapped or [gemm_heuristic_config(m, n, k, qtype, sms, fp32=fp32)]
 
 
 def gemm_heuristic_config(m: int, n: int, k: int, qtype: str, sms: int, split_k: "int | None" = None,
@@ -277,8 +293,7 @@ def gemm_heuristic_config(m: int, n: int, k: int, qtype: str, sms: int, split_k:
     if split_k is None:
         tiles = cdiv(m, bm) * cdiv(n, bn)
         split_k = largest_divisor_at_most(cdiv(k, bk), min(16, sms // tiles)) if tiles < sms else 1
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "split_k": split_k}, num_warps=warps,
-                         num_stages=3, pre_hook=zero_workspace_if_split)
+    return _gemm_config(bm, bn, bk, split_k, warps, 3)
 
 
 # ----------------------------------------------------------------------------------------- dequantize

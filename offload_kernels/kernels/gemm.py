@@ -19,6 +19,12 @@ has no synchronous global load and 2-3 barriers instead of 4-7).
 
 fp32 activations use input_precision="tf32x3" (near-fp32 error on tensor cores; see dot_precision).
 
+SWAP_AB (a config option, tuned) computes y.T = W @ x.T instead: the weight tile becomes the MMA's first
+operand, which sm_90's wgmma takes from registers (no shared-memory copy of the decoded tile, and
+wgmma stays asynchronous across K steps), and a few tokens become its N dimension (8..64) instead of
+padding M to 16 or 64. On sm_90 machine code it trades that for a layout conversion of the tile (more
+barriers), so only timing can choose: it is in the autotune space for BLOCK_M <= 64, never the default.
+
 split_k > 1 cuts K into equal slices whose partial tiles are atomically added into a zeroed fp32
 workspace: for mid-size M, where the M x N output tiles alone are too few to fill the GPU.
 """
@@ -40,7 +46,7 @@ def _gemm_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, M, N, K, stride_xm, ro
                  QTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SUB: tl.constexpr, RN: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr, F16_DECODE: tl.constexpr,
                  HEAD_WORDS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Grouped tile order: GROUP_M consecutive row tiles share each weight tile while it is hot in L2.
@@ -63,7 +69,10 @@ def _gemm_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, M, N, K, stride_xm, ro
     kt_begin = pid_k * tiles_per_split
     kt_end = tl.minimum(kt_begin + tiles_per_split, k_tiles)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(kt_begin, kt_end):
         k0 = kt * BLOCK_K
         if QTYPE == Q4_0 or QTYPE == Q8_0:
@@ -76,7 +85,12 @@ def _gemm_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, M, N, K, stride_xm, ro
         else:
             w = decode_tile(w_rows, k0, K // 32, QTYPE, BLOCK_K // SUB, SUB, RN, HEAD_WORDS).to(x.dtype)
         w = tl.reshape(w, (BLOCK_N, BLOCK_K))
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        if SWAP_AB:
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if SWAP_AB:
+        acc = tl.trans(acc)
     store_output(acc, offs_m, offs_n, M, N, bias_ptr, out_ptr, ws_ptr, pid_k, split_k, HAS_BIAS)
 
 

@@ -95,17 +95,20 @@ def main() -> int:
                         report["gemv_layout2_loop_sync"][qtype] = loop_sync_ops(sass)
             default = f16_decode_default(DTYPES[x], qtype)
             # fp16: both weight decodes at a mid-M (16) and a large-M (512) tile, to compare their loops.
-            for m, f16_decode in ([(16, True), (16, False), (512, True), (512, False)] if x == "fp16"
-                                  else [(512, default)]):
+            # Every dtype: the swapped-operand variant at a mid-M tile too (a tuned option, compiled only here).
+            builds = [(16, True, False), (16, False, False), (512, True, False), (512, False, False)] \
+                if x == "fp16" else [(512, default, False)]
+            for m, f16_decode, swap in builds + [(16, default, True)]:
                 c = configs.gemm_heuristic_config(m, 4096, 4096, qtype, 132, fp32=x == "fp32")
                 k = compile_kernel(_gemm_kernel, sig, dict(QTYPE=code, HAS_BIAS=True, SUB=SUB_BLOCK[qtype], RN=True,
                                                            DOT_PRECISION=dot_precision(DTYPES[x]), GROUP_M=GROUP_M,
                                                            F16_DECODE=f16_decode,
-                                                           HEAD_WORDS=qtype in ("q4_k", "q5_k"),
+                                                           HEAD_WORDS=qtype in ("q4_k", "q5_k"), SWAP_AB=swap,
                                                            **{k: c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}),
                                    ALIGNED, num_warps=c.num_warps, num_stages=c.num_stages)
-                report["compiled"].append(f"gemm/{qtype}/{x}/m{m}/{'f16' if f16_decode else 'f32'}_decode")
-                if x == "fp16":
+                report["compiled"].append(f"gemm/{qtype}/{x}/m{m}/{'f16' if f16_decode else 'f32'}_decode"
+                                          + ("/swap_ab" if swap else ""))
+                if x == "fp16" and not swap:
                     sass = sass_of(k)
                     if sass is not None:
                         body = loop_body(sass) or []

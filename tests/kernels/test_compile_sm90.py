@@ -35,8 +35,9 @@ def test_kernels_compile_for_sm90_without_fma_in_dequant():
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     # gemv, gemm, dequant x 3 dtypes; fp16 gemv also for 4 tokens, in layout 1 and unpipelined layout 2;
-    # fp16 gemm with both weight decodes at two tile sizes (4 builds instead of 1)
-    assert len(report["compiled"]) == len(QTYPES) * (3 * 3 + 3 + 3)
+    # fp16 gemm with both weight decodes at two tile sizes (4 builds instead of 1); every dtype's gemm also
+    # with swapped operands
+    assert len(report["compiled"]) == len(QTYPES) * (3 * 3 + 3 + 3 + 3)
     if report["dequant_ffma"]:
         assert set(report["dequant_ffma"].values()) == {0}, report["dequant_ffma"]
     # GEMV layout 2's point: no layout conversion in its loop, i.e. no barrier, shared memory or shuffle.

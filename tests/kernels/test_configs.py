@@ -82,6 +82,11 @@ def test_gemm_pruner(qtype, m, dtype):
             assert bk % SUB_BLOCK[qtype] == 0 and (qtype in ("q4_0", "q8_0") or 256 % bk == 0)
             assert triton.cdiv(k, bk) % c.kwargs["split_k"] == 0
             assert c.kwargs["BLOCK_M"] <= max(16, configs.next_power_of_2(m))
+            assert not c.kwargs["SWAP_AB"] or c.kwargs["BLOCK_M"] <= configs.GEMM_SWAP_MAX_BLOCK_M
+        swapped = sum(c.kwargs["SWAP_AB"] for c in kept)
+        assert swapped <= configs.MAX_TUNED_CONFIGS // 3
+        if m <= 64 and n >= 64:     # (narrower weights keep only the heuristic config)
+            assert swapped, "the tuner must get to time swapped operands for a few tokens"
 
 
 def test_gemm_block_k_constraint():

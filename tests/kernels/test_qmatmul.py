@@ -209,3 +209,35 @@ def test_poison_catches_unwritten_rows(device):
     assert torch.isfinite(out[:12]).all() and torch.isnan(out[12:]).all()
     with pytest.raises(AssertionError, match="non-finite"):
         relative_error(out, torch.ones(16, 256, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("swap", [False, True], ids=["x_first", "w_first"])
+@pytest.mark.parametrize("dtype", X_DTYPES, ids=str)
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_gemm_operand_orders(qtype, dtype, swap, device, triton_only, poisoned, monkeypatch):
+    """The fused GEMM with either operand first (SWAP_AB, a tuned option: y.T = W @ x.T), a few and many
+    tokens, bias, split and unsplit K, N = 37; the config that ran is checked to be of the order under
+    test (heuristic configs, forced here: no tuning)."""
+    from offload_kernels.kernels import configs
+
+    ran = []
+    heuristic = configs.gemm_heuristic_config
+
+    def forced_order(*args, **kwargs):
+        config = heuristic(*args, **kwargs)
+        config.kwargs["SWAP_AB"] = swap
+        ran.append(swap)
+        return config
+
+    monkeypatch.setattr(configs, "gemm_heuristic_config", forced_order)
+    g = torch.Generator().manual_seed(seed_of("operand order", qtype, dtype, swap))
+    k = K_ODD[qtype]
+    qt = random_qtensor(qtype, 37, k, g, device=device)
+    for m, split in ((3, 1), (20, 2), (70, 1)):
+        x = activations((m, k), g).to(dtype).to(device)
+        bias = activations((37,), g).to(dtype).to(device)
+        ran.clear()
+        y = kernels.qmatmul(x, qt, bias, backend="triton", kernel="gemm", split_k=split)
+        assert_close(y, x, qt, bias)
+        assert ran == [swap]
+        triton_only.expect(**{"gemm" if split == 1 else "gemm_splitk": 1})
