@@ -63,8 +63,10 @@ def _parse(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[t
     """--shape and --points, checked before anything is allocated (argparse's error names the bad value)."""
     from offload_kernels.formats import QTYPES, get_spec
 
+    from offload_kernels.benchmarks.kernels import parse_shapes
+
     try:
-        n, k = (int(v) for v in args.shape.lower().split("x"))
+        (n, k), = parse_shapes(args.shape)
     except ValueError:
         parser.error(f"--shape must be NxK with positive integers, got {args.shape!r}")
     points = []
@@ -94,11 +96,12 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("profile_qmatmul: needs a CUDA device; nothing measured.")
         return 0
+    from offload_kernels.benchmarks.kernels import set_autotune
     from offload_kernels.benchmarks.results import time_cuda, time_cuda_graph
     from offload_kernels.formats import quantize
-    from offload_kernels.kernels import qmatmul, runtime
+    from offload_kernels.kernels import qmatmul
 
-    runtime.AUTOTUNE = not args.no_autotune
+    set_autotune(not args.no_autotune)
     n, k = shape
     torch.manual_seed(0)
     w = torch.randn(n, k, device="cuda") * 0.02

@@ -9,7 +9,8 @@ p20/p80, L2 flushed between repetitions, so the weight comes from HBM as it woul
   (what the kernels cost inside a captured decode step);
 * ``gemv`` / ``gemm`` / ``dequant``: each family forced (GEMV only up to --gemv-max-m tokens);
 * ``gemv_layout1_graph`` / ``gemv_layout2_graph``: the GEMV's two loop layouts (see kernels/gemv.py) with
-  their heuristic configs, device time (graph replay): which one the untuned default should be;
+  their heuristic configs, device time (graph replay): which one the untuned default should be (layout 2
+  only up to 4 tokens, where it runs);
 * ``gemm_exact_decode_graph`` / ``gemm_f16_decode_graph`` (fp16 activations): the fused GEMM's two weight
   decodes (see kernels/gemm.py) with its heuristic configs, device time: whether the fp16-arithmetic
   decode (fewer instructions per weight) is faster where it is the default;
@@ -184,8 +185,14 @@ def bench_point(rec: Recorder, qt, w16, int4, m: int, cfg: Settings) -> dict[str
         # The two GEMV loop layouts head to head, untuned (heuristic configs), device time (graph replay).
         from offload_kernels.kernels.gemv import gemv
 
+        from offload_kernels.kernels.configs import gemv_heuristic_config
+
         out = torch.empty(m, n, device="cuda", dtype=cfg.dtype)
         for layout in (1, 2):
+            # Above 4 tokens layout 2's accumulator would spill and the heuristic runs layout 1 instead:
+            # no row under a name that is not what ran.
+            if gemv_heuristic_config(m, n, k, qt.qtype, 132, layout=layout).kwargs["LAYOUT"] != layout:
+                continue
             fn = (lambda lay: lambda: gemv(x, qt, None, out, layout=lay))(layout)
             record(f"gemv_layout{layout}_graph", fn, qt.nbytes, ran_variant(fn), timer=time_cuda_graph)
     if "gemm" in cfg.families and cfg.dtype == torch.float16:

@@ -36,9 +36,7 @@ def unpack_scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def unpack_scales_q3_k(scales: torch.Tensor) -> torch.Tensor:
     """The sixteen 6-bit q3_k sub-block scales (still offset by 32) from 12 packed bytes: (nb, 16) uint8."""
     low = torch.cat([scales[:, 0:8] & 15, scales[:, 0:8] >> 4], dim=1)            # s = 0..15
-    high_src = scales[:, 8:12]                                                      # s % 4 picks the byte
-    shifts = torch.arange(4, device=scales.device, dtype=torch.uint8).repeat_interleave(4) * 2  # 2*(s/4)
-    high = (high_src.repeat(1, 4) >> shifts) & 3
+    high = _bit_planes(scales[:, 8:12], 2, dim=1).reshape(-1, 16)    # [4j + i]: field j of byte 8 + i
     return low | (high << 4)
 
 

@@ -70,7 +70,8 @@ def largest_divisor_at_most(n: int, cap: int) -> int:
 
 def zero_workspace_if_split(nargs: dict[str, Any]) -> None:
     """Config pre-hook: split-K programs atomically add into the fp32 workspace, which must start at 0.
-    (Runs before every launch, inside autotuning benchmarks too, so tuning pays for the memset.)"""
+    Runs before each config the autotuner benchmarks (so tuning pays for the memset); direct launches of
+    the split-K kernels get a workspace split_k_workspace already zeroed, and skip it."""
     if nargs["split_k"] > 1:
         nargs["ws_ptr"].zero_()
 
@@ -213,6 +214,10 @@ def gemv_heuristic_config(m: int, n: int, k: int, qtype: str, sms: int, split_k:
 
 
 # ----------------------------------------------------------------------------------------- GEMM
+#: Tallest BLOCK_M whose tiles are also tried with swapped operands (SWAP_AB).
+GEMM_SWAP_MAX_BLOCK_M = 64
+
+
 def gemm_configs(interpreter: bool = INTERPRETER) -> list[triton.Config]:
     """The tiled GEMM autotune space (BLOCK_M x BLOCK_N x BLOCK_K, warps, stages) x split_k, and the
     swapped-operand variant (SWAP_AB, see gemm.py) of the tiles with a short M side."""
@@ -226,10 +231,6 @@ def gemm_configs(interpreter: bool = INTERPRETER) -> list[triton.Config]:
     return [_gemm_config(bm, bn, bk, sk, w, s, swap)
             for bm, bn, bk, w, s in tiles for sk in (1, 2, 4, 8, 16)
             for swap in ((False, True) if bm <= GEMM_SWAP_MAX_BLOCK_M else (False,))]
-
-
-#: Tallest BLOCK_M whose tiles are also tried with swapped operands (SWAP_AB).
-GEMM_SWAP_MAX_BLOCK_M = 64
 
 
 def _gemm_config(bm: int, bn: int, bk: int, split_k: int, num_warps: int, num_stages: int,

@@ -17,6 +17,8 @@ Two families of helpers:
 
 * ``decode_tile``: a (BLOCK_N, NSUB, SUB) tile of fp32 weights in natural K order (element
   k0 + SUB*s + l of each row) for the GEMM and the dequantize kernel; bit-exact with the torch reference.
+  ``decode_tile_f16`` is the same tile in fp16 arithmetic for the GEMM with fp16 activations (two weights
+  per instruction, within a stated bound instead of bit-exact); both read bytes through ``_tile_parts``.
 * the building blocks the GEMV uses to decode bytes in their storage order (``f16_field``,
   ``scaled_quant``, ``k4_scale_min``, ``q3_k_scale``, ``q6_k_scale``). ``scaled_quant`` folds the
   int->float conversion into the scale multiply (one FFMA, exact product, but a zero result is always +0,
@@ -192,8 +194,8 @@ def q6_k_scale(scales_ptr, s):
 # ------------------------------------------------------------------------------------- tile decoders
 @triton.jit
 def quant_value(u, OFFSET: tl.constexpr, F16: tl.constexpr):
-    """u - OFFSET exactly, for integer quants 0 <= u < 1024 (int32, or int16 with F16): fp32 through the 2**23 magic number,
-    or (F16) fp16 through 1024's: u OR-ed into the 10-bit mantissa of 1024.0 is the fp16 1024 + u, and
+    """u - OFFSET exactly, for integer quants 0 <= u < 1024 (int32, or int16 with F16): fp32 through the
+    2**23 magic number, or (F16) fp16 through 1024's: u OR-ed into the 10-bit mantissa of 1024.0 is the fp16 1024 + u, and
     subtracting 1024 + OFFSET is exact. Both are one integer op and one add, and the fp16 ones pack two
     weights per instruction (LOP3/HADD2 on half2 registers)."""
     if F16:

@@ -15,6 +15,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 
 from ..formats import QTYPES, QuantizedTensor, dequantize, get_spec
@@ -60,8 +61,10 @@ def qmatmul(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor] =
 
 def _eager_fast_path(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """True when calling the implementation directly is indistinguishable from calling the op: eager mode
-    (not traced by torch.compile), no gradient to record, plain tensors and no torch function/dispatch
-    mode that would want to see the op. The dispatcher round trip it skips costs tens of microseconds per
+    (not traced by torch.compile), no gradient to record (backward or forward-mode), no torch.func
+    transform (vmap, jvp, grad), plain tensors and no torch function/dispatch mode that would want to see
+    the op (vmap, say, then runs it per sample through torch's fallback instead of handing the kernels a
+    batched tensor wrapper). The dispatcher round trip it skips costs tens of microseconds per
     call, which a decode step pays once per linear layer."""
     if type(x) is not torch.Tensor or (bias is not None and type(bias) is not torch.Tensor):
         return False
@@ -70,7 +73,8 @@ def _eager_fast_path(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return False
     return not (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
-                or torch._C._len_torch_dispatch_stack())
+                or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active()
+                or _forward_ad._current_level >= 0)
 
 
 def _forward(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor], backend: str, kernel: str,

@@ -82,8 +82,9 @@ _placeholders: dict[torch.device, torch.Tensor] = {}
 def split_k_workspace(out: torch.Tensor, split_k: "int | None") -> torch.Tensor:
     """The fp32 buffer split-K programs atomically add into, for an (M, N) ``out`` (split_k None: not known
     yet, the autotuner may try any, and its config pre-hook zeroes the buffer before each try). For a known
-    split > 1 the buffer comes zeroed (one allocation-and-fill instead of an allocation plus the pre-hook's
-    memset). An fp32 ``out`` is its own workspace, zeroed here for a split > 1. Without a K split the kernels
+    split > 1 the buffer comes zeroed from here (the same device work as the pre-hook's memset, without the
+    host-side pre-hook call and its argument dict per launch). An fp32 ``out`` is its own workspace, zeroed
+    here for a split > 1. Without a K split the kernels
     store straight into ``out`` and never touch the workspace: a cached one-element fp32 placeholder then
     keeps the kernel signature (and so its compiled binary) the same, with no (M, N) allocation per call."""
     if out.dtype == torch.float32:
@@ -216,8 +217,8 @@ def launch_split_k(tuner: Any, grid: Callable[[dict], tuple], args: dict[str, An
         ws = split_k_workspace(out, None if config is None else config.kwargs["split_k"])
         return {"ws_ptr": ws}
 
-    config = launch(tuner, grid, {**args, "ws_ptr": out}, key, heuristic, tune=tune, device=out.device,
-                    late_args=workspace, run_pre_hook=False)
+    config = launch(tuner, grid, args, key, heuristic, tune=tune, device=out.device, late_args=workspace,
+                    run_pre_hook=False)
     split = config.kwargs["split_k"]
     if split > 1 and ws is not out:
         out.copy_(ws)

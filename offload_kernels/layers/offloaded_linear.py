@@ -218,8 +218,8 @@ class OffloadedLinear(nn.Module):
             self._spec = spec               # _incoming_weight checked the byte count is unchanged
         elif assign or data.shape != self.weight.shape:
             if not assign:                  # another size: copy to the device first; the swap can't fail
-                try:
-                    data = data.to(self.weight.device, copy=True)
+                try:                        # (bytes quantized here are a new tensor already: no second copy)
+                    data = data.to(self.weight.device, copy=data is state_dict.get(key_w))
                 except Exception as exc:  # noqa: BLE001 - reported like torch's own copy failures
                     error_msgs.append(f"{key_w}: could not copy the {spec.name} bytes to {self.weight.device}: "
                                       f"{exc}")
@@ -291,7 +291,13 @@ class OffloadedLinear(nn.Module):
                 # A streamed layer's bytes live on the host, but its streamer's device (a GPU) quantizes
                 # far faster than the CPU; the bytes come back to the host view afterwards.
                 where = self._streamer.device if self._streamer is not None else self.weight.device
-                return spec, quantize(w.detach().to(where), spec).data
+                try:
+                    return spec, quantize(w.detach().to(where), spec).data
+                except torch.OutOfMemoryError:
+                    if self._streamer is None or torch.device(where).type == "cpu":
+                        raise
+                    # That GPU is filled to the budget by design; the CPU gives the same bytes.
+                    return spec, quantize(w.detach().cpu(), spec).data
             except (TypeError, ValueError) as exc:
                 raise _LoadError(f"cannot quantize the float weight to {spec.name}: {exc}") from None
         if tuple(w.shape) != need or w.dtype != torch.uint8:

@@ -377,7 +377,7 @@ def _report(device, qtype, placement, chosen, skipped, specs, measure, token_cou
         # the budget is filled) costs the predictions, not the offload.
         try:
             hw = measure_hardware(device)
-        except (RuntimeError, MemoryError) as e:      # torch.OutOfMemoryError is a RuntimeError
+        except (torch.OutOfMemoryError, MemoryError) as e:
             log.warning("could not measure %s for the throughput predictions (%s); report without them",
                         device, e)
     predictions = predict_throughput(specs, placement, hw, token_counts) if hw else []

@@ -80,13 +80,16 @@ class WeightStreamer:
 
     def begin_pass(self) -> None:
         """Start a pass (``attach``'s wrapper calls this); a pass begun inside another is part of it."""
-        self._depth += 1
-        if self._depth > 1:
+        if self._depth:
+            self._depth += 1
             return
         self._release_current()
         if self._learning:                  # a pass is what we learn from: drop stray uses recorded before it
             self._reset_learning()
         self._pos = len(self.order) - 1
+        # Counted last: if anything above raises (the wrapper's try has not begun), no pass was opened that
+        # nothing would ever close.
+        self._depth = 1
 
     def _leave_pass(self, completed: bool) -> None:
         """One ``begin_pass`` is over; the outermost one ends the pass (``completed``: it returned)."""
@@ -200,9 +203,10 @@ class WeightStreamer:
 
     def _release_current(self) -> None:
         if self._current is not None:
-            self._current_view = None
+            # Forgotten only once released: if the release raises, the group is still held, and its view
+            # still valid, so the streamer's state matches the engine's.
             self.engine.release(self.handles[self._current])
-            self._current = None
+            self._current = self._current_view = None
 
     def _make_room(self) -> None:
         """Free a slot for a demand copy by dropping the furthest-ahead prediction if every slot is taken."""

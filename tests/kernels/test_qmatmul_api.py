@@ -209,3 +209,42 @@ def test_dequantize_op_schema(device):
     torch.library.opcheck(torch.ops.offload_kernels.dequantize.default,
                           (qt.data, "q3_k", 8, 256, torch.float32, "torch"),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_plain_eager_calls_do_not_reach_the_op(qt, device, monkeypatch):
+    """The fast path is taken: with the registered op replaced by one that fails, a plain inference call
+    still returns the right result, and a call the op must see (x requires grad) reaches it."""
+    import offload_kernels.kernels.qmatmul  # noqa: F401 - registers the op
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("reached the custom op")
+
+    monkeypatch.setattr(torch.ops.offload_kernels, "qmatmul", refuse)
+    x = torch.randn(3, 256, device=device)
+    assert_close(kernels.qmatmul(x, qt, backend="torch"), x, qt, None)
+    with pytest.raises(AssertionError, match="reached the custom op"):
+        kernels.qmatmul(x.clone().requires_grad_(), qt, backend="torch")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func's import
+def test_forward_ad_and_torch_func_transforms_take_the_op(qt, device):
+    """Under torch.func transforms and forward-mode AD the op must be what they see: vmap then runs it per
+    sample through torch's fallback (the kernels never get a batched tensor wrapper), with the right result."""
+    import torch.autograd.forward_ad as fwAD
+
+    from offload_kernels.kernels.qmatmul import _eager_fast_path
+
+    x = torch.randn(3, 256, device=device)
+    with fwAD.dual_level():
+        assert not _eager_fast_path(fwAD.make_dual(x, torch.ones_like(x)), None)
+    seen = []
+
+    def f(v):
+        seen.append(_eager_fast_path(v, None))
+        return kernels.qmatmul(v, qt, backend="torch")
+
+    batch = torch.randn(4, 3, 256, device=device)
+    y = torch.func.vmap(f)(batch)
+    assert seen == [False]
+    assert_close(y, batch, qt, None)
+    assert _eager_fast_path(x, None)

@@ -300,3 +300,31 @@ def test_generate_with_the_wrapper_and_after_an_interrupt():
         assert not acquired(streamed)
         assert s.order == list(range(len(s.groups))) and s.mispredictions == 0
     streamed.load_state_dict(resident.state_dict())
+
+
+def test_interrupt_inside_the_release_that_begins_a_pass():
+    """A group left held by a layer called outside the root forward is released when the next pass begins;
+    an interrupt raised by that release must not leave a pass open that nothing closes (which broke every
+    later forward and refused every load)."""
+    streamed, resident = pair(Net())
+    s = streamer_of(streamed)
+    with torch.no_grad():
+        streamed(X)
+        streamed.blocks[0].up(X)             # one layer of block 0 outside the root forward: its group stays held
+        release, left = s.engine.release, [1]
+
+        def interrupted_once(handle):
+            if left[0]:
+                left[0] -= 1
+                raise KeyboardInterrupt("during release")
+            return release(handle)
+
+        s.engine.release = interrupted_once
+        with pytest.raises(KeyboardInterrupt):
+            streamed(X)
+        for _ in range(3):
+            assert torch.equal(streamed(X), resident(X))
+            assert not acquired(streamed), "each pass must end and give its last group back"
+        other = offloaded(Net(seed=1), stream=False)
+        streamed.load_state_dict(other.state_dict())
+        assert torch.equal(streamed(X), other(X))
