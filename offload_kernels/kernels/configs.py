@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any
 
 import triton
 
@@ -66,14 +65,6 @@ def largest_divisor_at_most(n: int, cap: int) -> int:
         if n % d == 0:
             return d
     return 1
-
-
-def zero_workspace_if_split(nargs: dict[str, Any]) -> None:
-    """Config pre-hook: split-K programs atomically add into the fp32 workspace, which must start at 0.
-    Runs before each config the autotuner benchmarks (so tuning pays for the memset); direct launches of
-    the split-K kernels get a workspace split_k_workspace already zeroed, and skip it."""
-    if nargs["split_k"] > 1:
-        nargs["ws_ptr"].zero_()
 
 
 def _args(named_args: dict, kwargs: dict) -> dict:
@@ -147,7 +138,7 @@ def _gemv2_min_block_n(qtype: str, num_warps: int = 4) -> int:
 
 def _gemv_config(block_n: int, split_k: int, num_warps: int, layout: int, stages: int = 1) -> triton.Config:
     return triton.Config({"BLOCK_N": block_n, "split_k": split_k, "LAYOUT": layout, "STAGES": stages},
-                         num_warps=num_warps, num_stages=2, pre_hook=zero_workspace_if_split)
+                         num_warps=num_warps, num_stages=2)
 
 
 def gemv_configs(interpreter: bool = INTERPRETER) -> list[triton.Config]:
@@ -236,7 +227,7 @@ def gemm_configs(interpreter: bool = INTERPRETER) -> list[triton.Config]:
 def _gemm_config(bm: int, bn: int, bk: int, split_k: int, num_warps: int, num_stages: int,
                  swap_ab: bool = False) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "split_k": split_k, "SWAP_AB": swap_ab},
-                         num_warps=num_warps, num_stages=num_stages, pre_hook=zero_workspace_if_split)
+                         num_warps=num_warps, num_stages=num_stages)
 
 
 def gemm_block_k_ok(block_k: int, qtype: str) -> bool:

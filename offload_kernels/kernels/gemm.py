@@ -25,8 +25,9 @@ wgmma stays asynchronous across K steps), and a few tokens become its N dimensio
 padding M to 16 or 64. On sm_90 machine code it trades that for a layout conversion of the tile (more
 barriers), so only timing can choose: it is in the autotune space for BLOCK_M <= 64, never the default.
 
-split_k > 1 cuts K into equal slices whose partial tiles are atomically added into a zeroed fp32
-workspace: for mid-size M, where the M x N output tiles alone are too few to fill the GPU.
+split_k > 1 cuts K into equal slices whose partial tiles the last program of each tile sums up in the same
+launch (epilogue.store_output): for mid-size M, where the M x N output tiles alone are too few to fill the
+GPU.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ from .runtime import INTERPRETER, count_launch, launch_split_k, sm_count, tuning
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, M, N, K, stride_xm, row_bytes, split_k, M_BUCKET,
+def _gemm_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, row_bytes, split_k,
+                 M_BUCKET,
                  QTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SUB: tl.constexpr, RN: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr, F16_DECODE: tl.constexpr,
                  HEAD_WORDS: tl.constexpr,
@@ -91,7 +93,7 @@ def _gemm_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, M, N, K, stride_xm, ro
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if SWAP_AB:
         acc = tl.trans(acc)
-    store_output(acc, offs_m, offs_n, M, N, bias_ptr, out_ptr, ws_ptr, pid_k, split_k, HAS_BIAS)
+    store_output(acc, offs_m, offs_n, M, N, bias_ptr, out_ptr, ws_ptr, cnt_ptr, pid, split_k, HAS_BIAS)
 
 
 _GEMM_KEY = ("M_BUCKET", "N", "K", "QTYPE", "HAS_BIAS", "F16_DECODE", "HEAD_WORDS")
@@ -149,12 +151,16 @@ def gemm(x2d: torch.Tensor, qt, bias: "torch.Tensor | None", out: torch.Tensor, 
                 HEAD_WORDS=_head_words(qt))
 
     def grid(meta):
-        return (configs.cdiv(m, meta["BLOCK_M"]) * configs.cdiv(n, meta["BLOCK_N"]), meta["split_k"])
+        return (tiles_of(meta), meta["split_k"])
+
+    def tiles_of(meta):
+        return configs.cdiv(m, meta["BLOCK_M"]) * configs.cdiv(n, meta["BLOCK_N"])
 
     sms = sm_count(x2d.device)
     split = launch_split_k(_gemm_tuned, grid, args, tuning_key("gemm", args, _GEMM_KEY),
                            lambda: configs.gemm_heuristic_config(m, n, k, qt.qtype, sms, split_k, fp32=fp32),
-                           tune=split_k is None and f16_decode is None, out=out)
+                           tune=split_k is None and f16_decode is None, out=out,
+                           tiles=lambda config: tiles_of(config.kwargs))
     variant = "gemm_splitk" if split > 1 else "gemm"
     count_launch(variant)
     return variant

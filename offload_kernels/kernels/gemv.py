@@ -2,8 +2,9 @@
 
 At M = 1..4 the cost is reading the quantized bytes, so the kernel is built around that stream:
 
-* a program owns BLOCK_N rows and one K slice (split_k equal slices of 256-weight steps; partial sums go
-  to a zeroed fp32 workspace with atomic adds), so even N = 4096 gives enough programs to fill every SM;
+* a program owns BLOCK_N rows and one K slice (split_k equal slices of 256-weight steps; the last slice
+  to finish a tile sums the others' partials up in the same launch, see epilogue.py), so even N = 4096
+  gives enough programs to fill every SM;
 * each step reads, per row, one whole k-quant super-block (or eight q4_0/q8_0 blocks) as contiguous byte
   runs, each byte loaded once and decoded in its *storage order* with integer ops on int32; x is loaded
   in the matching permuted order (a dot product does not care about order);
@@ -380,7 +381,8 @@ def _gemv_layout2(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, 
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, M, N, K, stride_xm, row_bytes, split_k, M_BUCKET,
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, row_bytes, split_k,
+                 M_BUCKET,
                  QTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  TILE_A: tl.constexpr, TILE_B: tl.constexpr, LAYOUT: tl.constexpr, STAGES: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -400,7 +402,8 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, M, N, K, stride_xm, ro
         y = _gemv_layout2(w_rows, x_rows, step_begin, step_end, K, QTYPE, BLOCK_M, BLOCK_N, STAGES)
     else:
         y = _gemv_layout1(w_rows, x_rows, step_begin, step_end, K, QTYPE, BLOCK_M, BLOCK_N, TILE_A, TILE_B)
-    store_output(y, offs_m, offs_n, M, N, bias_ptr, out_ptr, ws_ptr, pid_k, split_k, HAS_BIAS)
+    store_output(y, offs_m, offs_n, M, N, bias_ptr, out_ptr, ws_ptr, cnt_ptr, pid_m * tl.num_programs(0) + pid_n,
+                 split_k, HAS_BIAS)
 
 
 _GEMV_KEY = ("M_BUCKET", "N", "K", "QTYPE", "HAS_BIAS")
@@ -430,10 +433,13 @@ def gemv(x2d: torch.Tensor, qt, bias: "torch.Tensor | None", out: torch.Tensor, 
     def grid(meta):
         return (configs.cdiv(n, meta["BLOCK_N"]), meta["split_k"], configs.cdiv(m, block_m))
 
+    def tiles(config):
+        return configs.cdiv(n, config.kwargs["BLOCK_N"]) * configs.cdiv(m, block_m)
+
     sms = sm_count(x2d.device)
     split = launch_split_k(_gemv_tuned, grid, args, tuning_key("gemv", args, _GEMV_KEY),
                            lambda: configs.gemv_heuristic_config(m, n, k, qt.qtype, sms, split_k, layout),
-                           tune=split_k is None and layout is None, out=out)
+                           tune=split_k is None and layout is None, out=out, tiles=tiles)
     variant = "gemv_splitk" if split > 1 else "gemv"
     count_launch(variant)
     return variant

@@ -76,31 +76,69 @@ def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
 
 
 # ------------------------------------------------------------------------------------------ split-K
-_placeholders: dict[torch.device, torch.Tensor] = {}
+#: Workspaces up to this size are kept from call to call (per device and stream, zeroed once: every split-K
+#: launch leaves its workspace and tile counters zero again, see epilogue.py); larger ones are allocated
+#: zeroed per call. A mid-M GEMM split needs M x N fp32: 7.3 MB at M = 64, N = 28672.
+PERSISTENT_WORKSPACE_BYTES = 64 << 20
+#: Streams whose workspaces are kept (the longest-kept dropped first).
+PERSISTENT_WORKSPACE_STREAMS = 8
+
+_placeholders: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+# (device, stream) -> [workspace, counters, shape of the last view, that view]
+_workspaces: dict[tuple[torch.device, int], list] = {}
 
 
-def split_k_workspace(out: torch.Tensor, split_k: "int | None") -> torch.Tensor:
-    """The fp32 buffer split-K programs atomically add into, for an (M, N) ``out`` (split_k None: not known
-    yet, the autotuner may try any, and its config pre-hook zeroes the buffer before each try). For a known
-    split > 1 the buffer comes zeroed from here (the same device work as the pre-hook's memset, without the
-    host-side pre-hook call and its argument dict per launch). An fp32 ``out`` is its own workspace, zeroed
-    here for a split > 1. Without a K split the kernels
-    store straight into ``out`` and never touch the workspace: a cached one-element fp32 placeholder then
-    keeps the kernel signature (and so its compiled binary) the same, with no (M, N) allocation per call."""
-    if out.dtype == torch.float32:
-        if split_k is not None and split_k > 1:
-            out.zero_()
-        return out
+def _current_stream_key(device: torch.device) -> int:
+    """The raw handle of ``device``'s current stream, the one the next launch and allocation use (0 on the
+    CPU, where the interpreter runs programs one after the other)."""
+    if device.type != "cuda":
+        return 0
+    return torch._C._cuda_getCurrentRawStream(device.index if device.index is not None
+                                              else torch.cuda.current_device())
+
+
+def split_k_buffers(out: torch.Tensor, split_k: "int | None", tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 workspace (shaped like the (M, N) ``out``) and the int32 per-tile arrival counters (at
+    least ``tiles``) of a split-K launch, both zero (split_k None: not known yet, the autotuner may try any
+    split). The kernels leave them zero, so outside CUDA graph capture they are kept per device and current
+    stream (two streams never share one; work on one stream runs in order) and reused without a memset.
+    Inside a capture they are allocated zeroed per call, from the graph's own pool: each graph then owns
+    its buffers, and a replay never races eager calls or other graphs. Without a K split the kernels never
+    touch either: cached one-element placeholders keep the kernel signature (and so its compiled binary)
+    the same, with no (M, N) allocation per call."""
+    device = out.device
     if split_k == 1:
-        ws = _placeholders.get(out.device)
-        if ws is None:
-            ws = torch.empty(1, dtype=torch.float32, device=out.device)    # never read nor written
-            if not capturing(out.device):       # not from a CUDA graph's private memory pool
-                _placeholders[out.device] = ws
-        return ws
-    if split_k is None:
-        return torch.empty(out.shape, dtype=torch.float32, device=out.device)
-    return torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+        bufs = _placeholders.get(device)
+        if bufs is None:
+            bufs = (torch.empty(1, dtype=torch.float32, device=device),     # never read nor written
+                    torch.empty(1, dtype=torch.int32, device=device))
+            if not capturing(device):       # not from a CUDA graph's private memory pool
+                _placeholders[device] = bufs
+        return bufs
+    numel = out.numel()
+    if capturing(device) or numel * 4 > PERSISTENT_WORKSPACE_BYTES:
+        return (torch.zeros(out.shape, dtype=torch.float32, device=device),
+                torch.zeros(tiles, dtype=torch.int32, device=device))
+    key = (device, _current_stream_key(device))
+    kept = _workspaces.get(key)
+    if kept is None or kept[0].numel() < numel or kept[1].numel() < tiles:
+        # Grown on (and so owned by) the stream that uses them; the old ones are freed in its order.
+        have = (0, 0) if kept is None else (kept[0].numel(), kept[1].numel())
+        kept = [torch.zeros(max(numel, have[0]), dtype=torch.float32, device=device),
+                torch.zeros(max(tiles, have[1]), dtype=torch.int32, device=device), None, None]
+        _workspaces.pop(key, None)
+        _workspaces[key] = kept
+        if len(_workspaces) > PERSISTENT_WORKSPACE_STREAMS:    # the longest-kept stream's go first
+            del _workspaces[next(iter(_workspaces))]
+    if kept[2] != out.shape:        # the (M, N) view of the last shape, reused while the shape repeats
+        kept[2], kept[3] = out.shape, kept[0][:numel].view(out.shape)
+    return kept[3], kept[1]
+
+
+def release_workspaces() -> None:
+    """Free the kept split-K workspaces (the next split-K call allocates again)."""
+    _workspaces.clear()
+    _placeholders.clear()
 
 
 # ------------------------------------------------------------------------------------------ devices
@@ -166,20 +204,17 @@ def _launch_kwargs(config: triton.Config) -> dict[str, Any]:
 
 def launch(tuner: Any, grid: Callable[[dict], tuple], args: dict[str, Any], key: tuple,
            heuristic: Callable[[], triton.Config], *, tune: bool, device: torch.device,
-           late_args: "Callable[[triton.Config | None], dict[str, Any]] | None" = None,
-           run_pre_hook: bool = True) -> triton.Config:
+           late_args: "Callable[[triton.Config | None], dict[str, Any]] | None" = None) -> triton.Config:
     """Launch ``tuner`` (a triton.autotune-wrapped kernel) on ``args`` (all passed by name).
 
     With ``tune`` and a real GPU, the first call per key autotunes (benchmarking every pruned config) and
     remembers the winner; later calls launch the remembered config directly. Without ``tune``, under the
     interpreter, or during CUDA graph capture for a key not tuned yet, the ``heuristic`` config is launched
-    (benchmarking inside a capture would break it). Returns the config that ran; its ``pre_hook`` (e.g.
-    zeroing a split-K workspace) runs right before the kernel, on the current stream of ``device``.
+    (benchmarking inside a capture would break it). Returns the config that ran; its ``pre_hook``, if any,
+    runs right before the kernel, on the current stream of ``device``.
 
     ``late_args(config)``, if given, returns arguments that depend on the config about to run (a split-K
     workspace sized for it); it gets None when the autotuner is about to benchmark every config.
-    ``run_pre_hook=False`` skips the pre-hook on direct launches, for callers whose ``late_args`` already
-    did its work (the autotuner still runs it around each benchmarked config).
     """
     # Triton launches on the current device: make it the tensors' device (its current stream is used).
     with _on_device(device):
@@ -198,31 +233,29 @@ def launch(tuner: Any, grid: Callable[[dict], tuple], args: dict[str, Any], key:
         if late_args is not None:
             args = {**args, **late_args(config)}
         meta = _launch_kwargs(config)
-        if run_pre_hook and config.pre_hook is not None:
+        if config.pre_hook is not None:
             config.pre_hook({**args, **meta})
         tuner.fn[grid](**args, **meta)
         return config
 
 
 def launch_split_k(tuner: Any, grid: Callable[[dict], tuple], args: dict[str, Any], key: tuple,
-                   heuristic: Callable[[], triton.Config], *, tune: bool, out: torch.Tensor) -> int:
-    """:func:`launch` for the split-K kernels (GEMV, GEMM): a program stores into ``out`` when K is not split
-    and atomically adds into the fp32 workspace ``ws_ptr`` otherwise. The workspace is sized for the config
-    that runs, comes zeroed (see split_k_workspace: so the configs' zeroing pre-hook is needed only while
-    autotuning) and is cast into ``out`` afterwards. Returns the split that ran."""
-    ws = out
+                   heuristic: Callable[[], triton.Config], *, tune: bool, out: torch.Tensor,
+                   tiles: Callable[[triton.Config], int]) -> int:
+    """:func:`launch` for the split-K kernels (GEMV, GEMM): a program stores into ``out`` when K is not split;
+    otherwise the tile's last program does, after summing the partial tiles in the fp32 workspace ``ws_ptr``
+    (arrivals counted in ``cnt_ptr``; see split_k_buffers). ``tiles(config)``: the output tiles of the launch
+    grid. One kernel launch either way. Returns the split that ran."""
 
-    def workspace(config: "triton.Config | None") -> dict[str, Any]:
-        nonlocal ws
-        ws = split_k_workspace(out, None if config is None else config.kwargs["split_k"])
-        return {"ws_ptr": ws}
+    def buffers(config: "triton.Config | None") -> dict[str, Any]:
+        if config is None:      # the autotuner is about to try every config: room for the most tiles
+            ws, cnt = split_k_buffers(out, None, max(tiles(c) for c in tuner.configs))
+        else:
+            ws, cnt = split_k_buffers(out, config.kwargs["split_k"], tiles(config))
+        return {"ws_ptr": ws, "cnt_ptr": cnt}
 
-    config = launch(tuner, grid, args, key, heuristic, tune=tune, device=out.device, late_args=workspace,
-                    run_pre_hook=False)
-    split = config.kwargs["split_k"]
-    if split > 1 and ws is not out:
-        out.copy_(ws)
-    return split
+    config = launch(tuner, grid, args, key, heuristic, tune=tune, device=out.device, late_args=buffers)
+    return config.kwargs["split_k"]
 
 
 def forget_tuned_configs() -> None:

@@ -1,6 +1,7 @@
-"""What the launchers hand the GEMV/GEMM kernels: the split-K workspace only when K is split (the output
-written directly, and poisoned until then, otherwise), near-fp32 (tf32x3) dot products for fp32 activations, and
-the custom op rewrapping an already validated weight without validating it again."""
+"""What the launchers hand the GEMV/GEMM kernels: the output always written by the kernel itself (poisoned
+until then), the split-K workspace and tile counters only when K is split, zero on entry and left zero,
+kept from call to call; near-fp32 (tf32x3) dot products for fp32 activations; and the custom op rewrapping an
+already validated weight without validating it again."""
 
 from __future__ import annotations
 
@@ -31,10 +32,14 @@ class KernelSpy:
         run = self.real[grid]
 
         def spy(**kw):
-            out, ws = kw["out_ptr"], kw["ws_ptr"]
-            self.calls.append(dict(kw, out_was_nan=bool(torch.isnan(out).all()),
-                                   ws_was_zero=bool((ws == 0).all()) if ws.numel() > 1 else None))
-            return run(**kw)
+            out, ws, cnt = kw["out_ptr"], kw["ws_ptr"], kw["cnt_ptr"]
+            call = dict(kw, out_was_nan=bool(torch.isnan(out).all()),
+                        ws_was_zero=bool((ws == 0).all()) if ws.numel() > 1 else None,
+                        cnt_was_zero=bool((cnt == 0).all()) if cnt.numel() > 1 else None)
+            result = run(**kw)
+            call["out_after_kernel"] = out.clone()
+            self.calls.append(call)
+            return result
 
         return spy
 
@@ -54,10 +59,12 @@ def spy(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("family,lead,split", [("gemv", (3,), 2), ("gemm", (2, 9), 3)])
 @pytest.mark.parametrize("qtype", ["q4_0", "q4_k", "q6_k"])
-def test_split_k_workspace_only_when_split(qtype, family, lead, split, dtype, device, spy, triton_only, poisoned):
+def test_split_k_finishes_inside_the_kernel(qtype, family, lead, split, dtype, device, spy, triton_only, poisoned):
     """split_k=1 stores straight into the (NaN-poisoned) output, with no (M, N) fp32 buffer allocated;
-    split_k>1 accumulates into a zeroed fp32 workspace (the output itself when fp32). Both agree with the
-    float64 reference and with each other."""
+    split_k>1 sums the K slices into a zeroed fp32 workspace, counted per tile in zeroed int32 counters,
+    and the kernel itself writes the whole output (nothing runs after it: the output right after the kernel
+    is what the call returns) and leaves both buffers zero. Both agree with the float64 reference and with
+    each other."""
     g = torch.Generator().manual_seed(seed_of("split-ws", qtype, family, dtype))
     k = 1280 if qtype.endswith("_k") else 800
     qt = random_qtensor(qtype, 40, k, g, device=device)
@@ -69,26 +76,45 @@ def test_split_k_workspace_only_when_split(qtype, family, lead, split, dtype, de
     y1 = kernels.qmatmul(x, qt, bias, backend="triton", kernel=family, split_k=1)
     (c,) = calls.calls
     assert c["split_k"] == 1 and c["out_was_nan"], "the kernel must write the poisoned output itself"
-    if dtype == torch.float32:
-        assert c["ws_ptr"] is c["out_ptr"]
-    else:
-        assert c["ws_ptr"].dtype == torch.float32 and c["ws_ptr"].numel() == 1, \
-            f"split_k=1 allocated a {tuple(c['ws_ptr'].shape)} workspace it never uses"
+    for name, dt in (("ws_ptr", torch.float32), ("cnt_ptr", torch.int32)):
+        assert c[name].dtype == dt and c[name].numel() == 1, \
+            f"split_k=1 allocated a {tuple(c[name].shape)} {name} it never uses"
     triton_only.expect(**{family: 1})
 
     ys = kernels.qmatmul(x, qt, bias, backend="triton", kernel=family, split_k=split)
     c = calls.calls[1]
-    assert c["split_k"] == split and c["ws_ptr"].dtype == torch.float32
-    assert tuple(c["ws_ptr"].shape) == (m, 40) and c["ws_was_zero"]
-    if dtype == torch.float32:
-        assert c["ws_ptr"] is c["out_ptr"]
-    else:
-        assert c["ws_ptr"] is not c["out_ptr"] and c["out_was_nan"]
+    assert c["split_k"] == split and c["out_was_nan"]
+    assert c["ws_ptr"].dtype == torch.float32 and tuple(c["ws_ptr"].shape) == (m, 40) and c["ws_was_zero"]
+    assert c["cnt_ptr"].dtype == torch.int32 and c["cnt_was_zero"]
+    assert c["ws_ptr"].data_ptr() != c["out_ptr"].data_ptr()
+    assert torch.equal(c["out_after_kernel"].view(ys.shape), ys), "something wrote the output after the kernel"
+    assert not c["ws_ptr"].any() and not c["cnt_ptr"].any(), "the launch must leave its buffers zero"
     triton_only.expect(**{f"{family}_splitk": 1})
 
     assert_close(y1, x, qt, bias)
     assert_close(ys, x, qt, bias)
     assert relative_error(ys, y1.double()) <= TOLERANCE[dtype]
+
+
+def test_split_k_buffers_stay_zero_across_calls_of_any_shape(device, triton_only, poisoned):
+    """The kept workspace is shared by every split-K call on a stream, of any shape, split and family, each
+    using a prefix of it: after a sequence of them (growing and shrinking) it is still all zero, and every
+    result is right."""
+    from offload_kernels.kernels import runtime
+
+    runtime.release_workspaces()
+    g = torch.Generator().manual_seed(seed_of("split-ws-sequence"))
+    shapes = [("gemv", 2, 24, 512, 2), ("gemm", 20, 56, 768, 3), ("gemv", 1, 8, 256, 2), ("gemm", 5, 40, 512, 2),
+              ("gemv", 4, 72, 768, 3)]
+    for family, m, n, k, split in shapes:
+        qt = random_qtensor("q4_k", n, k, g, device=device)
+        x = activations((m, k), g).to(device)
+        y = kernels.qmatmul(x, qt, backend="triton", kernel=family, split_k=split)
+        assert_close(y, x, qt, None)
+    assert len(runtime._workspaces) == 1
+    ((ws, cnt, _, _),) = runtime._workspaces.values()
+    assert ws.numel() == 20 * 56 and not ws.any() and not cnt.any()
+    triton_only.expect(gemv_splitk=3, gemm_splitk=2)
 
 
 @pytest.mark.parametrize("dtype,precision", [(torch.float32, "tf32x3"), (torch.float16, "tf32")], ids=str)
@@ -210,28 +236,61 @@ def test_forget_tuned_configs_also_clears_the_autotuners_cache(monkeypatch):
     assert tuner.cache == {} and not runtime.is_tuned(("forget", 1))
 
 
-def test_split_k_workspace_placeholder_is_cached(device):
-    from offload_kernels.kernels.runtime import split_k_workspace
+def test_split_k_buffers_are_kept_per_stream_and_placeholders_cached(device):
+    """No K split: cached one-element placeholders. A split: zeroed buffers kept per device and stream,
+    handed out again (no allocation, no memset) and grown when a call needs more; beyond
+    PERSISTENT_WORKSPACE_BYTES, fresh zeroed buffers per call."""
+    from offload_kernels.kernels import runtime
 
+    runtime.release_workspaces()
     out16 = torch.empty(3, 5, dtype=torch.float16, device=device)
-    a, b = split_k_workspace(out16, 1), split_k_workspace(out16, 1)
-    assert a is b and a.numel() == 1 and a.dtype == torch.float32
+    a, b = runtime.split_k_buffers(out16, 1, 4), runtime.split_k_buffers(out16, 1, 4)
+    assert a[0] is b[0] and a[1] is b[1] and a[0].numel() == 1 and a[1].numel() == 1
+    assert a[0].dtype == torch.float32 and a[1].dtype == torch.int32
+
     for split in (None, 2):
-        ws = split_k_workspace(out16, split)
-        assert ws.shape == (3, 5) and ws.dtype == torch.float32
-    out32 = torch.empty(3, 5, device=device)
-    assert all(split_k_workspace(out32, s) is out32 for s in (None, 1, 2))
+        ws, cnt = runtime.split_k_buffers(out16, split, 4)
+        assert ws.shape == (3, 5) and ws.dtype == torch.float32 and not ws.any()
+        assert cnt.numel() >= 4 and cnt.dtype == torch.int32 and not cnt.any()
+    ws2, cnt2 = runtime.split_k_buffers(torch.empty(3, 5, device=device), 3, 2)   # fp32 out: same kept buffers
+    assert ws2.data_ptr() == ws.data_ptr() and cnt2.data_ptr() == cnt.data_ptr()
+    big, cnt3 = runtime.split_k_buffers(torch.empty(4, 9, dtype=torch.float16, device=device), 2, 9)
+    assert big.shape == (4, 9) and cnt3.numel() >= 9 and not big.any() and not cnt3.any()
+    (kept,) = runtime._workspaces.values()
+    assert kept[0].numel() == 36 and kept[1].numel() == 9
+    small, _ = runtime.split_k_buffers(out16, 2, 1)
+    assert small.data_ptr() == kept[0].data_ptr(), "a smaller call reuses a prefix of the kept workspace"
+
+    old = runtime.PERSISTENT_WORKSPACE_BYTES
+    try:
+        runtime.PERSISTENT_WORKSPACE_BYTES = 4 * 10
+        x, _ = runtime.split_k_buffers(torch.empty(4, 9, device=device), 2, 9)
+        y, _ = runtime.split_k_buffers(torch.empty(4, 9, device=device), 2, 9)
+        assert x.data_ptr() != kept[0].data_ptr() and not x.any() and x.shape == (4, 9)
+        assert x.data_ptr() != y.data_ptr() and len(runtime._workspaces) == 1, "too big to keep: fresh per call"
+    finally:
+        runtime.PERSISTENT_WORKSPACE_BYTES = old
+    runtime.release_workspaces()
+    assert not runtime._workspaces
 
 
-def test_split_k_workspace_comes_zeroed_for_a_known_split(device):
-    """Direct launches skip the configs' zeroing pre-hook, so a workspace for a known split > 1 must
-    start at zero (an fp32 output, its own workspace, zeroed in place); an unsplit fp32 output is left as is
-    (the kernel overwrites it)."""
-    from offload_kernels.kernels.runtime import split_k_workspace
+def test_split_k_buffers_in_a_capture_and_across_many_streams(device, monkeypatch):
+    """During CUDA graph capture the buffers come fresh and zeroed per call (the graph owns them) and
+    nothing is kept; across more streams than PERSISTENT_WORKSPACE_STREAMS, the longest-kept are dropped."""
+    from offload_kernels.kernels import runtime
 
-    ws = split_k_workspace(torch.full((3, 5), float("nan"), dtype=torch.float16, device=device), 4)
-    assert torch.equal(ws, torch.zeros(3, 5, device=device))
-    out32 = torch.full((3, 5), float("nan"), device=device)
-    split_k_workspace(out32, 1)
-    assert out32.isnan().all()
-    assert split_k_workspace(out32, 2) is out32 and torch.equal(out32, torch.zeros(3, 5, device=device))
+    runtime.release_workspaces()
+    out = torch.empty(2, 7, dtype=torch.float16, device=device)
+    monkeypatch.setattr(runtime, "capturing", lambda dev: True)
+    (a, ca), (b, cb) = runtime.split_k_buffers(out, 2, 3), runtime.split_k_buffers(out, 2, 3)
+    assert a.data_ptr() != b.data_ptr() and ca.data_ptr() != cb.data_ptr()
+    assert not a.any() and not ca.any() and ca.numel() == 3 and not runtime._workspaces
+    assert runtime.split_k_buffers(out, 1, 3)[0].numel() == 1 and not runtime._placeholders
+    monkeypatch.undo()
+
+    stream = iter(range(100, 200))
+    monkeypatch.setattr(runtime, "_current_stream_key", lambda dev: next(stream))
+    for _ in range(runtime.PERSISTENT_WORKSPACE_STREAMS + 2):
+        runtime.split_k_buffers(out, 2, 3)
+    assert [s for _, s in runtime._workspaces] == list(range(102, 102 + runtime.PERSISTENT_WORKSPACE_STREAMS))
+    runtime.release_workspaces()
