@@ -377,6 +377,12 @@ class TransferEngine:
         self._allocate_slots(core.slot_bytes_needed())
 
     def _allocate_slots(self, nbytes: int) -> None:
+        # Slots are allocated on first use, which may come inside a torch.func transform (jvp, vmap, grad):
+        # without the guard its factory functions would return functorch wrappers, which have no storage.
+        with torch._C._DisableFuncTorch():
+            self._allocate_plain_slots(nbytes)
+
+    def _allocate_plain_slots(self, nbytes: int) -> None:
         core = self._core
         if self._cuda:
             with torch.cuda.device(self._device):

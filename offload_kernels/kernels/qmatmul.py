@@ -49,12 +49,16 @@ def qmatmul(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor] =
       heuristic config instead of the tuned one; None lets the autotuner choose. Both are for tests and
       benchmarks.
 
-    Differentiable with respect to x and bias (dL/dx = dL/dy @ W); the weight gets no gradient.
+    Differentiable with respect to x and bias (dL/dx = dL/dy @ W); the weight gets no gradient. Under
+    forward-mode AD and torch.func transforms (jvp, vmap, grad, ...) y comes from the dequantized weight
+    and F.linear, which those transforms differentiate and batch.
     Raises TypeError/ValueError naming the problem before anything is launched.
     """
     n, k, backend = _validate(x, qt, bias, backend, kernel, split_k)
     if _eager_fast_path(x, bias):
         return _forward(x, qt, bias, backend, kernel, split_k)
+    if _transformed():
+        return _linear_on_dequantized(x, qt, bias, backend)
     return torch.ops.offload_kernels.qmatmul(x, qt.data, qt.qtype, n, k, bias, backend, kernel,
                                              0 if split_k is None else int(split_k))
 
@@ -75,6 +79,27 @@ def _eager_fast_path(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     return not (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
                 or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active()
                 or _forward_ad._current_level >= 0)
+
+
+def _transformed() -> bool:
+    """Forward-mode AD (a dual level is open) or a torch.func transform (jvp, vmap, grad, jacrev, ...) is
+    active, outside torch.compile's tracing. The op has a backward formula but no forward-mode or batching
+    rule: through it a jvp would get a zero tangent, silently."""
+    return (_forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()) \
+        and not torch.compiler.is_compiling()
+
+
+def _linear_on_dequantized(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor],
+                           backend: str) -> torch.Tensor:
+    """y from differentiable torch ops on the dequantized weight (the dequantize op, then F.linear), which
+    every transform knows: exact tangents under jvp, one batched matmul under vmap. The weight is
+    materialized in the compute dtype (fp32 for fp32 x or on the CPU, as torch_qmatmul does); kernel= and
+    split_k= do not apply."""
+    n, k = qt.shape
+    compute = torch.float32 if (x.dtype == torch.float32 or x.device.type != "cuda") else x.dtype
+    w = torch.ops.offload_kernels.dequantize(qt.data, qt.qtype, n, k, compute, backend)
+    y = F.linear(x.to(compute), w, None if bias is None else bias.to(compute))
+    return y.to(x.dtype)
 
 
 def _forward(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor], backend: str, kernel: str,

@@ -227,24 +227,41 @@ def test_plain_eager_calls_do_not_reach_the_op(qt, device, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func's import
-def test_forward_ad_and_torch_func_transforms_take_the_op(qt, device):
-    """Under torch.func transforms and forward-mode AD the op must be what they see: vmap then runs it per
-    sample through torch's fallback (the kernels never get a batched tensor wrapper), with the right result."""
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_forward_ad_and_torch_func_transforms(qt, device, backend, request):
+    """Forward-mode AD and torch.func transforms get exact derivatives and batching: the tangent of y is
+    tangent @ W.T (not zero), vmap equals the loop over samples, grad and jacrev agree with the backward
+    pass. None of them takes the eager fast path."""
     import torch.autograd.forward_ad as fwAD
+    from torch.func import grad, jacrev, jvp, vmap
 
     from offload_kernels.kernels.qmatmul import _eager_fast_path
 
-    x = torch.randn(3, 256, device=device)
-    with fwAD.dual_level():
-        assert not _eager_fast_path(fwAD.make_dual(x, torch.ones_like(x)), None)
-    seen = []
+    if backend == "triton":
+        request.getfixturevalue("triton_only")
+    g = torch.Generator().manual_seed(seed_of("transforms", backend))
+    w = dequantize(qt, torch.float32).to(device)
+    bias = torch.randn(qt.shape[0], generator=g).to(device)
+    x, t = (torch.randn(3, 256, generator=g).to(device) for _ in range(2))
 
     def f(v):
-        seen.append(_eager_fast_path(v, None))
-        return kernels.qmatmul(v, qt, backend="torch")
+        return kernels.qmatmul(v, qt, bias, backend=backend)
 
-    batch = torch.randn(4, 3, 256, device=device)
-    y = torch.func.vmap(f)(batch)
-    assert seen == [False]
-    assert_close(y, batch, qt, None)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, t)
+        assert not _eager_fast_path(dual, None)
+        primal, tangent = fwAD.unpack_dual(f(dual))
+    torch.testing.assert_close(primal, x @ w.T + bias, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(tangent, t @ w.T, rtol=1e-5, atol=1e-4)
+    y, tangent = jvp(f, (x,), (t,))
+    torch.testing.assert_close(tangent, t @ w.T, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(y, f(x), rtol=1e-5, atol=1e-4)
+
+    batch = torch.randn(4, 3, 256, generator=g).to(device)
+    torch.testing.assert_close(vmap(f)(batch), torch.stack([f(b) for b in batch]), rtol=1e-5, atol=1e-4)
+    gx = grad(lambda v: f(v).square().sum())(x)
+    xr = x.clone().requires_grad_()
+    f(xr).square().sum().backward()
+    torch.testing.assert_close(gx, xr.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(jacrev(f)(x[0]), w, rtol=1e-5, atol=1e-5)
     assert _eager_fast_path(x, None)
