@@ -57,7 +57,7 @@ def qmatmul(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor] =
     n, k, backend = _validate(x, qt, bias, backend, kernel, split_k)
     if _eager_fast_path(x, bias):
         return _forward(x, qt, bias, backend, kernel, split_k)
-    if _transformed():
+    if _transformed(x, bias):
         return _linear_on_dequantized(x, qt, bias, backend)
     return torch.ops.offload_kernels.qmatmul(x, qt.data, qt.qtype, n, k, bias, backend, kernel,
                                              0 if split_k is None else int(split_k))
@@ -81,12 +81,17 @@ def _eager_fast_path(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
                 or _forward_ad._current_level >= 0)
 
 
-def _transformed() -> bool:
-    """Forward-mode AD (a dual level is open) or a torch.func transform (jvp, vmap, grad, jacrev, ...) is
-    active, outside torch.compile's tracing. The op has a backward formula but no forward-mode or batching
-    rule: through it a jvp would get a zero tangent, silently."""
-    return (_forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()) \
-        and not torch.compiler.is_compiling()
+def _transformed(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """A torch.func transform (jvp, vmap, grad, jacrev, ...) is active, or x or the bias carries a
+    forward-mode tangent, outside torch.compile's tracing. The op has a backward formula but no forward-mode
+    or batching rule: through it a jvp would get a zero tangent, silently."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return True
+    # The dual level is process-wide: only inputs that carry a tangent need the differentiable path.
+    return _forward_ad._current_level >= 0 and any(
+        t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in (x, bias))
 
 
 def _linear_on_dequantized(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor],

@@ -80,11 +80,11 @@ def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
 #: launch leaves its workspace and tile counters zero again, see epilogue.py); larger ones are allocated
 #: zeroed per call. A mid-M GEMM split needs M x N fp32: 7.3 MB at M = 64, N = 28672.
 PERSISTENT_WORKSPACE_BYTES = 64 << 20
-#: Streams whose workspaces are kept (the longest-kept dropped first).
+#: Streams whose workspaces are kept (the least recently used dropped first).
 PERSISTENT_WORKSPACE_STREAMS = 8
 
 _placeholders: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-# (device, stream) -> [workspace, counters, shape of the last view, that view]
+# (device, stream) -> [workspace, counters, (shape, view) of the last call], in the order of last use
 _workspaces: dict[tuple[torch.device, int], list] = {}
 
 
@@ -120,19 +120,19 @@ def split_k_buffers(out: torch.Tensor, split_k: "int | None", tiles: int) -> tup
         return (torch.zeros(out.shape, dtype=torch.float32, device=device),
                 torch.zeros(tiles, dtype=torch.int32, device=device))
     key = (device, _current_stream_key(device))
-    kept = _workspaces.get(key)
+    kept = _workspaces.pop(key, None)       # re-inserted below: the dict's order is the order of last use
     if kept is None or kept[0].numel() < numel or kept[1].numel() < tiles:
         # Grown on (and so owned by) the stream that uses them; the old ones are freed in its order.
         have = (0, 0) if kept is None else (kept[0].numel(), kept[1].numel())
         kept = [torch.zeros(max(numel, have[0]), dtype=torch.float32, device=device),
-                torch.zeros(max(tiles, have[1]), dtype=torch.int32, device=device), None, None]
-        _workspaces.pop(key, None)
-        _workspaces[key] = kept
-        if len(_workspaces) > PERSISTENT_WORKSPACE_STREAMS:    # the longest-kept stream's go first
-            del _workspaces[next(iter(_workspaces))]
-    if kept[2] != out.shape:        # the (M, N) view of the last shape, reused while the shape repeats
-        kept[2], kept[3] = out.shape, kept[0][:numel].view(out.shape)
-    return kept[3], kept[1]
+                torch.zeros(max(tiles, have[1]), dtype=torch.int32, device=device), None]
+    _workspaces[key] = kept
+    if len(_workspaces) > PERSISTENT_WORKSPACE_STREAMS:    # the least recently used stream's go first
+        del _workspaces[next(iter(_workspaces))]
+    view = kept[2]                  # (shape, the (M, N) view): reused while the shape repeats
+    if view is None or view[0] != out.shape:
+        view = kept[2] = (out.shape, kept[0][:numel].view(out.shape))
+    return view[1], kept[1]
 
 
 def release_workspaces() -> None:
@@ -248,8 +248,9 @@ def launch_split_k(tuner: Any, grid: Callable[[dict], tuple], args: dict[str, An
     grid. One kernel launch either way. Returns the split that ran."""
 
     def buffers(config: "triton.Config | None") -> dict[str, Any]:
-        if config is None:      # the autotuner is about to try every config: room for the most tiles
-            ws, cnt = split_k_buffers(out, None, max(tiles(c) for c in tuner.configs))
+        if config is None:      # the autotuner is about to try every config: room for the most tiles,
+            # the heuristic's included (the pruners fall back to it when they keep nothing)
+            ws, cnt = split_k_buffers(out, None, max([tiles(c) for c in tuner.configs] + [tiles(heuristic())]))
         else:
             ws, cnt = split_k_buffers(out, config.kwargs["split_k"], tiles(config))
         return {"ws_ptr": ws, "cnt_ptr": cnt}

@@ -118,7 +118,7 @@ def test_split_k_last_arrival_under_load(kernel, m, triton_only, poisoned):
         if i % 24 < 6:
             assert_close(y, x, qt, None)
     torch.cuda.synchronize()
-    for ws, cnt, _, _ in runtime._workspaces.values():
+    for ws, cnt, _ in runtime._workspaces.values():
         assert not ws.any() and not cnt.any()
 
 

@@ -112,7 +112,7 @@ def test_split_k_buffers_stay_zero_across_calls_of_any_shape(device, triton_only
         y = kernels.qmatmul(x, qt, backend="triton", kernel=family, split_k=split)
         assert_close(y, x, qt, None)
     assert len(runtime._workspaces) == 1
-    ((ws, cnt, _, _),) = runtime._workspaces.values()
+    ((ws, cnt, _),) = runtime._workspaces.values()
     assert ws.numel() == 20 * 56 and not ws.any() and not cnt.any()
     triton_only.expect(gemv_splitk=3, gemm_splitk=2)
 
@@ -288,9 +288,49 @@ def test_split_k_buffers_in_a_capture_and_across_many_streams(device, monkeypatc
     assert runtime.split_k_buffers(out, 1, 3)[0].numel() == 1 and not runtime._placeholders
     monkeypatch.undo()
 
-    stream = iter(range(100, 200))
-    monkeypatch.setattr(runtime, "_current_stream_key", lambda dev: next(stream))
-    for _ in range(runtime.PERSISTENT_WORKSPACE_STREAMS + 2):
+    streams = iter([100, 101, 100] + list(range(102, 200)))
+    monkeypatch.setattr(runtime, "_current_stream_key", lambda dev: next(streams))
+    first = runtime.split_k_buffers(out, 2, 3)[0].data_ptr()
+    runtime.split_k_buffers(out, 2, 3)
+    assert runtime.split_k_buffers(out, 2, 3)[0].data_ptr() == first      # stream 100 again: its buffers
+    for _ in range(runtime.PERSISTENT_WORKSPACE_STREAMS - 1):
         runtime.split_k_buffers(out, 2, 3)
-    assert [s for _, s in runtime._workspaces] == list(range(102, 102 + runtime.PERSISTENT_WORKSPACE_STREAMS))
+    # Stream 101 was used least recently (100 came back after it): dropped first.
+    kept = [s for _, s in runtime._workspaces]
+    assert kept == [100] + list(range(102, 102 + runtime.PERSISTENT_WORKSPACE_STREAMS - 1))
+    runtime.release_workspaces()
+
+
+def test_autotuning_sizes_the_counters_for_every_config_it_may_run(monkeypatch):
+    """Before autotuning, the counters must have room for the most tiles of any config the tuner may run:
+    those of its space and the heuristic one its pruner falls back to when it keeps none (which may have
+    more tiles than any in the space)."""
+    import triton
+
+    from offload_kernels.kernels import runtime
+
+    monkeypatch.setattr(runtime, "INTERPRETER", False)
+    monkeypatch.setattr(runtime, "AUTOTUNE", True)
+    monkeypatch.setattr(runtime, "capturing", lambda device: False)
+    runtime.forget_tuned_configs()
+    runtime.release_workspaces()
+    seen = []
+
+    class Tuner:
+        configs = [triton.Config({"BLOCK_N": 8, "split_k": 2}), triton.Config({"BLOCK_N": 16, "split_k": 4})]
+        best_config = configs[0]
+
+        def __getitem__(self, grid):
+            return lambda **kw: seen.append(kw)
+
+    out = torch.empty(1, 256, dtype=torch.float16)
+    heuristic = triton.Config({"BLOCK_N": 4, "split_k": 8})
+
+    def tiles(config):
+        return -(-256 // config.kwargs["BLOCK_N"])
+
+    runtime.launch_split_k(Tuner(), None, {}, ("sizing", 1), lambda: heuristic, tune=True, out=out, tiles=tiles)
+    (kw,) = seen
+    assert kw["cnt_ptr"].numel() >= 64 and kw["ws_ptr"].shape == (1, 256)
+    runtime.forget_tuned_configs()
     runtime.release_workspaces()

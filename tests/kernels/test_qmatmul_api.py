@@ -247,9 +247,12 @@ def test_forward_ad_and_torch_func_transforms(qt, device, backend, request):
     def f(v):
         return kernels.qmatmul(v, qt, bias, backend=backend)
 
+    from offload_kernels.kernels.qmatmul import _transformed
+
     with fwAD.dual_level():
         dual = fwAD.make_dual(x, t)
-        assert not _eager_fast_path(dual, None)
+        assert not _eager_fast_path(dual, None) and _transformed(dual, None)
+        assert not _transformed(x, bias), "an open dual level alone must not reroute calls without tangents"
         primal, tangent = fwAD.unpack_dual(f(dual))
     torch.testing.assert_close(primal, x @ w.T + bias, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(tangent, t @ w.T, rtol=1e-5, atol=1e-4)

@@ -78,3 +78,15 @@ def test_jvp_and_vmap_through_resident_and_streamed_layers():
         torch.testing.assert_close(tangent, tangent_ref, rtol=1e-5, atol=1e-5)
     batch = torch.randn(3, 2, 256)
     torch.testing.assert_close(vmap(model)(batch), torch.stack([model(b) for b in batch]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func's import
+def test_jvp_of_a_compiled_layer():
+    """A transform around a compiled function still gets the layer's true tangent."""
+    from torch.func import jvp
+
+    torch.manual_seed(4)
+    layer = OffloadedLinear.from_linear(nn.Linear(256, 64), "q4_k")
+    x, t = torch.randn(3, 256), torch.randn(3, 256)
+    _, tangent = jvp(torch.compile(layer, backend="aot_eager"), (x,), (t,))
+    torch.testing.assert_close(tangent, t @ layer.dequantized_weight(torch.float32).T, rtol=1e-5, atol=1e-5)
