@@ -186,12 +186,13 @@ def bench_point(rec: Recorder, qt, w16, int4, m: int, cfg: Settings) -> dict[str
         from offload_kernels.kernels.gemv import gemv
 
         from offload_kernels.kernels.configs import gemv_heuristic_config
+        from offload_kernels.kernels.runtime import sm_count
 
         out = torch.empty(m, n, device="cuda", dtype=cfg.dtype)
         for layout in (1, 2):
             # Above 4 tokens layout 2's accumulator would spill and the heuristic runs layout 1 instead:
             # no row under a name that is not what ran.
-            if gemv_heuristic_config(m, n, k, qt.qtype, 132, layout=layout).kwargs["LAYOUT"] != layout:
+            if gemv_heuristic_config(m, n, k, qt.qtype, sm_count(x.device), layout=layout).kwargs["LAYOUT"] != layout:
                 continue
             fn = (lambda lay: lambda: gemv(x, qt, None, out, layout=lay))(layout)
             record(f"gemv_layout{layout}_graph", fn, qt.nbytes, ran_variant(fn), timer=time_cuda_graph)

@@ -24,7 +24,8 @@ from .results import default_results_base, read_rows
 
 Point = tuple[float, float, float, float]   # (x, median, p20, p80)
 KERNEL_STYLE = {"auto": dict(color="black", linewidth=2.2, marker="o"),
-                "auto_graph": dict(color="black", linewidth=1.2, marker="o", linestyle=":"), "gemv": dict(marker="v", linestyle="--"),
+                "auto_graph": dict(color="black", linewidth=1.2, marker="o", linestyle=":"),
+                "gemv": dict(marker="v", linestyle="--"),
                 "gemm": dict(marker="s", linestyle="--"), "dequant": dict(marker="^", linestyle="--"),
                 "int4_tinygemm": dict(marker="x", linestyle=":", color="gray")}
 

@@ -192,12 +192,13 @@ def run(args: argparse.Namespace) -> int:
         importlib.import_module("offload_kernels.formats.quantize")._CHUNK_WEIGHTS["cpu"] = args.cpu_chunk_weights
         ours = f"{OURS}[cpu_chunk={args.cpu_chunk_weights}]"
     ggml, why_not = load_ggml_reference(args.ggml_lib)
+    bad_threads = f"--threads: thread counts must be integers >= 1, got {args.threads!r}"
     try:
         thread_counts = [int(t) for t in parse_list(args.threads)] if args.threads else [torch.get_num_threads()]
     except ValueError:
-        thread_counts = [0]
+        raise SystemExit(bad_threads) from None
     if not thread_counts or any(t < 1 for t in thread_counts):
-        raise SystemExit(f"--threads: thread counts must be integers >= 1, got {args.threads!r}")
+        raise SystemExit(bad_threads)
     notes = [f"{rows_}x{cols_} fp32 weight; ours = {ours} with the torch CPU thread count in the threads column "
              "(the CUDA columns, when present, come from the first pass); ggml's C reference is single-threaded; "
              "wall-clock medians in ms (CUDA timings synchronize); \"A/B\" columns are A's time over B's "

@@ -377,21 +377,18 @@ class TransferEngine:
         self._allocate_slots(core.slot_bytes_needed())
 
     def _allocate_slots(self, nbytes: int) -> None:
+        core = self._core
         # Slots are allocated on first use, which may come inside a torch.func transform (jvp, vmap, grad):
         # without the guard its factory functions would return functorch wrappers, which have no storage.
         with torch._C._DisableFuncTorch():
-            self._allocate_plain_slots(nbytes)
-
-    def _allocate_plain_slots(self, nbytes: int) -> None:
-        core = self._core
-        if self._cuda:
-            with torch.cuda.device(self._device):
-                slots = [torch.empty(nbytes, dtype=torch.uint8, device=self._device)
-                         for _ in range(core.num_slots)]
-                alloc_stream = int(torch.cuda.current_stream(self._device).cuda_stream)
-        else:
-            slots = [torch.empty(nbytes, dtype=torch.uint8) for _ in range(core.num_slots)]
-            alloc_stream = 0
+            if self._cuda:
+                with torch.cuda.device(self._device):
+                    slots = [torch.empty(nbytes, dtype=torch.uint8, device=self._device)
+                             for _ in range(core.num_slots)]
+                    alloc_stream = int(torch.cuda.current_stream(self._device).cuda_stream)
+            else:
+                slots = [torch.empty(nbytes, dtype=torch.uint8) for _ in range(core.num_slots)]
+                alloc_stream = 0
         core.attach_slots([t.data_ptr() for t in slots], nbytes, alloc_stream)
         self._slots = slots
         self._slot_capacity = nbytes

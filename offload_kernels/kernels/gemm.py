@@ -151,16 +151,12 @@ def gemm(x2d: torch.Tensor, qt, bias: "torch.Tensor | None", out: torch.Tensor, 
                 HEAD_WORDS=_head_words(qt))
 
     def grid(meta):
-        return (tiles_of(meta), meta["split_k"])
-
-    def tiles_of(meta):
-        return configs.cdiv(m, meta["BLOCK_M"]) * configs.cdiv(n, meta["BLOCK_N"])
+        return (configs.cdiv(m, meta["BLOCK_M"]) * configs.cdiv(n, meta["BLOCK_N"]), meta["split_k"])
 
     sms = sm_count(x2d.device)
     split = launch_split_k(_gemm_tuned, grid, args, tuning_key("gemm", args, _GEMM_KEY),
                            lambda: configs.gemm_heuristic_config(m, n, k, qt.qtype, sms, split_k, fp32=fp32),
-                           tune=split_k is None and f16_decode is None, out=out,
-                           tiles=lambda config: tiles_of(config.kwargs))
+                           tune=split_k is None and f16_decode is None, out=out)
     variant = "gemm_splitk" if split > 1 else "gemm"
     count_launch(variant)
     return variant

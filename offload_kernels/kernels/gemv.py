@@ -433,13 +433,10 @@ def gemv(x2d: torch.Tensor, qt, bias: "torch.Tensor | None", out: torch.Tensor, 
     def grid(meta):
         return (configs.cdiv(n, meta["BLOCK_N"]), meta["split_k"], configs.cdiv(m, block_m))
 
-    def tiles(config):
-        return configs.cdiv(n, config.kwargs["BLOCK_N"]) * configs.cdiv(m, block_m)
-
     sms = sm_count(x2d.device)
     split = launch_split_k(_gemv_tuned, grid, args, tuning_key("gemv", args, _GEMV_KEY),
                            lambda: configs.gemv_heuristic_config(m, n, k, qt.qtype, sms, split_k, layout),
-                           tune=split_k is None and layout is None, out=out, tiles=tiles)
+                           tune=split_k is None and layout is None, out=out)
     variant = "gemv_splitk" if split > 1 else "gemv"
     count_launch(variant)
     return variant

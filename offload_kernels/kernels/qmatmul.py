@@ -101,10 +101,8 @@ def _linear_on_dequantized(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[
     materialized in the compute dtype (fp32 for fp32 x or on the CPU, as torch_qmatmul does); kernel= and
     split_k= do not apply."""
     n, k = qt.shape
-    compute = torch.float32 if (x.dtype == torch.float32 or x.device.type != "cuda") else x.dtype
-    w = torch.ops.offload_kernels.dequantize(qt.data, qt.qtype, n, k, compute, backend)
-    y = F.linear(x.to(compute), w, None if bias is None else bias.to(compute))
-    return y.to(x.dtype)
+    compute = _reference_dtype(x)
+    return _linear(x, torch.ops.offload_kernels.dequantize(qt.data, qt.qtype, n, k, compute, backend), bias)
 
 
 def _forward(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor], backend: str, kernel: str,
@@ -217,7 +215,7 @@ def _qmatmul_backward(ctx, grad):
     qtype, n, k, backend, has_bias = ctx.meta
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        compute = grad.dtype if (grad.device.type == "cuda" and grad.dtype != torch.float32) else torch.float32
+        compute = _reference_dtype(grad)
         w = torch.ops.offload_kernels.dequantize(data, qtype, n, k, compute, backend)
         grad_x = torch.matmul(grad.to(compute), w).to(grad.dtype)
     if has_bias and ctx.needs_input_grad[5]:
@@ -232,13 +230,21 @@ def torch_qmatmul(x2d: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
     """The reference path: torch dequantizer + F.linear. fp32 math for fp32 x and on the CPU (where fp16
     matmuls are slow and not guaranteed to accumulate in fp32); otherwise the weight is rounded to x's
     dtype and cuBLAS multiplies with fp32 accumulation (fast, and within that dtype's own precision)."""
-    compute = torch.float32 if (x2d.dtype == torch.float32 or x2d.device.type != "cuda") else x2d.dtype
-    w = dequantize(qt, compute)
-    # Casts only where the dtype differs (the common same-dtype case costs no dispatcher round trip).
-    b = bias if (bias is None or bias.dtype == compute) else bias.to(compute)
-    x = x2d if x2d.dtype == compute else x2d.to(compute)
-    y = F.linear(x, w, b)
-    return y if y.dtype == x2d.dtype else y.to(x2d.dtype)
+    return _linear(x2d, dequantize(qt, _reference_dtype(x2d)), bias)
+
+
+def _reference_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the reference path dequantizes to and multiplies in for activations (or gradients) x:
+    fp32 for fp32 and on the CPU, x's own dtype for fp16/bf16 on CUDA."""
+    return torch.float32 if (x.dtype == torch.float32 or x.device.type != "cuda") else x.dtype
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """F.linear(x, w, bias) in w's dtype, returned in x's. Casts only where the dtype differs (the common
+    same-dtype case costs no dispatcher round trip)."""
+    b = bias if (bias is None or bias.dtype == w.dtype) else bias.to(w.dtype)
+    y = F.linear(x if x.dtype == w.dtype else x.to(w.dtype), w, b)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def triton_qmatmul(x2d: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor], kernel: str = "auto",

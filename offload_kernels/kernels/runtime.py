@@ -5,6 +5,7 @@ poisoning of outputs, and capture-safe autotuned launches.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from typing import Any, Callable, Iterator
@@ -240,12 +241,14 @@ def launch(tuner: Any, grid: Callable[[dict], tuple], args: dict[str, Any], key:
 
 
 def launch_split_k(tuner: Any, grid: Callable[[dict], tuple], args: dict[str, Any], key: tuple,
-                   heuristic: Callable[[], triton.Config], *, tune: bool, out: torch.Tensor,
-                   tiles: Callable[[triton.Config], int]) -> int:
+                   heuristic: Callable[[], triton.Config], *, tune: bool, out: torch.Tensor) -> int:
     """:func:`launch` for the split-K kernels (GEMV, GEMM): a program stores into ``out`` when K is not split;
     otherwise the tile's last program does, after summing the partial tiles in the fp32 workspace ``ws_ptr``
-    (arrivals counted in ``cnt_ptr``; see split_k_buffers). ``tiles(config)``: the output tiles of the launch
-    grid. One kernel launch either way. Returns the split that ran."""
+    (arrivals counted in ``cnt_ptr``, one per output tile: the grid's programs over its split_k; see
+    split_k_buffers). One kernel launch either way. Returns the split that ran."""
+
+    def tiles(config: triton.Config) -> int:
+        return math.prod(grid(config.kwargs)) // config.kwargs["split_k"]
 
     def buffers(config: "triton.Config | None") -> dict[str, Any]:
         if config is None:      # the autotuner is about to try every config: room for the most tiles,

@@ -75,8 +75,8 @@ def main() -> int:
     for qtype, code in QTYPE_CODES.items():
         for x in ("fp32", "fp16", "bf16"):
             sig = {"x_ptr": f"*{x}", "w_ptr": "*u8", "bias_ptr": f"*{x}", "out_ptr": f"*{x}", "ws_ptr": "*fp32",
-                   "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "row_bytes": "i32", "split_k": "i32",
-                   "M_BUCKET": "i32"}
+                   "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "row_bytes": "i32",
+                   "split_k": "i32", "M_BUCKET": "i32"}
             tile_a, tile_b = configs.GEMV_TILE[qtype]
             gemv_builds = [(block_m, None, None) for block_m in ((1, 4) if x == "fp16" else (1,))]
             if x == "fp16":

@@ -326,10 +326,10 @@ def test_autotuning_sizes_the_counters_for_every_config_it_may_run(monkeypatch):
     out = torch.empty(1, 256, dtype=torch.float16)
     heuristic = triton.Config({"BLOCK_N": 4, "split_k": 8})
 
-    def tiles(config):
-        return -(-256 // config.kwargs["BLOCK_N"])
+    def grid(meta):
+        return (-(-256 // meta["BLOCK_N"]), meta["split_k"])      # 256 / BLOCK_N output tiles
 
-    runtime.launch_split_k(Tuner(), None, {}, ("sizing", 1), lambda: heuristic, tune=True, out=out, tiles=tiles)
+    runtime.launch_split_k(Tuner(), grid, {}, ("sizing", 1), lambda: heuristic, tune=True, out=out)
     (kw,) = seen
     assert kw["cnt_ptr"].numel() >= 64 and kw["ws_ptr"].shape == (1, 256)
     runtime.forget_tuned_configs()
