@@ -8,9 +8,9 @@ p20/p80, L2 flushed between repetitions, so the weight comes from HBM as it woul
 * ``auto_graph``: the same call captured once in a CUDA graph and replayed: the kernels' device time alone
   (what the kernels cost inside a captured decode step);
 * ``gemv`` / ``gemm`` / ``dequant``: each family forced (GEMV only up to --gemv-max-m tokens);
-* ``gemv_layout1_graph`` / ``gemv_layout2_graph``: the GEMV's two loop layouts (see kernels/gemv.py) with
-  their heuristic configs, device time (graph replay): which one the untuned default should be (layout 2
-  only up to 4 tokens, where it runs);
+* ``gemv_layout1_graph`` / ``gemv_layout2_graph`` / ``gemv_layout3_graph``: the GEMV's loop layouts (see
+  kernels/gemv.py) with their heuristic configs, device time (graph replay): which one the untuned default
+  should be (layouts 2 and 3 only up to 4 tokens, layout 3 only for q3_k/q4_k: where they run);
 * ``gemm_exact_decode_graph`` / ``gemm_f16_decode_graph`` (fp16 activations): the fused GEMM's two weight
   decodes (see kernels/gemm.py) with its heuristic configs, device time: whether the fp16-arithmetic
   decode (fewer instructions per weight) is faster where it is the default;
@@ -182,17 +182,19 @@ def bench_point(rec: Recorder, qt, w16, int4, m: int, cfg: Settings) -> dict[str
         fn = (lambda f: lambda: kernels.qmatmul(x, qt, backend="triton", kernel=f))(family)
         record(family, fn, qt.nbytes, ran_variant(fn))
     if "gemv" in cfg.families and m <= cfg.gemv_max_m:
-        # The two GEMV loop layouts head to head, untuned (heuristic configs), device time (graph replay).
+        # The GEMV loop layouts head to head, untuned (heuristic configs), device time (graph replay).
         from offload_kernels.kernels.gemv import gemv
 
-        from offload_kernels.kernels.configs import gemv_heuristic_config
+        from offload_kernels.kernels.configs import GEMV_LAYOUTS, gemv_heuristic_config, gemv_word_loads
         from offload_kernels.kernels.runtime import sm_count
 
         out = torch.empty(m, n, device="cuda", dtype=cfg.dtype)
-        for layout in (1, 2):
-            # Above 4 tokens layout 2's accumulator would spill and the heuristic runs layout 1 instead:
-            # no row under a name that is not what ran.
-            if gemv_heuristic_config(m, n, k, qt.qtype, sm_count(x.device), layout=layout).kwargs["LAYOUT"] != layout:
+        for layout in GEMV_LAYOUTS:
+            # Where a layout cannot run (layout 2 above 4 tokens, layout 3 for other formats) the heuristic
+            # runs another instead: no row under a name that is not what ran.
+            ran = gemv_heuristic_config(m, n, k, qt.qtype, sm_count(x.device), layout=layout,
+                                        word_loads=gemv_word_loads(qt)).kwargs["LAYOUT"]
+            if ran != layout:
                 continue
             fn = (lambda lay: lambda: gemv(x, qt, None, out, layout=lay))(layout)
             record(f"gemv_layout{layout}_graph", fn, qt.nbytes, ran_variant(fn), timer=time_cuda_graph)
@@ -253,7 +255,7 @@ def summary_body(table: dict, copy_gbs: float, families) -> list[str]:
     body = [f"Device-to-device copy bandwidth in this run: {copy_gbs:.0f} GB/s. Times are medians in microseconds; "
             "\"picked\" is the variant qmatmul's dispatcher ran, \"best\" the fastest of our families; speedups are "
             "over fp16 cuBLAS timed in the same run.", ""]
-    providers = ["auto", "auto_graph", *families, "gemv_layout1_graph", "gemv_layout2_graph",
+    providers = ["auto", "auto_graph", *families, "gemv_layout1_graph", "gemv_layout2_graph", "gemv_layout3_graph",
                  "gemm_exact_decode_graph", "gemm_f16_decode_graph", BASELINE, "int4_tinygemm"]
     for (qtype, n, k), rows in table.items():
         body += [f"## {qtype}, N={n}, K={k}", ""]

@@ -96,15 +96,31 @@ GEMV_STEP_K = 256
 GEMV_MAX_BLOCK_M = 8
 #: GEMV loop layouts (the LAYOUT constexpr, see gemv.py). 1: per-format storage-order tiles, the x tile
 #: and scales converted into the weight tile's layout every step (through shared memory, with barriers);
-#: 2: per-thread 16-byte chunks, every load of a step in one layout, software-pipelined loop. Both are in
-#: the autotune space; the heuristic (untuned) config uses GEMV_DEFAULT_LAYOUT.
-GEMV_LAYOUTS = (1, 2)
+#: 2: per-thread 16-byte chunks, every load of a step in one layout, software-pipelined loop; 3: word-wide
+#: decode with the step's structure unrolled (GEMV3_QTYPES only, word-aligned weight bytes). All are in the
+#: autotune space; the heuristic (untuned) config uses GEMV_DEFAULT_LAYOUT.
+GEMV_LAYOUTS = (1, 2, 3)
+#: Formats layout 3 decodes.
+GEMV3_QTYPES = ("q3_k", "q4_k")
 #: Layout of the heuristic config, per format. From sm_90 machine code, not yet timed on a GPU: for q4_k
 #: and q5_k (16-byte-aligned blocks) layout 2's loop has no conversion, barrier or shared-memory access
 #: with Triton 3.6 and 3.9, and ~80 registers instead of ~170 (tests/kernels/test_compile_sm90.py). For
 #: the 2-byte-aligned formats Triton 3.6 still converts layouts inside layout 2's loop (3.9 does not), so
-#: they stay on layout 1 until a GPU run says otherwise.
+#: they stay on layout 1 until a GPU run says otherwise. Layout 3 has the fewest loop instructions per
+#: weight for q3_k and q4_k and no conversion with Triton 3.9, but Triton 3.6 (the GPU image's) converts
+#: every decoded weight tile through shared memory (its word loads get a layout of their own): it is tuned,
+#: not the default, until a GPU run times it.
 GEMV_DEFAULT_LAYOUT = {"q4_k": 2, "q5_k": 2, "q3_k": 1, "q6_k": 1, "q4_0": 1, "q8_0": 1}
+#: Where layout 3 cannot run (misaligned weight bytes, more than GEMV3_MAX_BLOCK_M tokens): the layout the
+#: heuristic uses instead.
+GEMV3_FALLBACK_LAYOUT = {"q4_k": 2, "q3_k": 1}
+#: Layout 3's fewest rows per warp. With fewer (e.g. 64 rows on 4 warps) every thread still gets 8 bytes,
+#: but ptxas got the byte-permute selectors from registers (one more move per weight: 7.7 instead of 6.3
+#: instructions per weight for q3_k on sm_90).
+GEMV3_ROWS_PER_WARP = 32
+#: Most tokens per program the heuristic gives layout 3: its weight decode is repeated for every token
+#: of the tile (layout 1 decodes once per row and step).
+GEMV3_MAX_BLOCK_M = 4
 #: Layout 1: per-row accumulator shape (TILE_A, TILE_B) of each format's step: the storage order of the
 #: quant bytes it decodes; TILE_A * TILE_B fp32 registers per row per token, over the CTA.
 GEMV_TILE = {"q4_0": (8, 16), "q8_0": (8, 32), "q3_k": (4, 16), "q4_k": (4, 32), "q5_k": (4, 32), "q6_k": (8, 16)}
@@ -119,13 +135,37 @@ def gemv_block_m(m: int) -> int:
     return min(next_power_of_2(m), GEMV_MAX_BLOCK_M)
 
 
-def _gemv_accumulator_fits(block_m: int, block_n: int, qtype: str, num_warps: int) -> bool:
-    return block_m * block_n * GEMV_ROW_ELEMS[qtype] <= 64 * 32 * num_warps      # <= 64 fp32 per thread
+#: Alignment of the weight bytes' start that layout 3's word loads need (q3_k words are two 16-bit loads).
+GEMV3_ALIGNMENT = {"q3_k": 2, "q4_k": 4}
+
+
+def gemv_word_loads(qt) -> bool:
+    """Whether layout 3 may read ``qt``'s bytes as words (the WORD_LOADS constexpr): a GEMV3_QTYPES format
+    whose bytes start GEMV3_ALIGNMENT-aligned (their blocks, rows and runs then are too: q4_k blocks are
+    144 bytes, q3_k's 110). Part of the tuning key, so a config tuned on aligned bytes never runs on
+    misaligned ones."""
+    align = GEMV3_ALIGNMENT.get(qt.qtype)
+    return align is not None and qt.data.data_ptr() % align == 0
+
+
+def gemv_layouts(qtype: str, word_loads: bool) -> tuple[int, ...]:
+    """The GEMV layouts that can run for ``qtype`` (layout 3 only with word loads)."""
+    return tuple(layout for layout in GEMV_LAYOUTS if layout != 3 or (word_loads and qtype in GEMV3_QTYPES))
+
+
+def _gemv_accumulator_fits(block_m: int, block_n: int, qtype: str, num_warps: int, layout: int = 1) -> bool:
+    row_elems = 16 if layout == 3 else GEMV_ROW_ELEMS[qtype]
+    return block_m * block_n * row_elems <= 64 * 32 * num_warps      # <= 64 fp32 per thread
 
 
 def _gemv_enough_work(block_n: int, qtype: str, num_warps: int, layout: int) -> bool:
     """Each thread gets at least 16 weights (layout 1) or one full 16-byte run (layout 2) per step and token:
-    decode overheads are per row and step, and layout 2's loads are 16 bytes wide only then."""
+    decode overheads are per row and step, and layout 2's loads are 16 bytes wide only then; layout 3: one
+    or two rows of 16 bytes per thread (fp16 x: two threads per row each take 8, as 16-byte loads of x, and
+    two rows each: then every thread's bytes sit at compile-time-known positions in their words, which the
+    byte permutes need as immediates; sm_90 code checked, see GEMV3_ROWS_PER_WARP)."""
+    if layout == 3:
+        return GEMV3_ROWS_PER_WARP * num_warps <= block_n <= 2 * GEMV3_ROWS_PER_WARP * num_warps
     if layout == 2:
         return block_n * GEMV_ROW_ELEMS[qtype] >= 16 * 32 * num_warps
     return block_n * GEMV_STEP_K >= 16 * 32 * num_warps
@@ -145,8 +185,11 @@ def gemv_configs(interpreter: bool = INTERPRETER) -> list[triton.Config]:
     """The GEMV autotune space (a single config under the interpreter, which never tunes)."""
     if interpreter:
         return [_gemv_config(32, 1, 4, 1)]       # never launched: the interpreter runs the heuristic config
-    return ([_gemv_config(bn, sk, w, 1) for bn in (8, 16, 32, 64) for sk in (1, 2, 4, 8, 16, 32) for w in (2, 4, 8)]
-            + [_gemv_config(bn, sk, w, 2, st) for bn in (8, 16, 32, 64) for sk in (1, 2, 4, 8, 16, 32)
+    splits = (1, 2, 4, 8, 16, 32)
+    return ([_gemv_config(bn, sk, w, 1) for bn in (8, 16, 32, 64) for sk in splits for w in (2, 4, 8)]
+            + [_gemv_config(bn, sk, w, 2, st) for bn in (8, 16, 32, 64) for sk in splits
+               for w in (2, 4, 8) for st in GEMV2_STAGES]
+            + [_gemv_config(bn, sk, w, 3, st) for bn in (64, 128, 256) for sk in splits
                for w in (2, 4, 8) for st in GEMV2_STAGES])
 
 
@@ -154,43 +197,56 @@ def prune_gemv_configs(configs: list[triton.Config], named_args: dict, **kwargs)
     """Early pruner: split_k must cut the K steps into equal slices (a correctness-neutral but required
     load balance: no idle or double-length programs), the accumulator must fit in registers and each
     thread get enough work per step (see _gemv_enough_work), tiles no wider than the matrix, no more
-    split-K programs than can be useful (atomics are not free); then, per layout, at most
-    MAX_TUNED_CONFIGS / 2, those whose program count is closest to ~4 per SM."""
+    split-K programs than can be useful (atomics are not free), layout 3 only where it can run (see
+    gemv_layouts); then, per layout, at most MAX_TUNED_CONFIGS over the number of layouts, those whose
+    program count is closest to ~4 per SM."""
     a = _args(named_args, kwargs)
     m, n, k, block_m, qtype = a["M"], a["N"], a["K"], a["BLOCK_M"], _qtype_name(a)
     sms = sm_count(a["x_ptr"].device)
     steps = cdiv(k, GEMV_STEP_K)
+    layouts = gemv_layouts(qtype, bool(a.get("WORD_LOADS", False)))
 
     def programs(c):
         return cdiv(n, c.kwargs["BLOCK_N"]) * cdiv(m, block_m) * c.kwargs["split_k"]
 
-    kept: dict[int, list[triton.Config]] = {layout: [] for layout in GEMV_LAYOUTS}
+    kept: dict[int, list[triton.Config]] = {layout: [] for layout in layouts}
     for c in configs:
         bn, sk, layout = c.kwargs["BLOCK_N"], c.kwargs["split_k"], c.kwargs["LAYOUT"]
-        if steps % sk or bn > max(8, next_power_of_2(n)):
+        if layout not in kept or steps % sk or bn > max(8, next_power_of_2(n)):
             continue
-        if not _gemv_accumulator_fits(block_m, bn, qtype, c.num_warps):
+        if not _gemv_accumulator_fits(block_m, bn, qtype, c.num_warps, layout):
             continue
         if not _gemv_enough_work(bn, qtype, c.num_warps, layout):
             continue
         if sk > 1 and programs(c) > 16 * sms:
             continue
         kept[layout].append(c)
-    chosen = [c for layout in GEMV_LAYOUTS for c in _closest(kept[layout], programs, 4 * sms, MAX_TUNED_CONFIGS // 2)]
-    return chosen or [gemv_heuristic_config(m, n, k, qtype, sms)]
+    quota = MAX_TUNED_CONFIGS // len(layouts)
+    chosen = [c for layout in layouts for c in _closest(kept[layout], programs, 4 * sms, quota)]
+    return chosen or [gemv_heuristic_config(m, n, k, qtype, sms, word_loads=bool(a.get("WORD_LOADS", False)))]
 
 
 def gemv_heuristic_config(m: int, n: int, k: int, qtype: str, sms: int, split_k: "int | None" = None,
-                          layout: "int | None" = None) -> triton.Config:
+                          layout: "int | None" = None, word_loads: bool = True) -> triton.Config:
     """A GEMV config without tuning, in ``layout`` (default: GEMV_DEFAULT_LAYOUT[qtype]): 4 warps; layout 1 with
     32-row tiles (16/8 for more tokens or wide accumulators), layout 2 with the fewest rows that give every
-    thread a 16-byte run (fewer registers, more resident programs), pipelined 3 deep; and enough equal K
-    slices for ~4 resident programs per SM (so the loads in flight cover HBM latency)."""
+    thread a 16-byte run (fewer registers, more resident programs), pipelined 3 deep, layout 3 with 32 rows per
+    warp (2 warps up to 64 rows, else 4), not pipelined; and enough equal K slices for ~4 resident programs per SM (so the
+    loads in flight cover HBM latency). Layout 3 falls back to GEMV3_FALLBACK_LAYOUT (2 for formats without
+    it) where it cannot run (``word_loads`` False: see gemv_word_loads) or for more than GEMV3_MAX_BLOCK_M
+    tokens; layout 2 to layout 1 where its accumulator would spill (8 tokens)."""
     layout = GEMV_DEFAULT_LAYOUT[qtype] if layout is None else layout
     block_m = gemv_block_m(m)
+    if layout == 3 and (3 not in gemv_layouts(qtype, word_loads) or block_m > GEMV3_MAX_BLOCK_M):
+        layout = GEMV3_FALLBACK_LAYOUT.get(qtype, 2)
     if layout == 2 and not _gemv_accumulator_fits(block_m, _gemv2_min_block_n(qtype), qtype, 4):
         layout = 1          # 8 tokens: layout 2's accumulator would spill; layout 1 shrinks its row tile
-    if layout == 2:
+    warps = 4
+    if layout == 3:
+        warps = 2 if n <= 64 else 4     # a narrow matrix: half the rows per program
+        block_n = GEMV3_ROWS_PER_WARP * warps
+        stages = 1      # the pipelined loop copies through shared memory: ~40% more loop instructions
+    elif layout == 2:
         block_n = _gemv2_min_block_n(qtype)
         stages = 3
     else:
@@ -201,7 +257,7 @@ def gemv_heuristic_config(m: int, n: int, k: int, qtype: str, sms: int, split_k:
     if split_k is None:
         tiles = cdiv(n, block_n) * cdiv(m, block_m)
         split_k = largest_divisor_at_most(cdiv(k, GEMV_STEP_K), max(1, (4 * sms) // tiles))
-    return _gemv_config(block_n, split_k, 4, layout, stages)
+    return _gemv_config(block_n, split_k, warps, layout, stages)
 
 
 # ----------------------------------------------------------------------------------------- GEMM

@@ -14,7 +14,7 @@ At M = 1..4 the cost is reading the quantized bytes, so the kernel is built arou
   (decode.scaled_quant: exact product, one rounding), the q4_k high nibble used in place (x16) with its
   scale divided by 16.
 
-Two loop layouts, both in the autotune space (configs.GEMV_LAYOUTS):
+Three loop layouts, all in the autotune space (configs.GEMV_LAYOUTS; layout 3 for q3_k and q4_k only):
 
 * layout 1, storage-order tiles: the weight tile is (BLOCK_M, BLOCK_N, TILE_A, TILE_B); the x tile and the
   per-sub-block scales are computed in their own (smaller) shapes and broadcast into it, which Triton
@@ -26,7 +26,18 @@ Two loop layouts, both in the autotune space (configs.GEMV_LAYOUTS):
   traffic (checked on the sm_90 machine code by tests/kernels/test_compile_sm90.py; Triton 3.6 still
   converts for the 2-byte-aligned formats), needs ~80 registers, and is software-pipelined by Triton. It
   folds the q4_k/q5_k min into each weight (one FMA per weight instead of per-step sums of x). Not yet timed
-  on a GPU: `bench kernels` times both layouts side by side (gemv_layout1_graph, gemv_layout2_graph).
+  on a GPU: `bench kernels` times the layouts side by side (gemv_layout1_graph, gemv_layout2_graph, ...).
+* layout 3, word-wide decode (q3_k and q4_k, see configs.GEMV3_QTYPES; tuned, and run by layout=3): the
+  step's structure (sub-blocks, 2-bit planes, nibbles) is unrolled at compile time, so every shift, mask and
+  scale index is a constant, and each weight tile is (BLOCK_M, BLOCK_N, 16) like its x tile. Quant bytes are
+  read as little-endian int32 words and combined four at a time (q3_k: the 2-bit plane and its hmask bit;
+  q4_k: a nibble) into bytes 0xC0 | quant; one byte permute (PTX prmt) per weight then makes the fp32
+  1.5 + quant / 128 (the byte into bits 16-23 of 0x3F000000), and one FFMA scales it. About 6.3 (q3_k) and
+  5.2 (q4_k) sm_90 instructions per weight in the loop, against 10.8 / 6.1 (layout 1) and 11.7 / 8.3
+  (layout 2) (Triton 3.9, M = 1, heuristic configs; not yet timed on a GPU). Triton 3.6 gives the word loads a
+  layout of their own and converts each decoded tile through shared memory (with barriers), which is why
+  it is not the untuned default. Needs word-aligned weight bytes (WORD_LOADS: q4_k 4-byte, q3_k 2-byte
+  alignment of the data pointer), else the heuristic falls back.
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ from .decode import (Q3_K, Q4_0, Q4_K, Q5_K, Q6_K, QTYPE_CODES, f16_field, f16_f
                      int8_from_byte, k4_scale_min, k4_unpack_scale_min, q3_k_scale, q3_k_unpack_scale, q6_k_scale,
                      scaled_quant)
 from .epilogue import store_output
-from .runtime import count_launch, launch_split_k, sm_count, tuning_key
+from .runtime import INTERPRETER, count_launch, launch_split_k, sm_count, tuning_key
 
 
 # ---------------------------------------------------------------------------------- layout 1 steps
@@ -312,6 +323,97 @@ def _v2_q8_0(acc, w_rows, x_rows, step, n_blocks, a, b, i, SHAPE: tl.constexpr):
     return _accumulate(acc, scaled_quant(qs ^ 0x80, d, 128), x)     # int8 = (byte ^ 128) - 128
 
 
+# ---------------------------------------------------------------------------------- layout 3 steps
+# Layout 3 ("word-wide"): tiles of SHAPE = (BLOCK_M, BLOCK_N, 16), element i being byte i of a 16-byte
+# run of quant bytes and the x value its weight (or weights) multiplies. Bytes come as int32 words (element
+# i reads word i >> 2: the four loads of a word fold into one), combined word-wide into bytes 0xC0 | quant,
+# then expanded to one fp32 per weight by _f32_of_byte. The step's sub-block structure is unrolled
+# (tl.static_range), so shift amounts, masks and scale indices are all constants.
+
+#: Byte permute through PTX prmt on a GPU; the interpreter (which runs no inline assembly) computes the
+#: same bits with shifts.
+_PRMT: tl.constexpr = tl.constexpr(not INTERPRETER)
+#: 0xC0C0C0C0 as an int32: the 0xC0 each byte carries into bits 16-23 of the fp32 1.5 (0x3FC00000).
+_HI_BITS_OF_1_5: tl.constexpr = tl.constexpr(-0x3F3F3F40)
+
+
+@triton.jit
+def _f32_of_byte(v, q):
+    """The fp32 whose bits are 0x3F000000 | (byte ``q`` of int32 ``v``) << 16: 1.5 + u / 128 when that byte
+    is 0xC0 | u (u < 64). One prmt per element on a GPU: result bytes (0, 0, byte q of v, 0x3F) are picked
+    from the eight bytes (v, 0x3F000000) by selector 0x7?54 (nibble per result byte: 4, 5 = zero bytes of
+    the constant, q = byte q of v, 7 = its 0x3F); q is a per-element constant, which ptxas folds into the
+    instruction."""
+    if _PRMT:
+        v, sel = tl.broadcast(v, 0x7054 | (q << 8))
+        bits = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r",
+                                         [v, tl.full(v.shape, 0x3F000000, tl.int32), sel],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        bits = (((v >> (8 * q)) & 0xFF) << 16) | 0x3F000000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _u16_word(p, i, SHAPE: tl.constexpr):
+    """For every element i, the little-endian int32 word of bytes 4 (i >> 2) .. 4 (i >> 2) + 3 of the run at
+    the 2-byte-aligned byte pointer(s) ``p``, from two 16-bit loads (q3_k blocks are 110 bytes: only 2-byte
+    alignment holds)."""
+    h = _full(p.to(tl.pointer_type(tl.uint16)) + 2 * (i >> 2), SHAPE)
+    return tl.load(h).to(tl.int32) | (tl.load(h + 1).to(tl.int32) << 16)
+
+
+@triton.jit
+def _v3_q3_k(acc, bp, xp, i, SHAPE: tl.constexpr):
+    """q3_k super-block (110 B). Runs (h, t): qs bytes 32 + 32h + 16t + i hold 2-bit planes j of weights
+    128h + 32j + 16t + i, whose third bit is bit 4h + j of hmask[16t + i]; sub-block 8h + 2j + t. Per plane and
+    word: the plane's bits to bits 0-1 of each byte, the hmask bit to bit 2, 0xC0 OR-ed in. The weight
+    (u - 4) * d * sc is then exactly fma(1.5 + u/128, 128 s, -196 s) (s = d * sc: at most 16 significant
+    bits, so 128 s and 196 s are exact and so is the result)."""
+    q = i & 3
+    d = _f16_full(bp + 108, SHAPE)
+    d128 = d * 128.0
+    dm196 = d * -196.0
+    for t in tl.static_range(2):
+        hm = _u16_word(bp + 16 * t, i, SHAPE)
+        for h in tl.static_range(2):
+            qs = _u16_word(bp + 32 + 32 * h + 16 * t, i, SHAPE)
+            for j in tl.static_range(4):
+                s = 8 * h + 2 * j + t
+                sc = q3_k_unpack_scale(_byte(bp + 96 + (s & 7), SHAPE), _byte(bp + 104 + (s & 3), SHAPE), s)
+                sc = sc.to(tl.float32)
+                if 4 * h + j >= 2:              # bit 4h + j of each byte to bit 2
+                    hb = hm >> (4 * h + j - 2)
+                else:
+                    hb = hm << (2 - 4 * h - j)
+                v = ((qs >> (2 * j)) & 0x03030303) | (hb & 0x04040404) | _HI_BITS_OF_1_5
+                w = tl.fma(_f32_of_byte(v, q), sc * d128, sc * dm196)
+                acc = _accumulate(acc, w, _x_full(xp + 128 * h + 32 * j + 16 * t + i, SHAPE))
+    return acc
+
+
+@triton.jit
+def _v3_q4_k(acc, bp, xp, i, SHAPE: tl.constexpr):
+    """q4_k super-block (144 B). Runs (c, h): qs bytes 16 + 32c + 16h + i hold weights 64c + 16h + i (low
+    nibble, sub-block 2c) and 64c + 32 + 16h + i (high nibble, sub-block 2c + 1). The weight u * s - dmin * m
+    is fma(1.5 + u/128, 128 s, -(192 s + dmin * m)): exact but for one rounding of the addend (at most
+    2**-24 * (192 s + dmin * m), where ggml rounds u * s and the difference instead)."""
+    q = i & 3
+    d = _f16_full(bp, SHAPE)
+    dmin = _f16_full(bp + 2, SHAPE)
+    for c in tl.static_range(4):
+        for half in tl.static_range(2):
+            sc, mn = _k4_scale_min_full(bp + 4, 2 * c + half, SHAPE)
+            scale = d * sc.to(tl.float32)
+            addend = -(scale * 192.0 + dmin * mn.to(tl.float32))
+            for h in tl.static_range(2):
+                word = tl.load(_full((bp + 16 + 32 * c + 16 * h).to(tl.pointer_type(tl.int32)) + (i >> 2), SHAPE))
+                v = ((word >> (4 * half)) & 0x0F0F0F0F) | _HI_BITS_OF_1_5
+                w = tl.fma(_f32_of_byte(v, q), scale * 128.0, addend)
+                acc = _accumulate(acc, w, _x_full(xp + 64 * c + 32 * half + 16 * h + i, SHAPE))
+    return acc
+
+
 # ---------------------------------------------------------------------------------- kernel
 @triton.jit
 def _gemv_layout1(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -381,10 +483,28 @@ def _gemv_layout2(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, 
 
 
 @triton.jit
+def _gemv_layout3(w_rows, x_rows, step_begin, step_end, QTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+    """The (BLOCK_M, BLOCK_N) partial sums over steps [step_begin, step_end), word-wide decode."""
+    SHAPE: tl.constexpr = (BLOCK_M, BLOCK_N, 16)
+    i = tl.arange(0, 16)[None, None, :]
+    rows = w_rows[None, :, None]
+    xs = x_rows[:, None, None]
+    acc = tl.zeros(SHAPE, dtype=tl.float32)
+    for step in tl.range(step_begin, step_end, num_stages=STAGES):
+        if QTYPE == Q3_K:
+            acc = _v3_q3_k(acc, rows + step * 110, xs + step * 256, i, SHAPE)
+        else:  # Q4_K
+            acc = _v3_q4_k(acc, rows + step * 144, xs + step * 256, i, SHAPE)
+    return tl.sum(acc, axis=2)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, row_bytes, split_k,
                  M_BUCKET,
                  QTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 TILE_A: tl.constexpr, TILE_B: tl.constexpr, LAYOUT: tl.constexpr, STAGES: tl.constexpr):
+                 TILE_A: tl.constexpr, TILE_B: tl.constexpr, WORD_LOADS: tl.constexpr, LAYOUT: tl.constexpr,
+                 STAGES: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -398,7 +518,10 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stri
     steps_per_split = tl.cdiv(n_steps, split_k)
     step_begin = pid_k * steps_per_split
     step_end = tl.minimum(step_begin + steps_per_split, n_steps)
-    if LAYOUT == 2:
+    if LAYOUT == 3:
+        tl.static_assert(WORD_LOADS and (QTYPE == Q3_K or QTYPE == Q4_K), "GEMV layout 3: q3_k/q4_k, aligned bytes")
+        y = _gemv_layout3(w_rows, x_rows, step_begin, step_end, QTYPE, BLOCK_M, BLOCK_N, STAGES)
+    elif LAYOUT == 2:
         y = _gemv_layout2(w_rows, x_rows, step_begin, step_end, K, QTYPE, BLOCK_M, BLOCK_N, STAGES)
     else:
         y = _gemv_layout1(w_rows, x_rows, step_begin, step_end, K, QTYPE, BLOCK_M, BLOCK_N, TILE_A, TILE_B)
@@ -406,7 +529,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stri
                  split_k, HAS_BIAS)
 
 
-_GEMV_KEY = ("M_BUCKET", "N", "K", "QTYPE", "HAS_BIAS")
+_GEMV_KEY = ("M_BUCKET", "N", "K", "QTYPE", "HAS_BIAS", "WORD_LOADS")
 
 _gemv_tuned = triton.autotune(configs=configs.gemv_configs(), key=list(_GEMV_KEY),
                               prune_configs_by={"early_config_prune": configs.prune_gemv_configs})(_gemv_kernel)
@@ -418,7 +541,8 @@ def gemv(x2d: torch.Tensor, qt, bias: "torch.Tensor | None", out: torch.Tensor, 
     """out (M, N) = x2d (M, K) @ W.T (+ bias) with the GEMV kernel; returns the variant that ran
     ("gemv" or "gemv_splitk"). Inputs are validated by the caller (qmatmul): x2d has unit stride along K,
     out is contiguous of x2d's dtype. ``split_k`` forces that many K slices (no tuning); None tunes it.
-    ``layout`` (1 or 2, see configs.GEMV_LAYOUTS) forces the loop layout (no tuning)."""
+    ``layout`` (see configs.GEMV_LAYOUTS) asks for that loop layout (no tuning); the heuristic falls back
+    from it where it cannot run (see configs.gemv_heuristic_config)."""
     if layout is not None and layout not in configs.GEMV_LAYOUTS:
         raise ValueError(f"unknown GEMV layout {layout!r}; expected one of {configs.GEMV_LAYOUTS}")
     m, k = x2d.shape
@@ -428,14 +552,15 @@ def gemv(x2d: torch.Tensor, qt, bias: "torch.Tensor | None", out: torch.Tensor, 
     args = dict(x_ptr=x2d, w_ptr=qt.data, bias_ptr=bias if bias is not None else out, out_ptr=out,
                 M=m, N=n, K=k, stride_xm=x2d.stride(0), row_bytes=qt.row_bytes,
                 M_BUCKET=configs.next_power_of_2(m), QTYPE=QTYPE_CODES[qt.qtype], HAS_BIAS=bias is not None,
-                BLOCK_M=block_m, TILE_A=tile_a, TILE_B=tile_b)
+                BLOCK_M=block_m, TILE_A=tile_a, TILE_B=tile_b, WORD_LOADS=configs.gemv_word_loads(qt))
 
     def grid(meta):
         return (configs.cdiv(n, meta["BLOCK_N"]), meta["split_k"], configs.cdiv(m, block_m))
 
     sms = sm_count(x2d.device)
     split = launch_split_k(_gemv_tuned, grid, args, tuning_key("gemv", args, _GEMV_KEY),
-                           lambda: configs.gemv_heuristic_config(m, n, k, qt.qtype, sms, split_k, layout),
+                           lambda: configs.gemv_heuristic_config(m, n, k, qt.qtype, sms, split_k, layout,
+                                                                 word_loads=args["WORD_LOADS"]),
                            tune=split_k is None and layout is None, out=out)
     variant = "gemv_splitk" if split > 1 else "gemv"
     count_launch(variant)

@@ -70,8 +70,8 @@ def loop_sync_ops(sass: str) -> dict[str, int]:
 
 
 def main() -> int:
-    report = {"compiled": [], "dequant_ffma": {}, "gemv_layout2_loop_sync": {}, "gemm_fp16_loop_instructions": {},
-              "gemm_loop_global_loads": {}}
+    report = {"compiled": [], "dequant_ffma": {}, "gemv_layout2_loop_sync": {}, "gemv_layout3_loop": {},
+              "gemm_fp16_loop_instructions": {}, "gemm_loop_global_loads": {}, "triton": triton.__version__}
     for qtype, code in QTYPE_CODES.items():
         for x in ("fp32", "fp16", "bf16"):
             sig = {"x_ptr": f"*{x}", "w_ptr": "*u8", "bias_ptr": f"*{x}", "out_ptr": f"*{x}", "ws_ptr": "*fp32",
@@ -81,18 +81,28 @@ def main() -> int:
             gemv_builds = [(block_m, None, None) for block_m in ((1, 4) if x == "fp16" else (1,))]
             if x == "fp16":
                 gemv_builds += [(1, 1, None), (1, 2, 1)]      # layout 1; layout 2 unpipelined (its loop is inspected)
+                if qtype in configs.GEMV3_QTYPES:
+                    gemv_builds.append((1, 3, None))            # layout 3 (its loop is inspected)
             for block_m, layout, stages in gemv_builds:
                 c = configs.gemv_heuristic_config(block_m, 4096, 4096, qtype, 132, layout=layout)
                 stages = c.kwargs["STAGES"] if stages is None else stages
                 k = compile_kernel(_gemv_kernel, sig, dict(QTYPE=code, HAS_BIAS=True, BLOCK_M=block_m,
                                                            BLOCK_N=c.kwargs["BLOCK_N"], TILE_A=tile_a, TILE_B=tile_b,
-                                                           LAYOUT=c.kwargs["LAYOUT"], STAGES=stages),
+                                                           WORD_LOADS=True, LAYOUT=c.kwargs["LAYOUT"], STAGES=stages),
                                    ALIGNED, num_warps=c.num_warps)
                 report["compiled"].append(f"gemv/{qtype}/{x}/m{block_m}/layout{c.kwargs['LAYOUT']}/stages{stages}")
                 if c.kwargs["LAYOUT"] == 2 and stages == 1:
                     sass = sass_of(k)
                     if sass is not None:
                         report["gemv_layout2_loop_sync"][qtype] = loop_sync_ops(sass)
+                if c.kwargs["LAYOUT"] == 3:
+                    sass = sass_of(k)
+                    if sass is not None:
+                        body = loop_body(sass) or []
+                        weights = c.kwargs["BLOCK_N"] * configs.GEMV_STEP_K / (32 * c.num_warps)   # per thread
+                        report["gemv_layout3_loop"][qtype] = {
+                            **loop_sync_ops(sass), "PRMT": sum(op.startswith("PRMT") for op in body),
+                            "weights_per_thread": weights, "instructions_per_weight": len(body) / weights}
             default = f16_decode_default(DTYPES[x], qtype)
             # fp16: both weight decodes at a mid-M (16) and a large-M (512) tile, to compare their loops.
             # Every dtype: the swapped-operand variant at a mid-M tile too (a tuned option, compiled only here).

@@ -37,15 +37,25 @@ def test_kernels_compile_for_sm90_without_fma_in_dequant():
     # gemv, gemm, dequant x 3 dtypes; fp16 gemv also for 4 tokens, in layout 1 and unpipelined layout 2;
     # fp16 gemm with both weight decodes at two tile sizes (4 builds instead of 1); every dtype's gemm also
     # with swapped operands
-    assert len(report["compiled"]) == len(QTYPES) * (3 * 3 + 3 + 3 + 3)
+    assert len(report["compiled"]) == len(QTYPES) * (3 * 3 + 3 + 3 + 3) + len(configs.GEMV3_QTYPES)
     if report["dequant_ffma"]:
         assert set(report["dequant_ffma"].values()) == {0}, report["dequant_ffma"]
     # GEMV layout 2's point: no layout conversion in its loop, i.e. no barrier, shared memory or shuffle.
     # Asserted for the formats it is the default for (configs.GEMV_DEFAULT_LAYOUT), where it also holds
     # with Triton 3.6; the 2-byte-aligned formats are clean with 3.9 but not 3.6.
     for qtype, ops in report["gemv_layout2_loop_sync"].items():
-        if configs.GEMV_DEFAULT_LAYOUT[qtype] == 2:
+        if qtype in ("q4_k", "q5_k"):
             assert ops == {"BAR": 0, "LDS": 0, "STS": 0, "SHFL": 0}, (qtype, ops)
+    # GEMV layout 3's point: one byte permute per weight (the inline prmt compiled, with its selector folded:
+    # no extra moves) and few instructions per weight; with Triton 3.9 also no layout conversion in the loop
+    # (3.6 converts each decoded tile: configs.GEMV_DEFAULT_LAYOUT).
+    if report["gemv_layout2_loop_sync"]:        # the SASS could be read
+        assert set(report["gemv_layout3_loop"]) == set(configs.GEMV3_QTYPES)
+    for qtype, loop in report["gemv_layout3_loop"].items():
+        assert loop["PRMT"] >= loop["weights_per_thread"], (qtype, loop)
+        if not report["triton"].startswith("3.6"):
+            assert {k: loop[k] for k in ("BAR", "LDS", "STS", "SHFL")} == dict.fromkeys(("BAR", "LDS", "STS", "SHFL"), 0)
+            assert loop["instructions_per_weight"] < {"q3_k": 6.6, "q4_k": 5.6}[qtype], (qtype, loop)
     # The fp16 weight decode is the GEMM's default for fp16 activations where its loop is shorter than the
     # exact fp32 decode's, at both tile sizes (gemm.f16_decode_default; the ratios are in its docstring).
     for qtype, counts in report["gemm_fp16_loop_instructions"].items():

@@ -38,20 +38,25 @@ def _args(x_dtype=torch.float16, **kw):
     return {"x_ptr": torch.empty(1, dtype=x_dtype), **kw}
 
 
+@pytest.mark.parametrize("word_loads", [True, False])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_gemv_pruner(qtype, m):
+def test_gemv_pruner(qtype, m, word_loads):
+    layouts = (1, 2, 3) if word_loads and qtype in ("q3_k", "q4_k") else (1, 2)
+    assert configs.gemv_layouts(qtype, word_loads) == layouts
     for n, k in SHAPES:
         if k % (256 if qtype.endswith("_k") else 32):
             continue
         block_m = configs.gemv_block_m(m)
         kept = configs.prune_gemv_configs(configs.gemv_configs(interpreter=False), {},
-                                          **_args(M=m, N=n, K=k, BLOCK_M=block_m, QTYPE=QTYPE_CODES[qtype]))
+                                          **_args(M=m, N=n, K=k, BLOCK_M=block_m, QTYPE=QTYPE_CODES[qtype],
+                                                  WORD_LOADS=word_loads))
         assert 1 <= len(kept) <= configs.MAX_TUNED_CONFIGS
         steps = triton.cdiv(k, configs.GEMV_STEP_K)
         by_layout = {layout: [c for c in kept if c.kwargs["LAYOUT"] == layout] for layout in configs.GEMV_LAYOUTS}
+        assert not by_layout[3] or 3 in layouts         # layout 3 only where it can run
         for layout, group in by_layout.items():
-            assert len(group) <= configs.MAX_TUNED_CONFIGS // 2       # neither layout crowds the other out
+            assert len(group) <= configs.MAX_TUNED_CONFIGS // len(layouts)       # no layout crowds others out
             for c in group:
                 assert steps % c.kwargs["split_k"] == 0
                 rows = block_m * c.kwargs["BLOCK_N"]
@@ -59,12 +64,15 @@ def test_gemv_pruner(qtype, m):
                 if layout == 1:
                     a, b = configs.GEMV_TILE[qtype]
                     assert rows * a * b <= 64 * threads
-                else:   # one fp32 accumulator per quant byte and token; every thread a 16-byte run
+                elif layout == 2:   # one fp32 accumulator per quant byte and token; every thread a 16-byte run
                     assert rows * configs.GEMV_ROW_ELEMS[qtype] <= 64 * threads
                     assert c.kwargs["BLOCK_N"] * configs.GEMV_ROW_ELEMS[qtype] >= 16 * threads
                     assert c.kwargs["STAGES"] in configs.GEMV2_STAGES
+                else:               # 16 accumulators per row and token; one or two rows per two threads
+                    assert rows * 16 <= 64 * threads
+                    assert threads <= c.kwargs["BLOCK_N"] <= 2 * threads
         if m == 1 and n >= 1024:
-            assert by_layout[1] and by_layout[2], "the tuner must get to time both GEMV layouts"
+            assert all(by_layout[layout] for layout in layouts), "the tuner must get to time every GEMV layout"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
@@ -103,17 +111,30 @@ def test_heuristic_configs_are_legal(qtype):
             continue
         for m in (1, 3, 8):
             for layout in configs.GEMV_LAYOUTS:
-                c = configs.gemv_heuristic_config(m, n, k, qtype, 132, layout=layout)
-                rows = configs.gemv_block_m(m) * c.kwargs["BLOCK_N"]
-                if c.kwargs["LAYOUT"] == 1:
-                    a, b = configs.GEMV_TILE[qtype]
-                    assert rows * a * b <= 64 * 32 * c.num_warps
-                else:
-                    assert rows * configs.GEMV_ROW_ELEMS[qtype] <= 64 * 32 * c.num_warps
-                assert triton.cdiv(k, configs.GEMV_STEP_K) % c.kwargs["split_k"] == 0
-            # the format's default layout, except where layout 2's accumulator would not fit (8 tokens)
-            want = configs.GEMV_DEFAULT_LAYOUT[qtype] if m <= 4 else 1
-            assert configs.gemv_heuristic_config(m, n, k, qtype, 132).kwargs["LAYOUT"] == want
+                for word_loads in (True, False):
+                    c = configs.gemv_heuristic_config(m, n, k, qtype, 132, layout=layout, word_loads=word_loads)
+                    rows = configs.gemv_block_m(m) * c.kwargs["BLOCK_N"]
+                    if c.kwargs["LAYOUT"] == 1:
+                        a, b = configs.GEMV_TILE[qtype]
+                        assert rows * a * b <= 64 * 32 * c.num_warps
+                    elif c.kwargs["LAYOUT"] == 2:
+                        assert rows * configs.GEMV_ROW_ELEMS[qtype] <= 64 * 32 * c.num_warps
+                    else:
+                        assert c.kwargs["LAYOUT"] in configs.gemv_layouts(qtype, word_loads)
+                        assert rows * 16 <= 64 * 32 * c.num_warps
+                        assert c.kwargs["BLOCK_N"] == 32 * c.num_warps
+                    assert triton.cdiv(k, configs.GEMV_STEP_K) % c.kwargs["split_k"] == 0
+            # the format's default layout, except where it cannot run: layout 3 without word loads or for more
+            # than 4 tokens (q4_k then runs layout 2, q3_k layout 1), layout 2 for 8 tokens (would spill)
+            want = configs.GEMV_DEFAULT_LAYOUT[qtype]
+            for word_loads in (True, False):
+                got = configs.gemv_heuristic_config(m, n, k, qtype, 132, word_loads=word_loads).kwargs["LAYOUT"]
+                expect = want
+                if expect == 3 and (not word_loads or m > 4):
+                    expect = {"q4_k": 2, "q3_k": 1}[qtype]
+                if expect == 2 and m > 4:
+                    expect = 1
+                assert got == expect, (m, word_loads, got)
         for m in (5, 100, 3000):
             c = configs.gemm_heuristic_config(m, n, k, qtype, 132)
             assert configs.gemm_block_k_ok(c.kwargs["BLOCK_K"], qtype)

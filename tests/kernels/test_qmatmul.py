@@ -87,13 +87,24 @@ def test_k_shapes(qtype, k_kind, kernel, device, triton_only, poisoned):
     _expect_family(triton_only, kernel)
 
 
-@pytest.mark.parametrize("layout", [1, 2])
+def _layout_that_runs(layout: int, qtype: str, m: int, aligned: bool) -> int:
+    """The layout the GEMV heuristic runs when asked for ``layout`` (configs.gemv_heuristic_config): layout
+    3 (q3_k/q4_k) needs word-aligned bytes and at most 4 tokens, else q4_k runs layout 2 and q3_k layout 1;
+    layout 2 needs at most 4 tokens (its accumulator would spill), else layout 1."""
+    if layout == 3 and not (qtype in ("q3_k", "q4_k") and aligned and m <= 4):
+        layout = 1 if qtype == "q3_k" else 2
+    if layout == 2 and m > 4:
+        layout = 1
+    return layout
+
+
+@pytest.mark.parametrize("layout", [1, 2, 3])
 @pytest.mark.parametrize("dtype", X_DTYPES, ids=str)
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_gemv_layouts(qtype, dtype, layout, device, triton_only, poisoned, monkeypatch):
-    """Both GEMV loop layouts (the tuner picks between them on a GPU) with 1..8 tokens, bias, split and
-    unsplit K, odd N and K, and weight bytes at an odd address; the config that ran is checked to be of
-    the layout under test (heuristic configs: no tuning here)."""
+    """Every GEMV loop layout (the tuner picks between them on a GPU) with 1..8 tokens, bias, split and
+    unsplit K, odd N and K, and weight bytes at an odd address; the config that ran is checked to be the
+    layout under test where it can run, else the heuristic's fallback (heuristic configs: no tuning here)."""
     from offload_kernels.kernels import configs
 
     ran = []
@@ -112,14 +123,14 @@ def test_gemv_layouts(qtype, dtype, layout, device, triton_only, poisoned, monke
     slot = torch.zeros(src.nbytes + 1, dtype=torch.uint8)
     slot[1:] = src.data.flatten()
     odd = QuantizedTensor(slot.to(device)[1:].view(37, -1), qtype, (37, k))
-    for qt in (src.to(device), odd):
+    for qt, aligned in ((src.to(device), True), (odd, False)):
         for m, split in ((1, 1), (2, 5) if qtype.endswith("_k") else (2, 2), (4, 1), (5, 1)):
             x = activations((m, k), g).to(dtype).to(device)
             bias = activations((37,), g).to(dtype).to(device)
             ran.clear()
             y = kernels.qmatmul(x, qt, bias, backend="triton", kernel="gemv", split_k=split)
             assert_close(y, x, qt, bias)
-            assert ran == [layout if m <= 4 else 1], ran      # 5..8 tokens: layout 2 would spill
+            assert ran == [_layout_that_runs(layout, qtype, m, aligned)], ran
             triton_only.expect(**{"gemv" if split == 1 else "gemv_splitk": 1})
 
 
@@ -128,8 +139,8 @@ def test_gemv_rejects_unknown_layout(triton_only):
 
     qt = random_qtensor("q4_k", 8, 256, torch.Generator().manual_seed(2))
     out = torch.full((1, 8), float("nan"))
-    with pytest.raises(ValueError, match="unknown GEMV layout 3"):
-        gemv(torch.ones(1, 256), qt, None, out, layout=3)
+    with pytest.raises(ValueError, match="unknown GEMV layout 4"):
+        gemv(torch.ones(1, 256), qt, None, out, layout=4)
     assert torch.isnan(out).all()         # raised before anything ran
     triton_only.expect()
 

@@ -1,0 +1,135 @@
+"""The GEMV's word-wide decode (layout 3, q3_k and q4_k), read back weight by weight: with x rows that are
+unit vectors (fp32), y[m, n] = W[n, k_m] * 1.0 plus products with +0.0, which the fp32 accumulator sums
+exactly, so each call returns whole columns of the weight as the kernel decoded them.
+
+* q3_k: every weight (u - 4) * d * sc is exact (the FFMA's addend -196 s is exact), so the columns equal
+  the torch dequantizer's fp32 weight bit for bit;
+* q4_k: the min is folded into the FFMA's addend -(192 s + dmin m), rounded once: within 2**-24 of that
+  addend (plus the weight's own rounding) of the dequantized weight.
+
+And the byte permute: the prmt selector the GPU code uses, emulated from the PTX ISA's definition, gives
+the same bits as the shifts the interpreter runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from offload_kernels.formats import QuantizedTensor, dequantize, get_spec
+from offload_kernels.kernels import configs, poison_outputs
+from offload_kernels.kernels.gemv import gemv
+
+from .helpers import random_qtensor, seed_of
+
+TOKENS = 4      # columns read back per call: layout 3 runs up to GEMV3_MAX_BLOCK_M tokens
+
+
+def _decoded_by_gemv(qt: QuantizedTensor, device) -> torch.Tensor:
+    n, k = qt.shape
+    cols = []
+    for k0 in range(0, k, TOKENS):
+        x = torch.zeros(TOKENS, k, device=device)
+        x[torch.arange(TOKENS), k0 + torch.arange(TOKENS)] = 1.0
+        with poison_outputs():
+            out = torch.full((TOKENS, n), float("nan"), device=device)
+        gemv(x, qt, None, out, split_k=1, layout=3)
+        cols.append(out.cpu())
+    return torch.cat(cols).T
+
+
+@pytest.fixture
+def layout3_ran(monkeypatch):
+    """Fails the test unless every GEMV launch used layout 3 (the heuristic falls back where it cannot)."""
+    layouts = []
+    heuristic = configs.gemv_heuristic_config
+
+    def recording(*args, **kwargs):
+        config = heuristic(*args, **kwargs)
+        layouts.append(config.kwargs["LAYOUT"])
+        return config
+
+    monkeypatch.setattr(configs, "gemv_heuristic_config", recording)
+    yield
+    assert layouts and set(layouts) == {3}, layouts
+
+
+def test_q3_k_weights_exact(device, layout3_ran):
+    _check_q3_k(device)
+
+
+def test_q4_k_weights_within_the_folded_min_rounding(device, layout3_ran):
+    _check_q4_k(device)
+
+
+@pytest.mark.gpu
+def test_prmt_decode_on_the_gpu(layout3_ran):
+    """The same read-backs in the GPU suite's quick stage (`pytest -m gpu`): there the byte permute runs as
+    PTX prmt, where the tests above (on CPU) check the interpreter's shifts."""
+    _check_q3_k(torch.device("cuda"))
+    _check_q4_k(torch.device("cuda"))
+
+
+def _check_q3_k(device):
+    g = torch.Generator().manual_seed(seed_of("gemv3", "q3_k"))
+    qt = random_qtensor("q3_k", 40, 256, g, device=device)
+    got = _decoded_by_gemv(qt, device)
+    want = dequantize(qt, torch.float32).cpu()
+    assert torch.equal(got, want)
+
+
+def _check_q4_k(device):
+    g = torch.Generator().manual_seed(seed_of("gemv3", "q4_k"))
+    qt = random_qtensor("q4_k", 40, 256, g, device=device)
+    got = _decoded_by_gemv(qt, device).double()
+    w = dequantize(qt, torch.float32).cpu().double()
+    # s (d * sc) and dmin * m of every weight's sub-block, from the same blocks with every quant set to 0
+    # and to 1 (w = u * s - dmin * m)
+    raw = qt.data.cpu().clone()
+    quants = raw.view(-1, get_spec("q4_k").block_bytes)[:, 16:]
+    quants[:] = 0
+    minus_min = dequantize(QuantizedTensor(raw.clone(), "q4_k", qt.shape), torch.float32).double()
+    quants[:] = 0x11
+    s = dequantize(QuantizedTensor(raw, "q4_k", qt.shape), torch.float32).double() - minus_min
+    bound = 2.0 ** -24 * (192 * s.abs() + minus_min.abs()) + 2.0 ** -24 * w.abs() + 2.0 ** -24 * s.abs()
+    excess = (got - w).abs() - bound
+    assert excess.max() <= 0, f"{int((excess > 0).sum())} weights beyond the bound, worst by {excess.max():.3g}"
+
+
+def _prmt(a: np.ndarray, b: int, selector: int) -> np.ndarray:
+    """PTX prmt.b32 (default mode): result byte i is byte (selector nibble i & 7) of the eight bytes b:a
+    (a = bytes 0-3), or, when the nibble's bit 3 is set, that byte's sign bit replicated."""
+    pool = np.stack([(a >> (8 * j)) & 0xFF for j in range(4)] + [np.full_like(a, (b >> (8 * j)) & 0xFF)
+                                                                  for j in range(4)])
+    out = np.zeros_like(a)
+    for i in range(4):
+        nibble = (selector >> (4 * i)) & 0xF
+        byte = pool[nibble & 7]
+        if nibble & 8:
+            byte = np.where(byte & 0x80, 0xFF, 0)
+        out |= byte << (8 * i)
+    return out
+
+
+def test_byte_permute_matches_the_interpreter_bits():
+    v = np.random.default_rng(0).integers(0, 2 ** 32, 4096, dtype=np.uint64)
+    for q in range(4):
+        want = (((v >> (8 * q)) & 0xFF) << 16) | 0x3F000000          # _f32_of_byte without prmt
+        assert np.array_equal(_prmt(v, 0x3F000000, 0x7054 | (q << 8)), want)
+    # with bytes 0xC0 | u the bits are the fp32 1.5 + u / 128
+    u = np.arange(64, dtype=np.uint64)
+    bits = _prmt(0xC0 | u, 0x3F000000, 0x7054).astype(np.uint32)
+    assert np.array_equal(bits.view(np.float32), (1.5 + u / 128).astype(np.float32))
+
+
+def test_word_loads_need_aligned_bytes(device):
+    g = torch.Generator().manual_seed(3)
+    for qtype, align in (("q4_k", 4), ("q3_k", 2)):
+        qt = random_qtensor(qtype, 8, 256, g, device=device)
+        assert configs.gemv_word_loads(qt)
+        flat = torch.empty(qt.nbytes + 16, dtype=torch.uint8, device=device)
+        for offset in range(1, 4):
+            moved = QuantizedTensor(flat[offset:offset + qt.nbytes].view(qt.data.shape), qtype, qt.shape)
+            assert configs.gemv_word_loads(moved) == (offset % align == 0)
+    assert not configs.gemv_word_loads(random_qtensor("q6_k", 8, 256, g, device=device))
