@@ -55,3 +55,20 @@ def poisoned():
     """Buffers the kernels must fully write start as NaN (an element left unwritten fails the check)."""
     with kernels.poison_outputs():
         yield
+
+
+@pytest.fixture
+def gemv_layouts_ran(monkeypatch) -> list:
+    """The LAYOUT of every GEMV heuristic config launched while the test runs, in order (the heuristic
+    falls back from a layout that cannot run)."""
+    configs = importlib.import_module("offload_kernels.kernels.configs")
+    layouts = []
+    heuristic = configs.gemv_heuristic_config
+
+    def recording(*args, **kwargs):
+        config = heuristic(*args, **kwargs)
+        layouts.append(config.kwargs["LAYOUT"])
+        return config
+
+    monkeypatch.setattr(configs, "gemv_heuristic_config", recording)
+    return layouts

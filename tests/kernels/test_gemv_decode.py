@@ -40,19 +40,10 @@ def _decoded_by_gemv(qt: QuantizedTensor, device) -> torch.Tensor:
 
 
 @pytest.fixture
-def layout3_ran(monkeypatch):
+def layout3_ran(gemv_layouts_ran):
     """Fails the test unless every GEMV launch used layout 3 (the heuristic falls back where it cannot)."""
-    layouts = []
-    heuristic = configs.gemv_heuristic_config
-
-    def recording(*args, **kwargs):
-        config = heuristic(*args, **kwargs)
-        layouts.append(config.kwargs["LAYOUT"])
-        return config
-
-    monkeypatch.setattr(configs, "gemv_heuristic_config", recording)
     yield
-    assert layouts and set(layouts) == {3}, layouts
+    assert gemv_layouts_ran and set(gemv_layouts_ran) == {3}, gemv_layouts_ran
 
 
 def test_q3_k_weights_exact(device, layout3_ran):

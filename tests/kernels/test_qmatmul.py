@@ -101,22 +101,14 @@ def _layout_that_runs(layout: int, qtype: str, m: int, aligned: bool) -> int:
 @pytest.mark.parametrize("layout", [1, 2, 3])
 @pytest.mark.parametrize("dtype", X_DTYPES, ids=str)
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_gemv_layouts(qtype, dtype, layout, device, triton_only, poisoned, monkeypatch):
+def test_gemv_layouts(qtype, dtype, layout, device, triton_only, poisoned, gemv_layouts_ran, monkeypatch):
     """Every GEMV loop layout (the tuner picks between them on a GPU) with 1..8 tokens, bias, split and
     unsplit K, odd N and K, and weight bytes at an odd address; the config that ran is checked to be the
     layout under test where it can run, else the heuristic's fallback (heuristic configs: no tuning here)."""
     from offload_kernels.kernels import configs
 
-    ran = []
-    heuristic = configs.gemv_heuristic_config
-
-    def recording_heuristic(*args, **kwargs):
-        config = heuristic(*args, **kwargs)
-        ran.append(config.kwargs["LAYOUT"])
-        return config
-
+    ran = gemv_layouts_ran
     monkeypatch.setattr(configs, "GEMV_DEFAULT_LAYOUT", dict.fromkeys(QTYPES, layout))
-    monkeypatch.setattr(configs, "gemv_heuristic_config", recording_heuristic)
     g = torch.Generator().manual_seed(seed_of("layouts", qtype, dtype, layout))
     k = K_ODD[qtype]
     src = random_qtensor(qtype, 37, k, g)
