@@ -1,6 +1,7 @@
 """``offload-kernels bench NAME [options]``: run one of the benchmarks in offload_kernels.benchmarks, or plot
-their results. The GPU benchmarks say that they need CUDA and exit 0 on a machine without it; ``quantize``
-and ``plot`` run anywhere. Results go to bench/results/<device-slug>/ of the checkout (``--out DIR``)."""
+their results. The GPU benchmarks say that they need CUDA and exit 0 on a machine without it; ``quantize``,
+``sass`` (machine code compiled for sm_90) and ``plot`` run anywhere. Results go to
+bench/results/<device-slug>/ of the checkout (``--out DIR``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import importlib
 # sub-command -> module defining add_arguments(parser) and run(args) -> int; its docstring is the help.
 BENCHMARKS = {name: f"offload_kernels.benchmarks.{module}" for name, module in
               (("kernels", "kernels"), ("transfer", "transfer"), ("quantize", "quantize"), ("offload", "offload"),
-               ("plot", "plots"))}
+               ("sass", "sass"), ("plot", "plots"))}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

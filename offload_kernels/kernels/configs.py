@@ -100,27 +100,32 @@ GEMV_MAX_BLOCK_M = 8
 #: decode with the step's structure unrolled (GEMV3_QTYPES only, word-aligned weight bytes). All are in the
 #: autotune space; the heuristic (untuned) config uses GEMV_DEFAULT_LAYOUT.
 GEMV_LAYOUTS = (1, 2, 3)
-#: Formats layout 3 decodes.
-GEMV3_QTYPES = ("q3_k", "q4_k")
-#: Layout of the heuristic config, per format. From sm_90 machine code, not yet timed on a GPU: for q4_k
-#: and q5_k (16-byte-aligned blocks) layout 2's loop has no conversion, barrier or shared-memory access
-#: with Triton 3.6 and 3.9, and ~80 registers instead of ~170 (tests/kernels/test_compile_sm90.py). For
-#: the 2-byte-aligned formats Triton 3.6 still converts layouts inside layout 2's loop (3.9 does not), so
-#: they stay on layout 1 until a GPU run says otherwise. Layout 3 has the fewest loop instructions per
-#: weight for q3_k and q4_k and no conversion with Triton 3.9, but Triton 3.6 (the GPU image's) converts
-#: every decoded weight tile through shared memory (its word loads get a layout of their own): it is tuned,
-#: not the default, until a GPU run times it.
+#: Formats layout 3 decodes (all: every 256-weight step unrolls into constant-index code).
+GEMV3_QTYPES = ("q4_0", "q8_0", "q3_k", "q4_k", "q5_k", "q6_k")
+#: Layout of the heuristic config, per format, for more tokens than GEMV3_DEFAULT_MAX_BLOCK_M. From sm_90
+#: machine code, not yet timed on a GPU (tests/kernels/test_compile_sm90.py checks these properties with
+#: whichever Triton is installed): for q4_k and q5_k (16-byte-aligned blocks) layout 2's loop has no
+#: conversion, barrier or shared-memory access with Triton 3.6 and 3.9, and ~80 registers instead of ~170.
+#: For the 2-byte-aligned formats Triton 3.6 still converts layouts inside layout 2's loop (3.9 does not),
+#: so they stay on layout 1 until a GPU run says otherwise.
 GEMV_DEFAULT_LAYOUT = {"q4_k": 2, "q5_k": 2, "q3_k": 1, "q6_k": 1, "q4_0": 1, "q8_0": 1}
+#: Most tokens per program for which layout 3 is the heuristic's default (word-aligned bytes permitting).
+#: sm_90 code, fp16, Triton 3.6 and 3.9: at 1 token layout 3 has the fewest loop instructions per weight
+#: (q4_0 5.6, q8_0 5.6, q3_k 6.3, q4_k 5.3, q5_k 5.9, q6_k 5.9, against 7.7-9.1, 9.6-11.5, 10.8, 6.1, 9.5
+#: and 11.8 in layout 1, more in layout 2) and no conversion, barrier or shared-memory access in its loop;
+#: at 2 tokens q4_0, q8_0 and q4_k still lead or tie (3.4-5.2 per weight and token, layout 1 4.2-7.4) but
+#: the other k-quants spill with Triton 3.6 (3.9 shares their decode between the tokens and does not).
+GEMV3_DEFAULT_MAX_BLOCK_M = {"q4_0": 2, "q8_0": 2, "q4_k": 2, "q3_k": 1, "q5_k": 1, "q6_k": 1}
 #: Where layout 3 cannot run (misaligned weight bytes, more than GEMV3_MAX_BLOCK_M tokens): the layout the
 #: heuristic uses instead.
-GEMV3_FALLBACK_LAYOUT = {"q4_k": 2, "q3_k": 1}
+GEMV3_FALLBACK_LAYOUT = {"q4_0": 1, "q8_0": 1, "q3_k": 1, "q4_k": 2, "q5_k": 2, "q6_k": 1}
 #: Layout 3's fewest rows per warp. With fewer (e.g. 64 rows on 4 warps) every thread still gets 8 bytes,
 #: but ptxas got the byte-permute selectors from registers (one more move per weight: 7.7 instead of 6.3
 #: instructions per weight for q3_k on sm_90).
 GEMV3_ROWS_PER_WARP = 32
-#: Most tokens per program the heuristic gives layout 3: its weight decode is repeated for every token
-#: of the tile (layout 1 decodes once per row and step).
-GEMV3_MAX_BLOCK_M = 4
+#: Most tokens per program layout 3 runs (when asked for, or tuned): with 4 every format's loop spills
+#: registers on sm_90 (Triton 3.6 and 3.9), as the decoded weights are kept per token.
+GEMV3_MAX_BLOCK_M = 2
 #: Layout 1: per-row accumulator shape (TILE_A, TILE_B) of each format's step: the storage order of the
 #: quant bytes it decodes; TILE_A * TILE_B fp32 registers per row per token, over the CTA.
 GEMV_TILE = {"q4_0": (8, 16), "q8_0": (8, 32), "q3_k": (4, 16), "q4_k": (4, 32), "q5_k": (4, 32), "q6_k": (8, 16)}
@@ -135,8 +140,9 @@ def gemv_block_m(m: int) -> int:
     return min(next_power_of_2(m), GEMV_MAX_BLOCK_M)
 
 
-#: Alignment of the weight bytes' start that layout 3's word loads need (q3_k words are two 16-bit loads).
-GEMV3_ALIGNMENT = {"q3_k": 2, "q4_k": 4}
+#: Alignment of the weight bytes' start that layout 3's word loads need (2-byte: the 110-, 210-, 18- and
+#: 34-byte blocks, whose words are two 16-bit loads).
+GEMV3_ALIGNMENT = {"q4_0": 2, "q8_0": 2, "q3_k": 2, "q4_k": 4, "q5_k": 4, "q6_k": 2}
 
 
 def gemv_word_loads(qt) -> bool:
@@ -154,6 +160,8 @@ def gemv_layouts(qtype: str, word_loads: bool) -> tuple[int, ...]:
 
 
 def _gemv_accumulator_fits(block_m: int, block_n: int, qtype: str, num_warps: int, layout: int = 1) -> bool:
+    if layout == 3 and block_m > GEMV3_MAX_BLOCK_M:
+        return False
     row_elems = 16 if layout == 3 else GEMV_ROW_ELEMS[qtype]
     return block_m * block_n * row_elems <= 64 * 32 * num_warps      # <= 64 fp32 per thread
 
@@ -228,15 +236,17 @@ def prune_gemv_configs(configs: list[triton.Config], named_args: dict, **kwargs)
 
 def gemv_heuristic_config(m: int, n: int, k: int, qtype: str, sms: int, split_k: "int | None" = None,
                           layout: "int | None" = None, word_loads: bool = True) -> triton.Config:
-    """A GEMV config without tuning, in ``layout`` (default: GEMV_DEFAULT_LAYOUT[qtype]): 4 warps; layout 1 with
-    32-row tiles (16/8 for more tokens or wide accumulators), layout 2 with the fewest rows that give every
-    thread a 16-byte run (fewer registers, more resident programs), pipelined 3 deep, layout 3 with 32 rows per
-    warp (2 warps up to 64 rows, else 4), not pipelined; and enough equal K slices for ~4 resident programs per SM (so the
-    loads in flight cover HBM latency). Layout 3 falls back to GEMV3_FALLBACK_LAYOUT (2 for formats without
-    it) where it cannot run (``word_loads`` False: see gemv_word_loads) or for more than GEMV3_MAX_BLOCK_M
-    tokens; layout 2 to layout 1 where its accumulator would spill (8 tokens)."""
-    layout = GEMV_DEFAULT_LAYOUT[qtype] if layout is None else layout
+    """A GEMV config without tuning, in ``layout`` (default: 3 up to GEMV3_DEFAULT_MAX_BLOCK_M tokens, else
+    GEMV_DEFAULT_LAYOUT[qtype]): 4 warps; layout 1 with 32-row tiles (16/8 for more tokens or wide
+    accumulators), layout 2 with the fewest rows that give every thread a 16-byte run (fewer registers, more
+    resident programs), pipelined 3 deep, layout 3 with 32 rows per warp (2 warps up to 64 rows, else 4), not
+    pipelined; and enough equal K slices for ~4 resident programs per SM (so the loads in flight cover HBM
+    latency). Layout 3 falls back to GEMV3_FALLBACK_LAYOUT (2 for formats without it) where it cannot run
+    (``word_loads`` False: see gemv_word_loads) or for more than GEMV3_MAX_BLOCK_M tokens; layout 2 to layout
+    1 where its accumulator would spill (8 tokens)."""
     block_m = gemv_block_m(m)
+    if layout is None:
+        layout = 3 if block_m <= GEMV3_DEFAULT_MAX_BLOCK_M.get(qtype, 0) else GEMV_DEFAULT_LAYOUT[qtype]
     if layout == 3 and (3 not in gemv_layouts(qtype, word_loads) or block_m > GEMV3_MAX_BLOCK_M):
         layout = GEMV3_FALLBACK_LAYOUT.get(qtype, 2)
     if layout == 2 and not _gemv_accumulator_fits(block_m, _gemv2_min_block_n(qtype), qtype, 4):

@@ -14,30 +14,31 @@ At M = 1..4 the cost is reading the quantized bytes, so the kernel is built arou
   (decode.scaled_quant: exact product, one rounding), the q4_k high nibble used in place (x16) with its
   scale divided by 16.
 
-Three loop layouts, all in the autotune space (configs.GEMV_LAYOUTS; layout 3 for q3_k and q4_k only):
+Three loop layouts, all in the autotune space (configs.GEMV_LAYOUTS; layout 3 for the k-quants only):
 
 * layout 1, storage-order tiles: the weight tile is (BLOCK_M, BLOCK_N, TILE_A, TILE_B); the x tile and the
   per-sub-block scales are computed in their own (smaller) shapes and broadcast into it, which Triton
   implements as layout conversions through shared memory: ~12 barriers per step and ~170 registers for
   q4_k on sm_90. The first H100 run measured this layout at 25-29% of the copy bandwidth (44 us for q4_k
   8192x8192 at M = 1): latency-bound, not issue-bound.
-* layout 2, per-thread chunks (the heuristic default for q4_k/q5_k, see configs.GEMV_DEFAULT_LAYOUT):
+* layout 2, per-thread chunks (the heuristic default for q5_k, and q4_k above 2 tokens; see configs):
   every tensor of a step has one shape and layout, so the loop has no conversion, barrier or shared-memory
   traffic (checked on the sm_90 machine code by tests/kernels/test_compile_sm90.py; Triton 3.6 still
   converts for the 2-byte-aligned formats), needs ~80 registers, and is software-pipelined by Triton. It
   folds the q4_k/q5_k min into each weight (one FMA per weight instead of per-step sums of x). Not yet timed
   on a GPU: `bench kernels` times the layouts side by side (gemv_layout1_graph, gemv_layout2_graph, ...).
-* layout 3, word-wide decode (q3_k and q4_k, see configs.GEMV3_QTYPES; tuned, and run by layout=3): the
-  step's structure (sub-blocks, 2-bit planes, nibbles) is unrolled at compile time, so every shift, mask and
-  scale index is a constant, and each weight tile is (BLOCK_M, BLOCK_N, 16) like its x tile. Quant bytes are
-  read as little-endian int32 words and combined four at a time (q3_k: the 2-bit plane and its hmask bit;
-  q4_k: a nibble) into bytes 0xC0 | quant; one byte permute (PTX prmt) per weight then makes the fp32
-  1.5 + quant / 128 (the byte into bits 16-23 of 0x3F000000), and one FFMA scales it. About 6.3 (q3_k) and
-  5.2 (q4_k) sm_90 instructions per weight in the loop, against 10.8 / 6.1 (layout 1) and 11.7 / 8.3
-  (layout 2) (Triton 3.9, M = 1, heuristic configs; not yet timed on a GPU). Triton 3.6 gives the word loads a
-  layout of their own and converts each decoded tile through shared memory (with barriers), which is why
-  it is not the untuned default. Needs word-aligned weight bytes (WORD_LOADS: q4_k 4-byte, q3_k 2-byte
-  alignment of the data pointer), else the heuristic falls back.
+* layout 3, word-wide decode (the k-quants; the heuristic default at 1 token, q4_k's also at 2): the step's
+  structure (sub-blocks, bit planes, nibbles) is unrolled at compile time, so every shift, mask and scale
+  index is a constant, and each weight tile is (BLOCK_M, BLOCK_N, 16) like its x tile (the 16-weight axis
+  first on Triton 3.6: _WEIGHT_AXIS_FIRST). Quant bytes are read as little-endian int32 words and combined
+  four at a time (q3_k: a 2-bit plane and its hmask bit; q4_k: a nibble; q5_k: a nibble and its fifth bit;
+  q6_k: a nibble and its top two bits) into bytes 0xC0 | quant; one byte permute (PTX prmt) per weight then
+  makes the fp32 1.5 + quant / 128 (the byte into bits 16-23 of 0x3F000000), and one FFMA scales it. About
+  6.3 (q3_k), 5.3 (q4_k), 5.9 (q5_k, q6_k) sm_90 instructions per weight in the loop, against 10.8, 6.1, 9.5
+  and 11.8 in layout 1 (more in layout 2), and no conversion in the loop with Triton 3.6 to 3.9 (M = 1,
+  heuristic configs; not yet timed on a GPU). Needs word-aligned weight bytes (WORD_LOADS: 4-byte alignment
+  of the data pointer for q4_k/q5_k, 2-byte for q3_k/q6_k, whose blocks are 110 and 210 bytes) and at most
+  2 tokens per program, else the heuristic falls back (configs.GEMV3_FALLBACK_LAYOUT).
 """
 
 from __future__ import annotations
@@ -47,11 +48,11 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .decode import (Q3_K, Q4_0, Q4_K, Q5_K, Q6_K, QTYPE_CODES, f16_field, f16_field_masked, f16_from_bytes,
+from .decode import (Q3_K, Q4_0, Q4_K, Q5_K, Q6_K, Q8_0, QTYPE_CODES, f16_field, f16_field_masked, f16_from_bytes,
                      int8_from_byte, k4_scale_min, k4_unpack_scale_min, q3_k_scale, q3_k_unpack_scale, q6_k_scale,
                      scaled_quant)
 from .epilogue import store_output
-from .runtime import INTERPRETER, count_launch, launch_split_k, sm_count, tuning_key
+from .runtime import INTERPRETER, count_launch, launch_split_k, sm_count, triton_version, tuning_key
 
 
 # ---------------------------------------------------------------------------------- layout 1 steps
@@ -324,7 +325,8 @@ def _v2_q8_0(acc, w_rows, x_rows, step, n_blocks, a, b, i, SHAPE: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------- layout 3 steps
-# Layout 3 ("word-wide"): tiles of SHAPE = (BLOCK_M, BLOCK_N, 16), element i being byte i of a 16-byte
+# Layout 3 ("word-wide"): tiles of SHAPE = (BLOCK_M, BLOCK_N, 16) (or (16, BLOCK_M, BLOCK_N): see
+# _WEIGHT_AXIS_FIRST; the steps only broadcast into SHAPE), element i being byte i of a 16-byte
 # run of quant bytes and the x value its weight (or weights) multiplies. Bytes come as int32 words (element
 # i reads word i >> 2: the four loads of a word fold into one), combined word-wide into bytes 0xC0 | quant,
 # then expanded to one fp32 per weight by _f32_of_byte. The step's sub-block structure is unrolled
@@ -333,8 +335,16 @@ def _v2_q8_0(acc, w_rows, x_rows, step, n_blocks, a, b, i, SHAPE: tl.constexpr):
 #: Byte permute through PTX prmt on a GPU; the interpreter (which runs no inline assembly) computes the
 #: same bits with shifts.
 _PRMT: tl.constexpr = tl.constexpr(not INTERPRETER)
+#: Where layout 3 puts the axis of 16 consecutive weights in its tiles: first on Triton 3.6, last on 3.7+.
+#: Triton's coalescing pass orders a load's dims by the pointer's contiguity, and every weight-side load
+#: (quant words, scale bytes) has none along any dim; 3.6 breaks that tie toward the first dim, later versions
+#: toward the last. With the x tile's contiguous axis where the tie puts it, weight and x loads get one
+#: layout and the loop converts nothing (3.6 otherwise converts every decoded tile through shared memory).
+_WEIGHT_AXIS_FIRST: tl.constexpr = tl.constexpr(triton_version() < (3, 7))
 #: 0xC0C0C0C0 as an int32: the 0xC0 each byte carries into bits 16-23 of the fp32 1.5 (0x3FC00000).
 _HI_BITS_OF_1_5: tl.constexpr = tl.constexpr(-0x3F3F3F40)
+#: 0x80808080 as an int32: each byte's sign bit.
+_SIGN_BITS: tl.constexpr = tl.constexpr(-0x7F7F7F80)
 
 
 @triton.jit
@@ -355,12 +365,44 @@ def _f32_of_byte(v, q):
 
 
 @triton.jit
+def _f32_of_byte_low(v, q):
+    """The fp32 whose bits are 0x3F800000 | (byte ``q`` of int32 ``v``) << 8: 1 + byte / 32768, for a whole
+    byte (q8_0's). One prmt per element on a GPU: result bytes (0, byte q of v, 0x80, 0x3F), selector 0x76?4."""
+    if _PRMT:
+        v, sel = tl.broadcast(v, 0x7604 | (q << 4))
+        bits = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r",
+                                         [v, tl.full(v.shape, 0x3F800000, tl.int32), sel],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        bits = (((v >> (8 * q)) & 0xFF) << 8) | 0x3F800000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _u16_word(p, i, SHAPE: tl.constexpr):
     """For every element i, the little-endian int32 word of bytes 4 (i >> 2) .. 4 (i >> 2) + 3 of the run at
     the 2-byte-aligned byte pointer(s) ``p``, from two 16-bit loads (q3_k blocks are 110 bytes: only 2-byte
     alignment holds)."""
     h = _full(p.to(tl.pointer_type(tl.uint16)) + 2 * (i >> 2), SHAPE)
     return tl.load(h).to(tl.int32) | (tl.load(h + 1).to(tl.int32) << 16)
+
+
+@triton.jit
+def _i32_word(p, i, SHAPE: tl.constexpr):
+    """For every element i, the little-endian int32 word of bytes 4 (i >> 2) .. 4 (i >> 2) + 3 of the run at
+    the 4-byte-aligned byte pointer(s) ``p``: one 32-bit load."""
+    return tl.load(_full(p.to(tl.pointer_type(tl.int32)) + (i >> 2), SHAPE))
+
+
+@triton.jit
+def _bit_to(v, FROM: tl.constexpr, TO: tl.constexpr):
+    """``v`` shifted so that bit FROM of each byte lands on bit TO of the same byte (0 <= FROM, TO < 8; the
+    caller masks off the bits that crossed into neighbouring bytes)."""
+    if FROM >= TO:
+        out = v >> (FROM - TO)
+    else:
+        out = v << (TO - FROM)
+    return out
 
 
 @triton.jit
@@ -382,35 +424,98 @@ def _v3_q3_k(acc, bp, xp, i, SHAPE: tl.constexpr):
                 s = 8 * h + 2 * j + t
                 sc = q3_k_unpack_scale(_byte(bp + 96 + (s & 7), SHAPE), _byte(bp + 104 + (s & 3), SHAPE), s)
                 sc = sc.to(tl.float32)
-                if 4 * h + j >= 2:              # bit 4h + j of each byte to bit 2
-                    hb = hm >> (4 * h + j - 2)
-                else:
-                    hb = hm << (2 - 4 * h - j)
-                v = ((qs >> (2 * j)) & 0x03030303) | (hb & 0x04040404) | _HI_BITS_OF_1_5
+                v = ((qs >> (2 * j)) & 0x03030303) | (_bit_to(hm, 4 * h + j, 2) & 0x04040404) | _HI_BITS_OF_1_5
                 w = tl.fma(_f32_of_byte(v, q), sc * d128, sc * dm196)
                 acc = _accumulate(acc, w, _x_full(xp + 128 * h + 32 * j + 16 * t + i, SHAPE))
     return acc
 
 
 @triton.jit
-def _v3_q4_k(acc, bp, xp, i, SHAPE: tl.constexpr):
-    """q4_k super-block (144 B). Runs (c, h): qs bytes 16 + 32c + 16h + i hold weights 64c + 16h + i (low
-    nibble, sub-block 2c) and 64c + 32 + 16h + i (high nibble, sub-block 2c + 1). The weight u * s - dmin * m
-    is fma(1.5 + u/128, 128 s, -(192 s + dmin * m)): exact but for one rounding of the addend (at most
-    2**-24 * (192 s + dmin * m), where ggml rounds u * s and the difference instead)."""
+def _v3_q4_k_q5_k(acc, bp, xp, i, SHAPE: tl.constexpr, IS_Q5: tl.constexpr):
+    """q4_k (144 B) / q5_k (176 B) super-block. Runs (c, h): qs bytes (16, q5_k: 48) + 32c + 16h + i hold
+    weights 64c + 16h + i (low nibble, sub-block 2c) and 64c + 32 + 16h + i (high nibble, sub-block 2c + 1);
+    q5_k's fifth bits are bits 2c / 2c + 1 of qh[16h + i] (at 16), moved word-wide to bit 4 of each byte.
+    The weight u * s - dmin * m is fma(1.5 + u/128, 128 s, -(192 s + dmin * m)): exact but for one rounding
+    of the addend (at most 2**-24 * (192 s + dmin * m), where ggml rounds u * s and the difference instead)."""
     q = i & 3
     d = _f16_full(bp, SHAPE)
     dmin = _f16_full(bp + 2, SHAPE)
+    QS: tl.constexpr = 48 if IS_Q5 else 16
     for c in tl.static_range(4):
         for half in tl.static_range(2):
             sc, mn = _k4_scale_min_full(bp + 4, 2 * c + half, SHAPE)
             scale = d * sc.to(tl.float32)
             addend = -(scale * 192.0 + dmin * mn.to(tl.float32))
             for h in tl.static_range(2):
-                word = tl.load(_full((bp + 16 + 32 * c + 16 * h).to(tl.pointer_type(tl.int32)) + (i >> 2), SHAPE))
+                word = _i32_word(bp + QS + 32 * c + 16 * h, i, SHAPE)
                 v = ((word >> (4 * half)) & 0x0F0F0F0F) | _HI_BITS_OF_1_5
+                if IS_Q5:
+                    qh = _i32_word(bp + 16 + 16 * h, i, SHAPE)
+                    v |= _bit_to(qh, 2 * c + half, 4) & 0x10101010
                 w = tl.fma(_f32_of_byte(v, q), scale * 128.0, addend)
                 acc = _accumulate(acc, w, _x_full(xp + 64 * c + 32 * half + 16 * h + i, SHAPE))
+    return acc
+
+
+@triton.jit
+def _v3_q6_k(acc, bp, xp, i, SHAPE: tl.constexpr):
+    """q6_k super-block (210 B). Halves n, runs r, k = 0..3: ql bytes 64n + 32 (k & 1) + 16r + i hold in
+    nibble k >> 1 the low four bits of weights 128n + 32k + 16r + i, whose top two bits are bits 2k, 2k + 1 of
+    qh[32n + 16r + i] (at 128); sub-block 8n + 2k + r (int8 scales at 192, d at 208). Per word: the nibble to
+    bits 0-3, the top bits to 4-5, 0xC0 OR-ed in. The weight (u - 32) * d * sc is then exactly
+    fma(1.5 + u/128, 128 s, -224 s) (s = d * sc: at most 19 significant bits, 224 s at most 22, the
+    result at most 24)."""
+    q = i & 3
+    d = _f16_full(bp + 208, SHAPE)
+    d128 = d * 128.0
+    dm224 = d * -224.0
+    for n in tl.static_range(2):
+        for r in tl.static_range(2):
+            qh = _u16_word(bp + 128 + 32 * n + 16 * r, i, SHAPE)
+            for odd in tl.static_range(2):
+                ql = _u16_word(bp + 64 * n + 32 * odd + 16 * r, i, SHAPE)
+                for hi in tl.static_range(2):
+                    k = 2 * hi + odd
+                    sc = int8_from_byte(_byte(bp + 192 + 8 * n + 2 * k + r, SHAPE)).to(tl.float32)
+                    v = ((ql >> (4 * hi)) & 0x0F0F0F0F) | (_bit_to(qh, 2 * k, 4) & 0x30303030) | _HI_BITS_OF_1_5
+                    w = tl.fma(_f32_of_byte(v, q), sc * d128, sc * dm224)
+                    acc = _accumulate(acc, w, _x_full(xp + 128 * n + 32 * k + 16 * r + i, SHAPE))
+    return acc
+
+
+@triton.jit
+def _v3_q4_0_q8_0(acc, w_rows, x_rows, step, n_blocks, i, SHAPE: tl.constexpr, IS_Q8: tl.constexpr,
+                  TAIL: tl.constexpr):
+    """Eight q4_0 (18 B) or q8_0 (34 B) blocks g. q4_0: qs[j] (at 2) holds weights j (low nibble) and 16 + j
+    (high); (u - 8) * d is exactly fma(1.5 + u/128, 128 d, -200 d). q8_0: qs[j] (at 2) is the int8 weight j,
+    made 0..255 word-wide (XOR 0x80); (ub - 128) * d is exactly fma(1 + ub/32768, 32768 d, -32896 d)
+    (32896 = 128 * 257: 20 significant bits with d's 11). TAIL: the step may run past the row's n_blocks
+    blocks; those read the last block again (loads stay in bounds and unmasked: masked loads are not merged
+    per word) and count as d = 0, x = 0."""
+    q = i & 3
+    BLOCK_BYTES: tl.constexpr = 34 if IS_Q8 else 18
+    for g in tl.static_range(8):
+        blk = step * 8 + g
+        if TAIL:
+            valid = blk < n_blocks
+            blk = tl.minimum(blk, n_blocks - 1)
+        bp = w_rows + blk * BLOCK_BYTES
+        d = _f16_full(bp, SHAPE)
+        if TAIL:
+            d = tl.where(valid, d, 0.0)
+        for b in tl.static_range(2):
+            if IS_Q8:
+                word = _u16_word(bp + 2 + 16 * b, i, SHAPE) ^ _SIGN_BITS
+                w = tl.fma(_f32_of_byte_low(word, q), d * 32768.0, d * -32896.0)
+            else:
+                if b == 0:
+                    word = _u16_word(bp + 2, i, SHAPE)
+                v = ((word >> (4 * b)) & 0x0F0F0F0F) | _HI_BITS_OF_1_5
+                w = tl.fma(_f32_of_byte(v, q), d * 128.0, d * -200.0)
+            x = _x_full(x_rows + 32 * blk + 16 * b + i, SHAPE)
+            if TAIL:
+                x = tl.where(valid, x, 0.0)
+            acc = _accumulate(acc, w, x)
     return acc
 
 
@@ -483,20 +588,40 @@ def _gemv_layout2(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, 
 
 
 @triton.jit
-def _gemv_layout3(w_rows, x_rows, step_begin, step_end, QTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+def _gemv_layout3(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
     """The (BLOCK_M, BLOCK_N) partial sums over steps [step_begin, step_end), word-wide decode."""
-    SHAPE: tl.constexpr = (BLOCK_M, BLOCK_N, 16)
-    i = tl.arange(0, 16)[None, None, :]
-    rows = w_rows[None, :, None]
-    xs = x_rows[:, None, None]
+    if _WEIGHT_AXIS_FIRST:
+        SHAPE: tl.constexpr = (16, BLOCK_M, BLOCK_N)
+        i = tl.arange(0, 16)[:, None, None]
+        rows = w_rows[None, None, :]
+        xs = x_rows[None, :, None]
+    else:
+        SHAPE: tl.constexpr = (BLOCK_M, BLOCK_N, 16)
+        i = tl.arange(0, 16)[None, None, :]
+        rows = w_rows[None, :, None]
+        xs = x_rows[:, None, None]
     acc = tl.zeros(SHAPE, dtype=tl.float32)
-    for step in tl.range(step_begin, step_end, num_stages=STAGES):
+    full_steps = K // 256          # q4_0/q8_0 rows may end inside a step: that one runs after the loop
+    for step in tl.range(step_begin, tl.minimum(step_end, full_steps), num_stages=STAGES):
         if QTYPE == Q3_K:
             acc = _v3_q3_k(acc, rows + step * 110, xs + step * 256, i, SHAPE)
-        else:  # Q4_K
-            acc = _v3_q4_k(acc, rows + step * 144, xs + step * 256, i, SHAPE)
-    return tl.sum(acc, axis=2)
+        elif QTYPE == Q4_K:
+            acc = _v3_q4_k_q5_k(acc, rows + step * 144, xs + step * 256, i, SHAPE, False)
+        elif QTYPE == Q5_K:
+            acc = _v3_q4_k_q5_k(acc, rows + step * 176, xs + step * 256, i, SHAPE, True)
+        elif QTYPE == Q6_K:
+            acc = _v3_q6_k(acc, rows + step * 210, xs + step * 256, i, SHAPE)
+        else:  # Q4_0, Q8_0
+            acc = _v3_q4_0_q8_0(acc, rows, xs, step, K // 32, i, SHAPE, QTYPE == Q8_0, False)
+    if QTYPE == Q4_0 or QTYPE == Q8_0:
+        if step_end > full_steps:
+            acc = _v3_q4_0_q8_0(acc, rows, xs, full_steps, K // 32, i, SHAPE, QTYPE == Q8_0, True)
+    if _WEIGHT_AXIS_FIRST:
+        y = tl.sum(acc, axis=0)
+    else:
+        y = tl.sum(acc, axis=2)
+    return y
 
 
 @triton.jit
@@ -519,8 +644,8 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stri
     step_begin = pid_k * steps_per_split
     step_end = tl.minimum(step_begin + steps_per_split, n_steps)
     if LAYOUT == 3:
-        tl.static_assert(WORD_LOADS and (QTYPE == Q3_K or QTYPE == Q4_K), "GEMV layout 3: q3_k/q4_k, aligned bytes")
-        y = _gemv_layout3(w_rows, x_rows, step_begin, step_end, QTYPE, BLOCK_M, BLOCK_N, STAGES)
+        tl.static_assert(WORD_LOADS, "GEMV layout 3 needs word-aligned weight bytes")
+        y = _gemv_layout3(w_rows, x_rows, step_begin, step_end, K, QTYPE, BLOCK_M, BLOCK_N, STAGES)
     elif LAYOUT == 2:
         y = _gemv_layout2(w_rows, x_rows, step_begin, step_end, K, QTYPE, BLOCK_M, BLOCK_N, STAGES)
     else:

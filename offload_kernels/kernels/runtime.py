@@ -23,6 +23,13 @@ def _probe_kernel():
 #: imported): kernels then run on CPU tensors, one program at a time, in numpy.
 INTERPRETER: bool = type(_probe_kernel).__name__ == "InterpretedFunction"
 
+def triton_version() -> tuple[int, int]:
+    """The installed Triton's (major, minor) version, for the few code-generation differences the kernels
+    work around."""
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
 #: Autotuning on first use of each shape (set OFFLOAD_KERNELS_AUTOTUNE=0 to always launch the heuristic
 #: configs: no benchmarking, no per-config compiles; also what happens under the interpreter).
 AUTOTUNE: bool = os.environ.get("OFFLOAD_KERNELS_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")

@@ -105,3 +105,33 @@ def test_plots_of_the_gpu_csvs(kind, tmp_path):
     rec.write(path)
     assert cli_main(["bench", "plot", str(path)]) == 0
     assert path.with_suffix(".png").stat().st_size > 0
+
+
+def test_sass_benchmark_compiles_for_sm90(tmp_path):
+    """``bench sass`` in a subprocess with the compiler (this process runs Triton's interpreter): the rows of
+    the layouts asked for, and a layout the heuristic would not run for those tokens left out."""
+    import os
+    import subprocess
+    import sys
+
+    from offload_kernels.benchmarks.results import REPO_ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "offload_kernels.cli.main", "bench", "sass", "--qtypes", "q4_k",
+                           "--tokens", "1,8", "--layouts", "2,3", "--out", str(tmp_path)],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if "no cuobjdump" in proc.stderr:
+        pytest.skip("this Triton ships no cuobjdump")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = rows_of(tmp_path / "static-sm90" / "gemv_sass.csv")
+    assert {(r["provider"], r["x"]) for r in rows} == {("layout2", "1"), ("layout3", "1")}   # layout 3 not at 8
+    layout3 = next(r for r in rows if r["provider"] == "layout3")
+    assert float(layout3["median"]) < 6 and layout3["loop_sync_ops"] == "0" and layout3["spill_bytes"] == "0"
+    assert layout3["unit"] == "instructions/weight/token"
+    assert "| q4_k | fp16 | 1 | 3 |" in next((tmp_path / "static-sm90").glob("gemv_sass_triton*.md")).read_text()
+
+
+def test_sass_benchmark_refuses_the_interpreter(capsys):
+    assert cli_main(["bench", "sass", "--qtypes", "q4_k"]) == 2
+    assert "unset TRITON_INTERPRET" in capsys.readouterr().err

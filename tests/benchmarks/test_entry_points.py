@@ -12,8 +12,8 @@ from offload_kernels.cli import bench as bench_cli
 from offload_kernels.cli.main import main as cli_main
 
 BENCH_DIR = REPO_ROOT / "bench"
-SCRIPTS = ["bench_kernels.py", "bench_transfer.py", "bench_quantize.py", "bench_offload.py", "plot.py",
-           "profile_qmatmul.py"]
+SCRIPTS = ["bench_kernels.py", "bench_transfer.py", "bench_quantize.py", "bench_offload.py", "bench_sass.py",
+           "plot.py", "profile_qmatmul.py"]
 
 
 def test_bench_help_lists_every_benchmark(capsys):

@@ -8,55 +8,20 @@ errors, and FMA contraction in the dequantize kernel (its SASS must contain no F
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
-import tempfile
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from offload_kernels.kernels import configs
 from offload_kernels.kernels.decode import QTYPE_CODES, SUB_BLOCK
 from offload_kernels.kernels.dequant import _dequant_kernel
 from offload_kernels.kernels.gemm import GROUP_M, _gemm_kernel, dot_precision, f16_decode_default
 from offload_kernels.kernels.gemv import _gemv_kernel
+from offload_kernels.kernels.sm90 import ALIGNED, compile_kernel, loop_body, sass_of
 
-TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-ALIGNED = ["x_ptr", "w_ptr", "out_ptr", "ws_ptr", "row_bytes", "K", "stride_xm"]
-
-
-def compile_kernel(fn, signature: dict, constexprs: dict, aligned: list[str], **options):
-    sig = dict(signature)
-    sig.update({name: "constexpr" for name in constexprs})
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned if name in fn.arg_names}
-    return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=TARGET, options=options)
-
-
-def sass_of(kernel) -> "str | None":
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(tool):
-        return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-
-
-def loop_body(sass: str) -> "list[str] | None":
-    """The opcodes of the kernel's main loop: the instructions between the backward branch spanning the
-    most code and its target (None if the kernel has no loop)."""
-    instrs = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)[^;]*;", sass)]
-    branches = [(int(t, 16), int(a, 16)) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", sass)]
-    loops = [(t, a) for t, a in branches if t < a]
-    if not loops:
-        return None
-    begin, end = max(loops, key=lambda ta: ta[1] - ta[0])
-    return [op for addr, op in instrs if begin <= addr <= end]
 
 
 def loop_sync_ops(sass: str) -> dict[str, int]:
@@ -95,7 +60,7 @@ def main() -> int:
                     sass = sass_of(k)
                     if sass is not None:
                         report["gemv_layout2_loop_sync"][qtype] = loop_sync_ops(sass)
-                if c.kwargs["LAYOUT"] == 3:
+                if layout == 3:         # the fp16 build asked for, not the formats' default builds
                     sass = sass_of(k)
                     if sass is not None:
                         body = loop_body(sass) or []

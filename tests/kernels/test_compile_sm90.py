@@ -22,6 +22,9 @@ from offload_kernels.kernels.gemm import f16_decode_default
 from .conftest import HAS_CUDA
 
 ROOT = Path(__file__).resolve().parents[2]
+#: GEMV layout 3's loop at 1 token (fp16, heuristic config): sm_90 instructions per weight, with a margin
+#: over Triton 3.6's and 3.9's counts (q4_0 5.6, q8_0 5.6, q3_k 6.3, q4_k 5.2-5.4, q5_k 5.8-5.9, q6_k 5.9).
+LAYOUT3_MAX_INSTRUCTIONS_PER_WEIGHT = {"q4_0": 6.0, "q8_0": 6.0, "q3_k": 6.6, "q4_k": 5.6, "q5_k": 6.2, "q6_k": 6.2}
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="with a GPU the other tests compile and run every kernel for real")
@@ -47,15 +50,14 @@ def test_kernels_compile_for_sm90_without_fma_in_dequant():
         if qtype in ("q4_k", "q5_k"):
             assert ops == {"BAR": 0, "LDS": 0, "STS": 0, "SHFL": 0}, (qtype, ops)
     # GEMV layout 3's point: one byte permute per weight (the inline prmt compiled, with its selector folded:
-    # no extra moves) and few instructions per weight; with Triton 3.9 also no layout conversion in the loop
-    # (3.6 converts each decoded tile: configs.GEMV_DEFAULT_LAYOUT).
+    # no extra moves), few instructions per weight, and no layout conversion in the loop on every Triton
+    # version (gemv._WEIGHT_AXIS_FIRST).
     if report["gemv_layout2_loop_sync"]:        # the SASS could be read
         assert set(report["gemv_layout3_loop"]) == set(configs.GEMV3_QTYPES)
     for qtype, loop in report["gemv_layout3_loop"].items():
         assert loop["PRMT"] >= loop["weights_per_thread"], (qtype, loop)
-        if not report["triton"].startswith("3.6"):
-            assert {k: loop[k] for k in ("BAR", "LDS", "STS", "SHFL")} == dict.fromkeys(("BAR", "LDS", "STS", "SHFL"), 0)
-            assert loop["instructions_per_weight"] < {"q3_k": 6.6, "q4_k": 5.6}[qtype], (qtype, loop)
+        assert {k: loop[k] for k in ("BAR", "LDS", "STS", "SHFL")} == dict.fromkeys(("BAR", "LDS", "STS", "SHFL"), 0)
+        assert loop["instructions_per_weight"] < LAYOUT3_MAX_INSTRUCTIONS_PER_WEIGHT[qtype], (qtype, loop)
     # The fp16 weight decode is the GEMM's default for fp16 activations where its loop is shorter than the
     # exact fp32 decode's, at both tile sizes (gemm.f16_decode_default; the ratios are in its docstring).
     for qtype, counts in report["gemm_fp16_loop_instructions"].items():

@@ -42,7 +42,7 @@ def _args(x_dtype=torch.float16, **kw):
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_gemv_pruner(qtype, m, word_loads):
-    layouts = (1, 2, 3) if word_loads and qtype in ("q3_k", "q4_k") else (1, 2)
+    layouts = (1, 2, 3) if word_loads else (1, 2)
     assert configs.gemv_layouts(qtype, word_loads) == layouts
     for n, k in SHAPES:
         if k % (256 if qtype.endswith("_k") else 32):
@@ -68,7 +68,8 @@ def test_gemv_pruner(qtype, m, word_loads):
                     assert rows * configs.GEMV_ROW_ELEMS[qtype] <= 64 * threads
                     assert c.kwargs["BLOCK_N"] * configs.GEMV_ROW_ELEMS[qtype] >= 16 * threads
                     assert c.kwargs["STAGES"] in configs.GEMV2_STAGES
-                else:               # 16 accumulators per row and token; one or two rows per two threads
+                else:               # 16 accumulators per row and token; one or two rows per two threads;
+                    assert block_m <= 2     # at most 2 tokens (more spill)
                     assert rows * 16 <= 64 * threads
                     assert threads <= c.kwargs["BLOCK_N"] <= 2 * threads
         if m == 1 and n >= 1024:
@@ -109,7 +110,7 @@ def test_heuristic_configs_are_legal(qtype):
     for n, k in SHAPES:
         if k % (256 if qtype.endswith("_k") else 32):
             continue
-        for m in (1, 3, 8):
+        for m in (1, 2, 3, 8):
             for layout in configs.GEMV_LAYOUTS:
                 for word_loads in (True, False):
                     c = configs.gemv_heuristic_config(m, n, k, qtype, 132, layout=layout, word_loads=word_loads)
@@ -124,14 +125,13 @@ def test_heuristic_configs_are_legal(qtype):
                         assert rows * 16 <= 64 * 32 * c.num_warps
                         assert c.kwargs["BLOCK_N"] == 32 * c.num_warps
                     assert triton.cdiv(k, configs.GEMV_STEP_K) % c.kwargs["split_k"] == 0
-            # the format's default layout, except where it cannot run: layout 3 without word loads or for more
-            # than 4 tokens (q4_k then runs layout 2, q3_k layout 1), layout 2 for 8 tokens (would spill)
-            want = configs.GEMV_DEFAULT_LAYOUT[qtype]
+            # the default: layout 3 for q4_0/q8_0/q4_k up to 2 tokens, the other k-quants for 1 (with word loads), else the
+            # format's default layout, except layout 2 for 8 tokens (would spill: layout 1)
             for word_loads in (True, False):
                 got = configs.gemv_heuristic_config(m, n, k, qtype, 132, word_loads=word_loads).kwargs["LAYOUT"]
-                expect = want
-                if expect == 3 and (not word_loads or m > 4):
-                    expect = {"q4_k": 2, "q3_k": 1}[qtype]
+                expect = configs.GEMV_DEFAULT_LAYOUT[qtype]
+                if word_loads and m <= {"q4_0": 2, "q8_0": 2, "q4_k": 2}.get(qtype, 1):
+                    expect = 3
                 if expect == 2 and m > 4:
                     expect = 1
                 assert got == expect, (m, word_loads, got)

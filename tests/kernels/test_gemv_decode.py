@@ -1,29 +1,38 @@
-"""The GEMV's word-wide decode (layout 3, q3_k and q4_k), read back weight by weight: with x rows that are
+"""The GEMV's word-wide decode (layout 3), read back weight by weight: with x rows that are
 unit vectors (fp32), y[m, n] = W[n, k_m] * 1.0 plus products with +0.0, which the fp32 accumulator sums
 exactly, so each call returns whole columns of the weight as the kernel decoded them.
 
-* q3_k: every weight (u - 4) * d * sc is exact (the FFMA's addend -196 s is exact), so the columns equal
-  the torch dequantizer's fp32 weight bit for bit;
-* q4_k: the min is folded into the FFMA's addend -(192 s + dmin m), rounded once: within 2**-24 of that
-  addend (plus the weight's own rounding) of the dequantized weight.
+* q4_0, q8_0, q3_k and q6_k: every weight (u - offset) * scale is exact (so is the FFMA's addend), so
+  the columns equal the torch dequantizer's fp32 weight bit for bit;
+* q4_k and q5_k: the min is folded into the FFMA's addend -(192 s + dmin m), rounded once: within 2**-24
+  of that addend (plus the weight's own rounding) of the dequantized weight.
 
-And the byte permute: the prmt selector the GPU code uses, emulated from the PTX ISA's definition, gives
+And the byte permutes: the prmt selectors the GPU code uses, emulated from the PTX ISA's definition, give
 the same bits as the shifts the interpreter runs.
 """
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
+import triton.language as tl
 
 from offload_kernels.formats import QuantizedTensor, dequantize, get_spec
 from offload_kernels.kernels import configs, poison_outputs
 from offload_kernels.kernels.gemv import gemv
+from offload_kernels.kernels.runtime import INTERPRETER
 
 from .helpers import random_qtensor, seed_of
 
-TOKENS = 4      # columns read back per call: layout 3 runs up to GEMV3_MAX_BLOCK_M tokens
+TOKENS = 2      # columns read back per call: layout 3 runs up to GEMV3_MAX_BLOCK_M tokens
+EXACT = ("q4_0", "q8_0", "q3_k", "q6_k")
+#: Columns read back: one 256-weight step, and for q4_0/q8_0 a 32-weight block past it (the step that runs
+#: past the end of the row).
+K_READ = {"q4_0": 288, "q8_0": 288}
+FOLDED_MIN = ("q4_k", "q5_k")
 
 
 def _decoded_by_gemv(qt: QuantizedTensor, device) -> torch.Tensor:
@@ -46,43 +55,61 @@ def layout3_ran(gemv_layouts_ran):
     assert gemv_layouts_ran and set(gemv_layouts_ran) == {3}, gemv_layouts_ran
 
 
-def test_q3_k_weights_exact(device, layout3_ran):
-    _check_q3_k(device)
+@pytest.fixture(params=[False, True], ids=["weight_axis_last", "weight_axis_first"])
+def weight_axis_first(request, monkeypatch):
+    """Both tile orders of layout 3 (gemv._WEIGHT_AXIS_FIRST: Triton 3.6 compiles one, 3.7+ the other); the
+    interpreter runs either, a compiled kernel only the installed Triton's."""
+    module = importlib.import_module("offload_kernels.kernels.gemv")
+    if request.param != bool(module._WEIGHT_AXIS_FIRST) and not INTERPRETER:
+        pytest.skip("compiled kernels use the installed Triton's tile order only")
+    monkeypatch.setattr(module, "_WEIGHT_AXIS_FIRST", tl.constexpr(request.param))
 
 
-def test_q4_k_weights_within_the_folded_min_rounding(device, layout3_ran):
-    _check_q4_k(device)
+@pytest.mark.parametrize("qtype", EXACT)
+def test_weights_exact(qtype, device, layout3_ran, weight_axis_first):
+    _check_exact(qtype, device)
+
+
+@pytest.mark.parametrize("qtype", FOLDED_MIN)
+def test_weights_within_the_folded_min_rounding(qtype, device, layout3_ran, weight_axis_first):
+    _check_folded_min(qtype, device)
 
 
 @pytest.mark.gpu
 def test_prmt_decode_on_the_gpu(layout3_ran):
     """The same read-backs in the GPU suite's quick stage (`pytest -m gpu`): there the byte permute runs as
     PTX prmt, where the tests above (on CPU) check the interpreter's shifts."""
-    _check_q3_k(torch.device("cuda"))
-    _check_q4_k(torch.device("cuda"))
+    for qtype in EXACT:
+        _check_exact(qtype, torch.device("cuda"))
+    for qtype in FOLDED_MIN:
+        _check_folded_min(qtype, torch.device("cuda"))
 
 
-def _check_q3_k(device):
-    g = torch.Generator().manual_seed(seed_of("gemv3", "q3_k"))
-    qt = random_qtensor("q3_k", 40, 256, g, device=device)
+def _check_exact(qtype, device):
+    g = torch.Generator().manual_seed(seed_of("gemv3", qtype))
+    qt = random_qtensor(qtype, 40, K_READ.get(qtype, 256), g, device=device)
     got = _decoded_by_gemv(qt, device)
     want = dequantize(qt, torch.float32).cpu()
     assert torch.equal(got, want)
 
 
-def _check_q4_k(device):
-    g = torch.Generator().manual_seed(seed_of("gemv3", "q4_k"))
-    qt = random_qtensor("q4_k", 40, 256, g, device=device)
+#: Where a q4_k / q5_k block's quants start (after d, dmin, 12 scale bytes and q5_k's 32 fifth-bit bytes).
+QUANTS_AT = {"q4_k": 16, "q5_k": 48}
+
+
+def _check_folded_min(qtype, device):
+    g = torch.Generator().manual_seed(seed_of("gemv3", qtype))
+    qt = random_qtensor(qtype, 40, 256, g, device=device)
     got = _decoded_by_gemv(qt, device).double()
     w = dequantize(qt, torch.float32).cpu().double()
     # s (d * sc) and dmin * m of every weight's sub-block, from the same blocks with every quant set to 0
     # and to 1 (w = u * s - dmin * m)
     raw = qt.data.cpu().clone()
-    quants = raw.view(-1, get_spec("q4_k").block_bytes)[:, 16:]
-    quants[:] = 0
-    minus_min = dequantize(QuantizedTensor(raw.clone(), "q4_k", qt.shape), torch.float32).double()
-    quants[:] = 0x11
-    s = dequantize(QuantizedTensor(raw, "q4_k", qt.shape), torch.float32).double() - minus_min
+    blocks = raw.view(-1, get_spec(qtype).block_bytes)
+    blocks[:, 16:] = 0
+    minus_min = dequantize(QuantizedTensor(raw.clone(), qtype, qt.shape), torch.float32).double()
+    blocks[:, QUANTS_AT[qtype]:] = 0x11
+    s = dequantize(QuantizedTensor(raw, qtype, qt.shape), torch.float32).double() - minus_min
     bound = 2.0 ** -24 * (192 * s.abs() + minus_min.abs()) + 2.0 ** -24 * w.abs() + 2.0 ** -24 * s.abs()
     excess = (got - w).abs() - bound
     assert excess.max() <= 0, f"{int((excess > 0).sum())} weights beyond the bound, worst by {excess.max():.3g}"
@@ -112,15 +139,21 @@ def test_byte_permute_matches_the_interpreter_bits():
     u = np.arange(64, dtype=np.uint64)
     bits = _prmt(0xC0 | u, 0x3F000000, 0x7054).astype(np.uint32)
     assert np.array_equal(bits.view(np.float32), (1.5 + u / 128).astype(np.float32))
+    # _f32_of_byte_low (q8_0): byte q into bits 8-15 of 1.0, i.e. 1 + byte / 32768
+    for q in range(4):
+        want = (((v >> (8 * q)) & 0xFF) << 8) | 0x3F800000
+        assert np.array_equal(_prmt(v, 0x3F800000, 0x7604 | (q << 4)), want)
+    ub = np.arange(256, dtype=np.uint64)
+    bits = _prmt(ub, 0x3F800000, 0x7604).astype(np.uint32)
+    assert np.array_equal(bits.view(np.float32), (1 + ub / 32768).astype(np.float32))
 
 
 def test_word_loads_need_aligned_bytes(device):
     g = torch.Generator().manual_seed(3)
-    for qtype, align in (("q4_k", 4), ("q3_k", 2)):
+    for qtype, align in (("q4_0", 2), ("q8_0", 2), ("q3_k", 2), ("q6_k", 2), ("q4_k", 4), ("q5_k", 4)):
         qt = random_qtensor(qtype, 8, 256, g, device=device)
         assert configs.gemv_word_loads(qt)
         flat = torch.empty(qt.nbytes + 16, dtype=torch.uint8, device=device)
         for offset in range(1, 4):
             moved = QuantizedTensor(flat[offset:offset + qt.nbytes].view(qt.data.shape), qtype, qt.shape)
             assert configs.gemv_word_loads(moved) == (offset % align == 0)
-    assert not configs.gemv_word_loads(random_qtensor("q6_k", 8, 256, g, device=device))
