@@ -16,6 +16,7 @@ token) and writes gemv_sass_triton<version>.md beside it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from .results import RunInfo, add_output_argument, append_csv, markdown_table, parse_list, results_dir, write_summary
 
@@ -45,8 +46,10 @@ def run(args: argparse.Namespace) -> int:
         unknown = [v for v in values if v not in known]
         if unknown:
             raise ValueError(f"unknown {name} {unknown}; known: {list(known)}")
-    info = RunInfo.collect("cpu")
-    out = results_dir(args.out, "static-sm90")
+    host = RunInfo.collect("cpu")
+    info = dataclasses.replace(host, device=f"sm_90 machine code, compiled on {host.device}", slug="static-sm90",
+                               triton=triton.__version__)     # the Triton imported (a PYTHONPATH one too)
+    out = results_dir(args.out, info.slug)
     rows, table = [], []
     for qtype in args.qtypes:
         for x in args.dtypes:
@@ -61,8 +64,7 @@ def run(args: argparse.Namespace) -> int:
                     sync = r["BAR"] + r["LDS"] + r["STS"] + r["SHFL"]
                     rows.append({"kernel": "gemv_loop_sm90", "provider": f"layout{layout}", "x": m, "median": ipw,
                                  "p20": ipw, "p80": ipw, "unit": "instructions/weight/token",
-                                 **info.columns(), "gpu": "sm_90 (static)", "triton": triton.__version__,
-                                 "qtype": qtype, "dtype": x, "block_n": r["block_n"], "warps": r["warps"],
+                                 **info.columns(), "qtype": qtype, "dtype": x, "block_n": r["block_n"], "warps": r["warps"],
                                  "stages": r["stages"], "registers": r.get("registers"),
                                  "spill_bytes": r.get("stack_bytes"), "loop_sync_ops": sync, "prmt": r["PRMT"]})
                     table.append((qtype, x, m, layout, f"{r['block_n']}/{r['warps']}/{r['stages']}", f"{ipw:.2f}",
@@ -75,6 +77,6 @@ def run(args: argparse.Namespace) -> int:
             *markdown_table(["qtype", "x", "M", "layout", "BLOCK_N/warps/stages", "instr/weight/token",
                              "registers", "spill B", "BAR+LDS+STS+SHFL"], table)]
     md = out / f"gemv_sass_triton{triton.__version__}.md"
-    write_summary(md, "GEMV loop, sm_90 machine code", info, body)
+    write_summary(md, "GEMV loop", info, body)
     print(f"wrote {out / 'gemv_sass.csv'} and {md}")
     return 0
