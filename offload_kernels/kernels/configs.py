@@ -110,12 +110,11 @@ GEMV3_QTYPES = ("q4_0", "q8_0", "q3_k", "q4_k", "q5_k", "q6_k")
 #: so they stay on layout 1 until a GPU run says otherwise.
 GEMV_DEFAULT_LAYOUT = {"q4_k": 2, "q5_k": 2, "q3_k": 1, "q6_k": 1, "q4_0": 1, "q8_0": 1}
 #: Most tokens per program for which layout 3 is the heuristic's default (word-aligned bytes permitting).
-#: sm_90 code, fp16, Triton 3.6 and 3.9: at 1 token layout 3 has the fewest loop instructions per weight
-#: (q4_0 5.6, q8_0 5.6, q3_k 6.3, q4_k 5.3, q5_k 5.9, q6_k 5.9, against 7.7-9.1, 9.6-11.5, 10.8, 6.1, 9.5
-#: and 11.8 in layout 1, more in layout 2) and no conversion, barrier or shared-memory access in its loop;
-#: at 2 tokens q4_0, q8_0 and q4_k still lead or tie (3.4-5.2 per weight and token, layout 1 4.2-7.4) but
-#: the other k-quants spill with Triton 3.6 (3.9 shares their decode between the tokens and does not).
-GEMV3_DEFAULT_MAX_BLOCK_M = {"q4_0": 2, "q8_0": 2, "q4_k": 2, "q3_k": 1, "q5_k": 1, "q6_k": 1}
+#: sm_90 code, Triton 3.6 and 3.9 (bench/results/static-sm90/): at 1 token layout 3 has the fewest loop
+#: instructions per weight for every format (q4_0 5.6, q8_0 5.6, q3_k 6.3, q4_k 5.3, q5_k 5.9, q6_k 5.9, fp16
+#: activations; layout 1 7.7-11.5, layout 2 8.6-13) and no conversion, barrier or shared-memory access in its
+#: loop; at 2 tokens 3.5-4.0 per weight and token (layout 1 4.2-7.4), without spills.
+GEMV3_DEFAULT_MAX_BLOCK_M = 2
 #: Where layout 3 cannot run (misaligned weight bytes, more than GEMV3_MAX_BLOCK_M tokens): the layout the
 #: heuristic uses instead.
 GEMV3_FALLBACK_LAYOUT = {"q4_0": 1, "q8_0": 1, "q3_k": 1, "q4_k": 2, "q5_k": 2, "q6_k": 1}
@@ -123,9 +122,10 @@ GEMV3_FALLBACK_LAYOUT = {"q4_0": 1, "q8_0": 1, "q3_k": 1, "q4_k": 2, "q5_k": 2, 
 #: but ptxas got the byte-permute selectors from registers (one more move per weight: 7.7 instead of 6.3
 #: instructions per weight for q3_k on sm_90).
 GEMV3_ROWS_PER_WARP = 32
-#: Most tokens per program layout 3 runs (when asked for, or tuned): with 4 every format's loop spills
-#: registers on sm_90 (Triton 3.6 and 3.9), as the decoded weights are kept per token.
-GEMV3_MAX_BLOCK_M = 2
+#: Most tokens per program layout 3 runs (when asked for, or tuned): at 4 it is still the shortest loop (2.6-2.8
+#: instructions per weight and token) but spills registers with Triton 3.9 (not 3.6, but for q6_k): the
+#: tuner times it, the untuned default stops at GEMV3_DEFAULT_MAX_BLOCK_M.
+GEMV3_MAX_BLOCK_M = 4
 #: Layout 1: per-row accumulator shape (TILE_A, TILE_B) of each format's step: the storage order of the
 #: quant bytes it decodes; TILE_A * TILE_B fp32 registers per row per token, over the CTA.
 GEMV_TILE = {"q4_0": (8, 16), "q8_0": (8, 32), "q3_k": (4, 16), "q4_k": (4, 32), "q5_k": (4, 32), "q6_k": (8, 16)}
@@ -246,7 +246,7 @@ def gemv_heuristic_config(m: int, n: int, k: int, qtype: str, sms: int, split_k:
     1 where its accumulator would spill (8 tokens)."""
     block_m = gemv_block_m(m)
     if layout is None:
-        layout = 3 if block_m <= GEMV3_DEFAULT_MAX_BLOCK_M.get(qtype, 0) else GEMV_DEFAULT_LAYOUT[qtype]
+        layout = 3 if block_m <= GEMV3_DEFAULT_MAX_BLOCK_M else GEMV_DEFAULT_LAYOUT[qtype]
     if layout == 3 and (3 not in gemv_layouts(qtype, word_loads) or block_m > GEMV3_MAX_BLOCK_M):
         layout = GEMV3_FALLBACK_LAYOUT.get(qtype, 2)
     if layout == 2 and not _gemv_accumulator_fits(block_m, _gemv2_min_block_n(qtype), qtype, 4):

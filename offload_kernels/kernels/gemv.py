@@ -27,18 +27,19 @@ Three loop layouts, all in the autotune space (configs.GEMV_LAYOUTS; layout 3 fo
   converts for the 2-byte-aligned formats), needs ~80 registers, and is software-pipelined by Triton. It
   folds the q4_k/q5_k min into each weight (one FMA per weight instead of per-step sums of x). Not yet timed
   on a GPU: `bench kernels` times the layouts side by side (gemv_layout1_graph, gemv_layout2_graph, ...).
-* layout 3, word-wide decode (the k-quants; the heuristic default at 1 token, q4_k's also at 2): the step's
+* layout 3, word-wide decode (every format; the heuristic default up to 2 tokens): the step's
   structure (sub-blocks, bit planes, nibbles) is unrolled at compile time, so every shift, mask and scale
-  index is a constant, and each weight tile is (BLOCK_M, BLOCK_N, 16) like its x tile (the 16-weight axis
-  first on Triton 3.6: _WEIGHT_AXIS_FIRST). Quant bytes are read as little-endian int32 words and combined
-  four at a time (q3_k: a 2-bit plane and its hmask bit; q4_k: a nibble; q5_k: a nibble and its fifth bit;
-  q6_k: a nibble and its top two bits) into bytes 0xC0 | quant; one byte permute (PTX prmt) per weight then
-  makes the fp32 1.5 + quant / 128 (the byte into bits 16-23 of 0x3F000000), and one FFMA scales it. About
-  6.3 (q3_k), 5.3 (q4_k), 5.9 (q5_k, q6_k) sm_90 instructions per weight in the loop, against 10.8, 6.1, 9.5
-  and 11.8 in layout 1 (more in layout 2), and no conversion in the loop with Triton 3.6 to 3.9 (M = 1,
-  heuristic configs; not yet timed on a GPU). Needs word-aligned weight bytes (WORD_LOADS: 4-byte alignment
-  of the data pointer for q4_k/q5_k, 2-byte for q3_k/q6_k, whose blocks are 110 and 210 bytes) and at most
-  2 tokens per program, else the heuristic falls back (configs.GEMV3_FALLBACK_LAYOUT).
+  index is a constant, and each weight tile is (BLOCK_M, BLOCK_N, 16) like its x tile ((16, BLOCK_N,
+  BLOCK_M) on Triton 3.6: _WEIGHT_AXIS_FIRST). Quant bytes are read as little-endian int32 words and combined
+  four at a time (q4_0, q4_k: a nibble; q3_k: a 2-bit plane and its hmask bit; q5_k: a nibble and its fifth
+  bit; q6_k: a nibble and its top two bits) into bytes 0xC0 | quant; one byte permute (PTX prmt) per weight
+  then makes the fp32 1.5 + quant / 128 (the byte into bits 16-23 of 0x3F000000; q8_0's whole bytes go
+  into bits 8-15 of 1.0), and one FFMA scales it. 5.3-6.3 sm_90 instructions per weight in the loop at
+  M = 1 (3.5-4.0 per weight and token at M = 2), against 7.7-11.8 in layout 1 and more in layout 2, and no
+  conversion in the loop with Triton 3.6 to 3.9 (heuristic configs, bench/results/static-sm90/; not yet
+  timed on a GPU). Needs word-aligned weight bytes (WORD_LOADS: 4-byte alignment of the data pointer for
+  q4_k/q5_k, 2-byte for the others, whose blocks are 18, 34, 110 and 210 bytes) and at most 4 tokens per
+  program (GEMV3_MAX_BLOCK_M), else the heuristic falls back (configs.GEMV3_FALLBACK_LAYOUT).
 """
 
 from __future__ import annotations
@@ -325,7 +326,7 @@ def _v2_q8_0(acc, w_rows, x_rows, step, n_blocks, a, b, i, SHAPE: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------- layout 3 steps
-# Layout 3 ("word-wide"): tiles of SHAPE = (BLOCK_M, BLOCK_N, 16) (or (16, BLOCK_M, BLOCK_N): see
+# Layout 3 ("word-wide"): tiles of SHAPE = (BLOCK_M, BLOCK_N, 16) (or (16, BLOCK_N, BLOCK_M): see
 # _WEIGHT_AXIS_FIRST; the steps only broadcast into SHAPE), element i being byte i of a 16-byte
 # run of quant bytes and the x value its weight (or weights) multiplies. Bytes come as int32 words (element
 # i reads word i >> 2: the four loads of a word fold into one), combined word-wide into bytes 0xC0 | quant,
@@ -591,11 +592,13 @@ def _gemv_layout2(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, 
 def _gemv_layout3(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
     """The (BLOCK_M, BLOCK_N) partial sums over steps [step_begin, step_end), word-wide decode."""
+    # The token axis comes after the rows in the layout's order, so that a thread holds every token of its
+    # rows and the weight decode (the same for every token) is done once per thread, not once per token.
     if _WEIGHT_AXIS_FIRST:
-        SHAPE: tl.constexpr = (16, BLOCK_M, BLOCK_N)
+        SHAPE: tl.constexpr = (16, BLOCK_N, BLOCK_M)
         i = tl.arange(0, 16)[:, None, None]
-        rows = w_rows[None, None, :]
-        xs = x_rows[None, :, None]
+        rows = w_rows[None, :, None]
+        xs = x_rows[None, None, :]
     else:
         SHAPE: tl.constexpr = (BLOCK_M, BLOCK_N, 16)
         i = tl.arange(0, 16)[None, None, :]
@@ -618,7 +621,7 @@ def _gemv_layout3(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, 
         if step_end > full_steps:
             acc = _v3_q4_0_q8_0(acc, rows, xs, full_steps, K // 32, i, SHAPE, QTYPE == Q8_0, True)
     if _WEIGHT_AXIS_FIRST:
-        y = tl.sum(acc, axis=0)
+        y = tl.trans(tl.sum(acc, axis=0))
     else:
         y = tl.sum(acc, axis=2)
     return y

@@ -27,7 +27,7 @@ from offload_kernels.kernels.runtime import INTERPRETER
 
 from .helpers import random_qtensor, seed_of
 
-TOKENS = 2      # columns read back per call: layout 3 runs up to GEMV3_MAX_BLOCK_M tokens
+TOKENS = 4      # columns read back per call: layout 3 runs up to GEMV3_MAX_BLOCK_M tokens
 EXACT = ("q4_0", "q8_0", "q3_k", "q6_k")
 #: Columns read back: one 256-weight step, and for q4_0/q8_0 a 32-weight block past it (the step that runs
 #: past the end of the row).

@@ -89,9 +89,9 @@ def test_k_shapes(qtype, k_kind, kernel, device, triton_only, poisoned):
 
 def _layout_that_runs(layout: int, qtype: str, m: int, aligned: bool) -> int:
     """The layout the GEMV heuristic runs when asked for ``layout`` (configs.gemv_heuristic_config): layout
-    3 needs word-aligned bytes and at most 2 tokens, else q4_k/q5_k run layout 2 and the others layout 1;
+    3 needs word-aligned bytes and at most 4 tokens, else q4_k/q5_k run layout 2 and the others layout 1;
     layout 2 needs at most 4 tokens (its accumulator would spill), else layout 1."""
-    if layout == 3 and not (aligned and m <= 2):
+    if layout == 3 and not (aligned and m <= 4):
         layout = 2 if qtype in ("q4_k", "q5_k") else 1
     if layout == 2 and m > 4:
         layout = 1
@@ -109,7 +109,7 @@ def test_gemv_layouts(qtype, dtype, layout, device, triton_only, poisoned, gemv_
 
     ran = gemv_layouts_ran
     monkeypatch.setattr(configs, "GEMV_DEFAULT_LAYOUT", dict.fromkeys(QTYPES, layout))
-    monkeypatch.setattr(configs, "GEMV3_DEFAULT_MAX_BLOCK_M", {})
+    monkeypatch.setattr(configs, "GEMV3_DEFAULT_MAX_BLOCK_M", 0)
     g = torch.Generator().manual_seed(seed_of("layouts", qtype, dtype, layout))
     k = K_ODD[qtype]
     src = random_qtensor(qtype, 37, k, g)
