@@ -112,8 +112,8 @@ GEMV_DEFAULT_LAYOUT = {"q4_k": 2, "q5_k": 2, "q3_k": 1, "q6_k": 1, "q4_0": 1, "q
 #: Most tokens per program for which layout 3 is the heuristic's default (word-aligned bytes permitting).
 #: sm_90 code, Triton 3.6 and 3.9 (bench/results/static-sm90/): at 1 token layout 3 has the fewest loop
 #: instructions per weight for every format (q4_0 5.6, q8_0 5.6, q3_k 6.3, q4_k 5.3, q5_k 5.9, q6_k 5.9, fp16
-#: activations; layout 1 7.7-11.5, layout 2 8.6-13) and no conversion, barrier or shared-memory access in its
-#: loop; at 2 tokens 3.5-4.0 per weight and token (layout 1 4.2-7.4), without spills.
+#: activations; layout 1 6.1-11.8, layout 2 8.7-13.8) and no conversion, barrier or shared-memory access in
+#: its loop; at 2 tokens 3.4-4.0 per weight and token (layout 1 3.7-7.4), without spills.
 GEMV3_DEFAULT_MAX_BLOCK_M = 2
 #: Where layout 3 cannot run (misaligned weight bytes, more than GEMV3_MAX_BLOCK_M tokens): the layout the
 #: heuristic uses instead.

@@ -35,7 +35,7 @@ Three loop layouts, all in the autotune space (configs.GEMV_LAYOUTS; layout 3 fo
   bit; q6_k: a nibble and its top two bits) into bytes 0xC0 | quant; one byte permute (PTX prmt) per weight
   then makes the fp32 1.5 + quant / 128 (the byte into bits 16-23 of 0x3F000000; q8_0's whole bytes go
   into bits 8-15 of 1.0), and one FFMA scales it. 5.3-6.3 sm_90 instructions per weight in the loop at
-  M = 1 (3.5-4.0 per weight and token at M = 2), against 7.7-11.8 in layout 1 and more in layout 2, and no
+  M = 1 (3.4-4.0 per weight and token at M = 2), against 6.1-11.8 in layout 1 and more in layout 2, and no
   conversion in the loop with Triton 3.6 to 3.9 (heuristic configs, bench/results/static-sm90/; not yet
   timed on a GPU). Needs word-aligned weight bytes (WORD_LOADS: 4-byte alignment of the data pointer for
   q4_k/q5_k, 2-byte for the others, whose blocks are 18, 34, 110 and 210 bytes) and at most 4 tokens per
