@@ -330,8 +330,8 @@ def _v2_q8_0(acc, w_rows, x_rows, step, n_blocks, a, b, i, SHAPE: tl.constexpr):
 # _WEIGHT_AXIS_FIRST; the steps only broadcast into SHAPE), element i being byte i of a 16-byte
 # run of quant bytes and the x value its weight (or weights) multiplies. Bytes come as int32 words (element
 # i reads word i >> 2: the four loads of a word fold into one), combined word-wide into bytes 0xC0 | quant,
-# then expanded to one fp32 per weight by _f32_of_byte. The step's sub-block structure is unrolled
-# (tl.static_range), so shift amounts, masks and scale indices are all constants.
+# then expanded to one fp32 per weight by _f32_of_byte (q8_0's whole bytes: _f32_of_byte_low). The step's
+# block structure is unrolled (tl.static_range), so shift amounts, masks and scale indices are constants.
 
 #: Byte permute through PTX prmt on a GPU; the interpreter (which runs no inline assembly) computes the
 #: same bits with shifts.
