@@ -10,7 +10,7 @@ p20/p80, L2 flushed between repetitions, so the weight comes from HBM as it woul
 * ``gemv`` / ``gemm`` / ``dequant``: each family forced (GEMV only up to --gemv-max-m tokens);
 * ``gemv_layout1_graph`` / ``gemv_layout2_graph`` / ``gemv_layout3_graph``: the GEMV's loop layouts (see
   kernels/gemv.py) with their heuristic configs, device time (graph replay): which one the untuned default
-  should be (layout 2 only up to 4 tokens, layout 3 up to 2 and for the k-quants: where they run);
+  should be (layouts 2 and 3 only up to 4 tokens, layout 3 with word-aligned bytes: where they run);
 * ``gemm_exact_decode_graph`` / ``gemm_f16_decode_graph`` (fp16 activations): the fused GEMM's two weight
   decodes (see kernels/gemm.py) with its heuristic configs, device time: whether the fp16-arithmetic
   decode (fewer instructions per weight) is faster where it is the default;
@@ -190,7 +190,7 @@ def bench_point(rec: Recorder, qt, w16, int4, m: int, cfg: Settings) -> dict[str
 
         out = torch.empty(m, n, device="cuda", dtype=cfg.dtype)
         for layout in GEMV_LAYOUTS:
-            # Where a layout cannot run (layout 2 above 4 tokens, layout 3 above 2 or for q4_0/q8_0) the
+            # Where a layout cannot run (layouts 2 and 3 above 4 tokens, layout 3 on misaligned bytes) the
             # heuristic runs another instead: no row under a name that is not what ran.
             ran = gemv_heuristic_config(m, n, k, qt.qtype, sm_count(x.device), layout=layout,
                                         word_loads=gemv_word_loads(qt)).kwargs["LAYOUT"]

@@ -14,7 +14,7 @@ At M = 1..4 the cost is reading the quantized bytes, so the kernel is built arou
   (decode.scaled_quant: exact product, one rounding), the q4_k high nibble used in place (x16) with its
   scale divided by 16.
 
-Three loop layouts, all in the autotune space (configs.GEMV_LAYOUTS; layout 3 for the k-quants only):
+Three loop layouts, all in the autotune space (configs.GEMV_LAYOUTS):
 
 * layout 1, storage-order tiles: the weight tile is (BLOCK_M, BLOCK_N, TILE_A, TILE_B); the x tile and the
   per-sub-block scales are computed in their own (smaller) shapes and broadcast into it, which Triton
