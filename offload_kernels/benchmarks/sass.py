@@ -33,6 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for name, values, known in (("qtypes", args.qtypes, QTYPES), ("dtypes", args.dtypes, ("fp16", "bf16", "fp32")),
+                                ("layouts", args.layouts, (1, 2, 3))):
+        unknown = [v for v in values if v not in known]
+        if unknown:
+            raise ValueError(f"unknown {name} {unknown}; known: {list(known)}")
+    if not args.tokens or min(args.tokens) < 1:
+        raise ValueError(f"--tokens must be positive token counts, got {args.tokens}")
     from ..kernels.runtime import INTERPRETER
 
     if INTERPRETER:
@@ -41,11 +48,6 @@ def run(args: argparse.Namespace) -> int:
 
     from ..kernels.sm90 import gemv_loop_report
 
-    for name, values, known in (("qtypes", args.qtypes, QTYPES), ("dtypes", args.dtypes, ("fp16", "bf16", "fp32")),
-                                ("layouts", args.layouts, (1, 2, 3))):
-        unknown = [v for v in values if v not in known]
-        if unknown:
-            raise ValueError(f"unknown {name} {unknown}; known: {list(known)}")
     host = RunInfo.collect("cpu")
     info = dataclasses.replace(host, device=f"sm_90 machine code, compiled on {host.device}", slug="static-sm90",
                                triton=triton.__version__)     # the Triton imported (a PYTHONPATH one too)

@@ -97,12 +97,11 @@ GEMV_MAX_BLOCK_M = 8
 #: GEMV loop layouts (the LAYOUT constexpr, see gemv.py). 1: per-format storage-order tiles, the x tile
 #: and scales converted into the weight tile's layout every step (through shared memory, with barriers);
 #: 2: per-thread 16-byte chunks, every load of a step in one layout, software-pipelined loop; 3: word-wide
-#: decode with the step's structure unrolled (GEMV3_QTYPES only, word-aligned weight bytes). All are in the
-#: autotune space; the heuristic (untuned) config uses GEMV_DEFAULT_LAYOUT.
+#: decode with the step's structure unrolled (word-aligned weight bytes only). All are in the autotune space;
+#: the heuristic (untuned) config uses layout 3 for a few tokens, else GEMV_DEFAULT_LAYOUT.
 GEMV_LAYOUTS = (1, 2, 3)
-#: Formats layout 3 decodes (all: every 256-weight step unrolls into constant-index code).
-GEMV3_QTYPES = ("q4_0", "q8_0", "q3_k", "q4_k", "q5_k", "q6_k")
-#: Layout of the heuristic config, per format, for more tokens than GEMV3_DEFAULT_MAX_BLOCK_M. From sm_90
+#: Layout of the heuristic config, per format, for more tokens than GEMV3_DEFAULT_MAX_BLOCK_M and wherever
+#: layout 3 cannot run (misaligned weight bytes, more than GEMV3_MAX_BLOCK_M tokens). From sm_90
 #: machine code, not yet timed on a GPU (tests/kernels/test_compile_sm90.py checks these properties with
 #: whichever Triton is installed): for q4_k and q5_k (16-byte-aligned blocks) layout 2's loop has no
 #: conversion, barrier or shared-memory access with Triton 3.6 and 3.9, and ~80 registers instead of ~170.
@@ -115,9 +114,6 @@ GEMV_DEFAULT_LAYOUT = {"q4_k": 2, "q5_k": 2, "q3_k": 1, "q6_k": 1, "q4_0": 1, "q
 #: activations; layout 1 6.1-11.8, layout 2 8.7-13.8) and no conversion, barrier or shared-memory access in
 #: its loop; at 2 tokens 3.4-4.0 per weight and token (layout 1 3.7-7.4), without spills.
 GEMV3_DEFAULT_MAX_BLOCK_M = 2
-#: Where layout 3 cannot run (misaligned weight bytes, more than GEMV3_MAX_BLOCK_M tokens): the layout the
-#: heuristic uses instead.
-GEMV3_FALLBACK_LAYOUT = {"q4_0": 1, "q8_0": 1, "q3_k": 1, "q4_k": 2, "q5_k": 2, "q6_k": 1}
 #: Layout 3's fewest rows per warp. With fewer (e.g. 64 rows on 4 warps) every thread still gets 8 bytes,
 #: but ptxas got the byte-permute selectors from registers (one more move per weight: 7.7 instead of 6.3
 #: instructions per weight for q3_k on sm_90).
@@ -146,17 +142,15 @@ GEMV3_ALIGNMENT = {"q4_0": 2, "q8_0": 2, "q3_k": 2, "q4_k": 4, "q5_k": 4, "q6_k"
 
 
 def gemv_word_loads(qt) -> bool:
-    """Whether layout 3 may read ``qt``'s bytes as words (the WORD_LOADS constexpr): a GEMV3_QTYPES format
-    whose bytes start GEMV3_ALIGNMENT-aligned (their blocks, rows and runs then are too: q4_k blocks are
-    144 bytes, q3_k's 110). Part of the tuning key, so a config tuned on aligned bytes never runs on
-    misaligned ones."""
-    align = GEMV3_ALIGNMENT.get(qt.qtype)
-    return align is not None and qt.data.data_ptr() % align == 0
+    """Whether layout 3 may read ``qt``'s bytes as words (the WORD_LOADS constexpr): whether they start
+    GEMV3_ALIGNMENT-aligned (their blocks, rows and runs then are too: q4_k blocks are 144 bytes, q3_k's
+    110). Part of the tuning key, so a config tuned on aligned bytes never runs on misaligned ones."""
+    return qt.data.data_ptr() % GEMV3_ALIGNMENT[qt.qtype] == 0
 
 
 def gemv_layouts(qtype: str, word_loads: bool) -> tuple[int, ...]:
     """The GEMV layouts that can run for ``qtype`` (layout 3 only with word loads)."""
-    return tuple(layout for layout in GEMV_LAYOUTS if layout != 3 or (word_loads and qtype in GEMV3_QTYPES))
+    return tuple(layout for layout in GEMV_LAYOUTS if layout != 3 or word_loads)
 
 
 def _gemv_accumulator_fits(block_m: int, block_n: int, qtype: str, num_warps: int, layout: int = 1) -> bool:
@@ -241,14 +235,14 @@ def gemv_heuristic_config(m: int, n: int, k: int, qtype: str, sms: int, split_k:
     accumulators), layout 2 with the fewest rows that give every thread a 16-byte run (fewer registers, more
     resident programs), pipelined 3 deep, layout 3 with 32 rows per warp (2 warps up to 64 rows, else 4), not
     pipelined; and enough equal K slices for ~4 resident programs per SM (so the loads in flight cover HBM
-    latency). Layout 3 falls back to GEMV3_FALLBACK_LAYOUT (2 for formats without it) where it cannot run
-    (``word_loads`` False: see gemv_word_loads) or for more than GEMV3_MAX_BLOCK_M tokens; layout 2 to layout
-    1 where its accumulator would spill (8 tokens)."""
+    latency). Layout 3 falls back to GEMV_DEFAULT_LAYOUT where it cannot run (``word_loads`` False: see
+    gemv_word_loads) or for more than GEMV3_MAX_BLOCK_M tokens; layout 2 to layout 1 where its accumulator
+    would spill (8 tokens)."""
     block_m = gemv_block_m(m)
     if layout is None:
         layout = 3 if block_m <= GEMV3_DEFAULT_MAX_BLOCK_M else GEMV_DEFAULT_LAYOUT[qtype]
     if layout == 3 and (3 not in gemv_layouts(qtype, word_loads) or block_m > GEMV3_MAX_BLOCK_M):
-        layout = GEMV3_FALLBACK_LAYOUT.get(qtype, 2)
+        layout = GEMV_DEFAULT_LAYOUT[qtype]
     if layout == 2 and not _gemv_accumulator_fits(block_m, _gemv2_min_block_n(qtype), qtype, 4):
         layout = 1          # 8 tokens: layout 2's accumulator would spill; layout 1 shrinks its row tile
     warps = 4

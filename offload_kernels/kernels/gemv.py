@@ -39,7 +39,7 @@ Three loop layouts, all in the autotune space (configs.GEMV_LAYOUTS):
   conversion in the loop with Triton 3.6 to 3.9 (heuristic configs, bench/results/static-sm90/; not yet
   timed on a GPU). Needs word-aligned weight bytes (WORD_LOADS: 4-byte alignment of the data pointer for
   q4_k/q5_k, 2-byte for the others, whose blocks are 18, 34, 110 and 210 bytes) and at most 4 tokens per
-  program (GEMV3_MAX_BLOCK_M), else the heuristic falls back (configs.GEMV3_FALLBACK_LAYOUT).
+  program (GEMV3_MAX_BLOCK_M), else the heuristic falls back (configs.GEMV_DEFAULT_LAYOUT).
 """
 
 from __future__ import annotations
@@ -330,7 +330,7 @@ def _v2_q8_0(acc, w_rows, x_rows, step, n_blocks, a, b, i, SHAPE: tl.constexpr):
 # _WEIGHT_AXIS_FIRST; the steps only broadcast into SHAPE), element i being byte i of a 16-byte
 # run of quant bytes and the x value its weight (or weights) multiplies. Bytes come as int32 words (element
 # i reads word i >> 2: the four loads of a word fold into one), combined word-wide into bytes 0xC0 | quant,
-# then expanded to one fp32 per weight by _f32_of_byte (q8_0's whole bytes: _f32_of_byte_low). The step's
+# then expanded to one fp32 per weight by _f32_with_byte (q8_0's whole bytes too). The step's
 # block structure is unrolled (tl.static_range), so shift amounts, masks and scale indices are constants.
 
 #: Byte permute through PTX prmt on a GPU; the interpreter (which runs no inline assembly) computes the
@@ -342,6 +342,9 @@ _PRMT: tl.constexpr = tl.constexpr(not INTERPRETER)
 #: toward the last. With the x tile's contiguous axis where the tie puts it, weight and x loads get one
 #: layout and the loop converts nothing (3.6 otherwise converts every decoded tile through shared memory).
 _WEIGHT_AXIS_FIRST: tl.constexpr = tl.constexpr(triton_version() < (3, 7))
+#: The fp32 0.5 and 1.0: the bits _f32_with_byte places a quant byte into.
+_HALF_BITS: tl.constexpr = tl.constexpr(0x3F000000)
+_ONE_BITS: tl.constexpr = tl.constexpr(0x3F800000)
 #: 0xC0C0C0C0 as an int32: the 0xC0 each byte carries into bits 16-23 of the fp32 1.5 (0x3FC00000).
 _HI_BITS_OF_1_5: tl.constexpr = tl.constexpr(-0x3F3F3F40)
 #: 0x80808080 as an int32: each byte's sign bit.
@@ -349,33 +352,19 @@ _SIGN_BITS: tl.constexpr = tl.constexpr(-0x7F7F7F80)
 
 
 @triton.jit
-def _f32_of_byte(v, q):
-    """The fp32 whose bits are 0x3F000000 | (byte ``q`` of int32 ``v``) << 16: 1.5 + u / 128 when that byte
-    is 0xC0 | u (u < 64). One prmt per element on a GPU: result bytes (0, 0, byte q of v, 0x3F) are picked
-    from the eight bytes (v, 0x3F000000) by selector 0x7?54 (nibble per result byte: 4, 5 = zero bytes of
-    the constant, q = byte q of v, 7 = its 0x3F); q is a per-element constant, which ptxas folds into the
-    instruction."""
+def _f32_with_byte(v, q, BASE: tl.constexpr, AT: tl.constexpr):
+    """The fp32 whose bits are BASE | (byte ``q`` of int32 ``v``) << AT, for AT 8 or 16 and a BASE whose byte
+    there is 0: with _HALF_BITS at 16 and a byte 0xC0 | u (u < 64), 1.5 + u / 128; with _ONE_BITS at 8 and any
+    byte b, 1 + b / 32768. One prmt per element on a GPU: result byte j is byte j of BASE (selector nibble
+    4 + j: BASE is the second source) but byte AT / 8, which is byte q of v (nibble q); q is a per-element
+    constant, which ptxas folds into the instruction."""
     if _PRMT:
-        v, sel = tl.broadcast(v, 0x7054 | (q << 8))
+        v, sel = tl.broadcast(v, (0x7654 & ~(0xF << (AT // 2))) | (q << (AT // 2)))
         bits = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r",
-                                         [v, tl.full(v.shape, 0x3F000000, tl.int32), sel],
+                                         [v, tl.full(v.shape, BASE, tl.int32), sel],
                                          dtype=tl.int32, is_pure=True, pack=1)
     else:
-        bits = (((v >> (8 * q)) & 0xFF) << 16) | 0x3F000000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _f32_of_byte_low(v, q):
-    """The fp32 whose bits are 0x3F800000 | (byte ``q`` of int32 ``v``) << 8: 1 + byte / 32768, for a whole
-    byte (q8_0's). One prmt per element on a GPU: result bytes (0, byte q of v, 0x80, 0x3F), selector 0x76?4."""
-    if _PRMT:
-        v, sel = tl.broadcast(v, 0x7604 | (q << 4))
-        bits = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r",
-                                         [v, tl.full(v.shape, 0x3F800000, tl.int32), sel],
-                                         dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        bits = (((v >> (8 * q)) & 0xFF) << 8) | 0x3F800000
+        bits = (((v >> (8 * q)) & 0xFF) << AT) | BASE
     return bits.to(tl.float32, bitcast=True)
 
 
@@ -426,7 +415,7 @@ def _v3_q3_k(acc, bp, xp, i, SHAPE: tl.constexpr):
                 sc = q3_k_unpack_scale(_byte(bp + 96 + (s & 7), SHAPE), _byte(bp + 104 + (s & 3), SHAPE), s)
                 sc = sc.to(tl.float32)
                 v = ((qs >> (2 * j)) & 0x03030303) | (_bit_to(hm, 4 * h + j, 2) & 0x04040404) | _HI_BITS_OF_1_5
-                w = tl.fma(_f32_of_byte(v, q), sc * d128, sc * dm196)
+                w = tl.fma(_f32_with_byte(v, q, _HALF_BITS, 16), sc * d128, sc * dm196)
                 acc = _accumulate(acc, w, _x_full(xp + 128 * h + 32 * j + 16 * t + i, SHAPE))
     return acc
 
@@ -453,7 +442,7 @@ def _v3_q4_k_q5_k(acc, bp, xp, i, SHAPE: tl.constexpr, IS_Q5: tl.constexpr):
                 if IS_Q5:
                     qh = _i32_word(bp + 16 + 16 * h, i, SHAPE)
                     v |= _bit_to(qh, 2 * c + half, 4) & 0x10101010
-                w = tl.fma(_f32_of_byte(v, q), scale * 128.0, addend)
+                w = tl.fma(_f32_with_byte(v, q, _HALF_BITS, 16), scale * 128.0, addend)
                 acc = _accumulate(acc, w, _x_full(xp + 64 * c + 32 * half + 16 * h + i, SHAPE))
     return acc
 
@@ -479,7 +468,7 @@ def _v3_q6_k(acc, bp, xp, i, SHAPE: tl.constexpr):
                     k = 2 * hi + odd
                     sc = int8_from_byte(_byte(bp + 192 + 8 * n + 2 * k + r, SHAPE)).to(tl.float32)
                     v = ((ql >> (4 * hi)) & 0x0F0F0F0F) | (_bit_to(qh, 2 * k, 4) & 0x30303030) | _HI_BITS_OF_1_5
-                    w = tl.fma(_f32_of_byte(v, q), sc * d128, sc * dm224)
+                    w = tl.fma(_f32_with_byte(v, q, _HALF_BITS, 16), sc * d128, sc * dm224)
                     acc = _accumulate(acc, w, _x_full(xp + 128 * n + 32 * k + 16 * r + i, SHAPE))
     return acc
 
@@ -507,12 +496,12 @@ def _v3_q4_0_q8_0(acc, w_rows, x_rows, step, n_blocks, i, SHAPE: tl.constexpr, I
         for b in tl.static_range(2):
             if IS_Q8:
                 word = _u16_word(bp + 2 + 16 * b, i, SHAPE) ^ _SIGN_BITS
-                w = tl.fma(_f32_of_byte_low(word, q), d * 32768.0, d * -32896.0)
+                w = tl.fma(_f32_with_byte(word, q, _ONE_BITS, 8), d * 32768.0, d * -32896.0)
             else:
                 if b == 0:
                     word = _u16_word(bp + 2, i, SHAPE)
                 v = ((word >> (4 * b)) & 0x0F0F0F0F) | _HI_BITS_OF_1_5
-                w = tl.fma(_f32_of_byte(v, q), d * 128.0, d * -200.0)
+                w = tl.fma(_f32_with_byte(v, q, _HALF_BITS, 16), d * 128.0, d * -200.0)
             x = _x_full(x_rows + 32 * blk + 16 * b + i, SHAPE)
             if TAIL:
                 x = tl.where(valid, x, 0.0)

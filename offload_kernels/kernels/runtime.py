@@ -23,6 +23,7 @@ def _probe_kernel():
 #: imported): kernels then run on CPU tensors, one program at a time, in numpy.
 INTERPRETER: bool = type(_probe_kernel).__name__ == "InterpretedFunction"
 
+
 def triton_version() -> tuple[int, int]:
     """The installed Triton's (major, minor) version, for the few code-generation differences the kernels
     work around."""

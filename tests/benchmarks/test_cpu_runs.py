@@ -135,3 +135,14 @@ def test_sass_benchmark_compiles_for_sm90(tmp_path):
 def test_sass_benchmark_refuses_the_interpreter(capsys):
     assert cli_main(["bench", "sass", "--qtypes", "q4_k"]) == 2
     assert "unset TRITON_INTERPRET" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [(["--qtypes", "q2_k"], "unknown qtypes ['q2_k']"),
+                                           (["--dtypes", "fp8"], "unknown dtypes ['fp8']"),
+                                           (["--layouts", "4"], "unknown layouts [4]"),
+                                           (["--tokens", "0"], "--tokens must be positive")])
+def test_sass_benchmark_names_bad_arguments(argv, message, capsys, tmp_path):
+    """Checked first, before anything compiles or is written."""
+    assert cli_main(["bench", "sass", *argv, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

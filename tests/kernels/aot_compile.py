@@ -45,9 +45,8 @@ def main() -> int:
             tile_a, tile_b = configs.GEMV_TILE[qtype]
             gemv_builds = [(block_m, None, None) for block_m in ((1, 4) if x == "fp16" else (1,))]
             if x == "fp16":
-                gemv_builds += [(1, 1, None), (1, 2, 1)]      # layout 1; layout 2 unpipelined (its loop is inspected)
-                if qtype in configs.GEMV3_QTYPES:
-                    gemv_builds.append((1, 3, None))            # layout 3 (its loop is inspected)
+                # layout 1; layout 2 unpipelined and layout 3 (their loops are inspected)
+                gemv_builds += [(1, 1, None), (1, 2, 1), (1, 3, None)]
             for block_m, layout, stages in gemv_builds:
                 c = configs.gemv_heuristic_config(block_m, 4096, 4096, qtype, 132, layout=layout)
                 stages = c.kwargs["STAGES"] if stages is None else stages

@@ -3,9 +3,9 @@ unit vectors (fp32), y[m, n] = W[n, k_m] * 1.0 plus products with +0.0, which th
 exactly, so each call returns whole columns of the weight as the kernel decoded them.
 
 * q4_0, q8_0, q3_k and q6_k: every weight (u - offset) * scale is exact (so is the FFMA's addend), so
-  the columns equal the torch dequantizer's fp32 weight bit for bit;
+  the columns equal the gguf package's dequantized fp32 weight (llama.cpp's formulas) bit for bit;
 * q4_k and q5_k: the min is folded into the FFMA's addend -(192 s + dmin m), rounded once: within 2**-24
-  of that addend (plus the weight's own rounding) of the dequantized weight.
+  of that addend (plus the weight's own rounding) of gguf's dequantized weight.
 
 And the byte permutes: the prmt selectors the GPU code uses, emulated from the PTX ISA's definition, give
 the same bits as the shifts the interpreter runs.
@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 import triton.language as tl
+from gguf import quants
 
-from offload_kernels.formats import QuantizedTensor, dequantize, get_spec
+from offload_kernels.formats import QuantizedTensor, get_spec
 from offload_kernels.kernels import configs, poison_outputs
 from offload_kernels.kernels.gemv import gemv
 from offload_kernels.kernels.runtime import INTERPRETER
@@ -85,12 +86,17 @@ def test_prmt_decode_on_the_gpu(layout3_ran):
         _check_folded_min(qtype, torch.device("cuda"))
 
 
+def _gguf_weight(qt: QuantizedTensor) -> torch.Tensor:
+    """The fp32 weight as the gguf package's numpy dequantizer (llama.cpp's formulas) makes it."""
+    data = qt.data.cpu().numpy()
+    return torch.from_numpy(quants.dequantize(data, qt.spec.ggml_type).reshape(tuple(qt.shape)).astype(np.float32))
+
+
 def _check_exact(qtype, device):
     g = torch.Generator().manual_seed(seed_of("gemv3", qtype))
     qt = random_qtensor(qtype, 40, K_READ.get(qtype, 256), g, device=device)
     got = _decoded_by_gemv(qt, device)
-    want = dequantize(qt, torch.float32).cpu()
-    assert torch.equal(got, want)
+    assert torch.equal(got, _gguf_weight(qt))
 
 
 #: Where a q4_k / q5_k block's quants start (after d, dmin, 12 scale bytes and q5_k's 32 fifth-bit bytes).
@@ -101,15 +107,15 @@ def _check_folded_min(qtype, device):
     g = torch.Generator().manual_seed(seed_of("gemv3", qtype))
     qt = random_qtensor(qtype, 40, 256, g, device=device)
     got = _decoded_by_gemv(qt, device).double()
-    w = dequantize(qt, torch.float32).cpu().double()
+    w = _gguf_weight(qt).double()
     # s (d * sc) and dmin * m of every weight's sub-block, from the same blocks with every quant set to 0
     # and to 1 (w = u * s - dmin * m)
     raw = qt.data.cpu().clone()
     blocks = raw.view(-1, get_spec(qtype).block_bytes)
     blocks[:, 16:] = 0
-    minus_min = dequantize(QuantizedTensor(raw.clone(), qtype, qt.shape), torch.float32).double()
+    minus_min = _gguf_weight(QuantizedTensor(raw.clone(), qtype, qt.shape)).double()
     blocks[:, QUANTS_AT[qtype]:] = 0x11
-    s = dequantize(QuantizedTensor(raw, qtype, qt.shape), torch.float32).double() - minus_min
+    s = _gguf_weight(QuantizedTensor(raw, qtype, qt.shape)).double() - minus_min
     bound = 2.0 ** -24 * (192 * s.abs() + minus_min.abs()) + 2.0 ** -24 * w.abs() + 2.0 ** -24 * s.abs()
     excess = (got - w).abs() - bound
     assert excess.max() <= 0, f"{int((excess > 0).sum())} weights beyond the bound, worst by {excess.max():.3g}"
@@ -133,13 +139,13 @@ def _prmt(a: np.ndarray, b: int, selector: int) -> np.ndarray:
 def test_byte_permute_matches_the_interpreter_bits():
     v = np.random.default_rng(0).integers(0, 2 ** 32, 4096, dtype=np.uint64)
     for q in range(4):
-        want = (((v >> (8 * q)) & 0xFF) << 16) | 0x3F000000          # _f32_of_byte without prmt
+        want = (((v >> (8 * q)) & 0xFF) << 16) | 0x3F000000          # _f32_with_byte at 16, no prmt
         assert np.array_equal(_prmt(v, 0x3F000000, 0x7054 | (q << 8)), want)
     # with bytes 0xC0 | u the bits are the fp32 1.5 + u / 128
     u = np.arange(64, dtype=np.uint64)
     bits = _prmt(0xC0 | u, 0x3F000000, 0x7054).astype(np.uint32)
     assert np.array_equal(bits.view(np.float32), (1.5 + u / 128).astype(np.float32))
-    # _f32_of_byte_low (q8_0): byte q into bits 8-15 of 1.0, i.e. 1 + byte / 32768
+    # _f32_with_byte(v, q, _ONE_BITS, 8) (q8_0): byte q into bits 8-15 of 1.0, i.e. 1 + byte / 32768
     for q in range(4):
         want = (((v >> (8 * q)) & 0xFF) << 8) | 0x3F800000
         assert np.array_equal(_prmt(v, 0x3F800000, 0x7604 | (q << 4)), want)
