@@ -9,6 +9,7 @@ from gguf import GGMLQuantizationType
 from torch import nn
 
 from ..formats import QuantizedTensor, get_spec, quantize
+from .linear_like import is_linear_like, linear_features, linear_weight
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model.streaming import WeightStreamer
@@ -89,16 +90,18 @@ class OffloadedLinear(nn.Module):
         return mod
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, qtype: str = "q4_k",
+    def from_linear(cls, linear: nn.Module, qtype: str = "q4_k",
                     device: "torch.device | str | None" = None) -> "OffloadedLinear":
-        """Quantize an nn.Linear (on ``device`` if given, else where its weight is). The bias keeps its dtype."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        """Quantize an nn.Linear, or a transformers Conv1D (GPT-2's transposed linear), on ``device`` if given,
+        else where its weight is. The bias keeps its dtype."""
+        if not is_linear_like(linear):
+            raise TypeError(f"from_linear expects an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
         spec = get_spec(qtype)
-        if linear.in_features % spec.block_size:
-            raise ValueError(f"in_features={linear.in_features} is not a multiple of the {spec.name} block "
+        in_features, _ = linear_features(linear)
+        if in_features % spec.block_size:
+            raise ValueError(f"in_features={in_features} is not a multiple of the {spec.name} block "
                              f"size {spec.block_size}")
-        w = linear.weight.detach()
+        w = linear_weight(linear)
         if device is not None:
             w = w.to(device)
         qt = quantize(w, spec)

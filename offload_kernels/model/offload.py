@@ -1,4 +1,4 @@
-"""offload(model, ...): replace a model's nn.Linear layers with quantized, resident or streamed ones."""
+"""offload(model, ...): replace a model's linear layers with quantized, resident or streamed ones."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..formats import get_spec, quantize
 from ..formats.quantize import validate_weight
 from ..layers import OffloadedLinear
+from ..layers.linear_like import is_linear_like, linear_features, linear_weight
 from ..layers.offloaded_linear import _FLOAT_DTYPES as _LAYER_DTYPES
 from ..units import default_device
 from .bandwidth import Hardware, measure_hardware
@@ -128,15 +129,76 @@ def _group_of(model: nn.Module, name: str) -> str:
     return group
 
 
-def _resolve_qtype(name: str, default: str, overrides: Mapping[str, Optional[str]]) -> Optional[str]:
-    for pattern, qtype in overrides.items():
-        if _matches(name, [pattern]):
-            return qtype
-    return default
-
-
 def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _names_module(name: str, pattern: str) -> bool:
+    """Whether ``pattern`` (dotted module names, a trailing ".weight" ignored) names module ``name`` or one
+    of its ancestors: its components appear as a run of the name's ("wo" matches "block.0.DenseReluDense.wo",
+    "mlp.gate" matches "layers.3.mlp.gate" but not "layers.3.mlp.gate_proj", "qformer" everything under it)."""
+    wanted = pattern.removesuffix(".weight").split(".")
+    parts = name.split(".")
+    return any(parts[i:i + len(wanted)] == wanted for i in range(len(parts) - len(wanted) + 1))
+
+
+def _model_fp32_patterns(model: nn.Module) -> dict[str, str]:
+    """The module patterns a Hugging Face model (or any of its sub-models) keeps in fp32, by pattern -> the
+    attribute that lists it (``_keep_in_fp32_modules``, ``_keep_in_fp32_modules_strict``). Hugging Face's own
+    quantizers leave those modules unquantized, and some models' code relies on it: T5 casts its feed-forward
+    input to ``wo.weight.dtype``, which for a quantized layer is the uint8 of its bytes."""
+    found: dict[str, str] = {}
+    for module in model.modules():
+        for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
+            value = getattr(module, attr, None)
+            if isinstance(value, str):
+                value = (value,)
+            for pattern in value or ():
+                if isinstance(pattern, str) and pattern:
+                    found.setdefault(pattern, attr)
+    return found
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+#: torch modules whose fast path hands their children's weights to fused kernels itself (instead of calling
+#: the children), and the attribute that turns that path off, with the value that does: see _fast_path_guards.
+_ENCODER_LAYER_FAST_PATH = ("activation_relu_or_gelu", 0)   # TransformerEncoderLayer: the path needs relu/gelu
+_ENCODER_NESTED_FAST_PATH = ("use_nested_tensor", False)    # TransformerEncoder: its nested-tensor path
+
+
+def _unreplaceable(model: nn.Module) -> dict[str, str]:
+    """Linears that must stay nn.Linear because their parent reads the weight itself, by name -> reason:
+    replacing them would hand a fused kernel the quantized bytes."""
+    out: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention) and isinstance(getattr(module, "out_proj", None), nn.Linear):
+            out[_join(name, "out_proj")] = ("nn.MultiheadAttention passes out_proj's weight to its attention kernel "
+                                            "itself (it never calls the module)")
+        elif isinstance(module, nn.TransformerEncoderLayer) and not hasattr(module, _ENCODER_LAYER_FAST_PATH[0]):
+            for child in ("linear1", "linear2"):
+                out[_join(name, child)] = ("nn.TransformerEncoderLayer's fast path reads its weight itself, and "
+                                           "this torch version has no known switch to turn that path off")
+    return out
+
+
+def _fast_path_guards(model: nn.Module, replaced: Iterable[str]) -> list[tuple[nn.Module, str, object]]:
+    """(module, attribute, value) settings that keep torch's transformer fast paths from reading the weights
+    of replaced linears: a TransformerEncoderLayer whose linear1/linear2 is replaced takes its module-by-
+    module path (which calls them), and a TransformerEncoder holding one skips its nested-tensor path."""
+    replaced = set(replaced)
+    guards = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.TransformerEncoderLayer):
+            if replaced & {_join(name, "linear1"), _join(name, "linear2")}:
+                guards.append((module, *_ENCODER_LAYER_FAST_PATH))
+        elif isinstance(module, nn.TransformerEncoder) and hasattr(module, _ENCODER_NESTED_FAST_PATH[0]):
+            prefix = _join(name, "layers.")
+            if any(r.startswith(prefix) for r in replaced):
+                guards.append((module, *_ENCODER_NESTED_FAST_PATH))
+    return guards
 
 
 @dataclass
@@ -149,37 +211,84 @@ class LinearSelection:
     fixed_bytes: int                     # everything else the device holds: other params, buffers, biases
 
 
+def _format_for(in_features: int, qtype: str, fallback_qtype: Optional[str]) -> tuple[Optional[str], str]:
+    """(the format a layer gets, "") when ``qtype``'s block, else ``fallback_qtype``'s, divides in_features;
+    (None, why not) when neither does."""
+    block = get_spec(qtype).block_size
+    if in_features % block == 0:
+        return qtype, ""
+    if fallback_qtype is not None and in_features % get_spec(fallback_qtype).block_size == 0:
+        return fallback_qtype, ""
+    why = f"in_features={in_features} is not a multiple of the {qtype} block size {block}"
+    if fallback_qtype is not None:
+        why += f" nor of the fallback {fallback_qtype}'s {get_spec(fallback_qtype).block_size}"
+    elif in_features % 32 == 0:
+        why += " (fallback_qtype='q8_0' or 'q4_0' would quantize it)"
+    return None, why
+
+
+_ABSENT = object()
+
+
 def select_linears(model: nn.Module, qtype: str = "q4_k", skip: "str | Sequence[str] | None" = ("lm_head",),
                    qtype_overrides: Optional[Mapping[str, Optional[str]]] = None,
-                   stream_whole_blocks: bool = True) -> LinearSelection:
+                   stream_whole_blocks: bool = True, fallback_qtype: Optional[str] = None,
+                   keep_model_fp32_modules: bool = True) -> LinearSelection:
     """Decide, without changing ``model``, what offload() would quantize and what the device must hold.
 
-    Raises TypeError/ValueError for bad patterns, unknown qtypes, an override that names no nn.Linear of
-    the model, or weights on the meta device.
+    Linears are nn.Linear modules and transformers' Conv1D (see layers.linear_like). For each, in order: a
+    linear whose parent reads its weight itself (nn.MultiheadAttention's out_proj) is kept; then ``skip``;
+    then the first matching ``qtype_overrides`` pattern; then, with ``keep_model_fp32_modules``, the
+    modules a Hugging Face model lists in ``_keep_in_fp32_modules(_strict)`` are kept; then ``qtype``. A layer
+    whose in_features is not a multiple of its format's block takes ``fallback_qtype`` if that one's block
+    divides it, else it is kept.
+
+    Raises TypeError/ValueError for bad patterns, unknown qtypes, an override that names no linear of the
+    model, or weights on the meta device.
     """
     get_spec(qtype)
+    if fallback_qtype is not None:
+        get_spec(fallback_qtype)
     skip = _patterns(skip, "skip")
     overrides = _overrides(qtype_overrides)
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {name: m for name, m in model.named_modules() if is_linear_like(m)}
     if not linears:
-        raise ValueError("model has no nn.Linear layers to offload")
+        raise ValueError("model has no nn.Linear (or transformers Conv1D) layers to offload")
     unmatched = [p for p in overrides if not any(_matches(name, [p]) for name in linears)]
     if unmatched:       # most likely a typo: silently ignoring it would quantize what the user meant to keep
         raise ValueError(f"qtype_overrides pattern(s) {', '.join(map(repr, unmatched))} match no nn.Linear of "
                          f"the model (e.g. {next(iter(linears))!r})")
+    unreplaceable = _unreplaceable(model)
+    model_fp32 = _model_fp32_patterns(model) if keep_model_fp32_modules else {}
     chosen: dict[str, str] = {}
     skipped: dict[str, str] = {}
     for name, lin in linears.items():
-        q = None if _matches(name, skip) else _resolve_qtype(name, qtype, overrides)
-        if q is None:
+        if name in unreplaceable:
+            skipped[name] = unreplaceable[name]
+            continue
+        if _matches(name, skip):
             skipped[name] = "skipped by configuration"
-        elif lin.in_features % get_spec(q).block_size:
-            skipped[name] = (f"in_features={lin.in_features} is not a multiple of the {q} block size "
-                             f"{get_spec(q).block_size}")
-        elif lin.weight.device.type == "meta":
-            raise ValueError(f"{name} has no weights (meta device); load the model's weights first")
+            continue
+        override = next((q for p, q in overrides.items() if _matches(name, [p])), _ABSENT)
+        if override is _ABSENT:
+            kept_by = next((f"{attr} lists {p!r}" for p, attr in model_fp32.items() if _names_module(name, p)), None)
+            if kept_by is not None:
+                skipped[name] = (f"the model keeps it in fp32 ({kept_by}; keep_model_fp32_modules=False or a "
+                                 f"qtype_overrides entry quantizes it anyway)")
+                continue
+            q = qtype
+        elif override is None:
+            skipped[name] = "skipped by configuration"
+            continue
         else:
-            chosen[name] = q
+            q = override
+        q, reason = _format_for(linear_features(lin)[0], q, fallback_qtype)
+        if q is None:
+            skipped[name] = reason
+            continue
+        if lin.weight.device.type == "meta":
+            raise ValueError(f"{name} has no weights (meta device); load the model's weights first")
+        chosen[name] = q
     # Everything but the quantized weights stays on the device at its own dtype (biases included). Count by
     # reference, not by tensor: a weight tied to another module (lm_head.weight is embed_tokens.weight)
     # leaves the device only if every name it has is a quantized linear's weight.
@@ -187,7 +296,7 @@ def select_linears(model: nn.Module, qtype: str = "q4_k", skip: "str | Sequence[
     kept = {id(t): t for name, t in model.named_parameters(remove_duplicate=False) if name not in consumed}
     kept.update((id(t), t) for t in model.buffers())
     fixed = _tensor_bytes(kept.values())
-    specs = [LinearSpec(n, linears[n].out_features, linears[n].in_features, q,
+    specs = [LinearSpec(n, *reversed(linear_features(linears[n])), q,
                         _group_of(model, n) if stream_whole_blocks else "") for n, q in chosen.items()]
     return LinearSelection(chosen, skipped, specs, fixed)
 
@@ -195,13 +304,13 @@ def select_linears(model: nn.Module, qtype: str = "q4_k", skip: "str | Sequence[
 _BIAS_DTYPES = _LAYER_DTYPES     # what OffloadedLinear accepts for its bias
 
 
-def _validate_weights(linears: Mapping[str, nn.Linear], chosen: Mapping[str, str]) -> None:
+def _validate_weights(linears: Mapping[str, nn.Module], chosen: Mapping[str, str]) -> None:
     """Everything quantize() and OffloadedLinear would reject, checked for every chosen layer first, so a
     bad layer late in the model fails the call before the model is changed."""
     for name, q in chosen.items():
         lin = linears[name]
         try:
-            validate_weight(lin.weight.detach(), get_spec(q))
+            validate_weight(linear_weight(lin), get_spec(q))
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{name}: {exc}") from exc
         if lin.bias is not None and lin.bias.dtype not in _BIAS_DTYPES:
@@ -234,10 +343,14 @@ def _tensor_devices(model: nn.Module) -> list[tuple[nn.Module, str, str, torch.d
 
 
 def _roll_back(model: nn.Module, originals: list[tuple[nn.Module, str, nn.Module]],
-               devices: list[tuple[nn.Module, str, str, torch.device]], had_streamer: bool) -> None:
-    """Put back every replaced nn.Linear and every moved tensor; drop a streamer this call attached."""
+               devices: list[tuple[nn.Module, str, str, torch.device]], had_streamer: bool,
+               settings: Sequence[tuple[nn.Module, str, object]] = ()) -> None:
+    """Put back every replaced linear, every changed attribute (``settings``: module, name, old value) and
+    every moved tensor; drop a streamer this call attached."""
     for parent, attr, original in reversed(originals):
         setattr(parent, attr, original)
+    for module, attr, value in reversed(settings):
+        setattr(module, attr, value)
     streamer = streamer_of(model)
     if streamer is not None and not had_streamer:
         del model._offload_streamer
@@ -260,8 +373,10 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
             device: "torch.device | str | None" = None, *, skip: "str | Sequence[str] | None" = ("lm_head",),
             qtype_overrides: Optional[Mapping[str, Optional[str]]] = None, num_slots: int = 2,
             stream_whole_blocks: bool = True, progress: bool = True, measure: bool = True,
-            token_counts: Sequence[int] = DEFAULT_TOKEN_COUNTS) -> OffloadReport:
-    """Quantize ``model``'s nn.Linear layers in place and place them within ``gpu_budget``.
+            token_counts: Sequence[int] = DEFAULT_TOKEN_COUNTS, fallback_qtype: Optional[str] = None,
+            keep_model_fp32_modules: bool = True) -> OffloadReport:
+    """Quantize ``model``'s linear layers (nn.Linear, and transformers' Conv1D) in place and place them
+    within ``gpu_budget``.
 
     Args:
         model: any nn.Module (Hugging Face transformers first); its linears are replaced in place and the
@@ -276,6 +391,12 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
             component).
         qtype_overrides: {pattern: qtype or None} per-layer formats, e.g. {"*.down_proj": "q6_k"};
             None keeps a layer unquantized. A pattern that matches no nn.Linear is an error.
+        fallback_qtype: the format for layers whose in_features is not a multiple of their format's block
+            (the k-quants need 256, q4_0/q8_0 32; llama.cpp falls back the same way), e.g. "q8_0". None:
+            such layers stay as they are, with the reason logged.
+        keep_model_fp32_modules: leave unquantized the modules a Hugging Face model lists in
+            ``_keep_in_fp32_modules`` / ``_keep_in_fp32_modules_strict`` (as its own quantizers do; T5's
+            ``wo`` needs it). An explicit qtype_overrides entry wins.
         num_slots: staging slots of the transfer engine (2 = double buffering).
         stream_whole_blocks: stream a whole transformer block per copy (else one layer per copy).
         measure: measure link/memory/matmul ceilings for the report's predictions.
@@ -303,13 +424,14 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
         budget = default_budget(device)
 
     # ---------------------------------------------------------------- decide per linear, check weights, plan
-    selection = select_linears(model, qtype, skip, overrides, stream_whole_blocks)
+    selection = select_linears(model, qtype, skip, overrides, stream_whole_blocks, fallback_qtype,
+                               keep_model_fp32_modules)
     for name, reason in selection.skipped.items():
-        log.info("offload: keeping %s as nn.Linear: %s", name, reason)
+        log.info("offload: keeping %s as it is: %s", name, reason)
     chosen, skipped, specs, fixed = selection.chosen, selection.skipped, selection.specs, selection.fixed_bytes
     if not chosen:
         reasons = "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:4])
-        raise ValueError(f"no nn.Linear to quantize: all {len(skipped)} were kept ({reasons}"
+        raise ValueError(f"no linear layer to quantize: all {len(skipped)} were kept ({reasons}"
                          f"{'; ...' if len(skipped) > 4 else ''})")
     linears = {name: m for name, m in model.named_modules() if name in chosen}
     _validate_weights(linears, chosen)
@@ -323,13 +445,14 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
     resident = set(placement.resident)
     replaced: dict[str, OffloadedLinear] = {}
     originals: list[tuple[nn.Module, str, nn.Module]] = []
+    settings: list[tuple[nn.Module, str, object]] = []
     devices = _tensor_devices(model)
     had_streamer = streamer_of(model) is not None
     work_device = device if device.type == "cuda" else torch.device("cpu")
     try:
         for name in tqdm(list(chosen), desc=f"quantizing to {qtype}", disable=not progress, unit="layer"):
             lin = linears.pop(name)
-            qt = quantize(lin.weight.detach().to(work_device), chosen[name])
+            qt = quantize(linear_weight(lin).to(work_device), chosen[name])
             qt = qt.to(device) if name in resident else qt.to("cpu")
             bias = None if lin.bias is None else lin.bias.detach()
             new = OffloadedLinear.from_quantized(qt, bias)
@@ -339,10 +462,13 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
             setattr(parent, attr, new)
             originals.append((parent, attr, lin))
             replaced[name] = new
+        for module, attr, value in _fast_path_guards(model, replaced):
+            settings.append((module, attr, getattr(module, attr)))
+            setattr(module, attr, value)
         apply_placement(model, replaced, placement, device)
         return _report(device, qtype, placement, chosen, skipped, specs, measure, token_counts)
     except BaseException:
-        _roll_back(model, originals, devices, had_streamer)
+        _roll_back(model, originals, devices, had_streamer, settings)
         raise
 
 

@@ -178,7 +178,8 @@ def test_report_predictions_and_text(ids):
     ({"qtype_overrides": ["*.down_proj"]}, TypeError, "mapping"),
     ({"skip": 5}, TypeError, "skip"),
     ({"skip": ["lm_head", 3]}, TypeError, "strings"),
-    ({"skip": "*"}, ValueError, "no nn.Linear to quantize"),
+    ({"skip": "*"}, ValueError, "no linear layer to quantize"),
+    ({"fallback_qtype": "q5_0"}, ValueError, "unknown qtype"),
 ])
 def test_bad_arguments_raise_before_touching_the_model(kwargs, exc, match):
     if kwargs.get("device") == "cuda" and torch.cuda.is_available():
