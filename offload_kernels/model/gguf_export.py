@@ -1,4 +1,4 @@
-"""save_gguf: a transformers llama/mistral/qwen2 causal LM -> a llama.cpp GGUF file.
+"""save_gguf: a transformers llama/mistral/qwen2/qwen3 causal LM -> a llama.cpp GGUF file.
 
 Linears are quantized with this package's ggml-exact quantizers (or, for OffloadedLinear layers, their
 bytes are written as they are), attn_q/attn_k rows (and their biases) are permuted the way llama.cpp's
@@ -64,7 +64,7 @@ def _choose_qtype(gguf_name: str, k: int, default: str, overrides: Mapping[str, 
 def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4_k", *,
               mix: Optional[str] = None, qtype_overrides: Optional[Mapping[str, str]] = None,
               vocab: Optional[dict] = None, name: Optional[str] = None) -> Path:
-    """Write ``model`` (a transformers llama/mistral/qwen2 CausalLM) as a GGUF file llama.cpp can load.
+    """Write ``model`` (a transformers llama/mistral/qwen2/qwen3 CausalLM) as a GGUF file llama.cpp can load.
 
     ``qtype`` is a GGUF block format, or "f32"/"f16" for unquantized matrices.
     ``mix`` picks per-tensor overrides ("q4_k_m", "q3_k_m"); ``qtype_overrides`` adds GGUF-name globs.
@@ -75,7 +75,7 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
     config = model.config
     model_type = config.model_type
     if model_type not in HF_TO_GGUF_ARCHITECTURE:
-        raise ValueError(f"save_gguf supports llama, mistral and qwen2 models, got {model_type!r}")
+        raise ValueError(f"save_gguf supports {', '.join(HF_TO_GGUF_ARCHITECTURE)} models, got {model_type!r}")
     _check_rope(config)
     arch = HF_TO_GGUF_ARCHITECTURE[model_type]
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads

@@ -82,7 +82,7 @@ def _set_head_dim(f: GGUFFile, config) -> None:
     """The head size as llama.cpp reads it: attention.key_length/value_length, else hidden / heads.
 
     transformers takes llama's head_dim from rope.dimension_count and ignores key_length; the two agree
-    only when the whole head is rotated, which is all transformers' llama/mistral/qwen2 implement.
+    only when the whole head is rotated, which is all transformers' llama/mistral/qwen2/qwen3 implement.
     """
     arch = f.architecture
     heads, hidden = config.num_attention_heads, config.hidden_size
@@ -185,7 +185,7 @@ def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | Non
                     num_slots: int = 2, measure: bool = False, return_report: bool = False):
     """Build a transformers causal LM from a llama.cpp GGUF file, linears over the file's quantized bytes.
 
-    Architectures: llama, mistral, qwen2. Layers within ``gpu_budget`` (bytes or "20GiB"; None: as for
+    Architectures: llama, mistral, qwen2, qwen3. Layers within ``gpu_budget`` (bytes or "20GiB"; None: as for
     :func:`offload`, the free device memory less a margin) stay resident on the device, the rest stream
     through the transfer engine. Returns the model (and the
     OffloadReport when ``return_report``). Raises GGUFError for unsupported or malformed files before

@@ -1,4 +1,5 @@
-"""GGUF <-> transformers names for the llama-family architectures: one table for loading and saving.
+"""GGUF <-> transformers names for the llama-family architectures (llama, mistral, qwen2, qwen3): one table
+for loading and saving.
 
 llama.cpp names tensors ``blk.N.attn_q.weight``; transformers names the same weight
 ``model.layers.N.self_attn.q_proj.weight``. Both directions come from the tables below so the loader
@@ -14,19 +15,22 @@ from typing import Optional
 
 from ..formats.gguf_io import GGUFError, GGUFFile
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 # llama.cpp's converter permutes attn_q/attn_k rows (and the matching bias entries) for its rope layout
-# on these architectures; qwen2 uses the neox rope layout, which needs no permutation.
+# on these architectures; qwen2 and qwen3 use the neox rope layout, which needs no permutation.
 PERMUTED_QK_ARCHITECTURES = ("llama", "mistral")
 # transformers model_type -> the GGUF architecture llama.cpp writes for it (Mistral 7B is a llama in GGUF).
-HF_TO_GGUF_ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+HF_TO_GGUF_ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 BLOCK_LINEARS = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-BLOCK_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+# attn_q_norm/attn_k_norm: qwen3's per-head RMSNorms of q and k (before rope); other architectures have none,
+# and a file that has them anyway fails the loader's check that every tensor has a module to go to.
+BLOCK_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+               "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 _HF_BLOCK_LINEARS = {hf: g for g, hf in BLOCK_LINEARS.items()}
 _HF_BLOCK_NORMS = {hf: g for g, hf in BLOCK_NORMS.items()}
 _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")

@@ -43,6 +43,8 @@ PRESETS: dict[str, LlamaShape] = {
     "mistral-7b": LlamaShape(4096, 14336, 32, 32, 8, 32768),
     "qwen2-7b": LlamaShape(3584, 18944, 28, 28, 4, 152064),
     "qwen2-72b": LlamaShape(8192, 29568, 80, 64, 8, 152064),
+    "qwen3-8b": LlamaShape(4096, 12288, 36, 32, 8, 151936, head_dim=128),
+    "qwen3-32b": LlamaShape(5120, 25600, 64, 64, 8, 151936, head_dim=128),   # q is 64 x 128 = 8192 wide
 }
 
 

@@ -33,7 +33,8 @@ MIXES = {  # name -> (default qtype, mix)
 
 
 def tiny_model(arch="llama", layers=2, seed=0, **config):
-    """A small random model whose attention is sharp enough that a wrong q/k row order changes the logits.
+    """A small random model whose attention is sharp enough that a wrong q/k row order changes the logits
+    (qwen3 keeps its config's default head_dim, 128, which is not hidden_size / heads, as in Qwen3-0.6B).
 
     ``config`` overrides the config (attention_bias, head_dim, tie_word_embeddings, rope_scaling...);
     every attention bias the model has is random, so a wrongly ordered bias changes the logits too.
@@ -43,7 +44,7 @@ def tiny_model(arch="llama", layers=2, seed=0, **config):
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     kw.update(config)
     cfg = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config}[arch](**kw)
+           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[arch](**kw)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         for layer in model.model.layers:
@@ -53,6 +54,9 @@ def tiny_model(arch="llama", layers=2, seed=0, **config):
                 bias = getattr(layer.self_attn, proj).bias
                 if bias is not None:
                     bias.normal_(0, 0.5)
+            for norm in ("q_norm", "k_norm"):           # qwen3: distinct per-channel gains, so a swap shows
+                if hasattr(layer.self_attn, norm):
+                    getattr(layer.self_attn, norm).weight.uniform_(0.5, 1.5)
     return model
 
 
@@ -138,7 +142,7 @@ def test_streamed_layers_give_the_same_logits(tmp_path):
             assert torch.equal(streamed(IDS).logits, a)
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
 def test_other_architectures(tmp_path, arch):
     model = tiny_model(arch)
     path = save_gguf(model, tmp_path / "m.gguf", "q8_0")
@@ -146,6 +150,12 @@ def test_other_architectures(tmp_path, arch):
     assert type(loaded).__name__ == type(model).__name__
     if arch == "qwen2":
         assert loaded.model.layers[0].self_attn.q_proj.bias is not None
+    if arch == "qwen3":
+        assert loaded.config.head_dim == 128 and GGUFFile(path).metadata["qwen3.attention.key_length"] == 128
+        for i, layer in enumerate(loaded.model.layers):
+            for norm in ("q_norm", "k_norm"):
+                assert torch.equal(getattr(layer.self_attn, norm).weight,
+                                   getattr(model.model.layers[i].self_attn, norm).weight)
     with torch.no_grad():
         ours = loaded(IDS).logits
     if arch == "mistral":
@@ -253,18 +263,19 @@ def _parity(path: Path, model) -> tuple[float, float, float]:
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("config", [{}, {"attention_bias": True}, {"head_dim": 32}, {"tie_word_embeddings": True}],
-                         ids=["plain", "attention_bias", "head_dim", "tied"])
-def test_parity_with_llama_cpp_unquantized(tmp_path, config):
+@pytest.mark.parametrize("arch, config", [("llama", {}), ("llama", {"attention_bias": True}), ("llama", {"head_dim": 32}),
+                                          ("llama", {"tie_word_embeddings": True}), ("qwen2", {}), ("qwen3", {})],
+                         ids=["plain", "attention_bias", "head_dim", "tied", "qwen2", "qwen3"])
+def test_parity_with_llama_cpp_unquantized(tmp_path, arch, config):
     """An f32 file isolates everything but the matmul arithmetic (names, q/k rows and biases, rope, norms,
     head sizes, tied output, config): llama.cpp (with an f32 KV cache) and we must then agree to float
     rounding. llama.cpp is the independent reference for what our exporter and loader both assume."""
-    model = tiny_model(**config)
+    model = tiny_model(arch, **config)
     path = save_gguf(model, tmp_path / "f32.gguf", "f32")
     loaded = load_gguf_model(path, dtype=torch.float32, device="cpu")
     assert not any(isinstance(m, OffloadedLinear) for m in loaded.modules())
     max_diff, span, top1 = _parity(path, loaded)
-    print(f"llama.cpp parity f32 {config}: max |logit diff| {max_diff:.2e} (logit range {span:.2f}), "
+    print(f"llama.cpp parity f32 {arch} {config}: max |logit diff| {max_diff:.2e} (logit range {span:.2f}), "
           f"top-1 {top1:.0%}")
     assert max_diff <= 1e-4 * span and top1 == 1.0
 
@@ -363,7 +374,7 @@ def test_save_gguf_rejects_rope_scaling_it_cannot_write(tmp_path, rope):
     save_gguf(tiny_model(layers=1, rope_theta=5e5), tmp_path / "plain.gguf", "q8_0")   # a plain base is fine
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_explicit_head_dim_is_written_and_honoured(tmp_path, arch):
     model = tiny_model(arch, head_dim=32)                     # hidden_size / heads would be 64
     assert model.model.layers[0].self_attn.q_proj.out_features == 4 * 32
@@ -375,7 +386,7 @@ def test_explicit_head_dim_is_written_and_honoured(tmp_path, arch):
     with torch.no_grad():
         ours = loaded(IDS).logits
         torch.testing.assert_close(ours, model(IDS).logits, rtol=1e-5, atol=1e-5)
-    if arch == "llama":   # transformers takes llama's head_dim from rope.dimension_count; qwen2's it never reads
+    if arch == "llama":   # transformers takes llama's head_dim from rope.dimension_count; qwen2/3's it never reads
         expected = hf_reference_logits(path, IDS)
         torch.testing.assert_close(ours, expected, rtol=LOGITS_RTOL, atol=LOGITS_RTOL * expected.abs().max())
 
@@ -386,8 +397,8 @@ def test_explicit_head_dim_is_written_and_honoured(tmp_path, arch):
     with torch.no_grad():
         torch.testing.assert_close(load_gguf_model(p, dtype=torch.float32, device="cpu")(IDS).logits, ours)
     # the default head size is not written
-    assert f"{arch}.attention.key_length" not in GGUFFile(save_gguf(tiny_model(arch, layers=1), tmp_path / "d.gguf",
-                                                                     "q8_0")).metadata
+    default = tiny_model(arch, layers=1, head_dim=64)
+    assert f"{arch}.attention.key_length" not in GGUFFile(save_gguf(default, tmp_path / "d.gguf", "q8_0")).metadata
 
 
 def _rewrite(tmp_path, path, name, metadata=None, tensors=None, drop=()):

@@ -104,6 +104,19 @@ def test_llama_inventory_sizes():
     assert (q.out_features, q.in_features) == (1024, 4096) and q.nbytes == 1024 * 4096 * 9 // 16
 
 
+@pytest.mark.parametrize("preset, blocks, non_embedding", [("qwen3-8b", 36, 6.95e9), ("qwen3-32b", 64, 31.2e9)])
+def test_qwen3_inventory_has_its_wide_heads(preset, blocks, non_embedding):
+    """Qwen3's head_dim (128) is not hidden / heads for the 32B: q/o are 8192 x 5120. The published
+    non-embedding parameter counts check the shapes."""
+    inv = llama_inventory(PRESETS[preset], "q4_k")
+    shape = PRESETS[preset]
+    layers = {lin.name: lin for lin in inv.linears}
+    assert (layers["model.layers.0.self_attn.q_proj"].out_features, layers["model.layers.0.self_attn.o_proj"].in_features) \
+        == (shape.heads * 128, shape.heads * 128)
+    blocks_params = sum(lin.params for lin in inv.linears if lin.name != "lm_head")
+    assert len(inv.linears) == blocks * 7 + 1 and abs(blocks_params / non_embedding - 1) < 0.01
+
+
 @pytest.mark.parametrize("budget, fixed", [(None, 0), (10**9, 100), (10, 1000)])
 def test_no_linears_to_place_is_a_clear_error(budget, fixed):
     with pytest.raises(ValueError, match="no linear layers to place"):
