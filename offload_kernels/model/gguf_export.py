@@ -1,4 +1,4 @@
-"""save_gguf: a transformers llama/mistral/qwen2/qwen3 causal LM -> a llama.cpp GGUF file.
+"""save_gguf: a transformers llama/mistral/qwen2/qwen3/phi3 causal LM -> a llama.cpp GGUF file.
 
 Linears are quantized with this package's ggml-exact quantizers (or, for OffloadedLinear layers, their
 bytes are written as they are), attn_q/attn_k rows (and their biases) are permuted the way llama.cpp's
@@ -19,7 +19,8 @@ from torch import nn
 from ..formats import QTYPES, QuantizedTensor, get_spec, quantize, write_gguf
 from ..layers import OffloadedLinear
 from .gguf_model import permute_rows
-from .gguf_names import HF_TO_GGUF_ARCHITECTURE, OUTPUT, PERMUTED_QK_ARCHITECTURES, hf_to_gguf_name, qk_side
+from .gguf_names import (HF_TO_GGUF_ARCHITECTURE, OUTPUT, PERMUTED_QK_ARCHITECTURES, SLIDING_WINDOW_ARCHITECTURES,
+                         hf_to_gguf_name, qk_side)
 
 # Per-tensor overrides approximating llama.cpp's mixed presets (GGUF-name glob -> qtype).
 MIXES: dict[str, dict[str, str]] = {
@@ -33,13 +34,21 @@ _FLOAT_TYPES = {"f32": torch.float32, "f16": torch.float16}
 _NORMAL, _UNKNOWN, _CONTROL, _BYTE = 1, 2, 3, 6
 
 
-def synthetic_spm_vocab(vocab_size: int) -> dict:
-    """A SentencePiece-style vocabulary of ``vocab_size`` tokens (specials, 256 byte tokens, word pieces)."""
-    if vocab_size < 260:
-        raise ValueError(f"a synthetic llama vocabulary needs at least 260 tokens, got {vocab_size}")
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    types = [_UNKNOWN, _CONTROL, _CONTROL] + [_BYTE] * 256
+# Control tokens llama.cpp's vocabulary loader looks up by their text for an architecture (and fails to load
+# the file without): phi3's end-of-text.
+_ARCH_CONTROL_TOKENS = {"phi3": ("<|endoftext|>",)}
+
+
+def synthetic_spm_vocab(vocab_size: int, control_tokens: "tuple[str, ...]" = ()) -> dict:
+    """A SentencePiece-style vocabulary of ``vocab_size`` tokens (specials, ``control_tokens``, 256 byte
+    tokens, word pieces)."""
+    if vocab_size < 260 + len(control_tokens):
+        raise ValueError(f"a synthetic llama vocabulary needs at least {260 + len(control_tokens)} tokens, "
+                         f"got {vocab_size}")
+    tokens = ["<unk>", "<s>", "</s>", *control_tokens] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [_UNKNOWN, _CONTROL, _CONTROL] + [_CONTROL] * len(control_tokens) + [_BYTE] * 256
     letters = "abcdefghijklmnopqrstuvwxyz"
+    n_fixed = len(tokens)
     i = 0
     while len(tokens) < vocab_size:
         word = letters[i % 26] + (letters[(i // 26) % 26] if i >= 26 else "")
@@ -48,7 +57,7 @@ def synthetic_spm_vocab(vocab_size: int) -> dict:
             tokens.append(piece)
             types.append(_NORMAL)
         i += 1
-    scores = [0.0] * 259 + [-float(j) for j in range(len(tokens) - 259)]
+    scores = [0.0] * n_fixed + [-float(j) for j in range(len(tokens) - n_fixed)]
     return {"tokens": tokens, "scores": scores, "token_type": types, "bos": 1, "eos": 2, "unk": 0}
 
 
@@ -64,7 +73,7 @@ def _choose_qtype(gguf_name: str, k: int, default: str, overrides: Mapping[str, 
 def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4_k", *,
               mix: Optional[str] = None, qtype_overrides: Optional[Mapping[str, str]] = None,
               vocab: Optional[dict] = None, name: Optional[str] = None) -> Path:
-    """Write ``model`` (a transformers llama/mistral/qwen2/qwen3 CausalLM) as a GGUF file llama.cpp can load.
+    """Write ``model`` (a transformers llama/mistral/qwen2/qwen3/phi3 CausalLM) as a GGUF file llama.cpp can load.
 
     ``qtype`` is a GGUF block format, or "f32"/"f16" for unquantized matrices.
     ``mix`` picks per-tensor overrides ("q4_k_m", "q3_k_m"); ``qtype_overrides`` adds GGUF-name globs.
@@ -112,7 +121,7 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
         else:
             tensors[gguf_name] = quantize(w, q) if q else (w if w.dim() == 1 else w.half())
 
-    vocab = vocab or synthetic_spm_vocab(config.vocab_size)
+    vocab = vocab or synthetic_spm_vocab(config.vocab_size, _ARCH_CONTROL_TOKENS.get(arch, ()))
     if len(vocab["tokens"]) != config.vocab_size:
         raise ValueError(f"vocab has {len(vocab['tokens'])} tokens but the model's vocab_size is {config.vocab_size}")
     md = {
@@ -136,6 +145,9 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
         "tokenizer.ggml.unknown_token_id": int(vocab["unk"]),
         "tokenizer.ggml.add_bos_token": True,
     }
+    window = getattr(config, "sliding_window", None) if arch in SLIDING_WINDOW_ARCHITECTURES else None
+    if window:
+        md[f"{arch}.attention.sliding_window"] = int(window)
     if head_dim != default_head_dim or config.hidden_size % n_heads:
         # An explicit head_dim (Mistral Nemo style): llama.cpp otherwise takes hidden_size / heads.
         md[f"{arch}.attention.key_length"] = int(head_dim)
@@ -171,13 +183,14 @@ def _check_rope(config) -> None:
             params.update(value)
         elif value is not None:
             raise ValueError(f"save_gguf: config.{attr}={value!r} cannot be written to GGUF metadata")
+    # transformers 5 keeps partial_rotary_factor (phi3) among the rope parameters, 4 on the config
+    partial = params.pop("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
     rope_type = params.get("rope_type", params.get("type", "default"))
     extra = sorted(set(params) - {"rope_type", "type", "rope_theta"})
     if rope_type not in (None, "default") or extra:
         raise ValueError(f"save_gguf: the config's rope scaling {params!r} cannot be expressed in the GGUF "
                          f"metadata this writes (plain rope with rope.freq_base only); rope_type "
                          f"{rope_type!r}{', keys ' + ', '.join(extra) if extra else ''} would be lost")
-    partial = getattr(config, "partial_rotary_factor", None)
     if partial not in (None, 1, 1.0):
         raise ValueError(f"save_gguf: partial_rotary_factor={partial} cannot be written (full rotary only)")
 

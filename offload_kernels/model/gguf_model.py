@@ -19,7 +19,7 @@ from ..formats import QuantizedTensor, dequantize
 from ..formats.gguf_io import GGUFError, GGUFFile, GGUFTensorInfo
 from ..layers import OffloadedLinear
 from ..units import default_device
-from .gguf_names import SUPPORTED_ARCHITECTURES, Target, gguf_targets
+from .gguf_names import SLIDING_WINDOW_ARCHITECTURES, SUPPORTED_ARCHITECTURES, Target, gguf_targets
 from .offload import _report, apply_placement
 from .planner import BudgetError, LinearSpec, Placement, default_budget, parse_bytes, plan_placement
 from .shapes import gguf_linear_plan, unsupported_type_message
@@ -66,7 +66,34 @@ def _hf_config(f: GGUFFile):
                         f"({type(exc).__name__}: {exc})") from exc
     _set_head_dim(f, config)
     _set_bias_flags(f, config)
+    _set_pad_token(f, config)
+    _set_sliding_window(f, config)
     return config
+
+
+def _set_sliding_window(f: GGUFFile, config) -> None:
+    """Full-context attention, as llama.cpp computes phi3 files: it reads attention.sliding_window but does
+    not apply it (its converters have written unreliable windows for Phi models). transformers' Phi-3 would
+    apply the window it finds in the config, so that is cleared, and a declared window only logged."""
+    if f.architecture not in SLIDING_WINDOW_ARCHITECTURES:
+        return
+    window = _metadata_int(f, f"{f.architecture}.attention.sliding_window")
+    if window:
+        log.info("%s: attention.sliding_window=%d is not applied (llama.cpp does not apply it to %s either); "
+                 "beyond %d tokens the logits differ from a sliding-window transformers model", f.path, window,
+                 f.architecture, window)
+    config.sliding_window = None
+
+
+def _set_pad_token(f: GGUFFile, config) -> None:
+    """The file's padding token, else none: a config class's default (phi3's 32000) may lie outside a smaller
+    vocabulary, where the embedding would refuse it as its padding index."""
+    pad = f.metadata.get("tokenizer.ggml.padding_token_id")
+    vocab = config.vocab_size
+    if isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad < vocab:
+        config.pad_token_id = pad
+    elif getattr(config, "pad_token_id", None) is not None and not 0 <= config.pad_token_id < vocab:
+        config.pad_token_id = None
 
 
 def _metadata_int(f: GGUFFile, key: str) -> Optional[int]:
@@ -82,7 +109,8 @@ def _set_head_dim(f: GGUFFile, config) -> None:
     """The head size as llama.cpp reads it: attention.key_length/value_length, else hidden / heads.
 
     transformers takes llama's head_dim from rope.dimension_count and ignores key_length; the two agree
-    only when the whole head is rotated, which is all transformers' llama/mistral/qwen2/qwen3 implement.
+    only when the whole head is rotated, which is all transformers' llama/mistral/qwen2/qwen3 implement
+    (a partially rotated head, as in Phi-4-mini, is refused).
     """
     arch = f.architecture
     heads, hidden = config.num_attention_heads, config.hidden_size
@@ -185,7 +213,7 @@ def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | Non
                     num_slots: int = 2, measure: bool = False, return_report: bool = False):
     """Build a transformers causal LM from a llama.cpp GGUF file, linears over the file's quantized bytes.
 
-    Architectures: llama, mistral, qwen2, qwen3. Layers within ``gpu_budget`` (bytes or "20GiB"; None: as for
+    Architectures: llama, mistral, qwen2, qwen3, phi3. Layers within ``gpu_budget`` (bytes or "20GiB"; None: as for
     :func:`offload`, the free device memory less a margin) stay resident on the device, the rest stream
     through the transfer engine. Returns the model (and the
     OffloadReport when ``return_report``). Raises GGUFError for unsupported or malformed files before

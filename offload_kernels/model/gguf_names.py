@@ -1,5 +1,5 @@
-"""GGUF <-> transformers names for the llama-family architectures (llama, mistral, qwen2, qwen3): one table
-for loading and saving.
+"""GGUF <-> transformers names for the llama-family architectures (llama, mistral, qwen2, qwen3, phi3): one
+table for loading and saving.
 
 llama.cpp names tensors ``blk.N.attn_q.weight``; transformers names the same weight
 ``model.layers.N.self_attn.q_proj.weight``. Both directions come from the tables below so the loader
@@ -15,23 +15,32 @@ from typing import Optional
 
 from ..formats.gguf_io import GGUFError, GGUFFile
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 # llama.cpp's converter permutes attn_q/attn_k rows (and the matching bias entries) for its rope layout
-# on these architectures; qwen2 and qwen3 use the neox rope layout, which needs no permutation.
+# on these architectures; qwen2, qwen3 and phi3 use the neox rope layout, which needs no permutation.
 PERMUTED_QK_ARCHITECTURES = ("llama", "mistral")
+# Architectures whose files declare a sliding window (attention.sliding_window, written by llama.cpp's
+# converter from the config), which llama.cpp nevertheless does not apply: see gguf_model._set_sliding_window.
+SLIDING_WINDOW_ARCHITECTURES = ("phi3",)
 # transformers model_type -> the GGUF architecture llama.cpp writes for it (Mistral 7B is a llama in GGUF).
-HF_TO_GGUF_ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+HF_TO_GGUF_ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
 
 BLOCK_LINEARS = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# phi3 (Phi-3, Phi-3.5, Phi-4) fuses q, k, v into one matrix (rows q, then k, then v) and gate and up into
+# ffn_up (rows gate, then up), in the same row order in both projects.
+PHI3_BLOCK_LINEARS = {
+    "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj", "ffn_up": "mlp.gate_up_proj",
+    "ffn_down": "mlp.down_proj",
+}
 # attn_q_norm/attn_k_norm: qwen3's per-head RMSNorms of q and k (before rope); other architectures have none,
 # and a file that has them anyway fails the loader's check that every tensor has a module to go to.
 BLOCK_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
                "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
-_HF_BLOCK_LINEARS = {hf: g for g, hf in BLOCK_LINEARS.items()}
+_HF_BLOCK_LINEARS = {hf: g for table in (BLOCK_LINEARS, PHI3_BLOCK_LINEARS) for g, hf in table.items()}
 _HF_BLOCK_NORMS = {hf: g for g, hf in BLOCK_NORMS.items()}
 _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 _HF_BLOCK_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
@@ -68,9 +77,10 @@ def gguf_target(name: str, arch: str) -> Optional[Target]:
     prefix = f"model.layers.{i}."
     if short in BLOCK_NORMS and what == "weight":
         return Target(prefix + BLOCK_NORMS[short] + ".weight", "norm")
-    if short in BLOCK_LINEARS:
+    linears = PHI3_BLOCK_LINEARS if arch == "phi3" else BLOCK_LINEARS
+    if short in linears:
         qk = short[-1] if arch in PERMUTED_QK_ARCHITECTURES and short in ("attn_q", "attn_k") else ""
-        return Target(prefix + BLOCK_LINEARS[short], "linear" if what == "weight" else "linear_bias", qk)
+        return Target(prefix + linears[short], "linear" if what == "weight" else "linear_bias", qk)
     return None
 
 

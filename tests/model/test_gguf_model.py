@@ -42,16 +42,23 @@ def tiny_model(arch="llama", layers=2, seed=0, **config):
     torch.manual_seed(seed)
     kw = dict(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if arch == "phi3":
+        kw["pad_token_id"] = 0          # Phi3Config's default (32000) is outside this vocabulary
     kw.update(config)
     cfg = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[arch](**kw)
+           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+           "phi3": transformers.Phi3Config}[arch](**kw)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(6)
-            layer.self_attn.k_proj.weight.mul_(6)
+            attn = layer.self_attn
+            if hasattr(attn, "qkv_proj"):                # phi3: rows q, k, v of one matrix
+                attn.qkv_proj.weight[:attn.qkv_proj.out_features - cfg.num_key_value_heads * attn.head_dim].mul_(6)
+            else:
+                attn.q_proj.weight.mul_(6)
+                attn.k_proj.weight.mul_(6)
             for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                bias = getattr(layer.self_attn, proj).bias
+                bias = getattr(getattr(layer.self_attn, proj, None), "bias", None)
                 if bias is not None:
                     bias.normal_(0, 0.5)
             for norm in ("q_norm", "k_norm"):           # qwen3: distinct per-channel gains, so a swap shows
@@ -142,7 +149,7 @@ def test_streamed_layers_give_the_same_logits(tmp_path):
             assert torch.equal(streamed(IDS).logits, a)
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "phi3"])
 def test_other_architectures(tmp_path, arch):
     model = tiny_model(arch)
     path = save_gguf(model, tmp_path / "m.gguf", "q8_0")
@@ -163,7 +170,12 @@ def test_other_architectures(tmp_path, arch):
         # llama name load as LlamaForCausalLM, which computes the same function at this context length.
         (tmp_path / "as_llama").mkdir()
         path = save_gguf(model, tmp_path / "as_llama" / "m.gguf", "q8_0", name="llama")
-    torch.testing.assert_close(ours, hf_reference_logits(path, IDS), rtol=LOGITS_RTOL,
+    if arch == "phi3":
+        assert isinstance(loaded.model.layers[1].self_attn.qkv_proj, OffloadedLinear)
+        assert isinstance(loaded.model.layers[1].mlp.gate_up_proj, OffloadedLinear)
+    # transformers' reader keeps Phi3Config's pad token (32000), outside this vocabulary: give it ours
+    config = loaded.config if arch == "phi3" else None
+    torch.testing.assert_close(ours, hf_reference_logits(path, IDS, config), rtol=LOGITS_RTOL,
                                atol=LOGITS_RTOL * ours.abs().max())
 
 
@@ -264,8 +276,9 @@ def _parity(path: Path, model) -> tuple[float, float, float]:
 
 @needs_llama_cpp
 @pytest.mark.parametrize("arch, config", [("llama", {}), ("llama", {"attention_bias": True}), ("llama", {"head_dim": 32}),
-                                          ("llama", {"tie_word_embeddings": True}), ("qwen2", {}), ("qwen3", {})],
-                         ids=["plain", "attention_bias", "head_dim", "tied", "qwen2", "qwen3"])
+                                          ("llama", {"tie_word_embeddings": True}), ("qwen2", {}), ("qwen3", {}),
+                                          ("phi3", {}), ("phi3", {"sliding_window": 4})],
+                         ids=["plain", "attention_bias", "head_dim", "tied", "qwen2", "qwen3", "phi3", "phi3_window"])
 def test_parity_with_llama_cpp_unquantized(tmp_path, arch, config):
     """An f32 file isolates everything but the matmul arithmetic (names, q/k rows and biases, rope, norms,
     head sizes, tied output, config): llama.cpp (with an f32 KV cache) and we must then agree to float
@@ -531,3 +544,25 @@ def test_inventory_is_what_the_loader_places(tmp_path, case):
                for lin in inventory.linears)
     if case == "f16_ffn_up":
         assert not any(n.endswith("mlp.up_proj") for n in names)     # float linears stay resident: fixed bytes
+
+
+def test_phi3_sliding_window_is_written_but_not_applied(tmp_path, caplog):
+    """llama.cpp's converter writes phi3's window and llama.cpp does not apply it (the optional llama.cpp
+    parity test checks that on a window of 4): neither do we, and we say so."""
+    model = tiny_model("phi3", sliding_window=4)
+    path = save_gguf(model, tmp_path / "m.gguf", "f32")
+    assert GGUFFile(path).metadata["phi3.attention.sliding_window"] == 4
+    with caplog.at_level("INFO", logger="offload_kernels"):
+        loaded = load_gguf_model(path, dtype=torch.float32, device="cpu")
+    assert loaded.config.sliding_window is None and "sliding_window=4 is not applied" in caplog.text
+    full = tiny_model("phi3")                       # the same weights without a window
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, full(IDS).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(model(IDS).logits, full(IDS).logits, atol=1e-3)     # the window matters here
+
+
+def test_partial_rotary_is_refused_when_saving(tmp_path):
+    model = tiny_model("phi3", layers=1, partial_rotary_factor=0.5)
+    with pytest.raises(ValueError, match="partial_rotary_factor=0.5 cannot be written"):
+        save_gguf(model, tmp_path / "m.gguf", "q8_0")
+    assert not list(tmp_path.iterdir())
