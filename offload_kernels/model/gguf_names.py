@@ -98,6 +98,10 @@ def gguf_targets(f: GGUFFile) -> dict[str, Target]:
             unknown.append(name)
         else:
             out[name] = target
+    longrope = [n for n in unknown if n.startswith("rope_factors_")]
+    if longrope:
+        raise GGUFError(f"{f.path}: long-context rope scaling ({', '.join(longrope)}: LongRoPE, as in Phi-3-128k "
+                        f"and Phi-3.5) is not supported")
     if unknown:
         raise GGUFError(f"{f.path}: tensors not understood for architecture {arch!r}: {', '.join(unknown[:8])}"
                         + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""))

@@ -566,3 +566,13 @@ def test_partial_rotary_is_refused_when_saving(tmp_path):
     with pytest.raises(ValueError, match="partial_rotary_factor=0.5 cannot be written"):
         save_gguf(model, tmp_path / "m.gguf", "q8_0")
     assert not list(tmp_path.iterdir())
+
+
+def test_longrope_files_are_refused_by_name(tmp_path):
+    path = save_gguf(tiny_model("phi3", layers=1), tmp_path / "m.gguf", "q8_0")
+    f = GGUFFile(path)
+    half = f.metadata["phi3.rope.dimension_count"] // 2
+    p = _rewrite(tmp_path, path, "longrope.gguf",
+                 tensors={"rope_factors_long.weight": torch.ones(half), "rope_factors_short.weight": torch.ones(half)})
+    with pytest.raises(GGUFError, match=r"rope_factors_long.weight, rope_factors_short.weight: LongRoPE"):
+        load_gguf_model(p, device="cpu")
