@@ -72,6 +72,12 @@ class OffloadReport:
             f"  device total: {human_bytes(p.device_bytes)}; resident fraction of quantized weights "
             f"{p.resident_fraction:.0%}",
         ]
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in self.skipped.items():
+            by_reason.setdefault(reason, []).append(name)
+        # why each kept layer was kept, one line per reason, under the first line
+        lines[1:1] = [f"  kept {names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''}: {reason}"
+                      for reason, names in by_reason.items()]
         if self.hardware is not None and self.predictions:
             hw = self.hardware
             lines.append(f"  measured: link {hw.link_bytes_per_s / 1e9:.1f} GB/s, memory {hw.hbm_bytes_per_s / 1e9:.1f} "

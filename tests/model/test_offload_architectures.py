@@ -140,6 +140,9 @@ def test_t5_keeps_the_modules_the_model_keeps_in_fp32(streamed, ids):
     assert len(wo) == 4 and all("_keep_in_fp32_modules lists 'wo'" in report.skipped[n] for n in wo)
     assert all(type(model.get_submodule(n)) is nn.Linear for n in wo)
     assert isinstance(model.get_submodule("encoder.block.0.layer.1.DenseReluDense.wi"), OffloadedLinear)
+    text = str(report).splitlines()        # the report says why, one line per reason
+    assert text[1].startswith("  kept encoder.block.0.layer.1.DenseReluDense.wo and 3 more: the model keeps it in fp32")
+    assert text[2] == "  kept lm_head: skipped by configuration"
     with torch.no_grad():
         torch.testing.assert_close(model(ids, decoder_input_ids=ids[:, :5]).logits,
                                    ref(ids, decoder_input_ids=ids[:, :5]).logits, rtol=RTOL, atol=ATOL)
