@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
                     sync = r["BAR"] + r["LDS"] + r["STS"] + r["SHFL"]
                     rows.append({"kernel": "gemv_loop_sm90", "provider": f"layout{layout}", "x": m, "median": ipw,
                                  "p20": ipw, "p80": ipw, "unit": "instructions/weight/token",
-                                 **info.columns(), "qtype": qtype, "dtype": x, "block_n": r["block_n"], "warps": r["warps"],
-                                 "stages": r["stages"], "registers": r.get("registers"),
+                                 **info.columns(), "qtype": qtype, "dtype": x, "block_n": r["block_n"],
+                                 "warps": r["warps"], "stages": r["stages"], "registers": r.get("registers"),
                                  "spill_bytes": r.get("stack_bytes"), "loop_sync_ops": sync, "prmt": r["PRMT"]})
                     table.append((qtype, x, m, layout, f"{r['block_n']}/{r['warps']}/{r['stages']}", f"{ipw:.2f}",
                                   r.get("registers"), r.get("stack_bytes"), sync))

@@ -196,8 +196,8 @@ def q6_k_scale(scales_ptr, s):
 def quant_value(u, OFFSET: tl.constexpr, F16: tl.constexpr):
     """u - OFFSET exactly, for integer quants 0 <= u < 1024 (int32, or int16 with F16): fp32 through the
     2**23 magic number, or (F16) fp16 through 1024's: u OR-ed into the 10-bit mantissa of 1024.0 is the
-    fp16 1024 + u, and subtracting 1024 + OFFSET is exact. Both are one integer op and one add, and the fp16 ones pack two
-    weights per instruction (LOP3/HADD2 on half2 registers)."""
+    fp16 1024 + u, and subtracting 1024 + OFFSET is exact. Both are one integer op and one add, and the fp16
+    ones pack two weights per instruction (LOP3/HADD2 on half2 registers)."""
     if F16:
         return (u.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + OFFSET)
     else:

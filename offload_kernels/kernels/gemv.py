@@ -583,15 +583,14 @@ def _gemv_layout3(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, 
     """The (BLOCK_M, BLOCK_N) partial sums over steps [step_begin, step_end), word-wide decode."""
     # The token axis comes after the rows in the layout's order, so that a thread holds every token of its
     # rows and the weight decode (the same for every token) is done once per thread, not once per token.
+    rows = w_rows[None, :, None]
     if _WEIGHT_AXIS_FIRST:
         SHAPE: tl.constexpr = (16, BLOCK_N, BLOCK_M)
         i = tl.arange(0, 16)[:, None, None]
-        rows = w_rows[None, :, None]
         xs = x_rows[None, None, :]
     else:
         SHAPE: tl.constexpr = (BLOCK_M, BLOCK_N, 16)
         i = tl.arange(0, 16)[None, None, :]
-        rows = w_rows[None, :, None]
         xs = x_rows[:, None, None]
     acc = tl.zeros(SHAPE, dtype=tl.float32)
     full_steps = K // 256          # q4_0/q8_0 rows may end inside a step: that one runs after the loop

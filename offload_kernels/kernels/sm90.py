@@ -112,7 +112,9 @@ def gemv_loop_report(qtype: str, x: str, m: int, layout: "int | None" = None, n:
     sass = sass_of(kernel)
     if sass is None:
         return report
-    body = loop_body(sass) or []
+    body = loop_body(sass)
+    if body is None:
+        raise ValueError(f"no main loop found in the {qtype} GEMV's machine code")
     ops = opcode_counts(body)
     weights = block_n * configs.GEMV_STEP_K / (32 * c.num_warps)      # per thread and loop iteration
     report.update({"loop_instructions": len(body), "weights_per_thread": weights,

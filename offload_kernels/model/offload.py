@@ -255,6 +255,8 @@ def select_linears(model: nn.Module, qtype: str = "q4_k", skip: "str | Sequence[
     get_spec(qtype)
     if fallback_qtype is not None:
         get_spec(fallback_qtype)
+    if not isinstance(keep_model_fp32_modules, bool):
+        raise TypeError(f"keep_model_fp32_modules must be True or False, got {keep_model_fp32_modules!r}")
     skip = _patterns(skip, "skip")
     overrides = _overrides(qtype_overrides)
     linears = {name: m for name, m in model.named_modules() if is_linear_like(m)}

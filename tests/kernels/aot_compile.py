@@ -18,20 +18,13 @@ from offload_kernels.kernels import configs
 from offload_kernels.kernels.decode import QTYPE_CODES, SUB_BLOCK
 from offload_kernels.kernels.dequant import _dequant_kernel
 from offload_kernels.kernels.gemm import GROUP_M, _gemm_kernel, dot_precision, f16_decode_default
-from offload_kernels.kernels.gemv import _gemv_kernel
-from offload_kernels.kernels.sm90 import ALIGNED, compile_kernel, loop_body, sass_of
+from offload_kernels.kernels.sm90 import ALIGNED, GEMV_SIGNATURE, compile_kernel, gemv_loop_report, loop_body, sass_of
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def loop_sync_ops(sass: str) -> dict[str, int]:
-    """Barriers, shared-memory accesses and shuffles inside the kernel's main loop: the layout conversions'
-    cost."""
-    body = loop_body(sass)
-    if body is None:
-        return {"no_loop": 1}
-    return {kind: sum(op.startswith(prefix) for op in body)
-            for kind, prefix in (("BAR", "BAR"), ("LDS", "LDS"), ("STS", "STS"), ("SHFL", "SHFL"))}
+#: Barriers, shared-memory accesses and shuffles in a loop: the cost of layout conversions.
+SYNC_OPS = ("BAR", "LDS", "STS", "SHFL")
 
 
 def main() -> int:
@@ -39,34 +32,23 @@ def main() -> int:
               "gemm_fp16_loop_instructions": {}, "gemm_loop_global_loads": {}, "triton": triton.__version__}
     for qtype, code in QTYPE_CODES.items():
         for x in ("fp32", "fp16", "bf16"):
-            sig = {"x_ptr": f"*{x}", "w_ptr": "*u8", "bias_ptr": f"*{x}", "out_ptr": f"*{x}", "ws_ptr": "*fp32",
-                   "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "row_bytes": "i32",
-                   "split_k": "i32", "M_BUCKET": "i32"}
-            tile_a, tile_b = configs.GEMV_TILE[qtype]
+            sig = {name: t.format(x=x) for name, t in GEMV_SIGNATURE.items()}     # the GEMM's arguments too
             gemv_builds = [(block_m, None, None) for block_m in ((1, 4) if x == "fp16" else (1,))]
             if x == "fp16":
                 # layout 1; layout 2 unpipelined and layout 3 (their loops are inspected)
                 gemv_builds += [(1, 1, None), (1, 2, 1), (1, 3, None)]
             for block_m, layout, stages in gemv_builds:
-                c = configs.gemv_heuristic_config(block_m, 4096, 4096, qtype, 132, layout=layout)
-                stages = c.kwargs["STAGES"] if stages is None else stages
-                k = compile_kernel(_gemv_kernel, sig, dict(QTYPE=code, HAS_BIAS=True, BLOCK_M=block_m,
-                                                           BLOCK_N=c.kwargs["BLOCK_N"], TILE_A=tile_a, TILE_B=tile_b,
-                                                           WORD_LOADS=True, LAYOUT=c.kwargs["LAYOUT"], STAGES=stages),
-                                   ALIGNED, num_warps=c.num_warps)
-                report["compiled"].append(f"gemv/{qtype}/{x}/m{block_m}/layout{c.kwargs['LAYOUT']}/stages{stages}")
-                if c.kwargs["LAYOUT"] == 2 and stages == 1:
-                    sass = sass_of(k)
-                    if sass is not None:
-                        report["gemv_layout2_loop_sync"][qtype] = loop_sync_ops(sass)
+                r = gemv_loop_report(qtype, x, block_m, layout, stages=stages)
+                report["compiled"].append(f"gemv/{qtype}/{x}/m{block_m}/layout{r['layout']}/stages{r['stages']}")
+                if "loop_instructions" not in r:        # no cuobjdump: the machine code cannot be read
+                    continue
+                sync = {op: r[op] for op in SYNC_OPS}
+                if r["layout"] == 2 and r["stages"] == 1:
+                    report["gemv_layout2_loop_sync"][qtype] = sync
                 if layout == 3:         # the fp16 build asked for, not the formats' default builds
-                    sass = sass_of(k)
-                    if sass is not None:
-                        body = loop_body(sass) or []
-                        weights = c.kwargs["BLOCK_N"] * configs.GEMV_STEP_K / (32 * c.num_warps)   # per thread
-                        report["gemv_layout3_loop"][qtype] = {
-                            **loop_sync_ops(sass), "PRMT": sum(op.startswith("PRMT") for op in body),
-                            "weights_per_thread": weights, "instructions_per_weight": len(body) / weights}
+                    report["gemv_layout3_loop"][qtype] = {
+                        **sync, "PRMT": r["PRMT"], "weights_per_thread": r["weights_per_thread"],
+                        "instructions_per_weight": r["instructions_per_weight_token"]}
             default = f16_decode_default(DTYPES[x], qtype)
             # fp16: both weight decodes at a mid-M (16) and a large-M (512) tile, to compare their loops.
             # Every dtype: the swapped-operand variant at a mid-M tile too (a tuned option, compiled only here).

@@ -275,9 +275,9 @@ def _parity(path: Path, model) -> tuple[float, float, float]:
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("arch, config", [("llama", {}), ("llama", {"attention_bias": True}), ("llama", {"head_dim": 32}),
-                                          ("llama", {"tie_word_embeddings": True}), ("qwen2", {}), ("qwen3", {}),
-                                          ("phi3", {}), ("phi3", {"sliding_window": 4})],
+@pytest.mark.parametrize("arch, config", [("llama", {}), ("llama", {"attention_bias": True}),
+                                          ("llama", {"head_dim": 32}), ("llama", {"tie_word_embeddings": True}),
+                                          ("qwen2", {}), ("qwen3", {}), ("phi3", {}), ("phi3", {"sliding_window": 4})],
                          ids=["plain", "attention_bias", "head_dim", "tied", "qwen2", "qwen3", "phi3", "phi3_window"])
 def test_parity_with_llama_cpp_unquantized(tmp_path, arch, config):
     """An f32 file isolates everything but the matmul arithmetic (names, q/k rows and biases, rope, norms,

@@ -111,8 +111,8 @@ def test_qwen3_inventory_has_its_wide_heads(preset, blocks, non_embedding):
     inv = llama_inventory(PRESETS[preset], "q4_k")
     shape = PRESETS[preset]
     layers = {lin.name: lin for lin in inv.linears}
-    assert (layers["model.layers.0.self_attn.q_proj"].out_features, layers["model.layers.0.self_attn.o_proj"].in_features) \
-        == (shape.heads * 128, shape.heads * 128)
+    q, o = layers["model.layers.0.self_attn.q_proj"], layers["model.layers.0.self_attn.o_proj"]
+    assert (q.out_features, o.in_features) == (shape.heads * 128, shape.heads * 128)
     blocks_params = sum(lin.params for lin in inv.linears if lin.name != "lm_head")
     assert len(inv.linears) == blocks * 7 + 1 and abs(blocks_params / non_embedding - 1) < 0.01
 
