@@ -1,4 +1,4 @@
-"""save_gguf: a transformers llama/mistral/qwen2/qwen3/phi3 causal LM -> a llama.cpp GGUF file.
+"""save_gguf: a transformers llama/mistral/qwen2/qwen3/phi3/gemma2/gemma3 causal LM -> a llama.cpp GGUF file.
 
 Linears are quantized with this package's ggml-exact quantizers (or, for OffloadedLinear layers, their
 bytes are written as they are), attn_q/attn_k rows (and their biases) are permuted the way llama.cpp's
@@ -19,8 +19,9 @@ from torch import nn
 from ..formats import QTYPES, QuantizedTensor, get_spec, quantize, write_gguf
 from ..layers import OffloadedLinear
 from .gguf_model import permute_rows
-from .gguf_names import (HF_TO_GGUF_ARCHITECTURE, OUTPUT, PERMUTED_QK_ARCHITECTURES, SLIDING_WINDOW_ARCHITECTURES,
-                         hf_to_gguf_name, qk_side)
+from .gguf_names import (GEMMA_ARCHITECTURES, HF_TO_GGUF_ARCHITECTURE, OUTPUT, PERMUTED_QK_ARCHITECTURES,
+                         SLIDING_WINDOW_ARCHITECTURES, hf_to_gguf_name, qk_side)
+from .gemma import gemma_metadata
 
 # Per-tensor overrides approximating llama.cpp's mixed presets (GGUF-name glob -> qtype).
 MIXES: dict[str, dict[str, str]] = {
@@ -73,7 +74,9 @@ def _choose_qtype(gguf_name: str, k: int, default: str, overrides: Mapping[str, 
 def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4_k", *,
               mix: Optional[str] = None, qtype_overrides: Optional[Mapping[str, str]] = None,
               vocab: Optional[dict] = None, name: Optional[str] = None) -> Path:
-    """Write ``model`` (a transformers llama/mistral/qwen2/qwen3/phi3 CausalLM) as a GGUF file llama.cpp can load.
+    """Write ``model`` (a transformers llama/mistral/qwen2/qwen3/phi3/gemma2/gemma3 text CausalLM) as a GGUF file
+    llama.cpp can load. Settings llama.cpp would not reproduce (rope scaling it cannot read, a Gemma attention
+    scale or layer pattern other than the one it derives) raise ValueError before anything is written.
 
     ``qtype`` is a GGUF block format, or "f32"/"f16" for unquantized matrices.
     ``mix`` picks per-tensor overrides ("q4_k_m", "q3_k_m"); ``qtype_overrides`` adds GGUF-name globs.
@@ -85,8 +88,8 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
     model_type = config.model_type
     if model_type not in HF_TO_GGUF_ARCHITECTURE:
         raise ValueError(f"save_gguf supports {', '.join(HF_TO_GGUF_ARCHITECTURE)} models, got {model_type!r}")
-    _check_rope(config)
     arch = HF_TO_GGUF_ARCHITECTURE[model_type]
+    arch_md = gemma_metadata(config, arch) if arch in GEMMA_ARCHITECTURES else _check_rope(config)
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
     default_head_dim = config.hidden_size // n_heads
     head_dim = getattr(config, "head_dim", None) or default_head_dim
@@ -100,7 +103,7 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
                 value = modules[module_name].quantized_weight()
             elif not hf_name.endswith(".bias"):
                 continue                                       # weight_format: encoded in the GGUF type
-        gguf_name = hf_to_gguf_name(hf_name)
+        gguf_name = hf_to_gguf_name(hf_name, arch)
         if gguf_name is None:
             continue
         if getattr(config, "tie_word_embeddings", False) and gguf_name == OUTPUT:
@@ -112,7 +115,9 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
             tensors[gguf_name] = value.index_rows(permute_rows(value.shape[0], heads)) if side else value
             continue
         w = value.detach().float().cpu()
-        if side:
+        if arch in GEMMA_ARCHITECTURES and gguf_name.endswith("norm.weight"):
+            w = w + 1.0                      # llama.cpp multiplies by the stored gain, Gemma by 1 + w
+        elif side:
             w = w[permute_rows(w.shape[0], heads)]
         is_matrix = w.dim() == 2 and not gguf_name.endswith("norm.weight")
         q = _choose_qtype(gguf_name, w.shape[-1], qtype, overrides) if is_matrix else None
@@ -133,7 +138,7 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
         f"{arch}.attention.head_count": int(n_heads),
         f"{arch}.attention.head_count_kv": int(n_kv),
         f"{arch}.attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
-        f"{arch}.rope.freq_base": float(_rope_theta(config)),
+        f"{arch}.rope.freq_base": float(arch_md.pop("rope.freq_base", None) or _rope_theta(config)),
         f"{arch}.rope.dimension_count": int(head_dim),
         f"{arch}.vocab_size": int(config.vocab_size),
         "tokenizer.ggml.model": "llama",
@@ -148,7 +153,8 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
     window = getattr(config, "sliding_window", None) if arch in SLIDING_WINDOW_ARCHITECTURES else None
     if window:
         md[f"{arch}.attention.sliding_window"] = int(window)
-    if head_dim != default_head_dim or config.hidden_size % n_heads:
+    md.update({f"{arch}.{key}": value for key, value in arch_md.items()})
+    if head_dim != default_head_dim or config.hidden_size % n_heads or arch in GEMMA_ARCHITECTURES:
         # An explicit head_dim (Mistral Nemo style): llama.cpp otherwise takes hidden_size / heads.
         md[f"{arch}.attention.key_length"] = int(head_dim)
         md[f"{arch}.attention.value_length"] = int(head_dim)
@@ -174,8 +180,10 @@ def _check_qtypes(qtype, mix, qtype_overrides) -> dict[str, Optional[str]]:
     return overrides
 
 
-def _check_rope(config) -> None:
-    """Only plain rope with a base frequency is written (rope.freq_base); anything else would be lost."""
+def _check_rope(config) -> dict:
+    """Plain rope (rope.freq_base) or linear scaling (rope.scaling.type/factor, which llama.cpp reads) is
+    written; any other scaling would be lost, so it is a ValueError. Returns the extra metadata (keys without
+    the architecture prefix)."""
     params: dict = {}
     for attr in ("rope_scaling", "rope_parameters"):       # transformers 4 / 5 names
         value = getattr(config, attr, None)
@@ -186,13 +194,20 @@ def _check_rope(config) -> None:
     # transformers 5 keeps partial_rotary_factor (phi3) among the rope parameters, 4 on the config
     partial = params.pop("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
     rope_type = params.get("rope_type", params.get("type", "default"))
-    extra = sorted(set(params) - {"rope_type", "type", "rope_theta"})
-    if rope_type not in (None, "default") or extra:
+    allowed = {"rope_type", "type", "rope_theta"} | ({"factor"} if rope_type == "linear" else set())
+    extra = sorted(set(params) - allowed)
+    if rope_type not in (None, "default", "linear") or extra:
         raise ValueError(f"save_gguf: the config's rope scaling {params!r} cannot be expressed in the GGUF "
-                         f"metadata this writes (plain rope with rope.freq_base only); rope_type "
+                         f"metadata this writes (rope.freq_base and linear scaling only); rope_type "
                          f"{rope_type!r}{', keys ' + ', '.join(extra) if extra else ''} would be lost")
     if partial not in (None, 1, 1.0):
         raise ValueError(f"save_gguf: partial_rotary_factor={partial} cannot be written (full rotary only)")
+    if rope_type == "linear":
+        factor = params.get("factor")
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 0:
+            raise ValueError(f"save_gguf: linear rope scaling needs a positive factor, got {factor!r}")
+        return {"rope.scaling.type": "linear", "rope.scaling.factor": float(factor)}
+    return {}
 
 
 def _rope_theta(config) -> float:

@@ -19,7 +19,8 @@ from ..formats import QuantizedTensor, dequantize
 from ..formats.gguf_io import GGUFError, GGUFFile, GGUFTensorInfo
 from ..layers import OffloadedLinear
 from ..units import default_device
-from .gguf_names import SLIDING_WINDOW_ARCHITECTURES, SUPPORTED_ARCHITECTURES, Target, gguf_targets
+from .gemma import configure_gemma, rope_scaling
+from .gguf_names import GEMMA_ARCHITECTURES, SLIDING_WINDOW_ARCHITECTURES, SUPPORTED_ARCHITECTURES, Target, gguf_targets
 from .offload import _report, apply_placement
 from .planner import BudgetError, LinearSpec, Placement, default_budget, parse_bytes, plan_placement
 from .shapes import gguf_linear_plan, unsupported_type_message
@@ -68,7 +69,21 @@ def _hf_config(f: GGUFFile):
     _set_bias_flags(f, config)
     _set_pad_token(f, config)
     _set_sliding_window(f, config)
+    if f.architecture in GEMMA_ARCHITECTURES:
+        configure_gemma(f, config)
+    else:
+        _set_rope_scaling(f, config)
     return config
+
+
+def _set_rope_scaling(f: GGUFFile, config) -> None:
+    """Linear rope scaling as llama.cpp applies it (positions divided by the factor); transformers' GGUF reader
+    drops it. Other scaling types are refused by name (gemma.rope_scaling)."""
+    factor = rope_scaling(f)
+    if factor is not None:
+        params = dict(getattr(config, "rope_parameters", None) or {})
+        params.update(rope_type="linear", factor=factor)
+        config.rope_parameters = params
 
 
 def _set_sliding_window(f: GGUFFile, config) -> None:
@@ -213,7 +228,7 @@ def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | Non
                     num_slots: int = 2, measure: bool = False, return_report: bool = False):
     """Build a transformers causal LM from a llama.cpp GGUF file, linears over the file's quantized bytes.
 
-    Architectures: llama, mistral, qwen2, qwen3, phi3. Layers within ``gpu_budget`` (bytes or "20GiB"; None: as for
+    Architectures: llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3 (text). Layers within ``gpu_budget`` (bytes or "20GiB"; None: as for
     :func:`offload`, the free device memory less a margin) stay resident on the device, the rest stream
     through the transfer engine. Returns the model (and the
     OffloadReport when ``return_report``). Raises GGUFError for unsupported or malformed files before
@@ -300,7 +315,10 @@ def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report)
         if isinstance(new, OffloadedLinear):
             layers[hf] = new
     for name, target in targets.items():
-        if target.kind in ("embedding", "norm"):
+        if target.kind == "norm" and arch in GEMMA_ARCHITECTURES:
+            # the file holds 1 + w (gguf_names.GEMMA_ARCHITECTURES); exact when the gain lies in [0.5, 2]
+            _set_parameter(model, target.hf_name, (_dense(f, name, torch.float32) - 1.0).to(dtype))
+        elif target.kind in ("embedding", "norm"):
             _set_parameter(model, target.hf_name, _dense(f, name, dtype))
         elif target.kind == "rope_freqs":
             _apply_rope_freqs(model, f.tensor(name).float())

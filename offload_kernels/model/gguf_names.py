@@ -1,5 +1,5 @@
-"""GGUF <-> transformers names for the llama-family architectures (llama, mistral, qwen2, qwen3, phi3): one
-table for loading and saving.
+"""GGUF <-> transformers names for the llama-family architectures (llama, mistral, qwen2, qwen3, phi3) and
+Gemma 2 and 3 (gemma2, gemma3): one table for loading and saving.
 
 llama.cpp names tensors ``blk.N.attn_q.weight``; transformers names the same weight
 ``model.layers.N.self_attn.q_proj.weight``. Both directions come from the tables below so the loader
@@ -15,15 +15,20 @@ from typing import Optional
 
 from ..formats.gguf_io import GGUFError, GGUFFile
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
 # llama.cpp's converter permutes attn_q/attn_k rows (and the matching bias entries) for its rope layout
 # on these architectures; qwen2, qwen3 and phi3 use the neox rope layout, which needs no permutation.
 PERMUTED_QK_ARCHITECTURES = ("llama", "mistral")
 # Architectures whose files declare a sliding window (attention.sliding_window, written by llama.cpp's
 # converter from the config), which llama.cpp nevertheless does not apply: see gguf_model._set_sliding_window.
 SLIDING_WINDOW_ARCHITECTURES = ("phi3",)
-# transformers model_type -> the GGUF architecture llama.cpp writes for it (Mistral 7B is a llama in GGUF).
-HF_TO_GGUF_ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
+# Gemma: llama.cpp's converter stores every RMSNorm gain as 1 + w (Gemma's norm multiplies by 1 + w, llama.cpp's
+# by the stored gain); the loader subtracts the 1 again, the exporter adds it.
+GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
+# transformers model_type -> the GGUF architecture llama.cpp writes for it (Mistral 7B is a llama in GGUF; a
+# text-only Gemma 3 is transformers' gemma3_text).
+HF_TO_GGUF_ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+                           "gemma2": "gemma2", "gemma3_text": "gemma3"}
 
 BLOCK_LINEARS = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -40,8 +45,12 @@ PHI3_BLOCK_LINEARS = {
 # and a file that has them anyway fails the loader's check that every tensor has a module to go to.
 BLOCK_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
                "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+# Gemma 2/3 normalize both sublayers' inputs and outputs. transformers' post_attention_layernorm is the norm of
+# the attention output here (llama.cpp's post_attention_norm), not the pre-FFN norm it is in llama.
+GEMMA_BLOCK_NORMS = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+                     "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+                     "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 _HF_BLOCK_LINEARS = {hf: g for table in (BLOCK_LINEARS, PHI3_BLOCK_LINEARS) for g, hf in table.items()}
-_HF_BLOCK_NORMS = {hf: g for g, hf in BLOCK_NORMS.items()}
 _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 _HF_BLOCK_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
@@ -60,6 +69,11 @@ class Target:
     qk: str = ""      # "q"/"k": rows (weight) or entries (bias) permuted by llama.cpp's converter for rope
 
 
+def block_norms(arch: str) -> dict[str, str]:
+    """GGUF block norm name -> transformers module path (relative to the block) for ``arch``."""
+    return GEMMA_BLOCK_NORMS if arch in GEMMA_ARCHITECTURES else BLOCK_NORMS
+
+
 def gguf_target(name: str, arch: str) -> Optional[Target]:
     """The transformers destination of GGUF tensor ``name`` (None when the name is not one we map)."""
     if name == EMBEDDING:
@@ -75,8 +89,9 @@ def gguf_target(name: str, arch: str) -> Optional[Target]:
         return None
     i, short, what = m.groups()
     prefix = f"model.layers.{i}."
-    if short in BLOCK_NORMS and what == "weight":
-        return Target(prefix + BLOCK_NORMS[short] + ".weight", "norm")
+    norms = block_norms(arch)
+    if short in norms and what == "weight":
+        return Target(prefix + norms[short] + ".weight", "norm")
     linears = PHI3_BLOCK_LINEARS if arch == "phi3" else BLOCK_LINEARS
     if short in linears:
         qk = short[-1] if arch in PERMUTED_QK_ARCHITECTURES and short in ("attn_q", "attn_k") else ""
@@ -108,8 +123,9 @@ def gguf_targets(f: GGUFFile) -> dict[str, Target]:
     return out
 
 
-def hf_to_gguf_name(hf_name: str) -> Optional[str]:
-    """The GGUF name of a transformers state_dict entry (None for entries GGUF does not store)."""
+def hf_to_gguf_name(hf_name: str, arch: str = "llama") -> Optional[str]:
+    """The GGUF name of a transformers state_dict entry of a model saved as GGUF architecture ``arch`` (None for
+    entries GGUF does not store)."""
     if hf_name == "model.embed_tokens.weight":
         return EMBEDDING
     if hf_name == "model.norm.weight":
@@ -122,8 +138,9 @@ def hf_to_gguf_name(hf_name: str) -> Optional[str]:
     i, rest, what = m.groups()
     if rest in _HF_BLOCK_LINEARS:
         return f"blk.{i}.{_HF_BLOCK_LINEARS[rest]}.{what}"
-    if rest in _HF_BLOCK_NORMS and what == "weight":
-        return f"blk.{i}.{_HF_BLOCK_NORMS[rest]}.weight"
+    hf_norms = {hf: g for g, hf in block_norms(arch).items()}
+    if rest in hf_norms and what == "weight":
+        return f"blk.{i}.{hf_norms[rest]}.weight"
     return None
 
 

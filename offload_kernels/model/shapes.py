@@ -45,6 +45,10 @@ PRESETS: dict[str, LlamaShape] = {
     "qwen2-72b": LlamaShape(8192, 29568, 80, 64, 8, 152064),
     "qwen3-8b": LlamaShape(4096, 12288, 36, 32, 8, 151936, head_dim=128),
     "qwen3-32b": LlamaShape(5120, 25600, 64, 64, 8, 151936, head_dim=128),   # q is 64 x 128 = 8192 wide
+    # Gemma: lm_head is the tied embedding (in GGUF one quantized token_embd serves both)
+    "gemma-2-27b": LlamaShape(4608, 36864, 46, 32, 16, 256000, head_dim=128),
+    "gemma-3-12b": LlamaShape(3840, 15360, 48, 16, 8, 262208, head_dim=256),
+    "gemma-3-27b": LlamaShape(5376, 21504, 62, 32, 16, 262208, head_dim=128),
 }
 
 

@@ -117,6 +117,17 @@ def test_qwen3_inventory_has_its_wide_heads(preset, blocks, non_embedding):
     assert len(inv.linears) == blocks * 7 + 1 and abs(blocks_params / non_embedding - 1) < 0.01
 
 
+@pytest.mark.parametrize("preset, total", [("gemma-2-27b", 27.2e9), ("gemma-3-12b", 12.2e9 - 0.42e9),
+                                           ("gemma-3-27b", 27.4e9 - 0.42e9)])
+def test_gemma_inventories_match_published_sizes(preset, total):
+    """Published totals (Gemma 3's less its 0.42B SigLIP vision tower), embedding counted once (tied)."""
+    shape = PRESETS[preset]
+    inv = llama_inventory(shape, "q4_k")
+    blocks_params = sum(lin.params for lin in inv.linears if lin.name != "lm_head")
+    assert abs((blocks_params + shape.vocab * shape.hidden) / total - 1) < 0.01
+    assert all(lin.in_features % 256 == 0 for lin in inv.linears)         # every linear takes the k-quants
+
+
 @pytest.mark.parametrize("budget, fixed", [(None, 0), (10**9, 100), (10, 1000)])
 def test_no_linears_to_place_is_a_clear_error(budget, fixed):
     with pytest.raises(ValueError, match="no linear layers to place"):
