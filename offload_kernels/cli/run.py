@@ -13,7 +13,8 @@ import torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="path to a .gguf file (llama, mistral, qwen2, qwen3 or phi3 architecture)")
+    parser.add_argument("model", help="path to a .gguf file (architecture llama, mistral, qwen2, qwen3, phi3, gemma2 "
+                                      "or gemma3)")
     parser.add_argument("--prompt", default="Once upon a time", help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--gpu-budget", default=None, help="device bytes for weights + staging, e.g. 20GiB "

@@ -228,10 +228,10 @@ def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | Non
                     num_slots: int = 2, measure: bool = False, return_report: bool = False):
     """Build a transformers causal LM from a llama.cpp GGUF file, linears over the file's quantized bytes.
 
-    Architectures: llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3 (text). Layers within ``gpu_budget`` (bytes or "20GiB"; None: as for
-    :func:`offload`, the free device memory less a margin) stay resident on the device, the rest stream
-    through the transfer engine. Returns the model (and the
-    OffloadReport when ``return_report``). Raises GGUFError for unsupported or malformed files before
+    Architectures: llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3 (text). Layers within ``gpu_budget``
+    (bytes or "20GiB"; None: as for :func:`offload`, the free device memory less a margin) stay resident on
+    the device, the rest stream through the transfer engine. Returns the model (and the OffloadReport when
+    ``return_report``). Raises GGUFError for unsupported or malformed files before
     anything is allocated on the device.
     """
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
