@@ -7,7 +7,7 @@ A GGUF file does not say everything transformers' Gemma needs; llama.cpp fills t
 * the query scale: 1/sqrt(head_dim), except for the 27B models (recognised by their layer count), whose
   queries are scaled by 1/sqrt(hidden / heads) (transformers' ``query_pre_attn_scalar``);
 * gemma3's sliding layers rotate with base 10000 and no scaling; its global layers use ``rope.freq_base``
-  and any linear ``rope.scaling``;
+  and any ``rope.scaling`` (gguf_rope);
 * soft-capping: gemma2 caps attention scores and logits (50 and 30 unless the file says otherwise), gemma3
   with sliding windows caps neither.
 
@@ -22,6 +22,7 @@ import math
 from typing import Mapping, Optional
 
 from ..formats.gguf_io import GGUFError, GGUFFile
+from .gguf_rope import read_rope_scaling, rope_scaling_metadata
 
 #: Every SWA_PERIOD[arch]-th layer (the last of each period) attends globally, as llama.cpp's set_swa_pattern.
 SWA_PERIOD = {"gemma2": 2, "gemma3": 6}
@@ -58,29 +59,8 @@ def _float_key(f: GGUFFile, key: str) -> Optional[float]:
     return float(value)
 
 
-def rope_scaling(f: GGUFFile) -> Optional[float]:
-    """The linear rope scaling factor the file declares (None when none). Other scalings (yarn, longrope) are a
-    GGUFError naming them: they would silently change the logits if ignored."""
-    arch = f.architecture
-    kind = f.metadata.get(f"{arch}.rope.scaling.type")
-    factor = _float_key(f, f"{arch}.rope.scaling.factor")
-    legacy = _float_key(f, f"{arch}.rope.scale_linear")          # the key older converters wrote
-    if kind in (None, "none"):
-        if kind is None and legacy not in (None, 0.0, 1.0):
-            return legacy
-        return None
-    if kind != "linear":
-        raise GGUFError(f"{f.path}: rope scaling type {kind!r} is not supported (only linear scaling is)")
-    if not factor:
-        raise GGUFError(f"{f.path}: rope.scaling.type is linear but rope.scaling.factor is missing or zero")
-    return None if factor == 1.0 else factor
-
-
-def _rope(theta: float, factor: Optional[float]) -> dict:
-    params = {"rope_type": "default", "rope_theta": float(theta)}
-    if factor is not None:
-        params.update(rope_type="linear", factor=float(factor))
-    return params
+def _rope(theta: float, scaling: Optional[dict]) -> dict:
+    return {"rope_type": "default", "rope_theta": float(theta), **(scaling or {})}
 
 
 def configure_gemma(f: GGUFFile, config) -> None:
@@ -100,34 +80,22 @@ def configure_gemma(f: GGUFFile, config) -> None:
                                                          config.head_dim)
     config.hidden_activation = GEMMA_ACTIVATION
     theta = _float_key(f, f"{arch}.rope.freq_base") or 10000.0
-    factor = rope_scaling(f)
+    scaling = read_rope_scaling(f)
     if arch == "gemma2":
         for key, default in GEMMA2_SOFTCAPS.items():
             value = _float_key(f, f"{arch}.{key}")
             setattr(config, key, default if value is None else value or None)
-        config.rope_parameters = _rope(theta, factor)
+        config.rope_parameters = _rope(theta, scaling)
     else:
         config.attn_logit_softcapping = None
         final = _float_key(f, f"{arch}.final_logit_softcapping")
         # llama.cpp's sliding-window gemma3 graph applies no final soft-cap; the full-attention one, the file's
         config.final_logit_softcapping = final if final and not sliding else None
-        config.rope_parameters = {"full_attention": _rope(theta, factor),
+        config.rope_parameters = {"full_attention": _rope(theta, scaling),
                                   "sliding_attention": _rope(GEMMA3_LOCAL_ROPE_BASE, None)}
 
 
 # ------------------------------------------------------------------------------------------------ saving
-def _rope_params(params, what: str) -> tuple[float, Optional[float]]:
-    """(theta, linear factor or None) of one rope parameter dict; ValueError for anything else."""
-    params = dict(params or {})
-    kind = params.pop("rope_type", params.pop("type", "default"))
-    theta = params.pop("rope_theta", None)
-    factor = params.pop("factor", None)
-    if kind not in ("default", "linear") or params or (kind == "linear" and not factor):
-        raise ValueError(f"save_gguf: {what} rope {dict(params, rope_type=kind, factor=factor)!r} cannot be "
-                         f"written: llama.cpp reads only a base frequency and a linear scaling factor")
-    return float(theta if theta is not None else 10000.0), (float(factor) if kind == "linear" else None)
-
-
 def gemma_metadata(config, arch: str) -> dict:
     """The gemma2/gemma3 metadata (keys without the ``arch.`` prefix; "rope.freq_base" included) for
     ``config``, after checking that llama.cpp's rules (module docstring) reproduce it. ValueError otherwise."""
@@ -158,7 +126,7 @@ def gemma_metadata(config, arch: str) -> dict:
                 problems.append(f"{key}={value!r} (llama.cpp's gemma2 always soft-caps)")
             else:
                 md[key] = float(value)
-        theta, factor = _rope_params(params, "the")
+        theta, scaling = rope_scaling_metadata(params)
     else:
         for key in GEMMA2_SOFTCAPS:
             if getattr(config, key, None):
@@ -167,16 +135,14 @@ def gemma_metadata(config, arch: str) -> dict:
         if not isinstance(params, Mapping) or set(params) != {"full_attention", "sliding_attention"}:
             raise ValueError(f"save_gguf: gemma3 rope_parameters {params!r} must give full_attention and "
                              f"sliding_attention parameters")
-        theta, factor = _rope_params(params["full_attention"], "the full_attention")
-        local = _rope_params(params["sliding_attention"], "the sliding_attention")
-        if local != (GEMMA3_LOCAL_ROPE_BASE, None):
+        theta, scaling = rope_scaling_metadata(params["full_attention"], "the full_attention")
+        local = rope_scaling_metadata(params["sliding_attention"], "the sliding_attention")
+        if local != (GEMMA3_LOCAL_ROPE_BASE, {}):
             problems.append(f"sliding_attention rope {params['sliding_attention']!r} (llama.cpp: base "
                             f"{GEMMA3_LOCAL_ROPE_BASE:g}, unscaled)")
     if problems:
         raise ValueError(f"save_gguf: this {arch} config cannot be written so that llama.cpp computes the same "
                          f"model: " + "; ".join(problems))
-    md["rope.freq_base"] = theta
-    if factor is not None:
-        md["rope.scaling.type"] = "linear"
-        md["rope.scaling.factor"] = factor
+    md["rope.freq_base"] = 10000.0 if theta is None else theta
+    md.update(scaling)
     return md

@@ -22,6 +22,7 @@ from .gguf_model import permute_rows
 from .gguf_names import (GEMMA_ARCHITECTURES, HF_TO_GGUF_ARCHITECTURE, OUTPUT, PERMUTED_QK_ARCHITECTURES,
                          SLIDING_WINDOW_ARCHITECTURES, hf_to_gguf_name, qk_side)
 from .gemma import gemma_metadata
+from .gguf_rope import rope_scaling_metadata
 
 # Per-tensor overrides approximating llama.cpp's mixed presets (GGUF-name glob -> qtype).
 MIXES: dict[str, dict[str, str]] = {
@@ -181,9 +182,8 @@ def _check_qtypes(qtype, mix, qtype_overrides) -> dict[str, Optional[str]]:
 
 
 def _check_rope(config) -> dict:
-    """Plain rope (rope.freq_base) or linear scaling (rope.scaling.type/factor, which llama.cpp reads) is
-    written; any other scaling would be lost, so it is a ValueError. Returns the extra metadata (keys without
-    the architecture prefix)."""
+    """The rope metadata beyond rope.freq_base: linear or YaRN scaling (gguf_rope.rope_scaling_metadata);
+    anything llama.cpp would not reproduce is a ValueError. Keys without the architecture prefix."""
     params: dict = {}
     for attr in ("rope_scaling", "rope_parameters"):       # transformers 4 / 5 names
         value = getattr(config, attr, None)
@@ -193,21 +193,10 @@ def _check_rope(config) -> dict:
             raise ValueError(f"save_gguf: config.{attr}={value!r} cannot be written to GGUF metadata")
     # transformers 5 keeps partial_rotary_factor (phi3) among the rope parameters, 4 on the config
     partial = params.pop("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    allowed = {"rope_type", "type", "rope_theta"} | ({"factor"} if rope_type == "linear" else set())
-    extra = sorted(set(params) - allowed)
-    if rope_type not in (None, "default", "linear") or extra:
-        raise ValueError(f"save_gguf: the config's rope scaling {params!r} cannot be expressed in the GGUF "
-                         f"metadata this writes (rope.freq_base and linear scaling only); rope_type "
-                         f"{rope_type!r}{', keys ' + ', '.join(extra) if extra else ''} would be lost")
     if partial not in (None, 1, 1.0):
         raise ValueError(f"save_gguf: partial_rotary_factor={partial} cannot be written (full rotary only)")
-    if rope_type == "linear":
-        factor = params.get("factor")
-        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 0:
-            raise ValueError(f"save_gguf: linear rope scaling needs a positive factor, got {factor!r}")
-        return {"rope.scaling.type": "linear", "rope.scaling.factor": float(factor)}
-    return {}
+    _, md = rope_scaling_metadata(params, "the config's")
+    return md
 
 
 def _rope_theta(config) -> float:

@@ -19,7 +19,8 @@ from ..formats import QuantizedTensor, dequantize
 from ..formats.gguf_io import GGUFError, GGUFFile, GGUFTensorInfo
 from ..layers import OffloadedLinear
 from ..units import default_device
-from .gemma import configure_gemma, rope_scaling
+from .gemma import configure_gemma
+from .gguf_rope import read_rope_scaling
 from .gguf_names import GEMMA_ARCHITECTURES, SLIDING_WINDOW_ARCHITECTURES, SUPPORTED_ARCHITECTURES, Target, gguf_targets
 from .offload import _report, apply_placement
 from .planner import BudgetError, LinearSpec, Placement, default_budget, parse_bytes, plan_placement
@@ -77,13 +78,11 @@ def _hf_config(f: GGUFFile):
 
 
 def _set_rope_scaling(f: GGUFFile, config) -> None:
-    """Linear rope scaling as llama.cpp applies it (positions divided by the factor); transformers' GGUF reader
-    drops it. Other scaling types are refused by name (gemma.rope_scaling)."""
-    factor = rope_scaling(f)
-    if factor is not None:
-        params = dict(getattr(config, "rope_parameters", None) or {})
-        params.update(rope_type="linear", factor=factor)
-        config.rope_parameters = params
+    """Linear or YaRN rope scaling as llama.cpp applies it (gguf_rope), which transformers' GGUF reader drops;
+    other scalings are refused by name."""
+    scaling = read_rope_scaling(f)
+    if scaling is not None:
+        config.rope_parameters = {**(getattr(config, "rope_parameters", None) or {}), **scaling}
 
 
 def _set_sliding_window(f: GGUFFile, config) -> None:

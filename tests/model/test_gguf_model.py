@@ -374,7 +374,6 @@ def test_llama_attention_bias_is_permuted_like_the_rows(tmp_path, qtype):
 
 @pytest.mark.parametrize("rope", [
     {"rope_type": "dynamic", "factor": 2.0},
-    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
      "original_max_position_embeddings": 32},
 ])
