@@ -22,7 +22,7 @@ import math
 from typing import Mapping, Optional
 
 from ..formats.gguf_io import GGUFError, GGUFFile
-from .gguf_rope import read_rope_scaling, rope_scaling_metadata
+from .gguf_rope import read_rope_scaling, require_rope_parameters, rope_scaling_metadata
 
 #: Every SWA_PERIOD[arch]-th layer (the last of each period) attends globally, as llama.cpp's set_swa_pattern.
 SWA_PERIOD = {"gemma2": 2, "gemma3": 6}
@@ -66,6 +66,7 @@ def _rope(theta: float, scaling: Optional[dict]) -> dict:
 def configure_gemma(f: GGUFFile, config) -> None:
     """Complete the transformers config of a gemma2/gemma3 file with llama.cpp's rules (module docstring)."""
     arch = f.architecture
+    require_rope_parameters(f, config, f"architecture {arch}")
     n = config.num_hidden_layers
     window = f.metadata.get(f"{arch}.attention.sliding_window")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):

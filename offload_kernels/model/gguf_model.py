@@ -20,7 +20,7 @@ from ..formats.gguf_io import GGUFError, GGUFFile, GGUFTensorInfo
 from ..layers import OffloadedLinear
 from ..units import default_device
 from .gemma import configure_gemma
-from .gguf_rope import read_rope_scaling
+from .gguf_rope import read_rope_scaling, require_rope_parameters
 from .gguf_names import GEMMA_ARCHITECTURES, SLIDING_WINDOW_ARCHITECTURES, SUPPORTED_ARCHITECTURES, Target, gguf_targets
 from .offload import _report, apply_placement
 from .planner import BudgetError, LinearSpec, Placement, default_budget, parse_bytes, plan_placement
@@ -82,6 +82,7 @@ def _set_rope_scaling(f: GGUFFile, config) -> None:
     other scalings are refused by name."""
     scaling = read_rope_scaling(f)
     if scaling is not None:
+        require_rope_parameters(f, config, f"{scaling['rope_type']} rope scaling")
         config.rope_parameters = {**(getattr(config, "rope_parameters", None) or {}), **scaling}
 
 

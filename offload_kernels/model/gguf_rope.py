@@ -63,6 +63,16 @@ def read_rope_scaling(f: GGUFFile) -> Optional[dict]:
     return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original}
 
 
+def require_rope_parameters(f: GGUFFile, config, what: str) -> None:
+    """GGUFError unless ``config`` takes transformers 5's ``rope_parameters`` (transformers 4 would ignore them
+    and compute unscaled rope)."""
+    if not hasattr(config, "rope_parameters"):
+        import transformers
+
+        raise GGUFError(f"{f.path}: {what} needs transformers >= 5 (rope_parameters); this is transformers "
+                        f"{transformers.__version__}")
+
+
 def rope_scaling_metadata(params: Mapping, what: str = "the") -> tuple[Optional[float], dict]:
     """(rope_theta or None, ``rope.scaling.*`` metadata without the architecture prefix) for one transformers
     rope-parameter dict; ValueError for a scaling llama.cpp would not reproduce from the metadata."""

@@ -3,6 +3,7 @@ read by load_gguf_model, and (optionally) computed as llama.cpp computes them; w
 reproduce is refused by name."""
 
 import os
+import types
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from offload_kernels.formats import GGUFError, GGUFFile
 from offload_kernels.model.gguf_export import save_gguf
 from offload_kernels.model.gguf_model import load_gguf_model
+from offload_kernels.model.gguf_rope import require_rope_parameters
 
 from .test_gguf_model import IDS, _parity, _rewrite, needs_llama_cpp, tiny_model
 
@@ -75,3 +77,13 @@ def test_rope_scaling_parity_with_llama_cpp(tmp_path, arch, scaling):
     max_diff, span, top1 = _parity(path, load_gguf_model(path, dtype=torch.float32, device="cpu"))
     print(f"llama.cpp parity f32 {arch} {scaling} rope: max |logit diff| {max_diff:.2e} (logit range {span:.2f})")
     assert max_diff <= 1e-4 * span and top1 == 1.0
+
+
+def test_transformers_without_rope_parameters_is_refused(tmp_path):
+    """transformers 4 configs have no rope_parameters: a scaled file (or a Gemma, whose layer types need them)
+    must not load there with unscaled rope."""
+    path = save_gguf(tiny_model(layers=1, rope_scaling=dict(YARN)), tmp_path / "m.gguf", "q8_0")
+    old_config = types.SimpleNamespace(rope_theta=10000.0, rope_scaling=None)
+    with pytest.raises(GGUFError, match="yarn rope scaling needs transformers >= 5"):
+        require_rope_parameters(GGUFFile(path), old_config, "yarn rope scaling")
+    require_rope_parameters(GGUFFile(path), types.SimpleNamespace(rope_parameters={}), "yarn rope scaling")
