@@ -18,11 +18,10 @@ those rules would not reproduce, so a saved model computes the same function in 
 
 from __future__ import annotations
 
-import math
 from typing import Mapping, Optional
 
 from ..formats.gguf_io import GGUFError, GGUFFile
-from .gguf_rope import read_rope_scaling, require_rope_parameters, rope_scaling_metadata
+from .gguf_rope import metadata_number, read_rope_scaling, require_rope_parameters, rope_scaling_metadata
 
 #: Every SWA_PERIOD[arch]-th layer (the last of each period) attends globally, as llama.cpp's set_swa_pattern.
 SWA_PERIOD = {"gemma2": 2, "gemma3": 6}
@@ -50,15 +49,6 @@ def query_pre_attn_scalar(arch: str, n_layers: int, hidden: int, heads: int, hea
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def _float_key(f: GGUFFile, key: str) -> Optional[float]:
-    value = f.metadata.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise GGUFError(f"{f.path}: metadata {key} must be a non-negative number, got {value!r}")
-    return float(value)
-
-
 def _rope(theta: float, scaling: Optional[dict]) -> dict:
     return {"rope_type": "default", "rope_theta": float(theta), **(scaling or {})}
 
@@ -80,16 +70,16 @@ def configure_gemma(f: GGUFFile, config) -> None:
     config.query_pre_attn_scalar = query_pre_attn_scalar(arch, n, config.hidden_size, config.num_attention_heads,
                                                          config.head_dim)
     config.hidden_activation = GEMMA_ACTIVATION
-    theta = _float_key(f, f"{arch}.rope.freq_base") or 10000.0
+    theta = metadata_number(f, f"{arch}.rope.freq_base", nonnegative=True) or 10000.0
     scaling = read_rope_scaling(f)
     if arch == "gemma2":
         for key, default in GEMMA2_SOFTCAPS.items():
-            value = _float_key(f, f"{arch}.{key}")
+            value = metadata_number(f, f"{arch}.{key}", nonnegative=True)
             setattr(config, key, default if value is None else value or None)
         config.rope_parameters = _rope(theta, scaling)
     else:
         config.attn_logit_softcapping = None
-        final = _float_key(f, f"{arch}.final_logit_softcapping")
+        final = metadata_number(f, f"{arch}.final_logit_softcapping", nonnegative=True)
         # llama.cpp's sliding-window gemma3 graph applies no final soft-cap; the full-attention one, the file's
         config.final_logit_softcapping = final if final and not sliding else None
         config.rope_parameters = {"full_attention": _rope(theta, scaling),

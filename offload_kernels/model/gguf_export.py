@@ -139,7 +139,6 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
         f"{arch}.attention.head_count": int(n_heads),
         f"{arch}.attention.head_count_kv": int(n_kv),
         f"{arch}.attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
-        f"{arch}.rope.freq_base": float(arch_md.pop("rope.freq_base", None) or _rope_theta(config)),
         f"{arch}.rope.dimension_count": int(head_dim),
         f"{arch}.vocab_size": int(config.vocab_size),
         "tokenizer.ggml.model": "llama",
@@ -182,7 +181,7 @@ def _check_qtypes(qtype, mix, qtype_overrides) -> dict[str, Optional[str]]:
 
 
 def _check_rope(config) -> dict:
-    """The rope metadata beyond rope.freq_base: linear or YaRN scaling (gguf_rope.rope_scaling_metadata);
+    """The rope metadata: rope.freq_base, and linear or YaRN scaling (gguf_rope.rope_scaling_metadata);
     anything llama.cpp would not reproduce is a ValueError. Keys without the architecture prefix."""
     params: dict = {}
     for attr in ("rope_scaling", "rope_parameters"):       # transformers 4 / 5 names
@@ -195,8 +194,8 @@ def _check_rope(config) -> dict:
     partial = params.pop("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
     if partial not in (None, 1, 1.0):
         raise ValueError(f"save_gguf: partial_rotary_factor={partial} cannot be written (full rotary only)")
-    _, md = rope_scaling_metadata(params, "the config's")
-    return md
+    theta, md = rope_scaling_metadata(params, "the config's")
+    return {"rope.freq_base": theta if theta is not None else _rope_theta(config), **md}
 
 
 def _rope_theta(config) -> float:

@@ -51,6 +51,8 @@ GEMMA_BLOCK_NORMS = {"attn_norm": "input_layernorm", "post_attention_norm": "pos
                      "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
                      "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 _HF_BLOCK_LINEARS = {hf: g for table in (BLOCK_LINEARS, PHI3_BLOCK_LINEARS) for g, hf in table.items()}
+_HF_BLOCK_NORMS = {hf: g for g, hf in BLOCK_NORMS.items()}
+_HF_GEMMA_BLOCK_NORMS = {hf: g for g, hf in GEMMA_BLOCK_NORMS.items()}
 _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 _HF_BLOCK_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
@@ -138,7 +140,7 @@ def hf_to_gguf_name(hf_name: str, arch: str = "llama") -> Optional[str]:
     i, rest, what = m.groups()
     if rest in _HF_BLOCK_LINEARS:
         return f"blk.{i}.{_HF_BLOCK_LINEARS[rest]}.{what}"
-    hf_norms = {hf: g for g, hf in block_norms(arch).items()}
+    hf_norms = _HF_GEMMA_BLOCK_NORMS if arch in GEMMA_ARCHITECTURES else _HF_BLOCK_NORMS
     if rest in hf_norms and what == "weight":
         return f"blk.{i}.{hf_norms[rest]}.weight"
     return None

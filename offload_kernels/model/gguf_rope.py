@@ -22,12 +22,16 @@ _HF_YARN_DEFAULTS = {"beta_fast": (None, 32, 32.0), "beta_slow": (None, 1, 1.0),
                      "attention_factor": (None,)}
 
 
-def _number(f: GGUFFile, key: str) -> Optional[float]:
+def metadata_number(f: GGUFFile, key: str, nonnegative: bool = False) -> Optional[float]:
+    """Metadata ``key`` of ``f`` as a float (None when absent); GGUFError naming it unless a finite number
+    (and >= 0 when ``nonnegative``)."""
     value = f.metadata.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise GGUFError(f"{f.path}: metadata {key} must be a number, got {value!r}")
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or (nonnegative and value < 0)):
+        raise GGUFError(f"{f.path}: metadata {key} must be a {'non-negative ' if nonnegative else ''}number, "
+                        f"got {value!r}")
     return float(value)
 
 
@@ -36,9 +40,9 @@ def read_rope_scaling(f: GGUFFile) -> Optional[dict]:
     arch = f.architecture
     prefix = f"{arch}.rope.scaling."
     kind = f.metadata.get(prefix + "type")
-    factor = _number(f, prefix + "factor")
+    factor = metadata_number(f, prefix + "factor")
     if kind in (None, "none"):
-        legacy = _number(f, f"{arch}.rope.scale_linear")          # the key older converters wrote
+        legacy = metadata_number(f, f"{arch}.rope.scale_linear")          # the key older converters wrote
         if kind is None and legacy not in (None, 0.0, 1.0):
             if legacy < 0:
                 raise GGUFError(f"{f.path}: metadata {arch}.rope.scale_linear must be positive, got {legacy}")
@@ -56,7 +60,7 @@ def read_rope_scaling(f: GGUFFile) -> Optional[dict]:
         raise GGUFError(f"{f.path}: YaRN rope scaling needs a positive {prefix}original_context_length, "
                         f"got {original!r}")
     unusual = {key: value for key, neutral in _YARN_NEUTRAL.items()
-               if (value := _number(f, prefix + key)) is not None and value not in neutral}
+               if (value := metadata_number(f, prefix + key)) is not None and value not in neutral}
     if unusual:
         raise GGUFError(f"{f.path}: YaRN settings {unusual} are not supported (only beta_fast 32, beta_slow 1 "
                         f"and no extra attention factor)")
