@@ -12,7 +12,7 @@ from importlib import import_module
 from typing import Any
 
 from ._native import info
-from .formats import QTYPES, QuantizedTensor, dequantize, quantize
+from .formats import LLAMA_QUANTIZE_FALLBACKS, QTYPES, QuantizedTensor, dequantize, quantize
 
 __version__ = "0.1.0"
 
@@ -26,7 +26,7 @@ _LAZY = {
     "load_gguf_model": "offload_kernels.model",
 }
 
-__all__ = ["QTYPES", "QuantizedTensor", "dequantize", "info", "quantize", "__version__", *_LAZY]
+__all__ = ["LLAMA_QUANTIZE_FALLBACKS", "QTYPES", "QuantizedTensor", "dequantize", "info", "quantize", "__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -40,7 +40,8 @@ from .results import (GB, Deadline, Recorder, RunInfo, Stats, Target, add_output
                       cuda_unavailable_reason, markdown_table, parse_list, plot_quietly, print_targets, results_dir,
                       time_cuda, time_cuda_graph, write_summary)
 
-ALL_QTYPES = ("q4_0", "q8_0", "q3_k", "q4_k", "q5_k", "q6_k")
+#: Formats benchmarked by default: the issue's (llama.cpp's main formats); --qtypes takes any of formats.QTYPES.
+DEFAULT_QTYPES = ("q4_0", "q8_0", "q3_k", "q4_k", "q5_k", "q6_k")
 ALL_SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192))
 ALL_M = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
 QUICK = {"qtypes": ("q4_k", "q3_k"), "shapes": ((8192, 8192),), "m": (1, 4, 16, 256, 1024, 4096)}
@@ -54,7 +55,7 @@ BASELINE = "cublas_fp16"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--qtypes", default=",".join(ALL_QTYPES))
+    parser.add_argument("--qtypes", default=",".join(DEFAULT_QTYPES))
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in ALL_SHAPES), help="NxK,NxK,...")
     parser.add_argument("--m", default=",".join(map(str, ALL_M)), help="token counts")
     parser.add_argument("--families", default="gemv,gemm,dequant", help="forced families to time besides 'auto'")

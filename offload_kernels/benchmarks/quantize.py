@@ -34,14 +34,15 @@ import numpy as np
 from .results import (REPO_ROOT, Recorder, RunInfo, Stats, add_output_argument, markdown_table,
                       parse_list, plot_quietly, results_dir, time_wall, write_summary)
 
-ALL_QTYPES = ("q4_0", "q8_0", "q3_k", "q4_k", "q5_k", "q6_k")
+#: Formats benchmarked by default: the issue's (llama.cpp's main formats); --qtypes takes any of formats.QTYPES.
+DEFAULT_QTYPES = ("q4_0", "q8_0", "q3_k", "q4_k", "q5_k", "q6_k")
 OURS = "offload_kernels"
 RESULTS = "formats"            # <results>/<slug>/formats.{csv,md,png}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ggml-lib", help="libggml-base.so (default: $OFFLOAD_KERNELS_GGML_LIB)")
-    parser.add_argument("--qtypes", default=",".join(ALL_QTYPES))
+    parser.add_argument("--qtypes", default=",".join(DEFAULT_QTYPES))
     parser.add_argument("--shape", default="4096x4096", help="ROWSxCOLS of the weight")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-cuda", action="store_true", help="skip CUDA even when present")

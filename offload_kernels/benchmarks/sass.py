@@ -18,13 +18,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from ..formats import QTYPES
 from .results import RunInfo, add_output_argument, append_csv, markdown_table, parse_list, results_dir, write_summary
 
-QTYPES = ("q4_0", "q8_0", "q3_k", "q4_k", "q5_k", "q6_k")
+#: Formats compiled by default (the issue's); --qtypes takes any of formats.QTYPES.
+DEFAULT_QTYPES = ("q4_0", "q8_0", "q3_k", "q4_k", "q5_k", "q6_k")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--qtypes", type=lambda s: parse_list(s), default=list(QTYPES), help="formats (comma list)")
+    parser.add_argument("--qtypes", type=lambda s: parse_list(s), default=list(DEFAULT_QTYPES), help="formats (comma list)")
     parser.add_argument("--dtypes", type=lambda s: parse_list(s), default=["fp16"],
                         help="activation dtypes: fp16, bf16, fp32 (comma list; default fp16)")
     parser.add_argument("--tokens", type=lambda s: parse_list(s, int), default=[1, 2], help="tokens M (comma list)")

@@ -2,9 +2,10 @@
 
 from .dequantize import dequantize, dequantize_blocks
 from .gguf_io import GGUFError, GGUFFile, GGUFTensorInfo, read_gguf, write_gguf
-from .qtypes import QTYPES, QTypeSpec, get_spec
+from .qtypes import LLAMA_QUANTIZE_FALLBACKS, QTYPES, QTypeSpec, get_spec
 from .quantize import quantize, quantize_blocks
 from .quantized_tensor import QuantizedTensor
 
-__all__ = ["GGUFError", "GGUFFile", "GGUFTensorInfo", "QTYPES", "QTypeSpec", "QuantizedTensor", "dequantize",
-           "dequantize_blocks", "get_spec", "quantize", "quantize_blocks", "read_gguf", "write_gguf"]
+__all__ = ["GGUFError", "GGUFFile", "GGUFTensorInfo", "LLAMA_QUANTIZE_FALLBACKS", "QTYPES", "QTypeSpec",
+           "QuantizedTensor", "dequantize", "dequantize_blocks", "get_spec", "quantize", "quantize_blocks", "read_gguf",
+           "write_gguf"]

@@ -19,7 +19,7 @@ class QTypeSpec:
     ggml_type: GGMLQuantizationType
     block_size: int                # weights per block (QK)
     block_bytes: int               # bytes per block
-    fp16_offsets: tuple[int, ...]  # byte offsets of the fp16 scale fields (d, dmin) in a block
+    fp16_offsets: tuple[int, ...]  # byte offsets of the fp16 scale fields (d, dmin / m) in a block
 
     @property
     def bits_per_weight(self) -> float:
@@ -32,6 +32,10 @@ class QTypeSpec:
 
 _SPECS = (
     QTypeSpec("q4_0", GGMLQuantizationType.Q4_0, 32, 18, (0,)),
+    QTypeSpec("q4_1", GGMLQuantizationType.Q4_1, 32, 20, (0, 2)),
+    QTypeSpec("q5_0", GGMLQuantizationType.Q5_0, 32, 22, (0,)),
+    QTypeSpec("q5_1", GGMLQuantizationType.Q5_1, 32, 24, (0, 2)),
+    QTypeSpec("iq4_nl", GGMLQuantizationType.IQ4_NL, 32, 18, (0,)),
     QTypeSpec("q8_0", GGMLQuantizationType.Q8_0, 32, 34, (0,)),
     QTypeSpec("q3_k", GGMLQuantizationType.Q3_K, 256, 110, (108,)),
     QTypeSpec("q4_k", GGMLQuantizationType.Q4_K, 256, 144, (0, 2)),
@@ -41,6 +45,10 @@ _SPECS = (
 
 #: Names of the supported block formats.
 QTYPES: tuple[str, ...] = tuple(s.name for s in _SPECS)
+
+#: llama-quantize's fallback for a tensor whose rows are not a whole number of 256-weight super-blocks (its
+#: ``llama_tensor_get_type``): q2_k/q3_k files then hold iq4_nl tensors, q4_k q5_0, q5_k q5_1, q6_k q8_0.
+LLAMA_QUANTIZE_FALLBACKS: dict[str, str] = {"q3_k": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 _BY_NAME = {s.name: s for s in _SPECS}
 _BY_GGML = {s.ggml_type: s for s in _SPECS}

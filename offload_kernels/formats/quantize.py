@@ -12,15 +12,19 @@ from typing import Callable
 
 import torch
 
+from .iq4_nl import quantize_iq4_nl_blocks
 from .qtypes import QTypeSpec, get_spec
 from .quantized_tensor import QuantizedTensor
 from .quantize_kquants import (quantize_q3_k_blocks, quantize_q4_k_blocks, quantize_q5_k_blocks,
                                quantize_q6_k_blocks)
-from .quantize_legacy import quantize_q4_0_blocks, quantize_q8_0_blocks
+from .quantize_legacy import (quantize_q4_0_blocks, quantize_q4_1_blocks, quantize_q5_0_blocks,
+                              quantize_q5_1_blocks, quantize_q8_0_blocks)
 
 _BLOCK_QUANTIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "q4_0": quantize_q4_0_blocks, "q8_0": quantize_q8_0_blocks, "q3_k": quantize_q3_k_blocks,
+    "q4_0": quantize_q4_0_blocks, "q4_1": quantize_q4_1_blocks, "q5_0": quantize_q5_0_blocks,
+    "q5_1": quantize_q5_1_blocks, "q8_0": quantize_q8_0_blocks, "q3_k": quantize_q3_k_blocks,
     "q4_k": quantize_q4_k_blocks, "q5_k": quantize_q5_k_blocks, "q6_k": quantize_q6_k_blocks,
+    "iq4_nl": quantize_iq4_nl_blocks,
 }
 
 # Weights per call of a block quantizer (measured on a 2-core CPU). The k-quant quantizers split their
@@ -101,7 +105,7 @@ def quantize(w: torch.Tensor, qtype: "str | QTypeSpec") -> QuantizedTensor:
     """Quantize a 2-D float weight (N, K) to a GGUF block format, on the weight's device.
 
     The bytes equal ggml's ``quantize_row_<qtype>_ref`` on the weight converted to fp32. K must be a
-    multiple of the block size (32 for q4_0/q8_0, 256 for the k-quants); NaN/Inf are rejected.
+    multiple of the block size (32 for q4_0/q4_1/q5_0/q5_1/q8_0, 256 for the k-quants); NaN/Inf are rejected.
     """
     spec = get_spec(qtype)
     validate_weight(w, spec)

@@ -14,7 +14,7 @@ import sys
 
 import triton
 
-from .decode import QTYPE_CODES, SUB_BLOCK
+from .decode import BLOCK32_QTYPES, QTYPE_CODES, SUB_BLOCK
 from .runtime import INTERPRETER, sm_count
 
 # ----------------------------------------------------------------------------------------- crossovers
@@ -90,7 +90,7 @@ def _qtype_name(a: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------- GEMV
-#: Weights per GEMV loop iteration: one k-quant super-block, or eight q4_0/q8_0 blocks.
+#: Weights per GEMV loop iteration: one k-quant super-block, or eight 32-weight blocks.
 GEMV_STEP_K = 256
 #: Largest number of tokens one GEMV program handles (the accumulator grows with it).
 GEMV_MAX_BLOCK_M = 8
@@ -107,7 +107,8 @@ GEMV_LAYOUTS = (1, 2, 3)
 #: conversion, barrier or shared-memory access with Triton 3.6 and 3.9, and ~80 registers instead of ~170.
 #: For the 2-byte-aligned formats Triton 3.6 still converts layouts inside layout 2's loop (3.9 does not),
 #: so they stay on layout 1 until a GPU run says otherwise.
-GEMV_DEFAULT_LAYOUT = {"q4_k": 2, "q5_k": 2, "q3_k": 1, "q6_k": 1, "q4_0": 1, "q8_0": 1}
+GEMV_DEFAULT_LAYOUT = {"q4_k": 2, "q5_k": 2, "q3_k": 1, "q6_k": 1, "q4_0": 1, "q8_0": 1,
+                       "q4_1": 1, "q5_0": 1, "q5_1": 1, "iq4_nl": 1}
 #: Most tokens per program for which layout 3 is the heuristic's default (word-aligned bytes permitting).
 #: sm_90 code, Triton 3.6 and 3.9 (bench/results/static-sm90/): at 1 token layout 3 has the fewest loop
 #: instructions per weight for every format (q4_0 5.6, q8_0 5.6, q3_k 6.3, q4_k 5.3, q5_k 5.9, q6_k 5.9, fp16
@@ -124,7 +125,8 @@ GEMV3_ROWS_PER_WARP = 32
 GEMV3_MAX_BLOCK_M = 4
 #: Layout 1: per-row accumulator shape (TILE_A, TILE_B) of each format's step: the storage order of the
 #: quant bytes it decodes; TILE_A * TILE_B fp32 registers per row per token, over the CTA.
-GEMV_TILE = {"q4_0": (8, 16), "q8_0": (8, 32), "q3_k": (4, 16), "q4_k": (4, 32), "q5_k": (4, 32), "q6_k": (8, 16)}
+GEMV_TILE = {"q4_0": (8, 16), "q8_0": (8, 32), "q3_k": (4, 16), "q4_k": (4, 32), "q5_k": (4, 32), "q6_k": (8, 16),
+             "q4_1": (8, 16), "q5_0": (8, 16), "q5_1": (8, 16), "iq4_nl": (8, 16)}
 #: Accumulator elements per row per token, either layout: one per quant byte a step decodes per row
 #: (layout 2 arranges the same bytes as (A, B, 16)).
 GEMV_ROW_ELEMS = {qtype: a * b for qtype, (a, b) in GEMV_TILE.items()}
@@ -136,9 +138,9 @@ def gemv_block_m(m: int) -> int:
     return min(next_power_of_2(m), GEMV_MAX_BLOCK_M)
 
 
-#: Alignment of the weight bytes' start that layout 3's word loads need (2-byte: the 110-, 210-, 18- and
-#: 34-byte blocks, whose words are two 16-bit loads).
-GEMV3_ALIGNMENT = {"q4_0": 2, "q8_0": 2, "q3_k": 2, "q4_k": 4, "q5_k": 4, "q6_k": 2}
+#: Alignment of the weight bytes' start that layout 3's word loads need (2-byte: the 110-, 210- and 32-weight
+#: blocks (18 to 34 bytes), whose words are two 16-bit loads).
+GEMV3_ALIGNMENT = {"q3_k": 2, "q4_k": 4, "q5_k": 4, "q6_k": 2, **{name: 2 for name in BLOCK32_QTYPES}}
 
 
 def gemv_word_loads(qt) -> bool:
@@ -296,7 +298,7 @@ def gemm_block_k_ok(block_k: int, qtype: str) -> bool:
     sub = SUB_BLOCK[qtype]
     if block_k % sub:
         return False
-    return qtype in ("q4_0", "q8_0") or 256 % block_k == 0
+    return qtype in BLOCK32_QTYPES or 256 % block_k == 0
 
 
 def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -349,7 +351,7 @@ def gemm_heuristic_config(m: int, n: int, k: int, qtype: str, sms: int, split_k:
 
 
 # ----------------------------------------------------------------------------------------- dequantize
-#: Weights per dequantize program along K: one k-quant super-block or eight q4_0/q8_0 blocks.
+#: Weights per dequantize program along K: one k-quant super-block or eight 32-weight blocks.
 DEQUANT_BLOCK_K = 256
 
 

@@ -32,18 +32,55 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-# Format codes passed to kernels as the QTYPE constexpr.
+from ..formats.iq4_nl import IQ4_NL_VALUES
+
+# Format codes passed to kernels as the QTYPE constexpr. The k-quants (256-weight super-blocks) are the
+# codes Q3_K..Q6_K; every other code is a 32-weight block format (``QTYPE < Q3_K or QTYPE > Q6_K`` in the
+# kernels: a Triton 3.6 jit helper cannot return a constexpr to branch on).
 Q4_0 = tl.constexpr(0)
 Q8_0 = tl.constexpr(1)
 Q3_K = tl.constexpr(2)
 Q4_K = tl.constexpr(3)
 Q5_K = tl.constexpr(4)
 Q6_K = tl.constexpr(5)
+Q4_1 = tl.constexpr(6)
+Q5_0 = tl.constexpr(7)
+Q5_1 = tl.constexpr(8)
+IQ4_NL = tl.constexpr(9)
 
-QTYPE_CODES = {"q4_0": 0, "q8_0": 1, "q3_k": 2, "q4_k": 3, "q5_k": 4, "q6_k": 5}
+QTYPE_CODES = {"q4_0": 0, "q8_0": 1, "q3_k": 2, "q4_k": 3, "q5_k": 4, "q6_k": 5, "q4_1": 6, "q5_0": 7, "q5_1": 8,
+               "iq4_nl": 9}
+
+#: The formats of 32-weight blocks (every format but the k-quants).
+BLOCK32_QTYPES = frozenset({"q4_0", "q8_0", "q4_1", "q5_0", "q5_1", "iq4_nl"})
 
 #: Weights per scale (the sub-block a scale covers): BLOCK_K of the tile decoders must be a multiple.
-SUB_BLOCK = {"q4_0": 32, "q8_0": 32, "q3_k": 16, "q4_k": 32, "q5_k": 32, "q6_k": 16}
+SUB_BLOCK = {"q3_k": 16, "q4_k": 32, "q5_k": 32, "q6_k": 16, **{name: 32 for name in BLOCK32_QTYPES}}
+
+# Per format code (constexpr tuples, indexed by QTYPE inside kernels; 0 for the k-quants):
+#: bytes per 32-weight block;
+BLOCK32_BYTES: tl.constexpr = tl.constexpr((18, 34, 0, 0, 0, 0, 20, 22, 24, 18))
+#: where its quants start (16 nibble bytes; q8_0's 32 int8);
+BLOCK32_QS_AT: tl.constexpr = tl.constexpr((2, 2, 0, 0, 0, 0, 4, 6, 8, 2))
+#: where q5_0/q5_1 keep the 32 fifth bits (a little-endian uint32: bit j is weight j's); 0: no fifth bits;
+BLOCK32_QH_AT: tl.constexpr = tl.constexpr((0, 0, 0, 0, 0, 0, 0, 2, 4, 0))
+#: the offset subtracted from the unsigned quant (q8_0: its byte XOR 0x80); iq4_nl maps nibbles by table;
+BLOCK32_QUANT_OFFSET: tl.constexpr = tl.constexpr((8, 128, 0, 0, 0, 0, 0, 16, 0, 0))
+#: whether a weight has a min term (q4_k/q5_k: - dmin * m; q4_1/q5_1: + m, the fp16 at byte 2).
+HAS_MIN: tl.constexpr = tl.constexpr((False, False, False, True, True, False, True, False, True, False))
+
+
+def table_words(values, bias: int = 0) -> tuple[int, ...]:
+    """Small integers ``values`` + ``bias``, one byte each, as little-endian int32 words (four per word)."""
+    words = []
+    for w in range(0, len(values), 4):
+        word = sum(((v + bias) & 0xFF) << (8 * j) for j, v in enumerate(values[w:w + 4]))
+        words.append(word - (1 << 32) if word >= 1 << 31 else word)
+    return tuple(words)
+
+
+#: iq4_nl's 16 int8 quant values (ggml's kvalues_iq4nl) as four int32 words, for iq4_nl_value.
+_IQ4_NL_WORDS: tl.constexpr = tl.constexpr(table_words(IQ4_NL_VALUES))
 
 
 # ------------------------------------------------------------------------------------- scalar helpers
@@ -186,6 +223,25 @@ def int8_from_byte(b):
 
 
 @triton.jit
+def iq4_nl_value(nib):
+    """iq4_nl's int8 quant value of nibble(s) ``nib`` (int32 0..15): byte nib & 3 of table word nib >> 2 (three
+    selects, a shift and a sign extension; no table in memory)."""
+    word = tl.where(nib < 8, tl.where(nib < 4, _IQ4_NL_WORDS[0], _IQ4_NL_WORDS[1]),
+                    tl.where(nib < 12, _IQ4_NL_WORDS[2], _IQ4_NL_WORDS[3]))
+    return int8_from_byte((word >> (8 * (nib & 3))) & 255)
+
+
+@triton.jit
+def u32_from_bytes(p, mask):
+    """The little-endian 32-bit word at byte pointer(s) ``p`` as int32, from four byte loads (q5_0's qh sits
+    at offset 2 of a 22-byte block: no alignment can be assumed); masked-off lanes read 0."""
+    w = tl.load(p, mask=mask, other=0).to(tl.int32)
+    for b in tl.static_range(1, 4):
+        w |= tl.load(p + b, mask=mask, other=0).to(tl.int32) << (8 * b)
+    return w
+
+
+@triton.jit
 def q6_k_scale(scales_ptr, s):
     """q6_k int8 sub-block scales of sub-blocks ``s`` (int32 (S,), 0..15): int32 (BN, S)."""
     return int8_from_byte(tl.load(scales_ptr[:, None] + s[None, :]).to(tl.int32))
@@ -208,9 +264,9 @@ def quant_value(u, OFFSET: tl.constexpr, F16: tl.constexpr):
 def _tile_parts(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, SUB: tl.constexpr,
                 RN: tl.constexpr, F16: tl.constexpr, HEAD_WORDS: tl.constexpr):
     """The pieces of a (BN, NSUB, SUB) weight tile, in ggml's arithmetic: the quants minus their offset
-    (``quant_value``: (BN, NSUB, SUB), fp32 or fp16), the fp32 scale of each sub-block row ((BN, NSUB):
-    d * sc with one rounding, or d), and for q4_k/q5_k the fp32 min term dmin * m ((BN, NSUB); 0.0 for the
-    other formats). See decode_tile for the tile's coordinates."""
+    (``quant_value``: (BN, NSUB, SUB), fp32 or fp16; iq4_nl's table values), the fp32 scale of each sub-block
+    row ((BN, NSUB): d * sc with one rounding, or d), and the fp32 min term subtracted ((BN, NSUB): q4_k/q5_k
+    dmin * m, q4_1/q5_1 -m; 0.0 for the other formats). See decode_tile for the tile's coordinates."""
     s = tl.arange(0, NSUB)
     l = tl.arange(0, SUB)
     min_term = 0.0
@@ -220,24 +276,38 @@ def _tile_parts(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, S
         IT: tl.constexpr = tl.int16
     else:
         IT: tl.constexpr = tl.int32
-    if QTYPE == Q4_0:
-        blk = k0 // 32 + s
-        valid = blk < n_blocks
-        bp = w_rows[:, None] + blk[None, :] * 18                            # (BN, NSUB) block starts
-        scale = f16_field_masked(bp, valid[None, :])
-        # Each qs byte is loaded once and split into its two nibbles along a new dim: [n, s, half, j] is
-        # weight 16 * half + j of block s, so merging (half, j) gives the natural order.
-        j = tl.arange(0, 16)
-        byte = tl.load(bp[:, :, None, None] + 2 + j[None, None, None, :], mask=valid[None, :, None, None], other=0)
-        nib = (byte.to(IT) >> (4 * tl.arange(0, 2)).to(IT)[None, None, :, None]) & 15
-        q = tl.reshape(quant_value(nib, 8, F16), (nib.shape[0], NSUB, SUB))
-    elif QTYPE == Q8_0:
+    if QTYPE == Q8_0:
         blk = k0 // 32 + s
         valid = blk < n_blocks
         bp = w_rows[:, None] + blk[None, :] * 34
         scale = f16_field_masked(bp, valid[None, :])
         byte = tl.load(bp[:, :, None] + 2 + l[None, None, :], mask=valid[None, :, None], other=0)
         q = quant_value(byte.to(IT) ^ 0x80, 128, F16)                  # int8 = (b ^ 128) - 128
+    elif QTYPE < Q3_K or QTYPE > Q6_K:      # q4_0, q4_1, q5_0, q5_1, iq4_nl: 16 nibble bytes per block
+        blk = k0 // 32 + s
+        valid = blk < n_blocks
+        bp = w_rows[:, None] + blk[None, :] * BLOCK32_BYTES[QTYPE]           # (BN, NSUB) block starts
+        scale = f16_field_masked(bp, valid[None, :])
+        # Each qs byte is loaded once and split into its two nibbles along a new dim: [n, s, half, j] is
+        # weight 16 * half + j of block s, so merging (half, j) gives the natural order.
+        j = tl.arange(0, 16)
+        half = tl.arange(0, 2)[None, None, :, None]
+        byte = tl.load(bp[:, :, None, None] + BLOCK32_QS_AT[QTYPE] + j[None, None, None, :],
+                       mask=valid[None, :, None, None], other=0)
+        nib = (byte.to(IT) >> (4 * half).to(IT)) & 15
+        if BLOCK32_QH_AT[QTYPE] != 0:       # q5_0/q5_1: bit 16 * half + j of qh is the weight's fifth bit
+            qh = u32_from_bytes(bp + BLOCK32_QH_AT[QTYPE], valid[None, :])[:, :, None, None]
+            nib = nib | (((qh >> (16 * half + j[None, None, None, :])) & 1) << 4).to(IT)
+        if QTYPE == IQ4_NL:
+            if F16:
+                q = iq4_nl_value(nib.to(tl.int32)).to(tl.float16)
+            else:
+                q = iq4_nl_value(nib).to(tl.float32)
+        else:
+            q = quant_value(nib, BLOCK32_QUANT_OFFSET[QTYPE], F16)
+        q = tl.reshape(q, (nib.shape[0], NSUB, SUB))
+        if HAS_MIN[QTYPE]:                  # q4_1/q5_1: w = q * d + m, i.e. q * d - (-m) (exactly the same)
+            min_term = -f16_field_masked(bp + 2, valid[None, :])
     elif QTYPE == Q3_K:
         bp = w_rows + (k0 // 256) * 110
         sb = (k0 % 256) // 16 + s                                           # sub-block in the super-block
@@ -309,13 +379,13 @@ def decode_tile(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, S
     """fp32 weights of columns k0 .. k0 + NSUB*SUB of the rows starting at ``w_rows`` ((BN,) byte pointers),
     as a (BN, NSUB, SUB) tile: element [n, s, l] is column k0 + SUB*s + l, bit-exact with ggml.
 
-    SUB is the format's sub-block (32 for q4_0/q8_0/q4_k/q5_k, 16 for q3_k/q6_k), so one scale covers
-    each [n, s, :] row. k-quants: NSUB*SUB divides 256 and k0 is a multiple of it (the tile lies inside
-    one super-block). q4_0/q8_0: each s is a whole block; blocks >= n_blocks (K tail) read as 0.
+    SUB is the format's sub-block (SUB_BLOCK: 16 for q3_k/q6_k, else 32), so one scale covers each [n, s, :]
+    row. k-quants: NSUB*SUB divides 256 and k0 is a multiple of it (the tile lies inside one super-block).
+    32-weight block formats: each s is a whole block; blocks >= n_blocks (K tail) read as 0.
     """
     q, scale, min_term = _tile_parts(w_rows, k0, n_blocks, QTYPE, NSUB, SUB, RN, False, HEAD_WORDS)
     w = fmul(scale[:, :, None], q, RN)
-    if QTYPE == Q4_K or QTYPE == Q5_K:
+    if HAS_MIN[QTYPE]:
         w = fsub(w, min_term[:, :, None], RN)
     return w
 
@@ -333,6 +403,6 @@ def decode_tile_f16(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexp
     not are no weight an fp16 model can use). The fp32 scales are computed as in decode_tile."""
     q, scale, min_term = _tile_parts(w_rows, k0, n_blocks, QTYPE, NSUB, SUB, RN, True, HEAD_WORDS)
     scale16 = scale.to(tl.float16)[:, :, None]
-    if QTYPE == Q4_K or QTYPE == Q5_K:
+    if HAS_MIN[QTYPE]:
         return tl.fma(q, scale16, -min_term.to(tl.float16)[:, :, None])
     return q * scale16

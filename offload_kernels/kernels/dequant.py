@@ -2,7 +2,7 @@
 
 Used for large M, where y = x @ W.T is compute-bound: dequantize once to the activation dtype, then let
 cuBLAS (torch.matmul) run the matmul. Each program decodes a (BLOCK_N, 256) tile (one k-quant super-block
-or eight q4_0/q8_0 blocks per row) with decode.decode_tile and stores it; fp32 values equal ggml's, and
+or eight 32-weight blocks per row) with decode.decode_tile and stores it; fp32 values equal ggml's, and
 the fp16/bf16 outputs are those values rounded to nearest even, i.e. ``dequantize(qt, fp32).to(dtype)``.
 """
 

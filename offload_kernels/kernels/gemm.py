@@ -8,9 +8,10 @@ dequantized copy. Two weight decodes (see f16_decode_default for which runs):
 * exact: decode.decode_tile's fp32 values (bit-exact with ggml), rounded to the activation dtype;
 * fp16 arithmetic (decode.decode_tile_f16), for fp16 activations: two weights per instruction, a
   little less accurate (its error bound is in decode_tile_f16; y's relative error on random q4_k
-  weights ~7e-4 instead of ~3e-4, against a 1e-2 tolerance for fp16). On sm_90 its K loop is 12-25%
-  shorter for q4_0, q8_0, q4_k and q5_k (Triton 3.6 and 3.9, mid-M and large-M tiles); for q3_k the gain
-  is 0-14% with Triton 3.9 and none with 3.6, and q6_k's loop grows, so those two keep the exact decode.
+  weights ~7e-4 instead of ~3e-4, against a 1e-2 tolerance for fp16). On sm_90 its K loop is 12-27%
+  shorter for q4_0, q4_1, q5_0, q5_1, q8_0, q4_k and q5_k (Triton 3.6 and 3.9, mid-M and large-M tiles); for
+  q3_k the gain is 0-14% with Triton 3.9 and none with 3.6, and q6_k's and iq4_nl's loops grow, so those keep
+  the exact decode.
 
 q4_k/q5_k blocks at a 4-byte-aligned address (HEAD_WORDS) read their 16-byte head (d, dmin, scales) as four
 int32 words, which Triton's pipeliner copies asynchronously a step ahead like the quant bytes and x; read
@@ -37,7 +38,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .decode import Q4_0, Q8_0, QTYPE_CODES, SUB_BLOCK, decode_tile, decode_tile_f16
+from .decode import Q3_K, Q6_K, QTYPE_CODES, SUB_BLOCK, decode_tile, decode_tile_f16
 from .epilogue import store_output
 from .runtime import INTERPRETER, count_launch, launch_split_k, sm_count, tuning_key
 
@@ -77,8 +78,8 @@ def _gemm_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stri
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(kt_begin, kt_end):
         k0 = kt * BLOCK_K
-        if QTYPE == Q4_0 or QTYPE == Q8_0:
-            # K is a multiple of 32 only: the last tile may run past it.
+        if QTYPE < Q3_K or QTYPE > Q6_K:
+            # A 32-weight block format: K is a multiple of 32 only, the last tile may run past it.
             x = tl.load(x_tile + k0, mask=(k0 + offs_k < K)[None, :], other=0.0)
         else:
             x = tl.load(x_tile + k0)  # K is a multiple of 256 and BLOCK_K divides 256
@@ -121,7 +122,7 @@ def f16_decode_default(x_dtype: torch.dtype, qtype: str) -> bool:
     return x_dtype == torch.float16 and qtype in _F16_DECODE_QTYPES
 
 
-_F16_DECODE_QTYPES = frozenset({"q4_0", "q8_0", "q4_k", "q5_k"})
+_F16_DECODE_QTYPES = frozenset({"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k"})
 
 
 def _head_words(qt) -> bool:

@@ -48,10 +48,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ..formats.iq4_nl import IQ4_NL_VALUES
 from . import configs
-from .decode import (Q3_K, Q4_0, Q4_K, Q5_K, Q6_K, Q8_0, QTYPE_CODES, f16_field, f16_field_masked, f16_from_bytes,
-                     int8_from_byte, k4_scale_min, k4_unpack_scale_min, q3_k_scale, q3_k_unpack_scale, q6_k_scale,
-                     scaled_quant)
+from .decode import (BLOCK32_BYTES, BLOCK32_QH_AT, BLOCK32_QS_AT, BLOCK32_QUANT_OFFSET, HAS_MIN, IQ4_NL, Q3_K, Q4_K,
+                     Q5_K, Q6_K, Q8_0, QTYPE_CODES, f16_field, f16_field_masked, f16_from_bytes, int8_from_byte,
+                     iq4_nl_value, k4_scale_min, k4_unpack_scale_min, q3_k_scale, q3_k_unpack_scale, q6_k_scale,
+                     scaled_quant, table_words, u32_from_bytes)
 from .epilogue import store_output
 from .runtime import INTERPRETER, count_launch, launch_split_k, sm_count, triton_version, tuning_key
 
@@ -153,22 +155,40 @@ def _step_q6_k(acc, bp, xp):
 
 
 @triton.jit
-def _step_q4_0(acc, w_rows, xp, step, n_blocks):
-    """Eight q4_0 blocks (18 B: d, qs[16]); qs[j] holds weights j (low nibble) and 16 + j (high).
-    Blocks past n_blocks (K tail) read as zero. Accumulator tile: (8 [block], 16 [j])."""
+def _step_nibble_blocks(acc, w_rows, xp, step, n_blocks, QTYPE: tl.constexpr):
+    """Eight blocks of a 32-weight nibble format (q4_0, q4_1, q5_0, q5_1, iq4_nl; decode.BLOCK32_*): qs[j]
+    holds weights j (low nibble) and 16 + j (high); q5's fifth bits are bits j / 16 + j of qh; q4_1/q5_1 add
+    the fp16 m at byte 2. Blocks past n_blocks (K tail) read as zero. Accumulator tile: (8 [block], 16 [j])."""
     g = tl.arange(0, 8)
     j = tl.arange(0, 16)
     blk = step * 8 + g
     valid = blk < n_blocks
-    bp = w_rows[:, None] + blk[None, :] * 18                                         # (BN, 8)
-    qs = tl.load(bp[None, :, :, None] + 2 + j[None, None, None, :], mask=valid[None, None, :, None],
-                 other=0).to(tl.int32)                                              # (1, BN, 8, 16)
-    d = f16_field_masked(bp, valid[None, :])[None, :, :, None] * 8388608.0                 # d * 2**23
+    bp = w_rows[:, None] + blk[None, :] * BLOCK32_BYTES[QTYPE]                         # (BN, 8)
+    qs = tl.load(bp[None, :, :, None] + BLOCK32_QS_AT[QTYPE] + j[None, None, None, :],
+                 mask=valid[None, None, :, None], other=0).to(tl.int32)             # (1, BN, 8, 16)
+    d = f16_field_masked(bp, valid[None, :])[None, :, :, None]
+    if QTYPE == IQ4_NL:
+        w_lo = d * iq4_nl_value(qs & 15).to(tl.float32)
+        w_hi = d * iq4_nl_value(qs >> 4).to(tl.float32)
+    else:
+        lo = qs & 15
+        hi = qs & 0xF0      # 16 * high nibble: its scale is divided by 16 instead of shifting every byte
+        if BLOCK32_QH_AT[QTYPE] != 0:
+            qh = u32_from_bytes(bp + BLOCK32_QH_AT[QTYPE], valid[None, :])[None, :, :, None]
+            lo = lo | (((qh >> j[None, None, None, :]) & 1) << 4)
+            hi = hi | (((qh >> (16 + j)[None, None, None, :]) & 1) << 8)
+        OFFSET: tl.constexpr = BLOCK32_QUANT_OFFSET[QTYPE]
+        w_lo = scaled_quant(lo, d * 8388608.0, OFFSET)                          # (u - offset) d; d * 2**23
+        w_hi = scaled_quant(hi, d * 524288.0, 16 * OFFSET)                      # 16 (u - offset) d / 16
+    if HAS_MIN[QTYPE]:
+        m = f16_field_masked(bp + 2, valid[None, :])[None, :, :, None]
+        w_lo += m
+        w_hi += m
     x_off = ((32 * blk)[:, None] + j[None, :])[None, :, :]
     x_lo = tl.load(xp[:, None, None] + x_off, mask=valid[None, :, None], other=0.0).to(tl.float32)
     x_hi = tl.load(xp[:, None, None] + x_off + 16, mask=valid[None, :, None], other=0.0).to(tl.float32)
-    acc = _accumulate(acc, scaled_quant(qs & 15, d, 8), x_lo[:, None])
-    acc = _accumulate(acc, scaled_quant(qs & 0xF0, d * 0.0625, 128), x_hi[:, None])  # 16 (nibble - 8) d / 16
+    acc = _accumulate(acc, w_lo, x_lo[:, None])
+    acc = _accumulate(acc, w_hi, x_hi[:, None])
     return acc
 
 
@@ -298,18 +318,35 @@ def _v2_q6_k(acc, bp, xp, a, b, i, SHAPE: tl.constexpr):
 
 
 @triton.jit
-def _v2_q4_0(acc, w_rows, x_rows, step, n_blocks, a, i, SHAPE: tl.constexpr):
-    """a = block g of the step's eight (blocks past n_blocks read as 0): qs[j] holds weights j (low
-    nibble) and 16 + j (high)."""
+def _v2_nibble_blocks(acc, w_rows, x_rows, step, n_blocks, a, i, SHAPE: tl.constexpr, QTYPE: tl.constexpr):
+    """a = block g of the step's eight (blocks past n_blocks read as 0) of a 32-weight nibble format (see
+    _step_nibble_blocks): qs[i] holds weights i (low nibble) and 16 + i (high)."""
     blk = step * 8 + a
     valid = blk < n_blocks
-    bp = w_rows + blk * 18
-    qs = _byte_masked(bp + 2 + i, valid, SHAPE)
-    d = _f16_full_masked(bp, valid, SHAPE) * 8388608.0
+    bp = w_rows + blk * BLOCK32_BYTES[QTYPE]
+    qs = _byte_masked(bp + BLOCK32_QS_AT[QTYPE] + i, valid, SHAPE)
+    d = _f16_full_masked(bp, valid, SHAPE)
+    if QTYPE == IQ4_NL:
+        w_lo = d * iq4_nl_value(qs & 15).to(tl.float32)
+        w_hi = d * iq4_nl_value(qs >> 4).to(tl.float32)
+    else:
+        lo = qs & 15
+        hi = qs & 0xF0      # 16 * high nibble, its scale divided by 16
+        if BLOCK32_QH_AT[QTYPE] != 0:
+            qh = u32_from_bytes(_full(bp + BLOCK32_QH_AT[QTYPE], SHAPE), _full(valid, SHAPE))
+            lo = lo | (((qh >> i) & 1) << 4)
+            hi = hi | (((qh >> (16 + i)) & 1) << 8)
+        OFFSET: tl.constexpr = BLOCK32_QUANT_OFFSET[QTYPE]
+        w_lo = scaled_quant(lo, d * 8388608.0, OFFSET)
+        w_hi = scaled_quant(hi, d * 524288.0, 16 * OFFSET)
+    if HAS_MIN[QTYPE]:
+        m = _f16_full_masked(bp + 2, valid, SHAPE)
+        w_lo += m
+        w_hi += m
     x_lo = tl.load(_full(x_rows + 32 * blk + i, SHAPE), mask=_full(valid, SHAPE), other=0.0).to(tl.float32)
     x_hi = tl.load(_full(x_rows + 32 * blk + 16 + i, SHAPE), mask=_full(valid, SHAPE), other=0.0).to(tl.float32)
-    acc = _accumulate(acc, scaled_quant(qs & 15, d, 8), x_lo)
-    acc = _accumulate(acc, scaled_quant(qs & 0xF0, d * 0.0625, 128), x_hi)   # 16 (nibble - 8) d / 16
+    acc = _accumulate(acc, w_lo, x_lo)
+    acc = _accumulate(acc, w_hi, x_hi)
     return acc
 
 
@@ -351,6 +388,11 @@ _HI_BITS_OF_1_5: tl.constexpr = tl.constexpr(-0x3F3F3F40)
 _SIGN_BITS: tl.constexpr = tl.constexpr(-0x7F7F7F80)
 
 
+#: iq4_nl's values 0-7 and 8-15 (ggml's kvalues_iq4nl) plus 128, as the word pairs _iq4_nl_bytes permutes.
+_IQ4_NL_UNSIGNED_LO: tl.constexpr = tl.constexpr(table_words(IQ4_NL_VALUES[:8], 128))
+_IQ4_NL_UNSIGNED_HI: tl.constexpr = tl.constexpr(table_words(IQ4_NL_VALUES[8:], 128))
+
+
 @triton.jit
 def _f32_with_byte(v, q, BASE: tl.constexpr, AT: tl.constexpr):
     """The fp32 whose bits are BASE | (byte ``q`` of int32 ``v``) << AT, for AT 8 or 16 and a BASE whose byte
@@ -366,6 +408,40 @@ def _f32_with_byte(v, q, BASE: tl.constexpr, AT: tl.constexpr):
     else:
         bits = (((v >> (8 * q)) & 0xFF) << AT) | BASE
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _byte_permute(a, b, sel):
+    """PTX prmt.b32 (default mode) with selector nibbles 0..7, on int32 tensors of one shape: byte k of the
+    result is byte (nibble k of ``sel``) of the eight bytes b:a (a = bytes 0-3). One instruction on a GPU; the
+    interpreter computes the same bits with shifts (tests/kernels/test_gemv_decode.py checks them against the
+    PTX definition)."""
+    if _PRMT:
+        out = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel],
+                                        dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        out = tl.zeros_like(sel)
+        for k in tl.static_range(4):
+            nib = (sel >> (4 * k)) & 7
+            src = tl.where(nib < 4, a, b)
+            out |= ((src >> (8 * (nib & 3))) & 0xFF) << (8 * k)
+    return out
+
+
+@triton.jit
+def _iq4_nl_bytes(n):
+    """iq4_nl's quant values plus 128 (0..255) of the four nibbles ``n`` (one in the low half of each byte of
+    the int32 word), one per byte: two table permutes select among values 0-7 and 8-15 by the nibble's low
+    three bits (gathered into a 16-bit selector), and the nibble's bit 3 picks which per byte."""
+    c = n & 0x07070707
+    sel = c | (c >> 4)                                   # byte 0: c0 | c1 << 4; byte 2: c2 | c3 << 4
+    sel = (sel & 0xFF) | ((sel >> 8) & 0xFF00)
+    lo = _byte_permute(tl.full(sel.shape, _IQ4_NL_UNSIGNED_LO[0], tl.int32),
+                       tl.full(sel.shape, _IQ4_NL_UNSIGNED_LO[1], tl.int32), sel)
+    hi = _byte_permute(tl.full(sel.shape, _IQ4_NL_UNSIGNED_HI[0], tl.int32),
+                       tl.full(sel.shape, _IQ4_NL_UNSIGNED_HI[1], tl.int32), sel)
+    upper = ((n >> 3) & 0x01010101) * 0xFF               # 0xFF in the bytes whose nibble is 8..15
+    return (hi & upper) | (lo & ~upper)
 
 
 @triton.jit
@@ -474,16 +550,30 @@ def _v3_q6_k(acc, bp, xp, i, SHAPE: tl.constexpr):
 
 
 @triton.jit
-def _v3_q4_0_q8_0(acc, w_rows, x_rows, step, n_blocks, i, SHAPE: tl.constexpr, IS_Q8: tl.constexpr,
-                  TAIL: tl.constexpr):
-    """Eight q4_0 (18 B) or q8_0 (34 B) blocks g. q4_0: qs[j] (at 2) holds weights j (low nibble) and 16 + j
-    (high); (u - 8) * d is exactly fma(1.5 + u/128, 128 d, -200 d). q8_0: qs[j] (at 2) is the int8 weight j,
+def _spread_nibble_to_bit4(t):
+    """The four bits of ``t`` (int32 0..15) to bit 4 of bytes 0..3: t * 0x00204081 puts copies of t at bits 0,
+    7, 14 and 21 (no carries: they do not overlap), so bits 0, 8, 16 and 24 are t's bits 0, 1, 2 and 3."""
+    return ((t * 0x00204081) & 0x01010101) << 4
+
+
+@triton.jit
+def _v3_blocks(acc, w_rows, x_rows, step, n_blocks, i, SHAPE: tl.constexpr, QTYPE: tl.constexpr,
+               TAIL: tl.constexpr):
+    """Eight blocks g of a 32-weight format (decode.BLOCK32_*). Nibble formats: qs[j] holds weights j (low
+    nibble) and 16 + j (high); q5_0/q5_1's fifth bits (bits j / 16 + j of the 32-bit qh) are spread word-wide
+    to bit 4 of each byte. (u - o) * d is then exactly fma(1.5 + u/128, 128 d, -(192 + o) d) (q4_0: o = 8,
+    -200 d; q5_0: o = 16, -208 d; both 3-bit multipliers of d's 11 bits); q4_1/q5_1's u * d + m is
+    fma(1.5 + u/128, 128 d, m - 192 d), exact but for one rounding of the addend (ggml rounds u * d + m once);
+    iq4_nl: the nibbles' table values plus 128 are looked up word-wide by byte permutes (_iq4_nl_bytes), then
+    scaled as q8_0's bytes. q8_0: qs[j] (at 2) is the int8 weight j,
     made 0..255 word-wide (XOR 0x80); (ub - 128) * d is exactly fma(1 + ub/32768, 32768 d, -32896 d)
     (32896 = 128 * 257: 20 significant bits with d's 11). TAIL: the step may run past the row's n_blocks
     blocks; those read the last block again (loads stay in bounds and unmasked: masked loads are not merged
-    per word) and count as d = 0, x = 0."""
+    per word) and count as d = m = 0, x = 0."""
     q = i & 3
-    BLOCK_BYTES: tl.constexpr = 34 if IS_Q8 else 18
+    BLOCK_BYTES: tl.constexpr = BLOCK32_BYTES[QTYPE]
+    QS: tl.constexpr = BLOCK32_QS_AT[QTYPE]
+    QH: tl.constexpr = BLOCK32_QH_AT[QTYPE]
     for g in tl.static_range(8):
         blk = step * 8 + g
         if TAIL:
@@ -493,15 +583,31 @@ def _v3_q4_0_q8_0(acc, w_rows, x_rows, step, n_blocks, i, SHAPE: tl.constexpr, I
         d = _f16_full(bp, SHAPE)
         if TAIL:
             d = tl.where(valid, d, 0.0)
+        if HAS_MIN[QTYPE]:
+            m = _f16_full(bp + 2, SHAPE)
+            if TAIL:
+                m = tl.where(valid, m, 0.0)
+            addend = m - d * 192.0
+        else:
+            addend = d * -(192.0 + BLOCK32_QUANT_OFFSET[QTYPE])
+        if QH != 0:
+            h = _full((bp + QH).to(tl.pointer_type(tl.uint16)), SHAPE)
+            qh = tl.load(h).to(tl.int32) | (tl.load(h + 1).to(tl.int32) << 16)
         for b in tl.static_range(2):
-            if IS_Q8:
+            if QTYPE == Q8_0:
                 word = _u16_word(bp + 2 + 16 * b, i, SHAPE) ^ _SIGN_BITS
                 w = tl.fma(_f32_with_byte(word, q, _ONE_BITS, 8), d * 32768.0, d * -32896.0)
             else:
                 if b == 0:
-                    word = _u16_word(bp + 2, i, SHAPE)
-                v = ((word >> (4 * b)) & 0x0F0F0F0F) | _HI_BITS_OF_1_5
-                w = tl.fma(_f32_with_byte(v, q, _HALF_BITS, 16), d * 128.0, d * -200.0)
+                    word = _u16_word(bp + QS, i, SHAPE)
+                if QTYPE == IQ4_NL:     # (value + 128) * d, less 128 d: as q8_0's bytes
+                    ub = _iq4_nl_bytes((word >> (4 * b)) & 0x0F0F0F0F)
+                    w = tl.fma(_f32_with_byte(ub, q, _ONE_BITS, 8), d * 32768.0, d * -32896.0)
+                else:
+                    v = ((word >> (4 * b)) & 0x0F0F0F0F) | _HI_BITS_OF_1_5
+                    if QH != 0:
+                        v |= _spread_nibble_to_bit4((qh >> (16 * b + 4 * (i >> 2))) & 15)
+                    w = tl.fma(_f32_with_byte(v, q, _HALF_BITS, 16), d * 128.0, addend)
             x = _x_full(x_rows + 32 * blk + 16 * b + i, SHAPE)
             if TAIL:
                 x = tl.where(valid, x, 0.0)
@@ -525,10 +631,10 @@ def _gemv_layout1(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, 
             acc = _step_q3_k(acc, w_rows + step * 110, x_rows + step * 256)
         elif QTYPE == Q6_K:
             acc = _step_q6_k(acc, w_rows + step * 210, x_rows + step * 256)
-        elif QTYPE == Q4_0:
-            acc = _step_q4_0(acc, w_rows, x_rows, step, K // 32)
-        else:  # Q8_0
+        elif QTYPE == Q8_0:
             acc = _step_q8_0(acc, w_rows, x_rows, step, K // 32)
+        else:  # the 32-weight nibble formats
+            acc = _step_nibble_blocks(acc, w_rows, x_rows, step, K // 32, QTYPE)
     y = tl.sum(tl.sum(acc, axis=3), axis=2)
     if QTYPE == Q4_K or QTYPE == Q5_K:
         y -= tl.sum(acc_min, axis=2)
@@ -548,12 +654,12 @@ def _gemv_layout2(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, 
     elif QTYPE == Q6_K:
         A: tl.constexpr = 2
         B: tl.constexpr = 4
-    elif QTYPE == Q4_0:
-        A: tl.constexpr = 8
-        B: tl.constexpr = 1
-    else:  # Q8_0
+    elif QTYPE == Q8_0:
         A: tl.constexpr = 8
         B: tl.constexpr = 2
+    else:  # the 32-weight nibble formats
+        A: tl.constexpr = 8
+        B: tl.constexpr = 1
     SHAPE: tl.constexpr = (BLOCK_M, BLOCK_N, A, B, 16)
     a = tl.arange(0, A)[None, None, :, None, None]
     b = tl.arange(0, B)[None, None, None, :, None]
@@ -570,10 +676,10 @@ def _gemv_layout2(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, 
             acc = _v2_q3_k(acc, rows + step * 110, xs + step * 256, a, b, i, SHAPE)
         elif QTYPE == Q6_K:
             acc = _v2_q6_k(acc, rows + step * 210, xs + step * 256, a, b, i, SHAPE)
-        elif QTYPE == Q4_0:
-            acc = _v2_q4_0(acc, rows, xs, step, K // 32, a, i, SHAPE)
-        else:  # Q8_0
+        elif QTYPE == Q8_0:
             acc = _v2_q8_0(acc, rows, xs, step, K // 32, a, b, i, SHAPE)
+        else:  # the 32-weight nibble formats
+            acc = _v2_nibble_blocks(acc, rows, xs, step, K // 32, a, i, SHAPE, QTYPE)
     return tl.sum(tl.sum(tl.sum(acc, axis=4), axis=3), axis=2)
 
 
@@ -593,7 +699,7 @@ def _gemv_layout3(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, 
         i = tl.arange(0, 16)[None, None, :]
         xs = x_rows[:, None, None]
     acc = tl.zeros(SHAPE, dtype=tl.float32)
-    full_steps = K // 256          # q4_0/q8_0 rows may end inside a step: that one runs after the loop
+    full_steps = K // 256          # 32-weight block rows may end inside a step: that one runs after the loop
     for step in tl.range(step_begin, tl.minimum(step_end, full_steps), num_stages=STAGES):
         if QTYPE == Q3_K:
             acc = _v3_q3_k(acc, rows + step * 110, xs + step * 256, i, SHAPE)
@@ -603,11 +709,11 @@ def _gemv_layout3(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, 
             acc = _v3_q4_k_q5_k(acc, rows + step * 176, xs + step * 256, i, SHAPE, True)
         elif QTYPE == Q6_K:
             acc = _v3_q6_k(acc, rows + step * 210, xs + step * 256, i, SHAPE)
-        else:  # Q4_0, Q8_0
-            acc = _v3_q4_0_q8_0(acc, rows, xs, step, K // 32, i, SHAPE, QTYPE == Q8_0, False)
-    if QTYPE == Q4_0 or QTYPE == Q8_0:
+        else:  # the 32-weight block formats
+            acc = _v3_blocks(acc, rows, xs, step, K // 32, i, SHAPE, QTYPE, False)
+    if QTYPE < Q3_K or QTYPE > Q6_K:
         if step_end > full_steps:
-            acc = _v3_q4_0_q8_0(acc, rows, xs, full_steps, K // 32, i, SHAPE, QTYPE == Q8_0, True)
+            acc = _v3_blocks(acc, rows, xs, full_steps, K // 32, i, SHAPE, QTYPE, True)
     if _WEIGHT_AXIS_FIRST:
         y = tl.trans(tl.sum(acc, axis=0))
     else:

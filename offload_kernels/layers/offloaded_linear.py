@@ -18,7 +18,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class OffloadedLinear(nn.Module):
-    """y = x @ W.T + b with W held as GGUF blocks (q4_0, q8_0, q3_k, q4_k, q5_k, q6_k).
+    """y = x @ W.T + b with W held as GGUF blocks (any of formats.QTYPES: the k-quants, q4_0 ... q8_0, iq4_nl).
 
     The nn.Linear contract: ``in_features``, ``out_features``, optional ``bias``, any leading dims,
     fp16/bf16/fp32 input, output in the input's dtype.

@@ -16,7 +16,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from ..formats import QTYPES, QuantizedTensor, get_spec, quantize, write_gguf
+from ..formats import LLAMA_QUANTIZE_FALLBACKS, QTYPES, QuantizedTensor, get_spec, quantize, write_gguf
 from ..layers import OffloadedLinear
 from .gguf_model import permute_rows
 from .gguf_names import (GEMMA_ARCHITECTURES, HF_TO_GGUF_ARCHITECTURE, OUTPUT, PERMUTED_QK_ARCHITECTURES,
@@ -64,11 +64,15 @@ def synthetic_spm_vocab(vocab_size: int, control_tokens: "tuple[str, ...]" = ())
 
 
 def _choose_qtype(gguf_name: str, k: int, default: str, overrides: Mapping[str, str]) -> Optional[str]:
+    """The tensor's format: its override or the default; for rows of k weights that format's blocks cannot
+    tile, llama-quantize's fallback (LLAMA_QUANTIZE_FALLBACKS: q4_k -> q5_0, ...), else None (f16)."""
     q = next((q for pat, q in overrides.items() if fnmatch.fnmatchcase(gguf_name, pat)), default)
     if q in _FLOAT_TYPES:
         return q
     if q is not None and k % get_spec(q).block_size:
-        q = "q8_0" if k % 32 == 0 else None                    # llama.cpp falls back the same way
+        q = LLAMA_QUANTIZE_FALLBACKS.get(q)
+        if q is not None and k % get_spec(q).block_size:
+            q = None
     return q
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..formats import get_spec, quantize
+from ..formats import LLAMA_QUANTIZE_FALLBACKS, get_spec, quantize
 from ..formats.quantize import validate_weight
 from ..layers import OffloadedLinear
 from ..layers.linear_like import is_linear_like, linear_features, linear_weight
@@ -217,19 +217,43 @@ class LinearSelection:
     fixed_bytes: int                     # everything else the device holds: other params, buffers, biases
 
 
-def _format_for(in_features: int, qtype: str, fallback_qtype: Optional[str]) -> tuple[Optional[str], str]:
-    """(the format a layer gets, "") when ``qtype``'s block, else ``fallback_qtype``'s, divides in_features;
-    (None, why not) when neither does."""
+def _fallback_of(qtype: str, fallback_qtype: "str | Mapping[str, str] | None") -> Optional[str]:
+    """The fallback format of a layer meant to be ``qtype`` (a mapping is keyed by the intended format)."""
+    if isinstance(fallback_qtype, Mapping):
+        return fallback_qtype.get(qtype)
+    return fallback_qtype
+
+
+def _check_fallback(fallback_qtype: "str | Mapping[str, str] | None") -> None:
+    if fallback_qtype is None:
+        return
+    if isinstance(fallback_qtype, Mapping):
+        for key, value in fallback_qtype.items():
+            get_spec(key)
+            get_spec(value)
+    elif isinstance(fallback_qtype, str):
+        get_spec(fallback_qtype)
+    else:
+        raise TypeError(f"fallback_qtype must be a qtype string, a mapping {{qtype: fallback qtype}} (e.g. "
+                        f"LLAMA_QUANTIZE_FALLBACKS) or None, got {type(fallback_qtype).__name__}")
+
+
+def _format_for(in_features: int, qtype: str,
+                fallback_qtype: "str | Mapping[str, str] | None") -> tuple[Optional[str], str]:
+    """(the format a layer gets, "") when ``qtype``'s block, else its fallback's (see _fallback_of), divides
+    in_features; (None, why not) when neither does."""
     block = get_spec(qtype).block_size
     if in_features % block == 0:
         return qtype, ""
-    if fallback_qtype is not None and in_features % get_spec(fallback_qtype).block_size == 0:
-        return fallback_qtype, ""
+    fallback = _fallback_of(qtype, fallback_qtype)
+    if fallback is not None and in_features % get_spec(fallback).block_size == 0:
+        return fallback, ""
     why = f"in_features={in_features} is not a multiple of the {qtype} block size {block}"
-    if fallback_qtype is not None:
-        why += f" nor of the fallback {fallback_qtype}'s {get_spec(fallback_qtype).block_size}"
+    if fallback is not None:
+        why += f" nor of the fallback {fallback}'s {get_spec(fallback).block_size}"
     elif in_features % 32 == 0:
-        why += " (fallback_qtype='q8_0' or 'q4_0' would quantize it)"
+        hint = LLAMA_QUANTIZE_FALLBACKS.get(qtype, "q8_0")
+        why += f" (fallback_qtype='{hint}' or LLAMA_QUANTIZE_FALLBACKS would quantize it)"
     return None, why
 
 
@@ -238,7 +262,8 @@ _ABSENT = object()
 
 def select_linears(model: nn.Module, qtype: str = "q4_k", skip: "str | Sequence[str] | None" = ("lm_head",),
                    qtype_overrides: Optional[Mapping[str, Optional[str]]] = None,
-                   stream_whole_blocks: bool = True, fallback_qtype: Optional[str] = None,
+                   stream_whole_blocks: bool = True,
+                   fallback_qtype: "str | Mapping[str, str] | None" = None,
                    keep_model_fp32_modules: bool = True) -> LinearSelection:
     """Decide, without changing ``model``, what offload() would quantize and what the device must hold.
 
@@ -246,15 +271,15 @@ def select_linears(model: nn.Module, qtype: str = "q4_k", skip: "str | Sequence[
     linear whose parent reads its weight itself (nn.MultiheadAttention's out_proj) is kept; then ``skip``;
     then the first matching ``qtype_overrides`` pattern; then, with ``keep_model_fp32_modules``, the
     modules a Hugging Face model lists in ``_keep_in_fp32_modules(_strict)`` are kept; then ``qtype``. A layer
-    whose in_features is not a multiple of its format's block takes ``fallback_qtype`` if that one's block
-    divides it, else it is kept.
+    whose in_features is not a multiple of its format's block takes its fallback (``fallback_qtype``, or
+    ``fallback_qtype[format]`` for a mapping such as LLAMA_QUANTIZE_FALLBACKS) if that one's block divides
+    it, else it is kept.
 
     Raises TypeError/ValueError for bad patterns, unknown qtypes, an override that names no linear of the
     model, or weights on the meta device.
     """
     get_spec(qtype)
-    if fallback_qtype is not None:
-        get_spec(fallback_qtype)
+    _check_fallback(fallback_qtype)
     if not isinstance(keep_model_fp32_modules, bool):
         raise TypeError(f"keep_model_fp32_modules must be True or False, got {keep_model_fp32_modules!r}")
     skip = _patterns(skip, "skip")
@@ -381,7 +406,8 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
             device: "torch.device | str | None" = None, *, skip: "str | Sequence[str] | None" = ("lm_head",),
             qtype_overrides: Optional[Mapping[str, Optional[str]]] = None, num_slots: int = 2,
             stream_whole_blocks: bool = True, progress: bool = True, measure: bool = True,
-            token_counts: Sequence[int] = DEFAULT_TOKEN_COUNTS, fallback_qtype: Optional[str] = None,
+            token_counts: Sequence[int] = DEFAULT_TOKEN_COUNTS,
+            fallback_qtype: "str | Mapping[str, str] | None" = None,
             keep_model_fp32_modules: bool = True) -> OffloadReport:
     """Quantize ``model``'s linear layers (nn.Linear, and transformers' Conv1D) in place and place them
     within ``gpu_budget``.
@@ -400,8 +426,9 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
         qtype_overrides: {pattern: qtype or None} per-layer formats, e.g. {"*.down_proj": "q6_k"};
             None keeps a layer unquantized. A pattern that matches no nn.Linear is an error.
         fallback_qtype: the format for layers whose in_features is not a multiple of their format's block
-            (the k-quants need 256, q4_0/q8_0 32; llama.cpp falls back the same way), e.g. "q8_0". None:
-            such layers stay as they are, with the reason logged.
+            (the k-quants need 256, the other formats 32), e.g. "q8_0", or a mapping from the intended format
+            to its fallback: LLAMA_QUANTIZE_FALLBACKS is llama-quantize's (q3_k -> iq4_nl, q4_k -> q5_0,
+            q5_k -> q5_1, q6_k -> q8_0). None: such layers stay as they are, with the reason logged.
         keep_model_fp32_modules: leave unquantized the modules a Hugging Face model lists in
             ``_keep_in_fp32_modules`` / ``_keep_in_fp32_modules_strict`` (as its own quantizers do; T5's
             ``wo`` needs it). An explicit qtype_overrides entry wins.

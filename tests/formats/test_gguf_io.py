@@ -20,6 +20,9 @@ def mixed_tensors():
         "blk.0.ffn_up.weight": random_blocks("q5_k", 2, 256, g),
         "blk.0.ffn_gate.weight": random_blocks("q4_0", 5, 96, g),
         "output.weight": random_blocks("q8_0", 7, 64, g),
+        "blk.0.attn_k.weight": random_blocks("q4_1", 3, 96, g),
+        "blk.0.attn_output.weight": random_blocks("q5_0", 5, 32, g),
+        "blk.1.attn_q.weight": random_blocks("q5_1", 2, 160, g),
         "blk.0.attn_norm.weight": torch.randn(512, generator=g),
         "token_embd.weight": torch.randn(11, 64, generator=g).half(),
         "rope_freqs.weight": torch.randn(3, 5, generator=g).bfloat16(),
@@ -65,6 +68,12 @@ def test_llama_cpp_view_of_the_file(tmp_path, mixed_tensors):
     assert q.tensor_type == GGMLQuantizationType.Q4_K and q.shape.tolist() == [512, 8]
     assert np.array_equal(q.data.reshape(-1), mixed_tensors["blk.0.attn_q.weight"].data.numpy().reshape(-1))
     assert by_name["rope_freqs.weight"].tensor_type == GGMLQuantizationType.BF16
+    for name, ggml_type, shape in (("blk.0.attn_k.weight", GGMLQuantizationType.Q4_1, [96, 3]),
+                                   ("blk.0.attn_output.weight", GGMLQuantizationType.Q5_0, [32, 5]),
+                                   ("blk.1.attn_q.weight", GGMLQuantizationType.Q5_1, [160, 2])):
+        t = by_name[name]
+        assert t.tensor_type == ggml_type and t.shape.tolist() == shape, name
+        assert np.array_equal(t.data.reshape(-1), mixed_tensors[name].data.numpy().reshape(-1)), name
 
 
 def test_reads_are_memory_mapped_views(tmp_path, mixed_tensors):

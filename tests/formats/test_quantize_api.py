@@ -1,4 +1,5 @@
-"""quantize(): input validation, dtype/device handling, lossy quality; q4_0/q8_0 against gguf's quantizers."""
+"""quantize(): input validation, dtype/device handling, lossy quality; the 32-weight formats against gguf's
+quantizers."""
 
 import zlib
 
@@ -14,19 +15,25 @@ from offload_kernels.formats import QTYPES, dequantize, get_spec, quantize, quan
 from .helpers import DISTRIBUTIONS, weights
 
 # Signal-to-noise floors (dB) of quantize -> dequantize on normal data; ggml's reference quantizers
-# give roughly q3_k 14, q4_0 19, q4_k 21, q5_k 27, q6_k 32, q8_0 42 (a few dB of margin below).
-MIN_SNR_DB = {"q3_k": 11.0, "q4_0": 17.0, "q4_k": 19.0, "q5_k": 25.0, "q6_k": 30.0, "q8_0": 39.0}
+# give roughly q3_k 14, q4_0 19, q4_k 21, q5_k 27, q6_k 32, q8_0 42, and on the data below q4_1 22,
+# q5_0 27, q5_1 28, iq4_nl 22 (a few dB of margin below).
+MIN_SNR_DB = {"q3_k": 11.0, "q4_0": 17.0, "q4_1": 19.0, "q4_k": 19.0, "q5_0": 24.0, "q5_1": 25.0, "q5_k": 25.0,
+              "q6_k": 30.0, "q8_0": 39.0, "iq4_nl": 19.0}
 
 
 def snr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     return float(10 * torch.log10(w.double().pow(2).sum() / (w.double() - w_hat.double()).pow(2).sum()))
 
 
-@pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"])
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 def test_legacy_formats_match_gguf_quantizers(qtype, distribution):
-    """gguf's numpy q4_0/q8_0 quantizers reproduce ggml's reference; ours must give the same bytes."""
+    """gguf's numpy quantizers of the 32-weight formats reproduce ggml's reference on these weights (they
+    part from it around signed zeros: which zero a block's max/min scan keeps); ours must give the same
+    bytes."""
     w = weights(distribution, 12, 256, seed=zlib.crc32(distribution.encode()) % 1000)
+    if distribution == "huge" and len(get_spec(qtype).fp16_offsets) == 2:
+        w /= 4        # the block min itself is an fp16 field of q4_1/q5_1: keep it below 65504
     ours = quantize(w, qtype).data.numpy()
     ref = quants.quantize(w.numpy(), get_spec(qtype).ggml_type)
     np.testing.assert_array_equal(ours, ref)
@@ -63,7 +70,7 @@ def test_non_contiguous_and_grad_inputs():
 @pytest.mark.parametrize(
     "w, qtype, exc, match",
     [
-        (torch.zeros(4, 256), "q5_0", ValueError, "unknown qtype"),
+        (torch.zeros(4, 256), "q2_k", ValueError, "unknown qtype"),
         (torch.zeros(256), "q4_k", ValueError, "must be 2-D"),
         (torch.zeros(2, 2, 256), "q4_k", ValueError, "must be 2-D"),
         (torch.zeros(4, 128), "q4_k", ValueError, "K=128 .* not a multiple of the q4_k block size 256"),
@@ -82,7 +89,7 @@ def test_rejects_bad_input(w, qtype, exc, match):
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_rejects_weights_whose_scale_overflows_fp16(qtype):
     w = torch.ones(2, 256)
-    w[1, 3] = 3e7 if qtype in ("q4_0", "q8_0") else 1e14
+    w[1, 3] = 3e7 if get_spec(qtype).block_size == 32 else 1e14
     with pytest.raises(ValueError, match=f"too large for {qtype}: the fp16 scale of block 0 in row 1 overflows"):
         quantize(w, qtype)
     w[1, 3] = 3e38

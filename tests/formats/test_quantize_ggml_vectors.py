@@ -1,9 +1,10 @@
 """Quantize and dequantize against ggml itself: committed vectors, plus a live check when libggml is around.
 
-tests/vectors/ggml_quant_vectors.npz holds, for 23 input cases (normal, LLM-like, heavy tails, zeros,
-constants, ties, tiny/subnormal and huge magnitudes, ...), the bytes ggml's reference quantizers wrote
-and the floats ggml's dequantizers read back from them (see tests/vectors/generate_ggml_vectors.py).
-Set OFFLOAD_KERNELS_GGML_LIB to a libggml-base.so to also compare on fresh random data.
+tests/vectors/ggml_quant_vectors.npz holds, for 24 input cases (normal, LLM-like, heavy tails, zeros,
+constants, ties, tiny/subnormal and huge magnitudes, 32-weight block edge cases, ...), the bytes ggml's
+reference quantizers wrote and the floats ggml's dequantizers read back from them (see
+tests/vectors/generate_ggml_vectors.py). Set OFFLOAD_KERNELS_GGML_LIB to a libggml-base.so to also
+compare on fresh random data (and on random edge-case blocks of the 32-weight formats).
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ VECTORS_DIR = Path(__file__).resolve().parents[1] / "vectors"
 sys.path.insert(0, str(VECTORS_DIR))
 from ggml_ref import GgmlRef, find_library  # noqa: E402
 
-QTYPES = ("q4_0", "q8_0", "q3_k", "q4_k", "q5_k", "q6_k")
+QTYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q3_k", "q4_k", "q5_k", "q6_k")
 
 # (name, first byte, end) of every field of a block, from ggml-common.h
 FIELDS = {
     "q4_0": (("d", 0, 2), ("qs", 2, 18)),
+    "q4_1": (("d", 0, 2), ("m", 2, 4), ("qs", 4, 20)),
+    "q5_0": (("d", 0, 2), ("qh", 2, 6), ("qs", 6, 22)),
+    "q5_1": (("d", 0, 2), ("m", 2, 4), ("qh", 4, 8), ("qs", 8, 24)),
     "q8_0": (("d", 0, 2), ("qs", 2, 34)),
     "q3_k": (("hmask", 0, 32), ("qs", 32, 96), ("scales", 96, 108), ("d", 108, 110)),
     "q4_k": (("d", 0, 2), ("dmin", 2, 4), ("scales", 4, 16), ("qs", 16, 144)),
@@ -69,10 +73,10 @@ def describe_mismatch(qtype: str, got: np.ndarray, expected: np.ndarray, w: np.n
 
 
 def fp16_fields_finite(qtype: str, blocks: np.ndarray) -> bool:
-    """Whether every fp16 scale (d, dmin) of these blocks is finite."""
+    """Whether every fp16 scale (d, dmin, m) of these blocks is finite."""
     blocks = blocks.reshape(-1, get_spec(qtype).block_bytes)
     for name, lo, hi in FIELDS[qtype]:
-        if name in ("d", "dmin"):
+        if name in ("d", "dmin", "m"):
             if not np.isfinite(blocks[:, lo:hi].copy().view(np.float16)).all():
                 return False
     return True
@@ -120,6 +124,14 @@ def test_dequantize_matches_ggml_floats(case: str, qtype: str):
     assert_same_floats(got, VECTORS[f"{case}/{qtype}/dequant"], f"{case}/{qtype} dequantize")
 
 
+def test_field_table_matches_the_specs():
+    """FIELDS (used to refuse and to explain mismatches) agrees with QTypeSpec: sizes and fp16 offsets."""
+    for qtype, fields in FIELDS.items():
+        spec = get_spec(qtype)
+        assert sum(hi - lo for _, lo, hi in fields) == spec.block_bytes
+        assert sorted(lo for name, lo, _ in fields if name in ("d", "dmin", "m")) == sorted(spec.fp16_offsets)
+
+
 def test_vectors_cover_every_qtype_and_case():
     for case in CASES:
         for qtype in QTYPES:
@@ -159,3 +171,52 @@ def test_live_random_weights_match_ggml(qtype: str):
             pytest.fail(f"{name}/{qtype} (seed {seed}): " + describe_mismatch(qtype, got, expected, w))
         dq = offload_kernels.dequantize(QuantizedTensor(torch.from_numpy(expected), qtype, w.shape)).numpy()
         assert_same_floats(dq, ggml.dequantize(expected, qtype, w.shape[1]), f"{name}/{qtype} (seed {seed})")
+
+
+BLOCK32_QTYPES = tuple(q for q in QTYPES if get_spec(q).block_size == 32)
+
+
+def _block_edge_weights(g: np.random.Generator, blocks: int = 4096) -> np.ndarray:
+    """32-weight blocks of random kinds at random scales (1e-44 to 1e30): +-max pairs in either order, zero
+    minima of either sign, constants, exact .5 ties, one outlier, mixed signs and all-one-sign blocks."""
+    x = g.standard_normal((blocks, 32))
+    kind = g.integers(0, 8, blocks)
+    rows = np.arange(blocks)
+    i, j = g.integers(0, 32, (2, blocks))
+    amax = np.abs(x).max(axis=1) * g.choice([1.0, 2.0], blocks)
+    pair = kind == 0
+    sign = g.choice([-1.0, 1.0], blocks)
+    x[rows[pair], i[pair]] = sign[pair] * amax[pair]
+    x[rows[pair], j[pair]] = -sign[pair] * amax[pair]
+    zero_min = kind == 1
+    x[zero_min] = np.abs(x[zero_min])
+    x[rows[zero_min], i[zero_min]] = 0.0
+    x[rows[zero_min], j[zero_min]] = -0.0
+    x[kind == 2] = g.choice([-1.0, 0.0, -0.0, 0.25, 3.0], (int((kind == 2).sum()), 1))
+    x[kind == 3] = g.integers(-16, 17, (int((kind == 3).sum()), 32)) / 8.0
+    outlier = kind == 4
+    x[outlier] *= 1e-3
+    x[rows[outlier], i[outlier]] = sign[outlier] * 5.0
+    x[kind == 5] = np.abs(x[kind == 5]) * sign[kind == 5, None]
+    x *= 10.0 ** g.uniform(-44, 30, (blocks, 1)) * (kind < 6)[:, None] + (kind >= 6)[:, None]
+    return x.reshape(-1, 1024)
+
+
+@live
+@pytest.mark.parametrize("qtype", BLOCK32_QTYPES)
+def test_live_block_edges_match_ggml(qtype: str):
+    """Fresh random edge-case blocks for the 32-weight formats: ggml's min/max and absmax scans (which of
+    equal values wins, signed zeros), its truncations and clamps, and overflowing or subnormal scales."""
+    ggml = GgmlRef(_LIB)
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    with np.errstate(all="ignore"):
+        w = _block_edge_weights(np.random.default_rng(seed)).astype(np.float32)
+    w[~np.isfinite(w)] = 0.0
+    with np.errstate(all="ignore"):
+        expected = ggml.quantize(w, qtype)
+    got = quantize_like_ggml(w, qtype, expected)
+    if not np.array_equal(got, expected):
+        pytest.fail(f"block edges/{qtype} (seed {seed}): " + describe_mismatch(qtype, got, expected, w))
+    with np.errstate(all="ignore"):
+        dq = offload_kernels.dequantize(QuantizedTensor(torch.from_numpy(expected), qtype, w.shape)).numpy()
+        assert_same_floats(dq, ggml.dequantize(expected, qtype, w.shape[1]), f"block edges/{qtype} (seed {seed})")

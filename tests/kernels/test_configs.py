@@ -11,7 +11,7 @@ import triton
 from offload_kernels import kernels
 from offload_kernels.formats import QTYPES
 from offload_kernels.kernels import configs
-from offload_kernels.kernels.decode import QTYPE_CODES, SUB_BLOCK
+from offload_kernels.kernels.decode import BLOCK32_QTYPES, QTYPE_CODES, SUB_BLOCK
 
 runtime = importlib.import_module("offload_kernels.kernels.runtime")
 
@@ -88,7 +88,7 @@ def test_gemm_pruner(qtype, m, dtype):
         assert 1 <= len(kept) <= configs.MAX_TUNED_CONFIGS
         for c in kept:
             bk = c.kwargs["BLOCK_K"]
-            assert bk % SUB_BLOCK[qtype] == 0 and (qtype in ("q4_0", "q8_0") or 256 % bk == 0)
+            assert bk % SUB_BLOCK[qtype] == 0 and (qtype in BLOCK32_QTYPES or 256 % bk == 0)
             assert triton.cdiv(k, bk) % c.kwargs["split_k"] == 0
             assert c.kwargs["BLOCK_M"] <= max(16, configs.next_power_of_2(m))
             assert not c.kwargs["SWAP_AB"] or c.kwargs["BLOCK_M"] <= configs.GEMM_SWAP_MAX_BLOCK_M
@@ -220,3 +220,25 @@ def test_poison_outputs_context(monkeypatch):
         runtime.new_output((3,), torch.float16, cpu)
     runtime.new_output((4,), torch.float16, cpu)
     assert fills == [(4,), (3,)]
+
+
+def test_format_tables_agree_with_the_specs():
+    """The kernels' per-code constexpr tables (decode.BLOCK32_*, HAS_MIN) describe the same blocks as the
+    format specs: every format has a code, block sizes match, fp16 fields (d, and m or dmin) where the specs
+    put them, and the quants after them."""
+    from offload_kernels.formats import get_spec
+    from offload_kernels.kernels import decode
+
+    assert set(QTYPE_CODES) == set(QTYPES) and sorted(QTYPE_CODES.values()) == list(range(len(QTYPES)))
+    assert BLOCK32_QTYPES == {q for q in QTYPES if get_spec(q).block_size == 32}
+    for qtype, code in QTYPE_CODES.items():
+        spec = get_spec(qtype)
+        assert decode.HAS_MIN[code] == (len(spec.fp16_offsets) == 2)
+        if qtype not in BLOCK32_QTYPES:
+            continue
+        assert decode.BLOCK32_BYTES[code] == spec.block_bytes
+        assert spec.fp16_offsets == ((0, 2) if decode.HAS_MIN[code] else (0,))
+        quant_bytes = 32 if qtype == "q8_0" else 16
+        assert decode.BLOCK32_QS_AT[code] + quant_bytes == spec.block_bytes
+        qh = decode.BLOCK32_QH_AT[code]
+        assert (qh != 0) == qtype.startswith("q5_") and (qh == 0 or qh + 4 == decode.BLOCK32_QS_AT[code])

@@ -82,7 +82,7 @@ def test_f16_decode_within_its_error_bound(qtype, offset, device):
 
 
 def test_f16_decode_default_and_misuse(device):
-    assert [q for q in QTYPES if f16_decode_default(torch.float16, q)] == ["q4_0", "q8_0", "q4_k", "q5_k"]
+    assert [q for q in QTYPES if f16_decode_default(torch.float16, q)] == ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k"]
     assert not any(f16_decode_default(dt, q) for dt in (torch.float32, torch.bfloat16) for q in QTYPES)
     qt = random_qtensor("q4_k", 8, 256, torch.Generator().manual_seed(0), device=device)
     x = torch.randn(3, 256, device=device)

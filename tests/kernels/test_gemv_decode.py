@@ -2,10 +2,12 @@
 unit vectors (fp32), y[m, n] = W[n, k_m] * 1.0 plus products with +0.0, which the fp32 accumulator sums
 exactly, so each call returns whole columns of the weight as the kernel decoded them.
 
-* q4_0, q8_0, q3_k and q6_k: every weight (u - offset) * scale is exact (so is the FFMA's addend), so
-  the columns equal the gguf package's dequantized fp32 weight (llama.cpp's formulas) bit for bit;
+* q4_0, q5_0, q8_0, q3_k and q6_k: every weight (u - offset) * scale is exact (so is the FFMA's addend), so
+  the columns equal the gguf package's dequantized fp32 weight (llama.cpp's formulas) bit for bit; so do
+  iq4_nl's (d times a table value, exact);
 * q4_k and q5_k: the min is folded into the FFMA's addend -(192 s + dmin m), rounded once: within 2**-24
-  of that addend (plus the weight's own rounding) of gguf's dequantized weight.
+  of that addend (plus the weight's own rounding) of gguf's dequantized weight; q4_1 and q5_1 likewise with
+  the addend m - 192 d.
 
 And the byte permutes: the prmt selectors the GPU code uses, emulated from the PTX ISA's definition, give
 the same bits as the shifts the interpreter runs.
@@ -21,19 +23,22 @@ import torch
 import triton.language as tl
 from gguf import quants
 
-from offload_kernels.formats import QuantizedTensor, get_spec
+from offload_kernels.formats import QTYPES, QuantizedTensor, get_spec
+from offload_kernels.formats.iq4_nl import IQ4_NL_VALUES
 from offload_kernels.kernels import configs, poison_outputs
+from offload_kernels.kernels.decode import BLOCK32_QTYPES
 from offload_kernels.kernels.gemv import gemv
 from offload_kernels.kernels.runtime import INTERPRETER
 
 from .helpers import random_qtensor, seed_of
 
 TOKENS = 4      # columns read back per call: layout 3 runs up to GEMV3_MAX_BLOCK_M tokens
-EXACT = ("q4_0", "q8_0", "q3_k", "q6_k")
-#: Columns read back: one 256-weight step, and for q4_0/q8_0 a 32-weight block past it (the step that runs
-#: past the end of the row).
-K_READ = {"q4_0": 288, "q8_0": 288}
+EXACT = tuple(q for q in ("q4_0", "q5_0", "q8_0", "iq4_nl", "q3_k", "q6_k") if q in QTYPES)
+#: Columns read back: one 256-weight step, and for the 32-weight block formats a block past it (the step that
+#: runs past the end of the row).
+K_READ = dict.fromkeys(BLOCK32_QTYPES, 288)
 FOLDED_MIN = ("q4_k", "q5_k")
+FOLDED_MIN_BLOCK32 = ("q4_1", "q5_1")
 
 
 def _decoded_by_gemv(qt: QuantizedTensor, device) -> torch.Tensor:
@@ -76,6 +81,11 @@ def test_weights_within_the_folded_min_rounding(qtype, device, layout3_ran, weig
     _check_folded_min(qtype, device)
 
 
+@pytest.mark.parametrize("qtype", FOLDED_MIN_BLOCK32)
+def test_block32_weights_within_the_folded_min_rounding(qtype, device, layout3_ran, weight_axis_first):
+    _check_folded_min_block32(qtype, device)
+
+
 @pytest.mark.gpu
 def test_prmt_decode_on_the_gpu(layout3_ran):
     """The same read-backs in the GPU suite's quick stage (`pytest -m gpu`): there the byte permute runs as
@@ -84,6 +94,8 @@ def test_prmt_decode_on_the_gpu(layout3_ran):
         _check_exact(qtype, torch.device("cuda"))
     for qtype in FOLDED_MIN:
         _check_folded_min(qtype, torch.device("cuda"))
+    for qtype in FOLDED_MIN_BLOCK32:
+        _check_folded_min_block32(qtype, torch.device("cuda"))
 
 
 def _gguf_weight(qt: QuantizedTensor) -> torch.Tensor:
@@ -121,6 +133,21 @@ def _check_folded_min(qtype, device):
     assert excess.max() <= 0, f"{int((excess > 0).sum())} weights beyond the bound, worst by {excess.max():.3g}"
 
 
+def _check_folded_min_block32(qtype, device):
+    """q4_1/q5_1: the weight u * d + m comes from fma(1.5 + u/128, 128 d, round(m - 192 d)): within 2**-24 of
+    the addend of the exact value, which is within 2**-24 of gguf's (once rounded) weight, plus its own rounding."""
+    g = torch.Generator().manual_seed(seed_of("gemv3", qtype))
+    qt = random_qtensor(qtype, 40, K_READ[qtype], g, device=device)
+    got = _decoded_by_gemv(qt, device).double()
+    w = _gguf_weight(qt).double()
+    blocks = qt.data.cpu().view(-1, get_spec(qtype).block_bytes)
+    d = blocks[:, 0:2].contiguous().view(torch.float16).double().repeat_interleave(32).view(qt.shape)
+    m = blocks[:, 2:4].contiguous().view(torch.float16).double().repeat_interleave(32).view(qt.shape)
+    bound = (2.0 ** -24 * (192 * d.abs() + m.abs()) + 2.0 ** -23 * w.abs()) * (1 + 2.0 ** -20)
+    excess = (got - w).abs() - bound
+    assert excess.max() <= 0, f"{int((excess > 0).sum())} weights beyond the bound, worst by {excess.max():.3g}"
+
+
 def _prmt(a: np.ndarray, b: int, selector: int) -> np.ndarray:
     """PTX prmt.b32 (default mode): result byte i is byte (selector nibble i & 7) of the eight bytes b:a
     (a = bytes 0-3), or, when the nibble's bit 3 is set, that byte's sign bit replicated."""
@@ -154,9 +181,42 @@ def test_byte_permute_matches_the_interpreter_bits():
     assert np.array_equal(bits.view(np.float32), (1 + ub / 32768).astype(np.float32))
 
 
+def _prmt_any(a: int, b: int, selector: np.ndarray) -> np.ndarray:
+    """PTX prmt.b32 (default mode) of constant sources a, b under per-element selectors (nibbles 0..7)."""
+    pool = [(a >> (8 * j)) & 0xFF for j in range(4)] + [(b >> (8 * j)) & 0xFF for j in range(4)]
+    out = np.zeros_like(selector)
+    for i in range(4):
+        nibble = (selector >> (4 * i)) & 0xF
+        assert (nibble < 8).all()
+        out |= np.asarray(pool, dtype=np.int64)[nibble] << (8 * i)
+    return out
+
+
+def test_iq4_nl_word_lookup_matches_the_table():
+    """gemv._iq4_nl_bytes's selector arithmetic, run through prmt as the PTX ISA defines it, looks up every
+    combination of four nibbles as IQ4_NL_VALUES + 128 (the interpreter runs the same arithmetic with
+    gemv._byte_permute's shifts, which the read-back tests above check)."""
+    gemv_module = importlib.import_module("offload_kernels.kernels.gemv")
+    lo_words = [w & 0xFFFFFFFF for w in gemv_module._IQ4_NL_UNSIGNED_LO]
+    hi_words = [w & 0xFFFFFFFF for w in gemv_module._IQ4_NL_UNSIGNED_HI]
+    nibbles = np.arange(1 << 16, dtype=np.int64)
+    n = sum(((nibbles >> (4 * k)) & 0xF) << (8 * k) for k in range(4))          # one nibble per byte
+    c = n & 0x07070707
+    sel = c | (c >> 4)
+    sel = (sel & 0xFF) | ((sel >> 8) & 0xFF00)
+    lo = _prmt_any(*lo_words, sel)
+    hi = _prmt_any(*hi_words, sel)
+    upper = ((n >> 3) & 0x01010101) * 0xFF
+    got = (hi & upper) | (lo & ~upper & 0xFFFFFFFF)
+    table = np.asarray(IQ4_NL_VALUES) + 128
+    want = sum(table[(nibbles >> (4 * k)) & 0xF] << (8 * k) for k in range(4))
+    assert np.array_equal(got, want)
+
+
 def test_word_loads_need_aligned_bytes(device):
     g = torch.Generator().manual_seed(3)
-    for qtype, align in (("q4_0", 2), ("q8_0", 2), ("q3_k", 2), ("q6_k", 2), ("q4_k", 4), ("q5_k", 4)):
+    for qtype in QTYPES:
+        align = 4 if qtype in ("q4_k", "q5_k") else 2
         qt = random_qtensor(qtype, 8, 256, g, device=device)
         assert configs.gemv_word_loads(qt)
         flat = torch.empty(qt.nbytes + 16, dtype=torch.uint8, device=device)

@@ -142,13 +142,13 @@ def test_gemv_rejects_unknown_layout(triton_only):
 
 
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
-@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q4_k", "q3_k"])
+@pytest.mark.parametrize("qtype", ["q4_0", "q5_1", "q8_0", "iq4_nl", "q4_k", "q3_k"])
 def test_distributions(qtype, distribution, device, triton_only, poisoned):
-    """Activations of several distributions; q4_0/q8_0 weights quantized from weights of the same
+    """Activations of several distributions; 32-weight block formats quantized from weights of the same
     distribution by the package's quantizer, k-quants from random blocks."""
     g = torch.Generator().manual_seed(seed_of(qtype, distribution))
     k = K_SEVERAL[qtype]
-    if qtype in ("q4_0", "q8_0"):
+    if not qtype.endswith("_k"):
         qt = quantized_from_weights(qtype, 24, k, g, distribution).to(device)
     else:
         qt = random_qtensor(qtype, 24, k, g, device=device)

@@ -29,7 +29,15 @@ MIXES = {  # name -> (default qtype, mix)
     "q3_k+q5_k": ("q3_k", "q3_k_m"),
     "q4_0": ("q4_0", None),
     "q8_0": ("q8_0", None),
+    "q4_1": ("q4_1", None),
+    "q5_0": ("q5_0", None),
+    "q5_1": ("q5_1", None),
+    "iq4_nl": ("iq4_nl", None),
 }
+#: Files of a model whose hidden size (224) is not a multiple of 256, as llama-quantize writes them: the
+#: k-quants fall back (LLAMA_QUANTIZE_FALLBACKS) to q5_0 / q8_0 (q4_k_m) and iq4_nl / q5_1 / q8_0 (q3_k_m).
+FALLBACK_MIXES = {"fallback_q4_k_m": ("q4_k", "q4_k_m"), "fallback_q3_k_m": ("q3_k", "q3_k_m")}
+FALLBACK_TYPES = {"fallback_q4_k_m": {"q5_0", "q8_0", "q6_k"}, "fallback_q3_k_m": {"iq4_nl", "q5_1", "q5_k", "q8_0"}}
 
 
 def tiny_model(arch="llama", layers=2, seed=0, **config):
@@ -76,6 +84,11 @@ def files(tmp_path_factory):
         d = root / name.replace("+", "_")
         d.mkdir()
         out[name] = save_gguf(model, d / "model.gguf", qtype, mix=mix)
+    narrow = tiny_model(hidden_size=224)
+    for name, (qtype, mix) in FALLBACK_MIXES.items():
+        d = root / name
+        d.mkdir()
+        out[name] = save_gguf(narrow, d / "model.gguf", qtype, mix=mix)
     return out
 
 
@@ -91,7 +104,7 @@ def hf_reference_logits(path: Path, ids: torch.Tensor, config=None) -> torch.Ten
 IDS = torch.tensor([[1, 17, 200, 45, 3, 99, 260, 12, 7, 5]])
 
 
-@pytest.mark.parametrize("mix", list(MIXES))
+@pytest.mark.parametrize("mix", [*MIXES, *FALLBACK_MIXES])
 def test_logits_match_transformers_gguf_loader(files, mix):
     path = files[mix]
     model = load_gguf_model(path, dtype=torch.float32, device="cpu")
@@ -103,6 +116,11 @@ def test_logits_match_transformers_gguf_loader(files, mix):
         assert layers["model.layers.0.self_attn.v_proj"].qtype == "q6_k"
     if mix == "q3_k+q5_k":
         assert types >= {"q3_k", "q5_k"}
+    if mix in FALLBACK_TYPES:
+        assert types == FALLBACK_TYPES[mix]
+        assert {t.type_name for t in GGUFFile(path).tensor_infos.values()} >= FALLBACK_TYPES[mix]
+    if mix in ("q4_1", "q5_0", "q5_1", "iq4_nl"):
+        assert types == {mix}
     with torch.no_grad():
         ours = model(IDS).logits
     expected = hf_reference_logits(path, IDS)
@@ -294,7 +312,7 @@ def test_parity_with_llama_cpp_unquantized(tmp_path, arch, config):
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("mix", list(MIXES))
+@pytest.mark.parametrize("mix", [*MIXES, *FALLBACK_MIXES])
 def test_parity_with_llama_cpp(files, mix):
     """llama.cpp's CPU matmuls quantize the activations to 8 bits (q8_0/q8_K) before the dot products, so
     on quantized files logits differ by a few percent of their range (random models have near-tied logits,

@@ -179,7 +179,7 @@ def test_report_predictions_and_text(ids):
     ({"skip": 5}, TypeError, "skip"),
     ({"skip": ["lm_head", 3]}, TypeError, "strings"),
     ({"skip": "*"}, ValueError, "no linear layer to quantize"),
-    ({"fallback_qtype": "q5_0"}, ValueError, "unknown qtype"),
+    ({"fallback_qtype": "q6_0"}, ValueError, "unknown qtype"),
     ({"keep_model_fp32_modules": "no"}, TypeError, "keep_model_fp32_modules must be True or False"),
 ])
 def test_bad_arguments_raise_before_touching_the_model(kwargs, exc, match):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from offload_kernels import OffloadedLinear, offload
+from offload_kernels import LLAMA_QUANTIZE_FALLBACKS, OffloadedLinear, offload
 from offload_kernels.layers.linear_like import is_linear_like, linear_features, linear_weight
 from offload_kernels.model import streamer_of
 from offload_kernels.model.offload import _names_module, select_linears
@@ -240,7 +240,7 @@ def test_fallback_qtype_quantizes_what_the_k_quants_cannot():
     original = copy.deepcopy(model)
     plain = select_linears(copy.deepcopy(model), "q4_k", skip=())
     assert set(plain.chosen) == {"2"}
-    assert "fallback_qtype='q8_0' or 'q4_0' would quantize it" in plain.skipped["0"]
+    assert "fallback_qtype='q5_0' or LLAMA_QUANTIZE_FALLBACKS would quantize it" in plain.skipped["0"]
     assert "fallback" not in plain.skipped["6"]         # 48 is not a multiple of 32 either: no hint
     report = offload(model, "q4_k", device="cpu", progress=False, measure=False, skip=(), fallback_qtype="q8_0")
     assert report.quantized == {"0": "q8_0", "2": "q4_k", "4": "q8_0"}
@@ -248,3 +248,31 @@ def test_fallback_qtype_quantizes_what_the_k_quants_cannot():
     x = torch.randn(4, 224)
     with torch.no_grad():
         torch.testing.assert_close(model(x), dequantized_reference(original, model)(x), rtol=RTOL, atol=ATOL)
+
+
+def test_llama_quantize_fallbacks_follow_the_intended_format():
+    """A mapping picks each layer's fallback by the format it was meant to get, as llama-quantize does
+    (LLAMA_QUANTIZE_FALLBACKS: q3_k -> iq4_nl, q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(224, 512), nn.GELU(), nn.Linear(512, 224), nn.GELU(), nn.Linear(224, 96),
+                          nn.GELU(), nn.Linear(96, 160), nn.GELU(), nn.Linear(160, 8))
+    original = copy.deepcopy(model)
+    overrides = {"4": "q5_k", "6": "q6_k", "8": "q3_k"}
+    report = offload(model, "q4_k", device="cpu", progress=False, measure=False, skip=(), qtype_overrides=overrides,
+                     fallback_qtype=LLAMA_QUANTIZE_FALLBACKS)
+    assert report.quantized == {"0": "q5_0", "2": "q4_k", "4": "q5_1", "6": "q8_0", "8": "iq4_nl"}
+    x = torch.randn(4, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dequantized_reference(original, model)(x), rtol=RTOL, atol=ATOL)
+    partial = select_linears(copy.deepcopy(original), "q4_k", skip=(), qtype_overrides=overrides,
+                             fallback_qtype={"q4_k": "q8_0"})
+    assert partial.chosen == {"0": "q8_0", "2": "q4_k"}
+    assert "not a multiple of the q5_k block size 256" in partial.skipped["4"]
+
+
+@pytest.mark.parametrize("bad,exc,match", [({"q4_k": "q7"}, ValueError, "unknown qtype"),
+                                           ({"q9": "q8_0"}, ValueError, "unknown qtype"),
+                                           (8, TypeError, "fallback_qtype must be")])
+def test_bad_fallbacks_are_refused(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        select_linears(nn.Sequential(nn.Linear(64, 8)), "q4_k", skip=(), fallback_qtype=bad)

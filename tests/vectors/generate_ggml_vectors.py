@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 NPZ = HERE / "ggml_quant_vectors.npz"
 NOTE = HERE / "ggml_quant_vectors.json"
 SEED = 20240601
-QTYPES = ("q4_0", "q8_0", "q3_k", "q4_k", "q5_k", "q6_k")
+QTYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q3_k", "q4_k", "q5_k", "q6_k")
 
 
 def _normal(g, shape, scale=1.0):
@@ -113,6 +113,33 @@ def _tiny_mixed_signs(g, shape, scale):
     return g.standard_normal(shape) * scale
 
 
+def _block_edges(g, shape):
+    """32-weight block edge cases, one kind per block in turn: the largest magnitude with both signs (either
+    first), a zero minimum whose first zero is -0.0 or +0.0, a constant block, and tiny blocks next to huge
+    ones (1e-4 / 1e4 in one row)."""
+    w = g.standard_normal(shape)
+    blocks = w.reshape(-1, 32)                      # a view: writes land in w
+    for b, block in enumerate(blocks):
+        kind = b % 6
+        i, j = g.choice(32, size=2, replace=False)
+        m = float(np.abs(block).max()) * 1.5
+        if kind == 0:                               # +m and -m: ggml keeps the first it meets
+            block[i], block[j] = m, -m
+        elif kind == 1:                             # nonnegative with zeros of both signs, -0.0 first
+            block[:] = np.abs(block)
+            block[min(i, j)], block[max(i, j)] = -0.0, 0.0
+        elif kind == 2:                             # the same with +0.0 first
+            block[:] = np.abs(block)
+            block[min(i, j)], block[max(i, j)] = 0.0, -0.0
+        elif kind == 3:                             # constant (d = 0), negative or positive
+            block[:] = g.choice([-1.75, 0.3])
+        elif kind == 4:
+            block *= 1e-4
+        else:
+            block *= 1e4
+    return w
+
+
 # name -> (shape, generator). Magnitudes 1e-38 and below include fp32 subnormals; 3e38 sits at the top
 # of fp32, where ggml's own arithmetic overflows (kept: we match ggml there too).
 CASES = {
@@ -140,6 +167,7 @@ CASES = {
     "overflow_1e30": ((2, 512), lambda g, s: _normal(g, s, 1e30)),
     "overflow_fp32_max": ((2, 512), lambda g, s: np.where(g.random(s) < 0.5, -1.0, 1.0) * 3.4e38
                                                      * g.uniform(0.5, 1.0, s)),
+    "block_edges": ((4, 768), _block_edges),
 }
 
 

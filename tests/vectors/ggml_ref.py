@@ -19,16 +19,22 @@ LIB_ENV = "OFFLOAD_KERNELS_GGML_LIB"
 # name -> (ggml_type id, weights per block, bytes per block), from ggml.h / ggml-common.h
 GGML_TYPES = {
     "q4_0": (2, 32, 18),
+    "q4_1": (3, 32, 20),
+    "q5_0": (6, 32, 22),
+    "q5_1": (7, 32, 24),
     "q8_0": (8, 32, 34),
     "q3_k": (11, 256, 110),
     "q4_k": (12, 256, 144),
     "q5_k": (13, 256, 176),
     "q6_k": (14, 256, 210),
+    "iq4_nl": (20, 32, 18),
 }
 
 _DEQUANTIZE_SYMBOLS = {
-    "q4_0": "dequantize_row_q4_0", "q8_0": "dequantize_row_q8_0", "q3_k": "dequantize_row_q3_K",
+    "q4_0": "dequantize_row_q4_0", "q4_1": "dequantize_row_q4_1", "q5_0": "dequantize_row_q5_0",
+    "q5_1": "dequantize_row_q5_1", "q8_0": "dequantize_row_q8_0", "q3_k": "dequantize_row_q3_K",
     "q4_k": "dequantize_row_q4_K", "q5_k": "dequantize_row_q5_K", "q6_k": "dequantize_row_q6_K",
+    "iq4_nl": "dequantize_row_iq4_nl",
 }
 
 
