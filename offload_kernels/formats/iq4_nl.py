@@ -1,4 +1,4 @@
-"""iq4_nl (GGML type 20): 4-bit non-linear quants, bit-exact with ggml.
+"""iq4_nl (GGML type 20) and iq4_xs (GGML type 23): 4-bit non-linear quants, bit-exact with ggml.
 
 Block of 32 weights in 18 bytes: ``d`` (fp16) at byte 0, then ``qs[16]``; the low nibble of ``qs[j]``
 indexes the value of weight ``j``, the high nibble that of weight ``j + 16``, and a weight decodes to
@@ -25,22 +25,51 @@ Checked byte for byte against libggml-base.so of llama-cpp-python 0.3.36 (ggml 0
 non-finite inputs: there ``best_index_int8`` is the binary search, which sends NaN to index 15 (newer
 ggml's branchless search sends it to 0; for finite inputs the two agree), and fp32 overflow (|x| above
 ~1.8e19, where x*x is Inf) gives the NaN scales ggml writes.
+
+iq4_xs: super-blocks of 256 weights in 136 bytes: ``d`` (fp16) at 0, ``scales_h`` (uint16, little-endian)
+at 2, ``scales_l[4]`` at 4, ``qs[128]`` at 8. Sub-block ``ib`` (0..7) of 32 weights has the 6-bit scale
+``ls = ((scales_l[ib/2] >> 4*(ib%2)) & 15) | (((scales_h >> 2*ib) & 3) << 4)`` and decodes as iq4_nl with
+scale ``dl = d * (ls - 32)`` (fp32; then ``dl * value``, a second rounding) on its 16 bytes
+``qs[16*ib ..]``. Its quantizer reproduces ``ggml_quantize_chunk(GGML_TYPE_IQ4_XS, ..., imatrix=NULL)``,
+i.e. ``quantize_iq4_xs`` -> ``quantize_row_iq4_nl_impl(256, 32, ..., quant_weights=NULL, ntry=7)``:
+
+* each 32-weight sub-block gets the iq4_nl scale above (same search, same 1e-15 cut-off to 0);
+* ``max_scale`` is the first sub-block scale of strictly largest magnitude (``fabsf(d) > amax_scale``
+  starting from 0: a NaN scale is never picked; all scales 0 leaves ``max_scale = +0``);
+* ``d = -max_scale / 32`` is stored as fp16 (so an all-zero super-block stores -0.0, bytes 00 80);
+  ``id = d ? 1/d : 0``;
+* per sub-block ``l = clamp(nearest_int(id * scales[ib]), -32, 31)``, stored as ``l + 32``; with the
+  *unrounded* d, ``dl = d * l`` and ``idl = dl ? 1/dl : 0`` (NaN is true), and every nibble is re-chosen as
+  ``best_index_int8(idl * x)``; a sub-block whose scale is 0 thus gets ls = 32 and index 8 for its finite
+  weights (15 for NaN/Inf ones, where 0 * x is NaN).
+
+nearest_int is the 1.5*2^23 trick on the fp32 bits; its argument is NaN only when a sub-block scale is a
+NaN the search generated (Inf/Inf after fp32 overflow), which on x86 is the default NaN (mantissa 0x400000)
+and gives l = 0; that is written explicitly here, as CUDA's canonical NaN (0x7FFFFFFF) would give 31.
+Checked byte for byte against the same library on ~110k random super-blocks of 27 input cases (see
+tests/vectors/generate_iq4_xs_vectors.py), non-finite and overflowing inputs included.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .rounding import fp16_bytes
+from .rounding import fp16_bytes, nearest_int
 
 __all__ = ["IQ4_NL_VALUES", "IQ4_NL_BLOCK_SIZE", "IQ4_NL_BLOCK_BYTES", "GGML_TYPE_IQ4_NL",
-           "dequantize_iq4_nl_blocks", "quantize_iq4_nl_blocks", "best_index_iq4_nl"]
+           "IQ4_XS_BLOCK_SIZE", "IQ4_XS_BLOCK_BYTES", "GGML_TYPE_IQ4_XS",
+           "dequantize_iq4_nl_blocks", "quantize_iq4_nl_blocks", "best_index_iq4_nl",
+           "dequantize_iq4_xs_blocks", "quantize_iq4_xs_blocks", "iq4_nl_scales"]
 
 #: kvalues_iq4nl from ggml-common.h: the 16 int8 levels a nibble selects (sorted ascending).
 IQ4_NL_VALUES: tuple[int, ...] = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 IQ4_NL_BLOCK_SIZE = 32
 IQ4_NL_BLOCK_BYTES = 18
 GGML_TYPE_IQ4_NL = 20
+IQ4_XS_BLOCK_SIZE = 256    # QK_K
+IQ4_XS_BLOCK_BYTES = 136   # d (2) + scales_h (2) + scales_l (4) + qs (128)
+GGML_TYPE_IQ4_XS = 23
+_IQ4_XS_SUBBLOCKS = IQ4_XS_BLOCK_SIZE // IQ4_NL_BLOCK_SIZE   # 8 sub-blocks of 32
 
 _GROUP_MAX_EPS = 1e-15   # ggml's GROUP_MAX_EPS (1e-15f); compared in fp32 below
 _NTRY = 7                # quantize_iq4_nl passes ntry = 7
@@ -113,12 +142,12 @@ def _sums(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tens
     return sumqx, sumq2
 
 
-def quantize_iq4_nl_blocks(x: torch.Tensor) -> torch.Tensor:
-    """Quantize (nb, 32) weights (any float dtype; converted to fp32) to (nb, 18) uint8 iq4_nl blocks,
-    byte-identical with ``ggml_quantize_chunk(GGML_TYPE_IQ4_NL, ..., imatrix=NULL)``."""
-    if x.dim() != 2 or x.shape[1] != IQ4_NL_BLOCK_SIZE:
-        raise ValueError(f"iq4_nl quantizes (n, 32) blocks, got shape {tuple(x.shape)}")
-    x = x.float()
+def iq4_nl_scales(x: torch.Tensor) -> torch.Tensor:
+    """The per-32 scale search of ggml's quantize_row_iq4_nl_impl (no importance weights, ntry = 7).
+
+    x: (n, 32) fp32 groups; returns the fp32 scales (n,) ggml keeps in ``scales[ib]``: 0 where the group's
+    amax is below 1e-15f, else the best ``d`` of the first pass and the 15 trials (the module docstring).
+    """
     nb, dev = x.shape[0], x.device
     vals = _values(dev)
     xt = x.t().contiguous()                                   # (32, nb): per-weight columns contiguous
@@ -154,13 +183,95 @@ def quantize_iq4_nl_blocks(x: torch.Tensor) -> torch.Tensor:
         d = torch.where(better, d_try, d)
         best = torch.where(better, d_try * sumqx, best)
 
-    scale = torch.where(valid, d, torch.zeros_like(d))     # scales[0] (0 for near-zero blocks)
+    return torch.where(valid, d, torch.zeros_like(d))         # scales[ib] (0 for near-zero groups)
+
+
+def quantize_iq4_nl_blocks(x: torch.Tensor) -> torch.Tensor:
+    """Quantize (nb, 32) weights (any float dtype; converted to fp32) to (nb, 18) uint8 iq4_nl blocks,
+    byte-identical with ``ggml_quantize_chunk(GGML_TYPE_IQ4_NL, ..., imatrix=NULL)``."""
+    if x.dim() != 2 or x.shape[1] != IQ4_NL_BLOCK_SIZE:
+        raise ValueError(f"iq4_nl quantizes (n, 32) blocks, got shape {tuple(x.shape)}")
+    x = x.float()
+    nb, dev = x.shape[0], x.device
+    scale = iq4_nl_scales(x)                                   # scales[0]
 
     # dh = fp16(scale); L from the unrounded scale: id = scale ? 1/scale : 0
-    inv = torch.where(scale != 0, torch.div(full(1.0), scale), torch.zeros_like(scale))
+    inv = torch.where(scale != 0, torch.div(torch.ones_like(scale), scale), torch.zeros_like(scale))
     L = best_index_iq4_nl(inv[:, None] * x)                    # (nb, 32) uint8
 
     out = torch.empty((nb, IQ4_NL_BLOCK_BYTES), dtype=torch.uint8, device=dev)
     out[:, 0:2] = _ggml_fp16_bytes(scale)
     out[:, 2:18] = L[:, :16] | (L[:, 16:] << 4)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ iq4_xs
+
+def _iq4_xs_sub_scales(b: torch.Tensor) -> torch.Tensor:
+    """The eight 6-bit sub-block scales ls (0..63) of (nb, 136) iq4_xs blocks, as int32 (nb, 8)."""
+    scales_h = b[:, 2].int() | (b[:, 3].int() << 8)                                  # little-endian uint16
+    scales_l = b[:, 4:8].int()
+    ib = torch.arange(_IQ4_XS_SUBBLOCKS, device=b.device)
+    low = (scales_l.repeat_interleave(2, dim=1) >> (4 * (ib % 2))) & 0xF              # scales_l[ib/2] nibble ib%2
+    high = (scales_h[:, None] >> (2 * ib)) & 3
+    return low | (high << 4)
+
+
+def dequantize_iq4_xs_blocks(b: torch.Tensor, out: torch.Tensor) -> None:
+    """Decode (nb, 136) uint8 iq4_xs blocks into ``out`` (nb, 256) fp32, as ggml's dequantize_row_iq4_xs:
+    ``dl = d * (ls - 32)`` rounded to fp32, then ``dl * kvalues_iq4nl[nibble]``."""
+    if b.dim() != 2 or b.shape[1] != IQ4_XS_BLOCK_BYTES or b.dtype != torch.uint8:
+        raise ValueError(f"iq4_xs decodes (n, 136) uint8 blocks, got {tuple(b.shape)} {b.dtype}")
+    if out.shape != (b.shape[0], IQ4_XS_BLOCK_SIZE) or out.dtype != torch.float32:
+        raise ValueError(f"iq4_xs decodes into (n, 256) float32, got {tuple(out.shape)} {out.dtype}")
+    d = b[:, 0:2].contiguous().view(torch.float16).float()                           # (nb, 1)
+    dl = d * (_iq4_xs_sub_scales(b) - 32).float()                                    # (nb, 8)
+    qs = b[:, 8:].reshape(-1, _IQ4_XS_SUBBLOCKS, 16)
+    table = _values(b.device)
+    halves = out.view(-1, _IQ4_XS_SUBBLOCKS, 2, 16)
+    halves[:, :, 0].copy_(table[(qs & 15).long()])
+    halves[:, :, 1].copy_(table[(qs >> 4).long()])
+    halves.mul_(dl[:, :, None, None])
+
+
+def quantize_iq4_xs_blocks(x: torch.Tensor) -> torch.Tensor:
+    """Quantize (nb, 256) weights (any float dtype; converted to fp32) to (nb, 136) uint8 iq4_xs blocks,
+    byte-identical with ``ggml_quantize_chunk(GGML_TYPE_IQ4_XS, ..., imatrix=NULL)``."""
+    if x.dim() != 2 or x.shape[1] != IQ4_XS_BLOCK_SIZE:
+        raise ValueError(f"iq4_xs quantizes (n, 256) blocks, got shape {tuple(x.shape)}")
+    x = x.float().contiguous()
+    nb, dev = x.shape[0], x.device
+    xs = x.view(nb, _IQ4_XS_SUBBLOCKS, IQ4_NL_BLOCK_SIZE)
+    scales = iq4_nl_scales(xs.reshape(-1, IQ4_NL_BLOCK_SIZE)).view(nb, _IQ4_XS_SUBBLOCKS)
+
+    # max_scale: the first scale with the strictly largest |scale| (> 0; NaN never wins), else +0
+    a = scales.abs()
+    a = torch.where(torch.isnan(a), torch.zeros_like(a), a)
+    amax = a.max(dim=1).values
+    ib = torch.arange(_IQ4_XS_SUBBLOCKS, device=dev).expand(nb, -1)
+    first = torch.where(a == amax[:, None], ib, _IQ4_XS_SUBBLOCKS).amin(dim=1).clamp_(max=_IQ4_XS_SUBBLOCKS - 1)
+    max_scale = torch.where(amax > 0, scales.gather(1, first[:, None]).squeeze(1), torch.zeros_like(amax))
+
+    # d = -max_scale/32 (fp16 in the block, fp32 below); id = d ? 1/d : 0
+    d = torch.div(-max_scale, torch.full_like(max_scale, 32.0))
+    inv = torch.where(d != 0, torch.div(torch.ones_like(d), d), torch.zeros_like(d))
+
+    # l = clamp(nearest_int(id*scales[ib]), -32, 31); dl = d*l; idl = dl ? 1/dl : 0
+    arg = inv[:, None] * scales
+    l = torch.where(torch.isnan(arg), torch.zeros_like(arg, dtype=torch.int32), nearest_int(arg))
+    l = l.clamp_(-32, 31)
+    dl = d[:, None] * l.float()
+    idl = torch.where(dl != 0, torch.div(torch.ones_like(dl), dl), torch.zeros_like(dl))
+    L = best_index_iq4_nl(idl[:, :, None] * xs)                                    # (nb, 8, 32) uint8
+
+    ls = (l + 32).to(torch.int32)                                                   # 0..63
+    scales_l = (ls[:, 0::2] & 0xF) | ((ls[:, 1::2] & 0xF) << 4)                     # (nb, 4)
+    scales_h = ((ls >> 4) << (2 * ib)).sum(dim=1)                                   # (nb,), < 2**16
+
+    out = torch.empty((nb, IQ4_XS_BLOCK_BYTES), dtype=torch.uint8, device=dev)
+    out[:, 0:2] = _ggml_fp16_bytes(d)
+    out[:, 2] = (scales_h & 0xFF).to(torch.uint8)
+    out[:, 3] = (scales_h >> 8).to(torch.uint8)
+    out[:, 4:8] = scales_l.to(torch.uint8)
+    out[:, 8:] = (L[:, :, :16] | (L[:, :, 16:] << 4)).reshape(nb, 128)
     return out

@@ -41,14 +41,16 @@ _SPECS = (
     QTypeSpec("q4_k", GGMLQuantizationType.Q4_K, 256, 144, (0, 2)),
     QTypeSpec("q5_k", GGMLQuantizationType.Q5_K, 256, 176, (0, 2)),
     QTypeSpec("q6_k", GGMLQuantizationType.Q6_K, 256, 210, (208,)),
+    QTypeSpec("iq4_xs", GGMLQuantizationType.IQ4_XS, 256, 136, (0,)),
 )
 
 #: Names of the supported block formats.
 QTYPES: tuple[str, ...] = tuple(s.name for s in _SPECS)
 
 #: llama-quantize's fallback for a tensor whose rows are not a whole number of 256-weight super-blocks (its
-#: ``llama_tensor_get_type``): q2_k/q3_k files then hold iq4_nl tensors, q4_k q5_0, q5_k q5_1, q6_k q8_0.
-LLAMA_QUANTIZE_FALLBACKS: dict[str, str] = {"q3_k": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+#: ``llama_tensor_get_type``): q2_k/q3_k/iq4_xs files then hold iq4_nl tensors, q4_k q5_0, q5_k q5_1, q6_k q8_0.
+LLAMA_QUANTIZE_FALLBACKS: dict[str, str] = {"q3_k": "iq4_nl", "iq4_xs": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1",
+                                            "q6_k": "q8_0"}
 
 _BY_NAME = {s.name: s for s in _SPECS}
 _BY_GGML = {s.ggml_type: s for s in _SPECS}

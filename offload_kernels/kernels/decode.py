@@ -34,40 +34,41 @@ from triton.language.extra import libdevice
 
 from ..formats.iq4_nl import IQ4_NL_VALUES
 
-# Format codes passed to kernels as the QTYPE constexpr. The k-quants (256-weight super-blocks) are the
-# codes Q3_K..Q6_K; every other code is a 32-weight block format (``QTYPE < Q3_K or QTYPE > Q6_K`` in the
-# kernels: a Triton 3.6 jit helper cannot return a constexpr to branch on).
+# Format codes passed to kernels as the QTYPE constexpr. The formats of 256-weight super-blocks (the k-quants
+# and iq4_xs) are the codes Q3_K..IQ4_XS; every other code is a 32-weight block format (``QTYPE < Q3_K or
+# QTYPE > IQ4_XS`` in the kernels: a Triton 3.6 jit helper cannot return a constexpr to branch on).
 Q4_0 = tl.constexpr(0)
 Q8_0 = tl.constexpr(1)
 Q3_K = tl.constexpr(2)
 Q4_K = tl.constexpr(3)
 Q5_K = tl.constexpr(4)
 Q6_K = tl.constexpr(5)
-Q4_1 = tl.constexpr(6)
-Q5_0 = tl.constexpr(7)
-Q5_1 = tl.constexpr(8)
-IQ4_NL = tl.constexpr(9)
+IQ4_XS = tl.constexpr(6)
+Q4_1 = tl.constexpr(7)
+Q5_0 = tl.constexpr(8)
+Q5_1 = tl.constexpr(9)
+IQ4_NL = tl.constexpr(10)
 
-QTYPE_CODES = {"q4_0": 0, "q8_0": 1, "q3_k": 2, "q4_k": 3, "q5_k": 4, "q6_k": 5, "q4_1": 6, "q5_0": 7, "q5_1": 8,
-               "iq4_nl": 9}
+QTYPE_CODES = {"q4_0": 0, "q8_0": 1, "q3_k": 2, "q4_k": 3, "q5_k": 4, "q6_k": 5, "iq4_xs": 6, "q4_1": 7, "q5_0": 8,
+               "q5_1": 9, "iq4_nl": 10}
 
 #: The formats of 32-weight blocks (every format but the k-quants).
 BLOCK32_QTYPES = frozenset({"q4_0", "q8_0", "q4_1", "q5_0", "q5_1", "iq4_nl"})
 
 #: Weights per scale (the sub-block a scale covers): BLOCK_K of the tile decoders must be a multiple.
-SUB_BLOCK = {"q3_k": 16, "q4_k": 32, "q5_k": 32, "q6_k": 16, **{name: 32 for name in BLOCK32_QTYPES}}
+SUB_BLOCK = {"q3_k": 16, "q4_k": 32, "q5_k": 32, "q6_k": 16, "iq4_xs": 32, **{name: 32 for name in BLOCK32_QTYPES}}
 
-# Per format code (constexpr tuples, indexed by QTYPE inside kernels; 0 for the k-quants):
+# Per format code (constexpr tuples, indexed by QTYPE inside kernels; 0 for the super-block formats):
 #: bytes per 32-weight block;
-BLOCK32_BYTES: tl.constexpr = tl.constexpr((18, 34, 0, 0, 0, 0, 20, 22, 24, 18))
+BLOCK32_BYTES: tl.constexpr = tl.constexpr((18, 34, 0, 0, 0, 0, 0, 20, 22, 24, 18))
 #: where its quants start (16 nibble bytes; q8_0's 32 int8);
-BLOCK32_QS_AT: tl.constexpr = tl.constexpr((2, 2, 0, 0, 0, 0, 4, 6, 8, 2))
+BLOCK32_QS_AT: tl.constexpr = tl.constexpr((2, 2, 0, 0, 0, 0, 0, 4, 6, 8, 2))
 #: where q5_0/q5_1 keep the 32 fifth bits (a little-endian uint32: bit j is weight j's); 0: no fifth bits;
-BLOCK32_QH_AT: tl.constexpr = tl.constexpr((0, 0, 0, 0, 0, 0, 0, 2, 4, 0))
+BLOCK32_QH_AT: tl.constexpr = tl.constexpr((0, 0, 0, 0, 0, 0, 0, 0, 2, 4, 0))
 #: the offset subtracted from the unsigned quant (q8_0: its byte XOR 0x80); iq4_nl maps nibbles by table;
-BLOCK32_QUANT_OFFSET: tl.constexpr = tl.constexpr((8, 128, 0, 0, 0, 0, 0, 16, 0, 0))
+BLOCK32_QUANT_OFFSET: tl.constexpr = tl.constexpr((8, 128, 0, 0, 0, 0, 0, 0, 16, 0, 0))
 #: whether a weight has a min term (q4_k/q5_k: - dmin * m; q4_1/q5_1: + m, the fp16 at byte 2).
-HAS_MIN: tl.constexpr = tl.constexpr((False, False, False, True, True, False, True, False, True, False))
+HAS_MIN: tl.constexpr = tl.constexpr((False, False, False, True, True, False, False, True, False, True, False))
 
 
 def table_words(values, bias: int = 0) -> tuple[int, ...]:
@@ -232,6 +233,22 @@ def iq4_nl_value(nib):
 
 
 @triton.jit
+def iq4_xs_unpack_scale(low_byte, high_bits, s):
+    """iq4_xs 6-bit sub-block scale(s) (still offset by 32) of sub-block(s) ``s`` (0..7) from the int32
+    byte low_byte = scales_l[s // 2] (its nibble s % 2) and the 16-bit scales_h (its 2-bit field s)."""
+    return ((low_byte >> (4 * (s & 1))) & 15) | (((high_bits >> (2 * s)) & 3) << 4)
+
+
+@triton.jit
+def iq4_xs_scale(bp, s):
+    """iq4_xs 6-bit scales (offset 32) of sub-blocks ``s`` ((S,) int32) of the super-blocks at byte pointers
+    ``bp`` ((BN,)): int32 (BN, S), from byte loads (scales_h at 2, scales_l at 4)."""
+    p = bp[:, None]
+    high = tl.load(p + 2).to(tl.int32) | (tl.load(p + 3).to(tl.int32) << 8)
+    return iq4_xs_unpack_scale(tl.load(p + 4 + (s >> 1)[None, :]).to(tl.int32), high, s[None, :])
+
+
+@triton.jit
 def u32_from_bytes(p, mask):
     """The little-endian 32-bit word at byte pointer(s) ``p`` as int32, from four byte loads (q5_0's qh sits
     at offset 2 of a 22-byte block: no alignment can be assumed); masked-off lanes read 0."""
@@ -283,7 +300,7 @@ def _tile_parts(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, S
         scale = f16_field_masked(bp, valid[None, :])
         byte = tl.load(bp[:, :, None] + 2 + l[None, None, :], mask=valid[None, :, None], other=0)
         q = quant_value(byte.to(IT) ^ 0x80, 128, F16)                  # int8 = (b ^ 128) - 128
-    elif QTYPE < Q3_K or QTYPE > Q6_K:      # q4_0, q4_1, q5_0, q5_1, iq4_nl: 16 nibble bytes per block
+    elif QTYPE < Q3_K or QTYPE > IQ4_XS:    # q4_0, q4_1, q5_0, q5_1, iq4_nl: 16 nibble bytes per block
         blk = k0 // 32 + s
         valid = blk < n_blocks
         bp = w_rows[:, None] + blk[None, :] * BLOCK32_BYTES[QTYPE]           # (BN, NSUB) block starts
@@ -308,6 +325,19 @@ def _tile_parts(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, S
         q = tl.reshape(q, (nib.shape[0], NSUB, SUB))
         if HAS_MIN[QTYPE]:                  # q4_1/q5_1: w = q * d + m, i.e. q * d - (-m) (exactly the same)
             min_term = -f16_field_masked(bp + 2, valid[None, :])
+    elif QTYPE == IQ4_XS:
+        bp = w_rows + (k0 // 256) * 136
+        sb = (k0 % 256) // 32 + s                                           # 32-weight sub-block
+        scale = fmul(f16_field(bp)[:, None], (iq4_xs_scale(bp, sb) - 32).to(tl.float32), RN)
+        j = tl.arange(0, 16)
+        half = tl.arange(0, 2)[None, None, :, None]
+        byte = tl.load(bp[:, None, None, None] + 8 + (16 * sb)[None, :, None, None] + j[None, None, None, :])
+        nib = (byte.to(tl.int32) >> (4 * half)) & 15                        # [n, s, half, j]: weight 16 half + j
+        if F16:
+            q = iq4_nl_value(nib).to(tl.float16)
+        else:
+            q = iq4_nl_value(nib).to(tl.float32)
+        q = tl.reshape(q, (nib.shape[0], NSUB, SUB))
     elif QTYPE == Q3_K:
         bp = w_rows + (k0 // 256) * 110
         sb = (k0 % 256) // 16 + s                                           # sub-block in the super-block

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .decode import Q3_K, Q6_K, QTYPE_CODES, SUB_BLOCK, decode_tile, decode_tile_f16
+from .decode import IQ4_XS, Q3_K, QTYPE_CODES, SUB_BLOCK, decode_tile, decode_tile_f16
 from .epilogue import store_output
 from .runtime import INTERPRETER, count_launch, launch_split_k, sm_count, tuning_key
 
@@ -78,11 +78,11 @@ def _gemm_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stri
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(kt_begin, kt_end):
         k0 = kt * BLOCK_K
-        if QTYPE < Q3_K or QTYPE > Q6_K:
+        if QTYPE < Q3_K or QTYPE > IQ4_XS:
             # A 32-weight block format: K is a multiple of 32 only, the last tile may run past it.
             x = tl.load(x_tile + k0, mask=(k0 + offs_k < K)[None, :], other=0.0)
         else:
-            x = tl.load(x_tile + k0)  # K is a multiple of 256 and BLOCK_K divides 256
+            x = tl.load(x_tile + k0)  # a super-block format: K is a multiple of 256 and BLOCK_K divides 256
         if F16_DECODE:
             w = decode_tile_f16(w_rows, k0, K // 32, QTYPE, BLOCK_K // SUB, SUB, RN, HEAD_WORDS)
         else:

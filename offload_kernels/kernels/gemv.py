@@ -31,10 +31,11 @@ Three loop layouts, all in the autotune space (configs.GEMV_LAYOUTS):
   structure (sub-blocks, bit planes, nibbles) is unrolled at compile time, so every shift, mask and scale
   index is a constant, and each weight tile is (BLOCK_M, BLOCK_N, 16) like its x tile ((16, BLOCK_N,
   BLOCK_M) on Triton 3.6: _WEIGHT_AXIS_FIRST). Quant bytes are read as little-endian int32 words and combined
-  four at a time (q4_0, q4_k: a nibble; q3_k: a 2-bit plane and its hmask bit; q5_k: a nibble and its fifth
-  bit; q6_k: a nibble and its top two bits) into bytes 0xC0 | quant; one byte permute (PTX prmt) per weight
-  then makes the fp32 1.5 + quant / 128 (the byte into bits 16-23 of 0x3F000000; q8_0's whole bytes go
-  into bits 8-15 of 1.0), and one FFMA scales it. 5.3-6.3 sm_90 instructions per weight in the loop at
+  four at a time (q4_0, q4_1, q4_k: a nibble; q3_k: a 2-bit plane and its hmask bit; q5_0, q5_1, q5_k: a
+  nibble and its fifth bit; q6_k: a nibble and its top two bits) into bytes 0xC0 | quant; one byte permute
+  (PTX prmt) per weight then makes the fp32 1.5 + quant / 128 (the byte into bits 16-23 of 0x3F000000; q8_0's
+  whole bytes, and iq4_nl/iq4_xs's table values that two more permutes per word look up, go into bits 8-15
+  of 1.0), and one FFMA scales it. 5.3-6.3 sm_90 instructions per weight in the loop at
   M = 1 (3.4-4.0 per weight and token at M = 2), against 6.1-11.8 in layout 1 and more in layout 2, and no
   conversion in the loop with Triton 3.6 to 3.9 (heuristic configs, bench/results/static-sm90/; not yet
   timed on a GPU). Needs word-aligned weight bytes (WORD_LOADS: 4-byte alignment of the data pointer for
@@ -50,10 +51,10 @@ import triton.language as tl
 
 from ..formats.iq4_nl import IQ4_NL_VALUES
 from . import configs
-from .decode import (BLOCK32_BYTES, BLOCK32_QH_AT, BLOCK32_QS_AT, BLOCK32_QUANT_OFFSET, HAS_MIN, IQ4_NL, Q3_K, Q4_K,
-                     Q5_K, Q6_K, Q8_0, QTYPE_CODES, f16_field, f16_field_masked, f16_from_bytes, int8_from_byte,
-                     iq4_nl_value, k4_scale_min, k4_unpack_scale_min, q3_k_scale, q3_k_unpack_scale, q6_k_scale,
-                     scaled_quant, table_words, u32_from_bytes)
+from .decode import (BLOCK32_BYTES, BLOCK32_QH_AT, BLOCK32_QS_AT, BLOCK32_QUANT_OFFSET, HAS_MIN, IQ4_NL, IQ4_XS, Q3_K,
+                     Q4_K, Q5_K, Q6_K, Q8_0, QTYPE_CODES, f16_field, f16_field_masked, f16_from_bytes, int8_from_byte,
+                     iq4_nl_value, iq4_xs_scale, iq4_xs_unpack_scale, k4_scale_min, k4_unpack_scale_min, q3_k_scale,
+                     q3_k_unpack_scale, q6_k_scale, scaled_quant, table_words, u32_from_bytes)
 from .epilogue import store_output
 from .runtime import INTERPRETER, count_launch, launch_split_k, sm_count, triton_version, tuning_key
 
@@ -189,6 +190,23 @@ def _step_nibble_blocks(acc, w_rows, xp, step, n_blocks, QTYPE: tl.constexpr):
     x_hi = tl.load(xp[:, None, None] + x_off + 16, mask=valid[None, :, None], other=0.0).to(tl.float32)
     acc = _accumulate(acc, w_lo, x_lo[:, None])
     acc = _accumulate(acc, w_hi, x_hi[:, None])
+    return acc
+
+
+@triton.jit
+def _step_iq4_xs(acc, bp, xp):
+    """iq4_xs super-block (136 B): sub-block g (scale d * (ls_g - 32)) has 16 qs bytes at 8 + 16g; byte j holds
+    weights 32g + j (low nibble) and 32g + 16 + j (high), each the scale times the iq4_nl table value. Every
+    weight is exact (17-bit scale, 7-bit value). Accumulator tile: (8 [g], 16 [j])."""
+    g = tl.arange(0, 8)
+    j = tl.arange(0, 16)
+    qs = tl.load(bp[None, :, None, None] + 8 + ((16 * g)[:, None] + j[None, :])[None, None, :, :]).to(tl.int32)
+    scale = (f16_field(bp)[:, None] * (iq4_xs_scale(bp, g) - 32).to(tl.float32))[None, :, :, None]   # (1, BN, 8, 1)
+    x_off = ((32 * g)[:, None] + j[None, :])[None, :, :]
+    x_lo = tl.load(xp[:, None, None] + x_off).to(tl.float32)
+    x_hi = tl.load(xp[:, None, None] + x_off + 16).to(tl.float32)
+    acc = _accumulate(acc, scale * iq4_nl_value(qs & 15).to(tl.float32), x_lo[:, None])
+    acc = _accumulate(acc, scale * iq4_nl_value(qs >> 4).to(tl.float32), x_hi[:, None])
     return acc
 
 
@@ -347,6 +365,18 @@ def _v2_nibble_blocks(acc, w_rows, x_rows, step, n_blocks, a, i, SHAPE: tl.const
     x_hi = tl.load(_full(x_rows + 32 * blk + 16 + i, SHAPE), mask=_full(valid, SHAPE), other=0.0).to(tl.float32)
     acc = _accumulate(acc, w_lo, x_lo)
     acc = _accumulate(acc, w_hi, x_hi)
+    return acc
+
+
+@triton.jit
+def _v2_iq4_xs(acc, bp, xp, a, i, SHAPE: tl.constexpr):
+    """a = sub-block g (see _step_iq4_xs): qs byte 8 + 16g + i holds weights 32g + i (low nibble) and
+    32g + 16 + i (high)."""
+    qs = _byte(bp + 8 + 16 * a + i, SHAPE)
+    ls = iq4_xs_unpack_scale(_byte(bp + 4 + (a >> 1), SHAPE), _byte(bp + 2, SHAPE) | (_byte(bp + 3, SHAPE) << 8), a)
+    scale = _f16_full(bp, SHAPE) * (ls - 32).to(tl.float32)
+    acc = _accumulate(acc, scale * iq4_nl_value(qs & 15).to(tl.float32), _x_full(xp + 32 * a + i, SHAPE))
+    acc = _accumulate(acc, scale * iq4_nl_value(qs >> 4).to(tl.float32), _x_full(xp + 32 * a + 16 + i, SHAPE))
     return acc
 
 
@@ -550,6 +580,29 @@ def _v3_q6_k(acc, bp, xp, i, SHAPE: tl.constexpr):
 
 
 @triton.jit
+def _v3_iq4_xs(acc, bp, xp, i, SHAPE: tl.constexpr):
+    """iq4_xs super-block (136 B; see _step_iq4_xs). Per sub-block g and word of its 16 qs bytes (at 8 + 16g):
+    the table values of both nibble halves looked up word-wide (_iq4_nl_bytes), value * d made exactly as
+    q8_0's weights (fma(1 + ub/32768, 32768 d, -32896 d)); the two products with x are summed, then scaled by
+    the integer ls - 32 into the accumulator (one FFMA per two weights instead of a multiply per weight). One
+    FFMA with the scale d * (ls - 32) folded in would round its addend (26 significant bits); this way each
+    weight is exact (value * d has 18 significant bits, times ls - 32 at most 24)."""
+    q = i & 3
+    d = _f16_full(bp, SHAPE)
+    high = _byte(bp + 2, SHAPE) | (_byte(bp + 3, SHAPE) << 8)
+    for g in tl.static_range(8):
+        sc = (iq4_xs_unpack_scale(_byte(bp + 4 + g // 2, SHAPE), high, g) - 32).to(tl.float32)
+        word = _i32_word(bp + 8 + 16 * g, i, SHAPE)
+        part = tl.zeros(SHAPE, dtype=tl.float32)
+        for b in tl.static_range(2):
+            ub = _iq4_nl_bytes((word >> (4 * b)) & 0x0F0F0F0F)
+            w = tl.fma(_f32_with_byte(ub, q, _ONE_BITS, 8), d * 32768.0, d * -32896.0)
+            part = _accumulate(part, w, _x_full(xp + 32 * g + 16 * b + i, SHAPE))
+        acc = _accumulate(acc, part, sc)
+    return acc
+
+
+@triton.jit
 def _spread_nibble_to_bit4(t):
     """The four bits of ``t`` (int32 0..15) to bit 4 of bytes 0..3: t * 0x00204081 puts copies of t at bits 0,
     7, 14 and 21 (no carries: they do not overlap), so bits 0, 8, 16 and 24 are t's bits 0, 1, 2 and 3."""
@@ -631,6 +684,8 @@ def _gemv_layout1(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, 
             acc = _step_q3_k(acc, w_rows + step * 110, x_rows + step * 256)
         elif QTYPE == Q6_K:
             acc = _step_q6_k(acc, w_rows + step * 210, x_rows + step * 256)
+        elif QTYPE == IQ4_XS:
+            acc = _step_iq4_xs(acc, w_rows + step * 136, x_rows + step * 256)
         elif QTYPE == Q8_0:
             acc = _step_q8_0(acc, w_rows, x_rows, step, K // 32)
         else:  # the 32-weight nibble formats
@@ -657,7 +712,7 @@ def _gemv_layout2(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, 
     elif QTYPE == Q8_0:
         A: tl.constexpr = 8
         B: tl.constexpr = 2
-    else:  # the 32-weight nibble formats
+    else:  # iq4_xs and the 32-weight nibble formats
         A: tl.constexpr = 8
         B: tl.constexpr = 1
     SHAPE: tl.constexpr = (BLOCK_M, BLOCK_N, A, B, 16)
@@ -676,6 +731,8 @@ def _gemv_layout2(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, 
             acc = _v2_q3_k(acc, rows + step * 110, xs + step * 256, a, b, i, SHAPE)
         elif QTYPE == Q6_K:
             acc = _v2_q6_k(acc, rows + step * 210, xs + step * 256, a, b, i, SHAPE)
+        elif QTYPE == IQ4_XS:
+            acc = _v2_iq4_xs(acc, rows + step * 136, xs + step * 256, a, i, SHAPE)
         elif QTYPE == Q8_0:
             acc = _v2_q8_0(acc, rows, xs, step, K // 32, a, b, i, SHAPE)
         else:  # the 32-weight nibble formats
@@ -709,9 +766,11 @@ def _gemv_layout3(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, 
             acc = _v3_q4_k_q5_k(acc, rows + step * 176, xs + step * 256, i, SHAPE, True)
         elif QTYPE == Q6_K:
             acc = _v3_q6_k(acc, rows + step * 210, xs + step * 256, i, SHAPE)
+        elif QTYPE == IQ4_XS:
+            acc = _v3_iq4_xs(acc, rows + step * 136, xs + step * 256, i, SHAPE)
         else:  # the 32-weight block formats
             acc = _v3_blocks(acc, rows, xs, step, K // 32, i, SHAPE, QTYPE, False)
-    if QTYPE < Q3_K or QTYPE > Q6_K:
+    if QTYPE < Q3_K or QTYPE > IQ4_XS:
         if step_end > full_steps:
             acc = _v3_blocks(acc, rows, xs, full_steps, K // 32, i, SHAPE, QTYPE, True)
     if _WEIGHT_AXIS_FIRST:

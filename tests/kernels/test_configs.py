@@ -9,7 +9,7 @@ import torch
 import triton
 
 from offload_kernels import kernels
-from offload_kernels.formats import QTYPES
+from offload_kernels.formats import QTYPES, get_spec
 from offload_kernels.kernels import configs
 from offload_kernels.kernels.decode import BLOCK32_QTYPES, QTYPE_CODES, SUB_BLOCK
 
@@ -45,7 +45,7 @@ def test_gemv_pruner(qtype, m, word_loads):
     layouts = (1, 2, 3) if word_loads else (1, 2)
     assert configs.gemv_layouts(qtype, word_loads) == layouts
     for n, k in SHAPES:
-        if k % (256 if qtype.endswith("_k") else 32):
+        if k % get_spec(qtype).block_size:
             continue
         block_m = configs.gemv_block_m(m)
         kept = configs.prune_gemv_configs(configs.gemv_configs(interpreter=False), {},
@@ -81,7 +81,7 @@ def test_gemv_pruner(qtype, m, word_loads):
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_gemm_pruner(qtype, m, dtype):
     for n, k in SHAPES:
-        if k % (256 if qtype.endswith("_k") else 32):
+        if k % get_spec(qtype).block_size:
             continue
         kept = configs.prune_gemm_configs(configs.gemm_configs(interpreter=False), {},
                                           **_args(dtype, M=m, N=n, K=k, QTYPE=QTYPE_CODES[qtype]))
@@ -108,7 +108,7 @@ def test_gemm_block_k_constraint():
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_heuristic_configs_are_legal(qtype):
     for n, k in SHAPES:
-        if k % (256 if qtype.endswith("_k") else 32):
+        if k % get_spec(qtype).block_size:
             continue
         for m in (1, 2, 3, 8):
             for layout in configs.GEMV_LAYOUTS:
@@ -226,7 +226,6 @@ def test_format_tables_agree_with_the_specs():
     """The kernels' per-code constexpr tables (decode.BLOCK32_*, HAS_MIN) describe the same blocks as the
     format specs: every format has a code, block sizes match, fp16 fields (d, and m or dmin) where the specs
     put them, and the quants after them."""
-    from offload_kernels.formats import get_spec
     from offload_kernels.kernels import decode
 
     assert set(QTYPE_CODES) == set(QTYPES) and sorted(QTYPE_CODES.values()) == list(range(len(QTYPES)))

@@ -4,7 +4,7 @@ exactly, so each call returns whole columns of the weight as the kernel decoded 
 
 * q4_0, q5_0, q8_0, q3_k and q6_k: every weight (u - offset) * scale is exact (so is the FFMA's addend), so
   the columns equal the gguf package's dequantized fp32 weight (llama.cpp's formulas) bit for bit; so do
-  iq4_nl's (d times a table value, exact);
+  iq4_nl's and iq4_xs's (d times a table value, times iq4_xs's integer sub-block scale: exact);
 * q4_k and q5_k: the min is folded into the FFMA's addend -(192 s + dmin m), rounded once: within 2**-24
   of that addend (plus the weight's own rounding) of gguf's dequantized weight; q4_1 and q5_1 likewise with
   the addend m - 192 d.
@@ -33,7 +33,7 @@ from offload_kernels.kernels.runtime import INTERPRETER
 from .helpers import random_qtensor, seed_of
 
 TOKENS = 4      # columns read back per call: layout 3 runs up to GEMV3_MAX_BLOCK_M tokens
-EXACT = tuple(q for q in ("q4_0", "q5_0", "q8_0", "iq4_nl", "q3_k", "q6_k") if q in QTYPES)
+EXACT = ("q4_0", "q5_0", "q8_0", "iq4_nl", "q3_k", "q6_k", "iq4_xs")
 #: Columns read back: one 256-weight step, and for the 32-weight block formats a block past it (the step that
 #: runs past the end of the row).
 K_READ = dict.fromkeys(BLOCK32_QTYPES, 288)
@@ -216,7 +216,7 @@ def test_iq4_nl_word_lookup_matches_the_table():
 def test_word_loads_need_aligned_bytes(device):
     g = torch.Generator().manual_seed(3)
     for qtype in QTYPES:
-        align = 4 if qtype in ("q4_k", "q5_k") else 2
+        align = 4 if qtype in ("q4_k", "q5_k", "iq4_xs") else 2
         qt = random_qtensor(qtype, 8, 256, g, device=device)
         assert configs.gemv_word_loads(qt)
         flat = torch.empty(qt.nbytes + 16, dtype=torch.uint8, device=device)

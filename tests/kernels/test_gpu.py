@@ -19,9 +19,9 @@ from .helpers import activations, assert_close, random_bytes_qtensor, random_qte
 pytestmark = pytest.mark.gpu
 runtime = importlib.import_module("offload_kernels.kernels.runtime")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-#: The formats llama-quantize falls back to (and the legacy whole-file types) run every kernel family here but
+#: The formats added after the issue's six (fallback, legacy and iq4 types) run every kernel family here but
 #: at fewer token counts than the main formats: one per family, to bound the GPU suite's compile time.
-SECONDARY_QTYPES = ("q4_1", "q5_0", "q5_1", "iq4_nl")
+SECONDARY_QTYPES = ("q4_1", "q5_0", "q5_1", "iq4_nl", "iq4_xs")
 SECONDARY_M = (1, 4, 64, 4096)
 
 

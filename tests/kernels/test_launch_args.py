@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from offload_kernels import kernels
-from offload_kernels.formats import QuantizedTensor
+from offload_kernels.formats import QuantizedTensor, get_spec
 
 from .helpers import TOLERANCE, activations, assert_close, random_qtensor, reference, relative_error, seed_of
 
@@ -66,7 +66,7 @@ def test_split_k_finishes_inside_the_kernel(qtype, family, lead, split, dtype, d
     is what the call returns) and leaves both buffers zero. Both agree with the float64 reference and with
     each other."""
     g = torch.Generator().manual_seed(seed_of("split-ws", qtype, family, dtype))
-    k = 1280 if qtype.endswith("_k") else 800
+    k = 1280 if get_spec(qtype).block_size == 256 else 800
     qt = random_qtensor(qtype, 40, k, g, device=device)
     x = activations((*lead, k), g).to(dtype).to(device)
     bias = activations((40,), g).to(dtype).to(device)

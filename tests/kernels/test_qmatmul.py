@@ -19,8 +19,9 @@ from .helpers import DISTRIBUTIONS, activations, assert_close, quantized_from_we
 # K per qtype: one block, several blocks, and a longer non-power-of-two multiple (q4_0/q8_0: 25 blocks,
 # i.e. three full 8-block GEMV steps and a partial one, and a partial last GEMM tile).
 K_ONE = {q: get_spec(q).block_size for q in QTYPES}
-K_SEVERAL = {q: 768 if q.endswith("_k") else 224 for q in QTYPES}
-K_ODD = {q: 1280 if q.endswith("_k") else 800 for q in QTYPES}
+#: K with several blocks / with an odd number of steps: super-block formats (256 weights) and 32-weight ones.
+K_SEVERAL = {q: 768 if get_spec(q).block_size == 256 else 224 for q in QTYPES}
+K_ODD = {q: 1280 if get_spec(q).block_size == 256 else 800 for q in QTYPES}
 
 FAMILY_VARIANTS = {"gemv": ("gemv", "gemv_splitk"), "gemm": ("gemm", "gemm_splitk"), "dequant": ("dequant",)}
 
@@ -120,7 +121,7 @@ def test_gemv_layouts(qtype, dtype, layout, device, triton_only, poisoned, gemv_
     slot[1:] = src.data.flatten()
     odd = QuantizedTensor(slot.to(device)[1:].view(37, -1), qtype, (37, k))
     for qt, aligned in ((src.to(device), True), (odd, False)):
-        for m, split in ((1, 1), (2, 5) if qtype.endswith("_k") else (2, 2), (4, 1), (5, 1)):
+        for m, split in ((1, 1), (2, 5) if get_spec(qtype).block_size == 256 else (2, 2), (4, 1), (5, 1)):
             x = activations((m, k), g).to(dtype).to(device)
             bias = activations((37,), g).to(dtype).to(device)
             ran.clear()
@@ -148,7 +149,7 @@ def test_distributions(qtype, distribution, device, triton_only, poisoned):
     distribution by the package's quantizer, k-quants from random blocks."""
     g = torch.Generator().manual_seed(seed_of(qtype, distribution))
     k = K_SEVERAL[qtype]
-    if not qtype.endswith("_k"):
+    if get_spec(qtype).block_size == 32:
         qt = quantized_from_weights(qtype, 24, k, g, distribution).to(device)
     else:
         qt = random_qtensor(qtype, 24, k, g, device=device)

@@ -33,11 +33,15 @@ MIXES = {  # name -> (default qtype, mix)
     "q5_0": ("q5_0", None),
     "q5_1": ("q5_1", None),
     "iq4_nl": ("iq4_nl", None),
+    "iq4_xs": ("iq4_xs", None),
 }
 #: Files of a model whose hidden size (224) is not a multiple of 256, as llama-quantize writes them: the
-#: k-quants fall back (LLAMA_QUANTIZE_FALLBACKS) to q5_0 / q8_0 (q4_k_m) and iq4_nl / q5_1 / q8_0 (q3_k_m).
-FALLBACK_MIXES = {"fallback_q4_k_m": ("q4_k", "q4_k_m"), "fallback_q3_k_m": ("q3_k", "q3_k_m")}
-FALLBACK_TYPES = {"fallback_q4_k_m": {"q5_0", "q8_0", "q6_k"}, "fallback_q3_k_m": {"iq4_nl", "q5_1", "q5_k", "q8_0"}}
+#: k-quants fall back (LLAMA_QUANTIZE_FALLBACKS) to q5_0 / q8_0 (q4_k_m), iq4_nl / q5_1 / q8_0 (q3_k_m), and
+#: iq4_xs to iq4_nl.
+FALLBACK_MIXES = {"fallback_q4_k_m": ("q4_k", "q4_k_m"), "fallback_q3_k_m": ("q3_k", "q3_k_m"),
+                  "fallback_iq4_xs": ("iq4_xs", None)}
+FALLBACK_TYPES = {"fallback_q4_k_m": {"q5_0", "q8_0", "q6_k"}, "fallback_q3_k_m": {"iq4_nl", "q5_1", "q5_k", "q8_0"},
+                  "fallback_iq4_xs": {"iq4_nl", "iq4_xs"}}
 
 
 def tiny_model(arch="llama", layers=2, seed=0, **config):
@@ -119,7 +123,7 @@ def test_logits_match_transformers_gguf_loader(files, mix):
     if mix in FALLBACK_TYPES:
         assert types == FALLBACK_TYPES[mix]
         assert {t.type_name for t in GGUFFile(path).tensor_infos.values()} >= FALLBACK_TYPES[mix]
-    if mix in ("q4_1", "q5_0", "q5_1", "iq4_nl"):
+    if mix in ("q4_1", "q5_0", "q5_1", "iq4_nl", "iq4_xs"):
         assert types == {mix}
     with torch.no_grad():
         ours = model(IDS).logits
@@ -456,7 +460,7 @@ def test_save_gguf_checks_type_and_mix_names_first(tmp_path):
     for kwargs, match in (
             ({"mix": "q5_k_m"}, "unknown mix 'q5_k_m'; valid mixes: q4_k_m, q3_k_m"),
             ({"mix": "f16"}, "unknown mix 'f16'; valid mixes: q4_k_m, q3_k_m \\(plain types go in qtype: "),
-            ({"qtype": "q2_k"}, "unknown qtype 'q2_k'; valid: q4_0, .*q6_k, f32, f16"),
+            ({"qtype": "q2_k"}, "unknown qtype 'q2_k'; valid: q4_0, .*q6_k, iq4_xs, f32, f16"),
             ({"qtype_overrides": {"*.attn_v.weight": "q7"}}, r"qtype_overrides\['\*.attn_v.weight'\]: unknown")):
         with pytest.raises(ValueError, match=match):
             save_gguf(None, tmp_path / "m.gguf", **kwargs)

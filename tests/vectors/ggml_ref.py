@@ -28,13 +28,14 @@ GGML_TYPES = {
     "q5_k": (13, 256, 176),
     "q6_k": (14, 256, 210),
     "iq4_nl": (20, 32, 18),
+    "iq4_xs": (23, 256, 136),
 }
 
 _DEQUANTIZE_SYMBOLS = {
     "q4_0": "dequantize_row_q4_0", "q4_1": "dequantize_row_q4_1", "q5_0": "dequantize_row_q5_0",
     "q5_1": "dequantize_row_q5_1", "q8_0": "dequantize_row_q8_0", "q3_k": "dequantize_row_q3_K",
     "q4_k": "dequantize_row_q4_K", "q5_k": "dequantize_row_q5_K", "q6_k": "dequantize_row_q6_K",
-    "iq4_nl": "dequantize_row_iq4_nl",
+    "iq4_nl": "dequantize_row_iq4_nl", "iq4_xs": "dequantize_row_iq4_xs",
 }
 
 
