@@ -36,10 +36,11 @@ Three loop layouts, all in the autotune space (configs.GEMV_LAYOUTS):
   (PTX prmt) per weight then makes the fp32 1.5 + quant / 128 (the byte into bits 16-23 of 0x3F000000; q8_0's
   whole bytes, and iq4_nl/iq4_xs's table values that two more permutes per word look up, go into bits 8-15
   of 1.0), and one FFMA scales it. 5.3-6.3 sm_90 instructions per weight in the loop at
-  M = 1 (3.4-4.0 per weight and token at M = 2), against 6.1-11.8 in layout 1 and more in layout 2, and no
-  conversion in the loop with Triton 3.6 to 3.9 (heuristic configs, bench/results/static-sm90/; not yet
-  timed on a GPU). Needs word-aligned weight bytes (WORD_LOADS: 4-byte alignment of the data pointer for
-  q4_k/q5_k, 2-byte for the others, whose blocks are 18, 34, 110 and 210 bytes) and at most 4 tokens per
+  M = 1 for the six main formats (3.4-4.0 per weight and token at M = 2), against 6.1-11.8 in layout 1 and
+  more in layout 2; 5.7-7.3 for q4_1/q5_0/q5_1, 8.1-8.4 for iq4_nl/iq4_xs; no conversion in the loop with
+  Triton 3.6 to 3.9 (heuristic configs, bench/results/static-sm90/; not yet timed on a GPU). Needs
+  word-aligned weight bytes (WORD_LOADS: 4-byte alignment of the data pointer for q4_k/q5_k/iq4_xs, 2-byte
+  for the others, whose blocks are 18 to 34, 110 and 210 bytes) and at most 4 tokens per
   program (GEMV3_MAX_BLOCK_M), else the heuristic falls back (configs.GEMV_DEFAULT_LAYOUT).
 """
 

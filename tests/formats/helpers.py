@@ -55,3 +55,13 @@ def weights(distribution: str, n: int, k: int, seed: int) -> torch.Tensor:
 
 
 DISTRIBUTIONS = ("normal", "realistic", "heavy_tails", "uniform", "positive", "zeros_and_constants", "tiny", "huge")
+
+
+def assert_same_floats(got: np.ndarray, expected: np.ndarray, what: str) -> None:
+    """Bit-for-bit equal fp32, except that any NaN matches any NaN (payloads are not part of the format)."""
+    nan_got, nan_exp = np.isnan(got), np.isnan(expected)
+    same = (got.view(np.int32) == expected.view(np.int32)) | (nan_got & nan_exp)
+    if not same.all():
+        i = np.unravel_index(np.argmin(same), same.shape)
+        raise AssertionError(f"{what}: {(~same).sum()} of {same.size} values differ; first at {i}: "
+                             f"got {got[i]!r} expected {expected[i]!r}")

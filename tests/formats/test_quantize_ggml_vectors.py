@@ -20,6 +20,8 @@ import torch
 import offload_kernels
 from offload_kernels.formats import QuantizedTensor, get_spec, quantize_blocks
 
+from .helpers import assert_same_floats
+
 quantize_module = importlib.import_module("offload_kernels.formats.quantize")   # the module, not the function
 
 VECTORS_DIR = Path(__file__).resolve().parents[1] / "vectors"
@@ -80,16 +82,6 @@ def fp16_fields_finite(qtype: str, blocks: np.ndarray) -> bool:
             if not np.isfinite(blocks[:, lo:hi].copy().view(np.float16)).all():
                 return False
     return True
-
-
-def assert_same_floats(got: np.ndarray, expected: np.ndarray, what: str) -> None:
-    """Bit-for-bit equal fp32, except that any NaN matches any NaN (payloads are not part of the format)."""
-    nan_got, nan_exp = np.isnan(got), np.isnan(expected)
-    same = (got.view(np.int32) == expected.view(np.int32)) | (nan_got & nan_exp)
-    if not same.all():
-        i = np.unravel_index(np.argmin(same), same.shape)
-        raise AssertionError(f"{what}: {(~same).sum()} of {same.size} values differ; first at {i}: "
-                             f"got {got[i]!r} expected {expected[i]!r}")
 
 
 def quantize_like_ggml(w: np.ndarray, qtype: str, expected: np.ndarray) -> np.ndarray:

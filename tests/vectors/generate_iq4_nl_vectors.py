@@ -5,7 +5,8 @@
 Quantization is ``ggml_quantize_chunk(GGML_TYPE_IQ4_NL, ..., imatrix=NULL)``, which runs
 ``quantize_iq4_nl`` (the scale search with ntry = 7), the path llama-quantize takes without an imatrix.
 That is *not* ``quantize_row_iq4_nl_ref``, which skips the search and writes different bytes.
-Dequantization is ``dequantize_row_iq4_nl``. Only numpy is needed.
+Dequantization is ``dequantize_row_iq4_nl``. Only numpy is needed; block_vectors.py runs ggml and writes
+the file (``--out`` writes elsewhere, to compare a new run with the committed one).
 
 npz keys: ``<case>/input`` (n, 32) fp32; ``<case>/bytes`` (n, 18) uint8; ``<case>/dequant`` (n, 32) fp32;
 ``note``: a JSON string recording how the file was made.
@@ -13,42 +14,15 @@ npz keys: ``<case>/input`` (n, 32) fp32; ``<case>/bytes`` (n, 18) uint8; ``<case
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
 import sys
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ggml_ref import LIB_ENV, GgmlRef, find_library  # noqa: E402,F401  (find_library: the tests' entry point)
+from block_vectors import BlockVectors  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-NPZ = HERE / "iq4_nl_vectors.npz"
-SEED = 20240620
-
-GGML_TYPE_IQ4_NL = 20
-BLOCK_SIZE, BLOCK_BYTES = 32, 18
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
-
-
-class Iq4NlRef:
-    """ggml's iq4_nl entry points in one libggml-base.so, on (n, 32) blocks (ggml_ref.GgmlRef's bindings)."""
-
-    def __init__(self, path: "str | os.PathLike"):
-        self.path = str(path)
-        self._ref = GgmlRef(path)
-
-    def quantize(self, x: np.ndarray) -> np.ndarray:
-        """(n, 32) fp32 -> (n, 18) uint8 through ggml_quantize_chunk (single-threaded, no imatrix)."""
-        return self._ref.quantize(np.asarray(x, dtype=np.float32).reshape(-1, BLOCK_SIZE), "iq4_nl")
-
-    def dequantize(self, blocks: np.ndarray) -> np.ndarray:
-        """(n, 18) uint8 -> (n, 32) fp32 through dequantize_row_iq4_nl."""
-        return self._ref.dequantize(np.asarray(blocks, dtype=np.uint8).reshape(-1, BLOCK_BYTES), "iq4_nl", BLOCK_SIZE)
 
 
 # ---------------------------------------------------------------------------- input distributions
@@ -131,55 +105,8 @@ CASES = {
     "non_finite": _non_finite,
 }
 NON_FINITE_CASES = ("non_finite",)
-BLOCKS_PER_CASE = 48
-
-
-def make_input(name: str, seed: int, n: int = BLOCKS_PER_CASE) -> np.ndarray:
-    g = np.random.default_rng([seed, list(CASES).index(name)])
-    with np.errstate(over="ignore"):
-        x = np.asarray(CASES[name](g, n), dtype=np.float64).astype(np.float32)
-    assert x.shape == (n, 32) and (name in NON_FINITE_CASES or np.isfinite(x).all()), name
-    return x
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lib", help=f"path to libggml-base.so (default: ${LIB_ENV})")
-    ap.add_argument("--seed", type=int, default=SEED)
-    args = ap.parse_args(argv)
-    lib_path = find_library(args.lib)
-    if lib_path is None:
-        ap.error(f"give --lib or set {LIB_ENV}")
-    ggml = Iq4NlRef(lib_path)
-
-    arrays = {}
-    for name in CASES:
-        x = make_input(name, args.seed)
-        with np.errstate(all="ignore"):
-            blocks = ggml.quantize(x)
-            arrays[f"{name}/input"] = x
-            arrays[f"{name}/bytes"] = blocks
-            arrays[f"{name}/dequant"] = ggml.dequantize(blocks)
-    try:
-        llama_cpp_python = metadata.version("llama_cpp_python")
-    except metadata.PackageNotFoundError:
-        llama_cpp_python = None
-    note = {
-        "generated_by": "tests/vectors/generate_iq4_nl_vectors.py",
-        "command": f"python tests/vectors/generate_iq4_nl_vectors.py --lib <libggml-base.so> --seed {args.seed}",
-        "date": datetime.date.today().isoformat(),
-        "numpy": np.__version__,
-        "library": lib_path.name,
-        "llama_cpp_python": llama_cpp_python,
-        "quantize": "ggml_quantize_chunk(GGML_TYPE_IQ4_NL=20, src, dst, 0, n, 32, imatrix=NULL)",
-        "dequantize": "dequantize_row_iq4_nl(blocks, dst, n * 32)",
-        "cases": list(CASES),
-        "blocks_per_case": BLOCKS_PER_CASE,
-    }
-    arrays["note"] = np.array(json.dumps(note))
-    np.savez_compressed(NPZ, **arrays)
-    print(f"wrote {NPZ} ({NPZ.stat().st_size / 1e3:.1f} kB, {len(CASES) * BLOCKS_PER_CASE} blocks)")
+VECTORS = BlockVectors("iq4_nl", CASES, NON_FINITE_CASES, blocks_per_case=48, seed=20240620)
 
 
 if __name__ == "__main__":
-    main()
+    VECTORS.main(description=__doc__.splitlines()[0])

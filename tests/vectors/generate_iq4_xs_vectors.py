@@ -5,7 +5,7 @@
 Quantization is ``ggml_quantize_chunk(GGML_TYPE_IQ4_XS, ..., imatrix=NULL)``, which runs
 ``quantize_iq4_xs`` -> ``quantize_row_iq4_nl_impl(QK_K = 256, 32, ..., ntry = 7)`` per super-block (the
 path llama-quantize takes without an imatrix). Dequantization is ``dequantize_row_iq4_xs``. Only numpy
-is needed.
+is needed; block_vectors.py runs ggml and writes the file, as for iq4_nl (``--out`` writes elsewhere).
 
 The input cases are iq4_nl's (generate_iq4_nl_vectors.CASES; eight of its 32-weight blocks make one
 super-block, so per-block magnitudes there become per-sub-block magnitudes here) plus cases aimed at the
@@ -20,43 +20,17 @@ fp32; ``note``: a JSON string recording how the file was made.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
 import sys
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import generate_iq4_nl_vectors as nl  # noqa: E402
-from ggml_ref import LIB_ENV, GgmlRef, find_library  # noqa: E402,F401  (find_library: the tests' entry point)
+from block_vectors import BlockVectors  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-NPZ = HERE / "iq4_xs_vectors.npz"
-SEED = 20240623
-
-GGML_TYPE_IQ4_XS = 23
-BLOCK_SIZE, BLOCK_BYTES = 256, 136
+BLOCK_SIZE = 256   # weights per super-block (QK_K)
 SUB = 8   # 32-weight sub-blocks per super-block
-
-
-class Iq4XsRef:
-    """ggml's iq4_xs entry points in one libggml-base.so, on (n, 256) super-blocks (ggml_ref.GgmlRef)."""
-
-    def __init__(self, path: "str | os.PathLike"):
-        self.path = str(path)
-        self._ref = GgmlRef(path)
-
-    def quantize(self, x: np.ndarray) -> np.ndarray:
-        """(n, 256) fp32 -> (n, 136) uint8 through ggml_quantize_chunk (single-threaded, no imatrix)."""
-        return self._ref.quantize(np.asarray(x, dtype=np.float32).reshape(-1, BLOCK_SIZE), "iq4_xs")
-
-    def dequantize(self, blocks: np.ndarray) -> np.ndarray:
-        """(n, 136) uint8 -> (n, 256) fp32 through dequantize_row_iq4_xs."""
-        return self._ref.dequantize(np.asarray(blocks, dtype=np.uint8).reshape(-1, BLOCK_BYTES), "iq4_xs", BLOCK_SIZE)
 
 
 # ---------------------------------------------------------------------------- input distributions
@@ -152,55 +126,8 @@ CASES.update({
     "one_non_finite_subblock": _one_non_finite_subblock,
 })
 NON_FINITE_CASES = tuple(f"nl_{name}" for name in nl.NON_FINITE_CASES) + ("one_non_finite_subblock",)
-BLOCKS_PER_CASE = 8
-
-
-def make_input(name: str, seed: int, n: int = BLOCKS_PER_CASE) -> np.ndarray:
-    g = np.random.default_rng([seed, list(CASES).index(name)])
-    with np.errstate(over="ignore"):
-        x = np.asarray(CASES[name](g, n), dtype=np.float64).astype(np.float32)
-    assert x.shape == (n, BLOCK_SIZE) and (name in NON_FINITE_CASES or np.isfinite(x).all()), name
-    return x
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lib", help=f"path to libggml-base.so (default: ${LIB_ENV})")
-    ap.add_argument("--seed", type=int, default=SEED)
-    args = ap.parse_args(argv)
-    lib_path = find_library(args.lib)
-    if lib_path is None:
-        ap.error(f"give --lib or set {LIB_ENV}")
-    ggml = Iq4XsRef(lib_path)
-
-    arrays = {}
-    for name in CASES:
-        x = make_input(name, args.seed)
-        with np.errstate(all="ignore"):
-            blocks = ggml.quantize(x)
-            arrays[f"{name}/input"] = x
-            arrays[f"{name}/bytes"] = blocks
-            arrays[f"{name}/dequant"] = ggml.dequantize(blocks)
-    try:
-        llama_cpp_python = metadata.version("llama_cpp_python")
-    except metadata.PackageNotFoundError:
-        llama_cpp_python = None
-    note = {
-        "generated_by": "tests/vectors/generate_iq4_xs_vectors.py",
-        "command": f"python tests/vectors/generate_iq4_xs_vectors.py --lib <libggml-base.so> --seed {args.seed}",
-        "date": datetime.date.today().isoformat(),
-        "numpy": np.__version__,
-        "library": lib_path.name,
-        "llama_cpp_python": llama_cpp_python,
-        "quantize": "ggml_quantize_chunk(GGML_TYPE_IQ4_XS=23, src, dst, 0, n, 256, imatrix=NULL)",
-        "dequantize": "dequantize_row_iq4_xs(blocks, dst, n * 256)",
-        "cases": list(CASES),
-        "blocks_per_case": BLOCKS_PER_CASE,
-    }
-    arrays["note"] = np.array(json.dumps(note))
-    np.savez_compressed(NPZ, **arrays)
-    print(f"wrote {NPZ} ({NPZ.stat().st_size / 1e3:.1f} kB, {len(CASES) * BLOCKS_PER_CASE} super-blocks)")
+VECTORS = BlockVectors("iq4_xs", CASES, NON_FINITE_CASES, blocks_per_case=8, seed=20240623)
 
 
 if __name__ == "__main__":
-    main()
+    VECTORS.main(description=__doc__.splitlines()[0])
