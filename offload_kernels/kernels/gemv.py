@@ -5,7 +5,7 @@ At M = 1..4 the cost is reading the quantized bytes, so the kernel is built arou
 * a program owns BLOCK_N rows and one K slice (split_k equal slices of 256-weight steps; the last slice
   to finish a tile sums the others' partials up in the same launch, see epilogue.py), so even N = 4096
   gives enough programs to fill every SM;
-* each step reads, per row, one whole k-quant super-block (or eight q4_0/q8_0 blocks) as contiguous byte
+* each step reads, per row, one whole 256-weight super-block (or eight 32-weight blocks) as contiguous byte
   runs, each byte loaded once and decoded in its *storage order* with integer ops on int32; x is loaded
   in the matching permuted order (a dot product does not care about order);
 * products are accumulated elementwise into an fp32 tile with FMAs, one per weight per token, and reduced
