@@ -81,14 +81,18 @@ def _values(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.T
 
 # ------------------------------------------------------------------------------------------ dequantize
 
+def _table_values_into(qs: torch.Tensor, halves: torch.Tensor) -> None:
+    """The table values of 32-weight groups' nibbles: qs (..., 16) bytes into halves (..., 2, 16) fp32
+    (low nibble of qs[j]: weight j, high nibble: weight 16 + j)."""
+    table = _values(qs.device)
+    halves[..., 0, :].copy_(table[(qs & 15).long()])
+    halves[..., 1, :].copy_(table[(qs >> 4).long()])
+
+
 def dequantize_iq4_nl_blocks(b: torch.Tensor, out: torch.Tensor) -> None:
     """Decode (nb, 18) uint8 iq4_nl blocks into ``out`` (nb, 32) fp32, as ggml's dequantize_row_iq4_nl."""
     d = b[:, 0:2].contiguous().view(torch.float16).squeeze(1).float()
-    qs = b[:, 2:18]
-    table = _values(b.device)
-    halves = out.view(-1, 2, 16)
-    halves[:, 0].copy_(table[(qs & 15).long()])
-    halves[:, 1].copy_(table[(qs >> 4).long()])
+    _table_values_into(b[:, 2:18], out.view(-1, 2, 16))
     out.mul_(d[:, None])
 
 
@@ -142,6 +146,18 @@ def _sums(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tens
     return sumqx, sumq2
 
 
+def _first_largest(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(largest |v| per row, the first value of that magnitude) as ggml's strict ``|v| > amax`` scan from 0
+    finds them: NaN never wins (it counts as 0), and a row with no |v| > 0 gives (0, v[:, 0]) — the callers
+    cut such rows off."""
+    a = v.abs()
+    a = torch.where(torch.isnan(a), torch.zeros_like(a), a)
+    amax = a.max(dim=1).values
+    pos = torch.arange(v.shape[1], device=v.device).expand(v.shape[0], -1)
+    first = torch.where(a == amax[:, None], pos, v.shape[1]).amin(dim=1).clamp_(max=v.shape[1] - 1)
+    return amax, v.gather(1, first[:, None]).squeeze(1)
+
+
 def iq4_nl_scales(x: torch.Tensor) -> torch.Tensor:
     """The per-32 scale search of ggml's quantize_row_iq4_nl_impl (no importance weights, ntry = 7).
 
@@ -153,14 +169,7 @@ def iq4_nl_scales(x: torch.Tensor) -> torch.Tensor:
     xt = x.t().contiguous()                                   # (32, nb): per-weight columns contiguous
     w = xt * xt                                                # weight[j] = xb[j]*xb[j]
 
-    # amax / max: first element whose |x| is strictly largest (ggml scans with `ax > amax`)
-    # (NaN never passes `ax > amax`: it counts as 0 here; a block with no |x| > 0 is cut off below anyway)
-    ax = x.abs()
-    ax = torch.where(torch.isnan(ax), torch.zeros_like(ax), ax)
-    amax = ax.max(dim=1).values
-    pos = torch.arange(IQ4_NL_BLOCK_SIZE, device=dev).expand(nb, -1)
-    first = torch.where(ax == amax[:, None], pos, IQ4_NL_BLOCK_SIZE).amin(dim=1).clamp_(max=IQ4_NL_BLOCK_SIZE - 1)
-    mx = x.gather(1, first[:, None]).squeeze(1)
+    amax, mx = _first_largest(x)             # a block with no |x| > 0 is cut off below anyway
     valid = amax >= torch.tensor(_GROUP_MAX_EPS, dtype=torch.float32, device=dev)
 
     def full(v: float) -> torch.Tensor:
@@ -226,11 +235,8 @@ def dequantize_iq4_xs_blocks(b: torch.Tensor, out: torch.Tensor) -> None:
         raise ValueError(f"iq4_xs decodes into (n, 256) float32, got {tuple(out.shape)} {out.dtype}")
     d = b[:, 0:2].contiguous().view(torch.float16).float()                           # (nb, 1)
     dl = d * (_iq4_xs_sub_scales(b) - 32).float()                                    # (nb, 8)
-    qs = b[:, 8:].reshape(-1, _IQ4_XS_SUBBLOCKS, 16)
-    table = _values(b.device)
     halves = out.view(-1, _IQ4_XS_SUBBLOCKS, 2, 16)
-    halves[:, :, 0].copy_(table[(qs & 15).long()])
-    halves[:, :, 1].copy_(table[(qs >> 4).long()])
+    _table_values_into(b[:, 8:].reshape(-1, _IQ4_XS_SUBBLOCKS, 16), halves)
     halves.mul_(dl[:, :, None, None])
 
 
@@ -245,12 +251,9 @@ def quantize_iq4_xs_blocks(x: torch.Tensor) -> torch.Tensor:
     scales = iq4_nl_scales(xs.reshape(-1, IQ4_NL_BLOCK_SIZE)).view(nb, _IQ4_XS_SUBBLOCKS)
 
     # max_scale: the first scale with the strictly largest |scale| (> 0; NaN never wins), else +0
-    a = scales.abs()
-    a = torch.where(torch.isnan(a), torch.zeros_like(a), a)
-    amax = a.max(dim=1).values
-    ib = torch.arange(_IQ4_XS_SUBBLOCKS, device=dev).expand(nb, -1)
-    first = torch.where(a == amax[:, None], ib, _IQ4_XS_SUBBLOCKS).amin(dim=1).clamp_(max=_IQ4_XS_SUBBLOCKS - 1)
-    max_scale = torch.where(amax > 0, scales.gather(1, first[:, None]).squeeze(1), torch.zeros_like(amax))
+    amax, first_largest = _first_largest(scales)
+    max_scale = torch.where(amax > 0, first_largest, torch.zeros_like(amax))
+    ib = torch.arange(_IQ4_XS_SUBBLOCKS, device=dev)
 
     # d = -max_scale/32 (fp16 in the block, fp32 below); id = d ? 1/d : 0
     d = torch.div(-max_scale, torch.full_like(max_scale, 32.0))

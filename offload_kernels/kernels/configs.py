@@ -107,8 +107,7 @@ GEMV_LAYOUTS = (1, 2, 3)
 #: conversion, barrier or shared-memory access with Triton 3.6 and 3.9, and ~80 registers instead of ~170.
 #: For the 2-byte-aligned formats Triton 3.6 still converts layouts inside layout 2's loop (3.9 does not),
 #: so they stay on layout 1 until a GPU run says otherwise.
-GEMV_DEFAULT_LAYOUT = {"q4_k": 2, "q5_k": 2, "q3_k": 1, "q6_k": 1, "q4_0": 1, "q8_0": 1,
-                       "q4_1": 1, "q5_0": 1, "q5_1": 1, "iq4_nl": 1, "iq4_xs": 1}
+GEMV_DEFAULT_LAYOUT = {**dict.fromkeys(QTYPE_CODES, 1), "q4_k": 2, "q5_k": 2}
 #: Most tokens per program for which layout 3 is the heuristic's default (word-aligned bytes permitting).
 #: sm_90 code, Triton 3.6 and 3.9 (bench/results/static-sm90/): at 1 token layout 3 has the fewest loop
 #: instructions per weight for every format (q4_0 5.6, q8_0 5.6, q3_k 6.3, q4_k 5.3, q5_k 5.9, q6_k 5.9, fp16
@@ -125,8 +124,7 @@ GEMV3_ROWS_PER_WARP = 32
 GEMV3_MAX_BLOCK_M = 4
 #: Layout 1: per-row accumulator shape (TILE_A, TILE_B) of each format's step: the storage order of the
 #: quant bytes it decodes; TILE_A * TILE_B fp32 registers per row per token, over the CTA.
-GEMV_TILE = {"q4_0": (8, 16), "q8_0": (8, 32), "q3_k": (4, 16), "q4_k": (4, 32), "q5_k": (4, 32), "q6_k": (8, 16),
-             "q4_1": (8, 16), "q5_0": (8, 16), "q5_1": (8, 16), "iq4_nl": (8, 16), "iq4_xs": (8, 16)}
+GEMV_TILE = {**dict.fromkeys(QTYPE_CODES, (8, 16)), "q8_0": (8, 32), "q3_k": (4, 16), "q4_k": (4, 32), "q5_k": (4, 32)}
 #: Accumulator elements per row per token, either layout: one per quant byte a step decodes per row
 #: (layout 2 arranges the same bytes as (A, B, 16)).
 GEMV_ROW_ELEMS = {qtype: a * b for qtype, (a, b) in GEMV_TILE.items()}
@@ -138,9 +136,10 @@ def gemv_block_m(m: int) -> int:
     return min(next_power_of_2(m), GEMV_MAX_BLOCK_M)
 
 
-#: Alignment of the weight bytes' start that layout 3's word loads need (2-byte: the 110-, 210- and 32-weight
-#: blocks (18 to 34 bytes), whose words are two 16-bit loads).
-GEMV3_ALIGNMENT = {"q3_k": 2, "q4_k": 4, "q5_k": 4, "q6_k": 2, "iq4_xs": 4, **{name: 2 for name in BLOCK32_QTYPES}}
+#: Alignment of the weight bytes' start that layout 3's word loads need (4-byte for the 144-, 176- and 136-byte
+#: blocks, read as int32 words; 2-byte for the 110-, 210- and 32-weight blocks (18 to 34 bytes), whose words
+#: are two 16-bit loads).
+GEMV3_ALIGNMENT = {**dict.fromkeys(QTYPE_CODES, 2), "q4_k": 4, "q5_k": 4, "iq4_xs": 4}
 
 
 def gemv_word_loads(qt) -> bool:

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ..formats import get_spec
 from ..formats.iq4_nl import IQ4_NL_VALUES
 
 # Format codes passed to kernels as the QTYPE constexpr. The formats of 256-weight super-blocks (the k-quants
@@ -52,23 +53,33 @@ IQ4_NL = tl.constexpr(10)
 QTYPE_CODES = {"q4_0": 0, "q8_0": 1, "q3_k": 2, "q4_k": 3, "q5_k": 4, "q6_k": 5, "iq4_xs": 6, "q4_1": 7, "q5_0": 8,
                "q5_1": 9, "iq4_nl": 10}
 
-#: The formats of 32-weight blocks (every format but the k-quants).
-BLOCK32_QTYPES = frozenset({"q4_0", "q8_0", "q4_1", "q5_0", "q5_1", "iq4_nl"})
+#: Format names in code order (index = QTYPE).
+_NAMES_BY_CODE = tuple(sorted(QTYPE_CODES, key=QTYPE_CODES.get))
+
+#: The formats of 32-weight blocks (all but the super-block formats).
+BLOCK32_QTYPES = frozenset(name for name in QTYPE_CODES if get_spec(name).block_size == 32)
 
 #: Weights per scale (the sub-block a scale covers): BLOCK_K of the tile decoders must be a multiple.
-SUB_BLOCK = {"q3_k": 16, "q4_k": 32, "q5_k": 32, "q6_k": 16, "iq4_xs": 32, **{name: 32 for name in BLOCK32_QTYPES}}
+SUB_BLOCK = {**dict.fromkeys(QTYPE_CODES, 32), "q3_k": 16, "q6_k": 16}
 
-# Per format code (constexpr tuples, indexed by QTYPE inside kernels; 0 for the super-block formats):
+
+def _per_code(fact) -> tl.constexpr:
+    """``fact(spec)`` of every format, as a constexpr tuple indexed by the QTYPE code inside kernels."""
+    return tl.constexpr(tuple(fact(get_spec(name)) for name in _NAMES_BY_CODE))
+
+
+# Per format code, from the specs (0 for the super-block formats where a fact is about 32-weight blocks):
 #: bytes per 32-weight block;
-BLOCK32_BYTES: tl.constexpr = tl.constexpr((18, 34, 0, 0, 0, 0, 0, 20, 22, 24, 18))
-#: where its quants start (16 nibble bytes; q8_0's 32 int8);
-BLOCK32_QS_AT: tl.constexpr = tl.constexpr((2, 2, 0, 0, 0, 0, 0, 4, 6, 8, 2))
+BLOCK32_BYTES: tl.constexpr = _per_code(lambda s: s.block_bytes if s.block_size == 32 else 0)
+#: where its quants start: they end the block (16 nibble bytes; q8_0's 32 int8);
+BLOCK32_QS_AT: tl.constexpr = _per_code(lambda s: s.block_bytes - (32 if s.name == "q8_0" else 16) if s.block_size == 32 else 0)
 #: where q5_0/q5_1 keep the 32 fifth bits (a little-endian uint32: bit j is weight j's); 0: no fifth bits;
-BLOCK32_QH_AT: tl.constexpr = tl.constexpr((0, 0, 0, 0, 0, 0, 0, 0, 2, 4, 0))
+BLOCK32_QH_AT: tl.constexpr = _per_code(lambda s: {"q5_0": 2, "q5_1": 4}.get(s.name, 0))
 #: the offset subtracted from the unsigned quant (q8_0: its byte XOR 0x80); iq4_nl maps nibbles by table;
-BLOCK32_QUANT_OFFSET: tl.constexpr = tl.constexpr((8, 128, 0, 0, 0, 0, 0, 0, 16, 0, 0))
-#: whether a weight has a min term (q4_k/q5_k: - dmin * m; q4_1/q5_1: + m, the fp16 at byte 2).
-HAS_MIN: tl.constexpr = tl.constexpr((False, False, False, True, True, False, False, True, False, True, False))
+BLOCK32_QUANT_OFFSET: tl.constexpr = _per_code(lambda s: {"q4_0": 8, "q8_0": 128, "q5_0": 16}.get(s.name, 0))
+#: whether a weight has a min term (the formats with a second fp16 field: q4_k/q5_k: - dmin * m; q4_1/q5_1:
+#: + m, the fp16 at byte 2).
+HAS_MIN: tl.constexpr = _per_code(lambda s: len(s.fp16_offsets) == 2)
 
 
 def table_words(values, bias: int = 0) -> tuple[int, ...]:

@@ -460,6 +460,14 @@ def _byte_permute(a, b, sel):
 
 
 @triton.jit
+def _signed_byte_times(v, q, d):
+    """(ub - 128) * d for byte ub = byte ``q`` of int32 ``v`` (a signed byte XOR 0x80: q8_0's quants, iq4's table
+    values plus 128) and an fp16 scale d, exactly: fma(1 + ub/32768, 32768 d, -32896 d) (32896 = 128 * 257: 20
+    significant bits with d's 11)."""
+    return tl.fma(_f32_with_byte(v, q, _ONE_BITS, 8), d * 32768.0, d * -32896.0)
+
+
+@triton.jit
 def _iq4_nl_bytes(n):
     """iq4_nl's quant values plus 128 (0..255) of the four nibbles ``n`` (one in the low half of each byte of
     the int32 word), one per byte: two table permutes select among values 0-7 and 8-15 by the nibble's low
@@ -597,7 +605,7 @@ def _v3_iq4_xs(acc, bp, xp, i, SHAPE: tl.constexpr):
         part = tl.zeros(SHAPE, dtype=tl.float32)
         for b in tl.static_range(2):
             ub = _iq4_nl_bytes((word >> (4 * b)) & 0x0F0F0F0F)
-            w = tl.fma(_f32_with_byte(ub, q, _ONE_BITS, 8), d * 32768.0, d * -32896.0)
+            w = _signed_byte_times(ub, q, d)
             part = _accumulate(part, w, _x_full(xp + 32 * g + 16 * b + i, SHAPE))
         acc = _accumulate(acc, part, sc)
     return acc
@@ -650,13 +658,13 @@ def _v3_blocks(acc, w_rows, x_rows, step, n_blocks, i, SHAPE: tl.constexpr, QTYP
         for b in tl.static_range(2):
             if QTYPE == Q8_0:
                 word = _u16_word(bp + 2 + 16 * b, i, SHAPE) ^ _SIGN_BITS
-                w = tl.fma(_f32_with_byte(word, q, _ONE_BITS, 8), d * 32768.0, d * -32896.0)
+                w = _signed_byte_times(word, q, d)
             else:
                 if b == 0:
                     word = _u16_word(bp + QS, i, SHAPE)
                 if QTYPE == IQ4_NL:     # (value + 128) * d, less 128 d: as q8_0's bytes
                     ub = _iq4_nl_bytes((word >> (4 * b)) & 0x0F0F0F0F)
-                    w = tl.fma(_f32_with_byte(ub, q, _ONE_BITS, 8), d * 32768.0, d * -32896.0)
+                    w = _signed_byte_times(ub, q, d)
                 else:
                     v = ((word >> (4 * b)) & 0x0F0F0F0F) | _HI_BITS_OF_1_5
                     if QH != 0:

@@ -23,14 +23,13 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: at fewer token counts than the main formats: one per family, to bound the GPU suite's compile time.
 SECONDARY_QTYPES = ("q4_1", "q5_0", "q5_1", "iq4_nl", "iq4_xs")
 SECONDARY_M = (1, 4, 64, 4096)
+LARGE_AUTO_CASES = [(qtype, m) for qtype in QTYPES for m in (1, 2, 4, 16, 64, 512, 4096)
+                    if qtype not in SECONDARY_QTYPES or m in SECONDARY_M]
 
 
-@pytest.mark.parametrize("m", [1, 2, 4, 16, 64, 512, 4096])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("qtype,m", LARGE_AUTO_CASES)
 def test_large_auto(qtype, dtype, m, triton_only, poisoned):
-    if qtype in SECONDARY_QTYPES and m not in SECONDARY_M:
-        pytest.skip(f"{qtype} runs at M in {SECONDARY_M} only (SECONDARY_QTYPES)")
     g = torch.Generator().manual_seed(seed_of("gpu", qtype, dtype, m))
     qt = random_qtensor(qtype, 4096, 4096, g, device="cuda")
     x = activations((m, 4096), g).to(dtype).cuda()
