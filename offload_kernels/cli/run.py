@@ -33,11 +33,11 @@ def _sync(device: torch.device) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from offload_kernels.model.gguf_model import load_gguf_model, load_gguf_tokenizer
-    from offload_kernels.units import default_device
+    from offload_kernels.model.offload import check_device
 
     if args.max_new_tokens < 1:
         raise SystemExit("--max-new-tokens must be at least 1")
-    device = default_device(args.device)
+    device = check_device(args.device)
     dtype = getattr(torch, args.dtype)
     if device.type == "cpu" and dtype != torch.float32:
         dtype = torch.float32           # CPU matmuls in half precision are slow and not what a user wants

@@ -21,7 +21,8 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 from ..formats.gguf_io import GGUFError, GGUFFile
-from .gguf_rope import metadata_number, read_rope_scaling, require_rope_parameters, rope_scaling_metadata
+from .gguf_rope import (config_rope_metadata, metadata_number, read_rope_scaling, require_rope_parameters,
+                        rope_scaling_metadata)
 
 #: Every SWA_PERIOD[arch]-th layer (the last of each period) attends globally, as llama.cpp's set_swa_pattern.
 SWA_PERIOD = {"gemma2": 2, "gemma3": 6}
@@ -109,7 +110,6 @@ def gemma_metadata(config, arch: str) -> dict:
         problems.append(f"query_pre_attn_scalar {config.query_pre_attn_scalar} (llama.cpp derives {expected} "
                         f"for {n} layers)")
     md: dict = {"attention.sliding_window": int(window or 0)}
-    params = getattr(config, "rope_parameters", None) or {}
     if arch == "gemma2":
         for key in GEMMA2_SOFTCAPS:
             value = getattr(config, key, None)
@@ -117,16 +117,18 @@ def gemma_metadata(config, arch: str) -> dict:
                 problems.append(f"{key}={value!r} (llama.cpp's gemma2 always soft-caps)")
             else:
                 md[key] = float(value)
-        theta, scaling = rope_scaling_metadata(params)
+        md.update(config_rope_metadata(config))          # one rope for every layer, as llama's
     else:
         for key in GEMMA2_SOFTCAPS:
             if getattr(config, key, None):
                 problems.append(f"{key}={getattr(config, key)!r} (llama.cpp's sliding-window gemma3 does not "
                                 f"soft-cap)")
+        params = getattr(config, "rope_parameters", None) or {}
         if not isinstance(params, Mapping) or set(params) != {"full_attention", "sliding_attention"}:
             raise ValueError(f"save_gguf: gemma3 rope_parameters {params!r} must give full_attention and "
                              f"sliding_attention parameters")
         theta, scaling = rope_scaling_metadata(params["full_attention"], "the full_attention")
+        md.update({"rope.freq_base": 10000.0 if theta is None else theta, **scaling})
         local = rope_scaling_metadata(params["sliding_attention"], "the sliding_attention")
         if local != (GEMMA3_LOCAL_ROPE_BASE, {}):
             problems.append(f"sliding_attention rope {params['sliding_attention']!r} (llama.cpp: base "
@@ -134,6 +136,4 @@ def gemma_metadata(config, arch: str) -> dict:
     if problems:
         raise ValueError(f"save_gguf: this {arch} config cannot be written so that llama.cpp computes the same "
                          f"model: " + "; ".join(problems))
-    md["rope.freq_base"] = 10000.0 if theta is None else theta
-    md.update(scaling)
     return md

@@ -16,13 +16,14 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from ..formats import LLAMA_QUANTIZE_FALLBACKS, QTYPES, QuantizedTensor, get_spec, quantize, write_gguf
+from ..formats import LLAMA_QUANTIZE_FALLBACKS, QTYPES, QuantizedTensor, quantize, write_gguf
 from ..layers import OffloadedLinear
 from .gguf_model import permute_rows
 from .gguf_names import (GEMMA_ARCHITECTURES, HF_TO_GGUF_ARCHITECTURE, OUTPUT, PERMUTED_QK_ARCHITECTURES,
                          SLIDING_WINDOW_ARCHITECTURES, hf_to_gguf_name, qk_side)
 from .gemma import gemma_metadata
-from .gguf_rope import rope_scaling_metadata
+from .gguf_rope import config_rope_metadata
+from .offload import _format_for
 
 # Per-tensor overrides approximating llama.cpp's mixed presets (GGUF-name glob -> qtype).
 MIXES: dict[str, dict[str, str]] = {
@@ -67,13 +68,9 @@ def _choose_qtype(gguf_name: str, k: int, default: str, overrides: Mapping[str, 
     """The tensor's format: its override or the default; for rows of k weights that format's blocks cannot
     tile, llama-quantize's fallback (LLAMA_QUANTIZE_FALLBACKS: q4_k -> q5_0, ...), else None (f16)."""
     q = next((q for pat, q in overrides.items() if fnmatch.fnmatchcase(gguf_name, pat)), default)
-    if q in _FLOAT_TYPES:
+    if q is None or q in _FLOAT_TYPES:
         return q
-    if q is not None and k % get_spec(q).block_size:
-        q = LLAMA_QUANTIZE_FALLBACKS.get(q)
-        if q is not None and k % get_spec(q).block_size:
-            q = None
-    return q
+    return _format_for(k, q, LLAMA_QUANTIZE_FALLBACKS)[0]      # offload(fallback_qtype=...)'s rule
 
 
 def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4_k", *,
@@ -89,15 +86,21 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
     vocabulary of the model's vocab_size is written when it is None.
     """
     overrides = _check_qtypes(qtype, mix, qtype_overrides)   # before anything is looked up or computed
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"save_gguf expects a transformers causal LM (an nn.Module with a config), got "
+                        f"{type(model).__name__}")
     config = model.config
     model_type = config.model_type
     if model_type not in HF_TO_GGUF_ARCHITECTURE:
         raise ValueError(f"save_gguf supports {', '.join(HF_TO_GGUF_ARCHITECTURE)} models, got {model_type!r}")
     arch = HF_TO_GGUF_ARCHITECTURE[model_type]
-    arch_md = gemma_metadata(config, arch) if arch in GEMMA_ARCHITECTURES else _check_rope(config)
+    arch_md = gemma_metadata(config, arch) if arch in GEMMA_ARCHITECTURES else config_rope_metadata(config)
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
     default_head_dim = config.hidden_size // n_heads
     head_dim = getattr(config, "head_dim", None) or default_head_dim
+    vocab = vocab or synthetic_spm_vocab(config.vocab_size, _ARCH_CONTROL_TOKENS.get(arch, ()))
+    if len(vocab["tokens"]) != config.vocab_size:       # before quantizing the whole model
+        raise ValueError(f"vocab has {len(vocab['tokens'])} tokens but the model's vocab_size is {config.vocab_size}")
 
     tensors: dict[str, "QuantizedTensor | torch.Tensor"] = {}
     modules = dict(model.named_modules())
@@ -131,9 +134,6 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
         else:
             tensors[gguf_name] = quantize(w, q) if q else (w if w.dim() == 1 else w.half())
 
-    vocab = vocab or synthetic_spm_vocab(config.vocab_size, _ARCH_CONTROL_TOKENS.get(arch, ()))
-    if len(vocab["tokens"]) != config.vocab_size:
-        raise ValueError(f"vocab has {len(vocab['tokens'])} tokens but the model's vocab_size is {config.vocab_size}")
     md = {
         "general.name": name or model_type,
         f"{arch}.context_length": int(config.max_position_embeddings),
@@ -159,7 +159,8 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
         md[f"{arch}.attention.sliding_window"] = int(window)
     md.update({f"{arch}.{key}": value for key, value in arch_md.items()})
     if head_dim != default_head_dim or config.hidden_size % n_heads or arch in GEMMA_ARCHITECTURES:
-        # An explicit head_dim (Mistral Nemo style): llama.cpp otherwise takes hidden_size / heads.
+        # An explicit head_dim (Mistral Nemo style): llama.cpp otherwise takes hidden_size / heads. Gemma: always,
+        # as llama.cpp's converter does (transformers' reader would otherwise take Gemma's default head_dim, 256).
         md[f"{arch}.attention.key_length"] = int(head_dim)
         md[f"{arch}.attention.value_length"] = int(head_dim)
     return write_gguf(path, tensors, md, architecture=arch)
@@ -182,29 +183,3 @@ def _check_qtypes(qtype, mix, qtype_overrides) -> dict[str, Optional[str]]:
                              f"or None (f16)")
         overrides[pattern] = q
     return overrides
-
-
-def _check_rope(config) -> dict:
-    """The rope metadata: rope.freq_base, and linear or YaRN scaling (gguf_rope.rope_scaling_metadata);
-    anything llama.cpp would not reproduce is a ValueError. Keys without the architecture prefix."""
-    params: dict = {}
-    for attr in ("rope_scaling", "rope_parameters"):       # transformers 4 / 5 names
-        value = getattr(config, attr, None)
-        if isinstance(value, Mapping):
-            params.update(value)
-        elif value is not None:
-            raise ValueError(f"save_gguf: config.{attr}={value!r} cannot be written to GGUF metadata")
-    # transformers 5 keeps partial_rotary_factor (phi3) among the rope parameters, 4 on the config
-    partial = params.pop("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
-    if partial not in (None, 1, 1.0):
-        raise ValueError(f"save_gguf: partial_rotary_factor={partial} cannot be written (full rotary only)")
-    theta, md = rope_scaling_metadata(params, "the config's")
-    return {"rope.freq_base": theta if theta is not None else _rope_theta(config), **md}
-
-
-def _rope_theta(config) -> float:
-    theta = getattr(config, "rope_theta", None)
-    if theta is None:                                  # transformers 5 keeps it in rope_parameters
-        params = getattr(config, "rope_parameters", None) or {}
-        theta = params.get("rope_theta", 10000.0)
-    return float(theta)

@@ -18,11 +18,10 @@ from torch import nn
 from ..formats import QuantizedTensor, dequantize
 from ..formats.gguf_io import GGUFError, GGUFFile, GGUFTensorInfo
 from ..layers import OffloadedLinear
-from ..units import default_device
 from .gemma import configure_gemma
 from .gguf_rope import read_rope_scaling, require_rope_parameters
 from .gguf_names import GEMMA_ARCHITECTURES, SLIDING_WINDOW_ARCHITECTURES, SUPPORTED_ARCHITECTURES, Target, gguf_targets
-from .offload import _report, apply_placement
+from .offload import _report, apply_placement, check_device, check_num_slots
 from .planner import BudgetError, LinearSpec, Placement, default_budget, parse_bytes, plan_placement
 from .shapes import gguf_linear_plan, unsupported_type_message
 
@@ -207,8 +206,6 @@ def _place(specs: list[LinearSpec], budget: Optional[int], fixed: int, num_slots
     if specs:
         return plan_placement(specs, budget, fixed, num_slots)
     # No quantized linear (an f32/f16 file): nothing to stream, everything stays on the device.
-    if num_slots < 1:
-        raise ValueError(f"num_slots must be at least 1, got {num_slots}")
     if budget is not None and fixed > budget:
         raise BudgetError(f"gpu_budget {budget} bytes is too small: the model's unquantized parameters need "
                           f"{fixed} bytes")
@@ -237,9 +234,8 @@ def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | Non
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"dtype must be fp16, bf16 or fp32, got {dtype}")
     budget = parse_bytes(gpu_budget)
-    device = default_device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device is cuda but torch sees no CUDA device")
+    device = check_device(device)
+    check_num_slots(num_slots)
     if budget is None:
         budget = default_budget(device)
     with GGUFFile(path) as f:     # closing drops only our reference: the layers' views keep the mapping

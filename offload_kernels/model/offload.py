@@ -122,6 +122,25 @@ def _overrides(value: "Mapping[str, Optional[str]] | None") -> dict[str, Optiona
     return dict(value)
 
 
+def check_device(device: "torch.device | str | None") -> torch.device:
+    """``device`` (None: cuda when torch sees one, else cpu) as a torch.device models can be offloaded to or
+    loaded on: cpu, or cuda when torch sees a CUDA device. ValueError otherwise."""
+    try:
+        resolved = default_device(device)
+    except (RuntimeError, TypeError) as exc:          # torch.device("tpu"), torch.device(1.5), ...
+        raise ValueError(f"device must be cuda or cpu, got {device!r} ({exc})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device is cuda but torch sees no CUDA device")
+    if resolved.type not in ("cuda", "cpu"):
+        raise ValueError(f"device must be cuda or cpu, got {resolved}")
+    return resolved
+
+
+def check_num_slots(num_slots: int) -> None:
+    if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
+        raise ValueError(f"num_slots must be a positive int, got {num_slots!r}")
+
+
 def _group_of(model: nn.Module, name: str) -> str:
     """The path of the nearest ancestor that is an item of an nn.ModuleList (a transformer block)."""
     parts = name.split(".")
@@ -278,6 +297,8 @@ def select_linears(model: nn.Module, qtype: str = "q4_k", skip: "str | Sequence[
     Raises TypeError/ValueError for bad patterns, unknown qtypes, an override that names no linear of the
     model, or weights on the meta device.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"select_linears expects an nn.Module, got {type(model).__name__}")
     get_spec(qtype)
     _check_fallback(fallback_qtype)
     if not isinstance(keep_model_fp32_modules, bool):
@@ -446,13 +467,8 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
     skip = _patterns(skip, "skip")
     overrides = _overrides(qtype_overrides)
     budget = parse_bytes(gpu_budget)
-    if not isinstance(num_slots, int) or num_slots < 1:
-        raise ValueError(f"num_slots must be a positive int, got {num_slots!r}")
-    device = default_device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device is cuda but torch sees no CUDA device")
-    if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"device must be cuda or cpu, got {device}")
+    check_num_slots(num_slots)
+    device = check_device(device)
     if any(isinstance(m, OffloadedLinear) for m in model.modules()):
         raise ValueError("model already contains OffloadedLinear layers; offload() a fresh model")
     if budget is None:

@@ -65,6 +65,14 @@ def test_run_reports_bad_input_without_traceback(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [(["--device", "tpu"], "device must be cuda or cpu, got 'tpu'"),
+                                           (["--device", "meta"], "device must be cuda or cpu, got meta"),
+                                           (["--device", "cpu", "--slots", "0"], "num_slots must be a positive int")])
+def test_run_refuses_a_bad_device_or_slot_count_before_reading_the_file(tmp_path, capsys, args, message):
+    assert main(["run", str(tmp_path / "missing.gguf"), *args]) == 2      # not "file not found": checked first
+    assert message in capsys.readouterr().err
+
+
 def test_demo_small(capsys):
     assert main(["demo", "--skip-formats", "--layers", "3", "--device", "cpu"]) == 0
     out = capsys.readouterr().out

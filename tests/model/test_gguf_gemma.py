@@ -3,6 +3,7 @@ transformers' own GGUF reader and (optionally) llama.cpp."""
 
 import copy
 import os
+import types
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from offload_kernels import OffloadedLinear
 from offload_kernels.formats import GGUFFile, dequantize
 from offload_kernels.model import streamer_of
-from offload_kernels.model.gemma import layer_types, query_pre_attn_scalar
+from offload_kernels.model.gemma import gemma_metadata, layer_types, query_pre_attn_scalar
 from offload_kernels.model.gguf_export import save_gguf
 from offload_kernels.model.gguf_model import load_gguf_model
 
@@ -105,6 +106,17 @@ def test_gemma_metadata_is_what_llama_cpp_reads(tmp_path):
     assert md["gemma3.rope.freq_base"] == 1e6
     assert md["gemma3.rope.scaling.type"] == "linear" and md["gemma3.rope.scaling.factor"] == 8.0
     assert "output.weight" not in GGUFFile(path)
+
+
+def test_gemma2_rope_is_read_from_transformers_4_configs_too():
+    """transformers 4 keeps gemma2's rope base on the config (rope_theta) and its scaling in rope_scaling, with no
+    rope_parameters: both are written, as for llama, not replaced by the default base."""
+    cfg = tiny_gemma("gemma2", layers=2).config.to_dict()
+    del cfg["rope_parameters"]
+    old_config = types.SimpleNamespace(**cfg, rope_theta=20000.0, rope_scaling={"type": "linear", "factor": 2.0})
+    md = gemma_metadata(old_config, "gemma2")
+    assert md["rope.freq_base"] == 20000.0
+    assert md["rope.scaling.type"] == "linear" and md["rope.scaling.factor"] == 2.0
 
 
 def test_llama_cpp_rules():

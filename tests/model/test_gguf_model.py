@@ -269,6 +269,35 @@ def test_bad_arguments():
         load_gguf_model("/nonexistent/x.gguf", device="cpu")
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    ({"device": "meta"}, "device must be cuda or cpu, got meta"),
+    ({"device": "tpu"}, "device must be cuda or cpu, got 'tpu'"),
+    ({"num_slots": 0}, "num_slots must be a positive int, got 0"),
+    ({"num_slots": 1.5}, "num_slots must be a positive int, got 1.5"),
+    ({"num_slots": "2"}, "num_slots must be a positive int, got '2'"),
+])
+def test_bad_device_and_slots_are_refused_before_the_file_is_read(kwargs, match):
+    """Checked before the file is opened: the path does not exist, and that is not the error."""
+    with pytest.raises(ValueError, match=match):
+        load_gguf_model("/nonexistent/x.gguf", **{"device": "cpu", **kwargs})
+
+
+def test_load_gguf_model_is_importable_from_the_package():
+    import offload_kernels
+
+    assert offload_kernels.load_gguf_model is load_gguf_model
+
+
+def test_save_gguf_checks_the_model_and_vocab_before_writing(tmp_path):
+    with pytest.raises(TypeError, match="save_gguf expects a transformers causal LM .*got Linear"):
+        save_gguf(torch.nn.Linear(4, 4), tmp_path / "m.gguf", "q8_0")
+    with pytest.raises(ValueError, match="vocab has 3 tokens but the model's vocab_size is 320"):
+        save_gguf(tiny_model(layers=1), tmp_path / "m.gguf", "q8_0",
+                  vocab={"tokens": ["a", "b", "c"], "scores": [0.0] * 3, "token_type": [1] * 3, "bos": 0, "eos": 0,
+                         "unk": 0})
+    assert not list(tmp_path.iterdir())
+
+
 def _llama_cpp_python() -> "str | None":
     """A Python that can import llama_cpp: this one, or $OFFLOAD_KERNELS_LLAMA_CPP_PYTHON."""
     try:

@@ -174,6 +174,10 @@ def test_report_predictions_and_text(ids):
     ({"num_slots": 0}, ValueError, "num_slots"),
     ({"qtype_overrides": {"*": "q7"}}, ValueError, "unknown qtype"),
     ({"device": "cuda"}, ValueError, "no CUDA device"),
+    ({"device": "meta"}, ValueError, "device must be cuda or cpu, got meta"),
+    ({"device": "tpu"}, ValueError, "device must be cuda or cpu, got 'tpu'"),
+    ({"num_slots": 1.5}, ValueError, "num_slots must be a positive int"),
+    ({"fallback_qtype": 8}, TypeError, "fallback_qtype must be"),
     ({"qtype_overrides": {"*.down_prj": "q8_0"}}, ValueError, "match no nn.Linear"),
     ({"qtype_overrides": ["*.down_proj"]}, TypeError, "mapping"),
     ({"skip": 5}, TypeError, "skip"),
@@ -200,6 +204,8 @@ def test_offloading_twice_is_refused():
         offload(model, "q8_0", device="cpu", progress=False, measure=False)
     with pytest.raises(TypeError, match="nn.Module"):
         offload("model")
+    with pytest.raises(TypeError, match="select_linears expects an nn.Module, got str"):
+        select_linears("model")
 
 
 def test_parse_budget_strings_used_by_offload():
