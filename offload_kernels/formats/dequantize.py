@@ -145,6 +145,17 @@ def _scale_min_(q: torch.Tensor, d, sc, dmin, mn) -> None:
     q.sub_((dmin[:, None] * mn.float())[:, :, None])
 
 
+def _dq_q2_k(b: torch.Tensor, out: torch.Tensor) -> None:
+    nb = b.shape[0]
+    sc = b[:, 0:16]                                                   # scale | min << 4, s = 8h + 2r + (l >> 4)
+    qs = b[:, 16:80].reshape(nb, 2, 32)                               # (half h, l)
+    d, dmin = _f16(b, 80), _f16(b, 82)
+    out.view(nb, 2, 4, 32).copy_(_bit_planes(qs, 2, dim=2))          # weight 128h + 32r + l: bits 2r of qs[h, l]
+    q = out.view(nb, 16, 16)
+    q.mul_((d[:, None] * (sc & 15).float())[:, :, None])
+    q.sub_((dmin[:, None] * (sc >> 4).float())[:, :, None])
+
+
 def _dq_q3_k(b: torch.Tensor, out: torch.Tensor) -> None:
     nb = b.shape[0]
     hmask = b[:, 0:32]
@@ -171,7 +182,8 @@ def _dq_q6_k(b: torch.Tensor, out: torch.Tensor) -> None:
 
 
 _DEQUANTIZERS: dict[str, Callable[[torch.Tensor, torch.Tensor], None]] = {
-    "q4_0": _dq_q4_0, "q4_1": _dq_q4_1, "q5_0": _dq_q5_0, "q5_1": _dq_q5_1, "q8_0": _dq_q8_0, "q3_k": _dq_q3_k,
+    "q4_0": _dq_q4_0, "q4_1": _dq_q4_1, "q5_0": _dq_q5_0, "q5_1": _dq_q5_1, "q8_0": _dq_q8_0, "q2_k": _dq_q2_k,
+    "q3_k": _dq_q3_k,
     "q4_k": _dq_q4_k, "q5_k": _dq_q5_k, "q6_k": _dq_q6_k, "iq4_nl": dequantize_iq4_nl_blocks,
     "iq4_xs": dequantize_iq4_xs_blocks,
 }

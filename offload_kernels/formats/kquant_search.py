@@ -22,7 +22,8 @@ _NEAREST_INT_SAFE = 2.0 ** 22  # below this magnitude nearest_int is round-half-
 
 
 # ----------------------------------------------------------------------------------------------------
-# make_qkx2_quants: q4_k (nmax 15) and q5_k (nmax 31), 32-weight groups, weighted least squares with min
+# make_qkx2_quants: q4_k (nmax 15) and q5_k (nmax 31) on 32-weight groups, weighted least squares with
+# min and squared errors; q2_k (nmax 3) on 16-weight groups with absolute errors (use_mad).
 #
 # The candidate steps are NOT independent: a step that lowers the error also replaces `min`, and every
 # later step quantizes x - min against max - min with the new value. So the steps run in order, as in
@@ -38,11 +39,12 @@ def _qkx2_numerators(nmax: int, rmin: float, rdelta: float, nstep: int) -> np.nd
 
 
 class _Qkx2Search:
-    """Inputs, invariants and scratch buffers of one make_qkx2_quants run on (32, ngroups) groups."""
+    """Inputs, invariants and scratch buffers of one make_qkx2_quants run on (npos, ngroups) groups."""
 
-    def __init__(self, x: torch.Tensor, weights: torch.Tensor, nmax: int, scratch: Scratch):
+    def __init__(self, x: torch.Tensor, weights: torch.Tensor, nmax: int, use_mad: bool, scratch: Scratch):
         npos, ngroups = x.shape
         self.nmax = nmax
+        self.use_mad = use_mad
         self.lo_x = torch.amin(x, dim=0)
         self.hi = torch.amax(x, dim=0)
         self.lo = self.lo_x.clamp(max=0.0)                       # ggml: if (min > 0) min = 0
@@ -86,26 +88,32 @@ class _Qkx2Search:
         return acc
 
     def error(self, scale: torch.Tensor, the_min: torch.Tensor, quants: torch.Tensor) -> torch.Tensor:
-        """sum_i w*((scale*L + min - x)^2), ggml's order, from 0.f."""
+        """sum_i w*((scale*L + min - x)^2), or w*|scale*L + min - x| with use_mad, ggml's order, from 0.f."""
         err = torch.zeros_like(scale)
         diff = self.diff
         tile = diff.shape[0]
         for p in range(0, quants.shape[0], tile):
             torch.mul(quants[p:p + tile], scale, out=diff).add_(the_min).sub_(self.x[p:p + tile])
-            diff.mul_(diff).mul_(self.w[p:p + tile])
+            if self.use_mad:
+                diff.abs_()
+            else:
+                diff.mul_(diff)
+            diff.mul_(self.w[p:p + tile])
             for d in diff:
                 err.add_(d)
         return err
 
 
 def search_qkx2(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
-                scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ggml's ``make_qkx2_quants`` (use_mad false) on (32, ngroups) position-major x and weights.
+                scratch: Scratch, use_mad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's ``make_qkx2_quants`` on (npos, ngroups) position-major x and weights (npos: 32 for q4_k/q5_k,
+    16 for q2_k). ``use_mad`` scores each candidate by the weighted absolute error instead of the squared
+    one (ggml's ``diff = use_mad ? fabsf(diff) : diff*diff``); the rest of the search is the same.
 
-    Returns (scale, the_min, L): fp32 (ngroups,), fp32 (ngroups,), and the quants as fp32 (32, ngroups)
+    Returns (scale, the_min, L): fp32 (ngroups,), fp32 (ngroups,), and the quants as fp32 (npos, ngroups)
     (a scratch buffer).
     """
-    st = _Qkx2Search(x, weights, nmax, scratch)
+    st = _Qkx2Search(x, weights, nmax, use_mad, scratch)
     numerators = f32(_qkx2_numerators(nmax, rmin, rdelta, nstep), x.device)
     the_min = st.lo
     iscale = divide(float(nmax), st.hi - the_min)

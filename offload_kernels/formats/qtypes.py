@@ -37,6 +37,7 @@ _SPECS = (
     QTypeSpec("q5_1", GGMLQuantizationType.Q5_1, 32, 24, (0, 2)),
     QTypeSpec("iq4_nl", GGMLQuantizationType.IQ4_NL, 32, 18, (0,)),
     QTypeSpec("q8_0", GGMLQuantizationType.Q8_0, 32, 34, (0,)),
+    QTypeSpec("q2_k", GGMLQuantizationType.Q2_K, 256, 84, (80, 82)),
     QTypeSpec("q3_k", GGMLQuantizationType.Q3_K, 256, 110, (108,)),
     QTypeSpec("q4_k", GGMLQuantizationType.Q4_K, 256, 144, (0, 2)),
     QTypeSpec("q5_k", GGMLQuantizationType.Q5_K, 256, 176, (0, 2)),
@@ -49,8 +50,8 @@ QTYPES: tuple[str, ...] = tuple(s.name for s in _SPECS)
 
 #: llama-quantize's fallback for a tensor whose rows are not a whole number of 256-weight super-blocks (its
 #: ``llama_tensor_get_type``): q2_k/q3_k/iq4_xs files then hold iq4_nl tensors, q4_k q5_0, q5_k q5_1, q6_k q8_0.
-LLAMA_QUANTIZE_FALLBACKS: dict[str, str] = {"q3_k": "iq4_nl", "iq4_xs": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1",
-                                            "q6_k": "q8_0"}
+LLAMA_QUANTIZE_FALLBACKS: dict[str, str] = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "iq4_xs": "iq4_nl", "q4_k": "q5_0",
+                                            "q5_k": "q5_1", "q6_k": "q8_0"}
 
 _BY_NAME = {s.name: s for s in _SPECS}
 _BY_GGML = {s.ggml_type: s for s in _SPECS}

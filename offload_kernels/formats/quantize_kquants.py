@@ -1,4 +1,4 @@
-"""q3_k, q4_k, q5_k and q6_k quantizers, byte-identical to ggml's ``quantize_row_q*_K_ref``.
+"""q2_k, q3_k, q4_k, q5_k and q6_k quantizers, byte-identical to ggml's ``quantize_row_q*_K_ref``.
 
 Each takes (nblocks, 256) fp32 and returns (nblocks, block_bytes) uint8 on the same device. Per block,
 ggml searches a scale (and min) per group (kquant_search), quantizes the group scales against one fp16
@@ -22,7 +22,7 @@ QK_K = 256
 # Blocks per internal chunk on CPU: big enough that each torch op amortizes its overhead over many
 # groups, small enough that the search temporaries stay in cache (tuned on a 2-core x86 VM); they also
 # bound the CPU scratch memory. Other devices take the caller's chunk whole.
-_CPU_CHUNK_BLOCKS = {"q3_k": 1024, "q4_k": 2048, "q5_k": 2048, "q6_k": 2048}
+_CPU_CHUNK_BLOCKS = {"q2_k": 2048, "q3_k": 1024, "q4_k": 2048, "q5_k": 2048, "q6_k": 2048}
 _CPU_Q3_DESCENT_GROUPS = 32768   # groups searched together by q3_k's greedy passes on CPU
 
 
@@ -90,6 +90,47 @@ def _pack_bit_planes(bits: torch.Tensor) -> torch.Tensor:
 def _pack_crumbs(q: torch.Tensor) -> torch.Tensor:
     """(..., 4, 32) uint8 of 2-bit values -> (..., 32): value r in bits 2r..2r+1."""
     return q[..., 0, :] | (q[..., 1, :] << 2) | (q[..., 2, :] << 4) | (q[..., 3, :] << 6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# q2_k
+
+
+def _q2_k_chunk(x: torch.Tensor, out: torch.Tensor, scratch: Scratch) -> None:
+    nb = x.shape[0]
+    xt = _position_major(x, 16, scratch)
+    weights = torch.abs(xt, out=scratch.take(*xt.shape))              # |x|, no av_x term
+    scales, mins, quants = search_qkx2(xt, weights, nmax=3, rmin=-0.5, rdelta=0.1, nstep=15, scratch=scratch,
+                                       use_mad=True)
+    scales, mins = scales.view(nb, 16), mins.view(nb, 16)
+
+    max_scale = positive_max(scales, dim=1)
+    max_min = positive_max(mins, dim=1)
+    inv_scale = torch.where(max_scale > 0, divide(15.0, max_scale), 0.0)
+    inv_min = torch.where(max_min > 0, divide(15.0, max_min), 0.0)
+    # ggml neither clamps these nor masks the scale to 4 bits: the byte is (uint8_t)(ls | lm << 4), so an
+    # out-of-range ls (a negative group scale, or a wrapped nearest_int) spills into the min's nibble. It
+    # happens: below max_scale ~4e-38, 15/max_scale is Inf and nearest_int(Inf) = -2^22 (low byte 0).
+    ls = nearest_int_exact(inv_scale[:, None] * scales)
+    lm = nearest_int_exact(inv_min[:, None] * mins)
+    sc = to_uint8(ls | ((lm & 15) << 4))
+    d = max_scale / torch.full_like(max_scale, 15.0)
+    dmin = max_min / torch.full_like(max_min, 15.0)
+
+    # the final pass reads the scales back from the stored bytes
+    group_d = fp16_round_trip(d)[:, None] * (sc & 15).float()
+    group_dm = fp16_round_trip(dmin)[:, None] * (sc >> 4).float()
+    searched = quants.t().reshape(nb, 16, 16)                        # a view: group-major quants
+    q = _requantize(x.reshape(nb, 16, 16), group_d, group_dm, 0, 3, searched, scratch)
+    out[:, 0:16] = sc
+    out[:, 16:80] = _pack_crumbs(q.view(nb, 2, 4, 32)).view(nb, 64)  # (half, r, l): weight 128h + 32r + l
+    out[:, 80:82] = fp16_bytes(d)
+    out[:, 82:84] = fp16_bytes(dmin)
+
+
+def quantize_q2_k_blocks(x: torch.Tensor) -> torch.Tensor:
+    """(nb, 256) fp32 -> (nb, 84) uint8: scales[16] (scale | min << 4), qs[64], d, dmin."""
+    return _quantize_independent_chunks(x, "q2_k", 84, _q2_k_chunk)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -124,7 +124,8 @@ GEMV3_ROWS_PER_WARP = 32
 GEMV3_MAX_BLOCK_M = 4
 #: Layout 1: per-row accumulator shape (TILE_A, TILE_B) of each format's step: the storage order of the
 #: quant bytes it decodes; TILE_A * TILE_B fp32 registers per row per token, over the CTA.
-GEMV_TILE = {**dict.fromkeys(QTYPE_CODES, (8, 16)), "q8_0": (8, 32), "q3_k": (4, 16), "q4_k": (4, 32), "q5_k": (4, 32)}
+GEMV_TILE = {**dict.fromkeys(QTYPE_CODES, (8, 16)), "q8_0": (8, 32), "q2_k": (4, 16), "q3_k": (4, 16), "q4_k": (4, 32),
+             "q5_k": (4, 32)}
 #: Accumulator elements per row per token, either layout: one per quant byte a step decodes per row
 #: (layout 2 arranges the same bytes as (A, B, 16)).
 GEMV_ROW_ELEMS = {qtype: a * b for qtype, (a, b) in GEMV_TILE.items()}
@@ -136,10 +137,10 @@ def gemv_block_m(m: int) -> int:
     return min(next_power_of_2(m), GEMV_MAX_BLOCK_M)
 
 
-#: Alignment of the weight bytes' start that layout 3's word loads need (4-byte for the 144-, 176- and 136-byte
+#: Alignment of the weight bytes' start that layout 3's word loads need (4-byte for the 84-, 144-, 176- and 136-byte
 #: blocks, read as int32 words; 2-byte for the 110-, 210- and 32-weight blocks (18 to 34 bytes), whose words
 #: are two 16-bit loads).
-GEMV3_ALIGNMENT = {**dict.fromkeys(QTYPE_CODES, 2), "q4_k": 4, "q5_k": 4, "iq4_xs": 4}
+GEMV3_ALIGNMENT = {**dict.fromkeys(QTYPE_CODES, 2), "q2_k": 4, "q4_k": 4, "q5_k": 4, "iq4_xs": 4}
 
 
 def gemv_word_loads(qt) -> bool:

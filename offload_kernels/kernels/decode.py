@@ -35,9 +35,8 @@ from triton.language.extra import libdevice
 from ..formats import get_spec
 from ..formats.iq4_nl import IQ4_NL_VALUES
 
-# Format codes passed to kernels as the QTYPE constexpr. The formats of 256-weight super-blocks (the k-quants
-# and iq4_xs) are the codes Q3_K..IQ4_XS; every other code is a 32-weight block format (``QTYPE < Q3_K or
-# QTYPE > IQ4_XS`` in the kernels: a Triton 3.6 jit helper cannot return a constexpr to branch on).
+# Format codes passed to kernels as the QTYPE constexpr (``BLOCK32[QTYPE]`` tells the 32-weight block formats
+# from the 256-weight super-block ones: a Triton 3.6 jit helper cannot return a constexpr to branch on).
 Q4_0 = tl.constexpr(0)
 Q8_0 = tl.constexpr(1)
 Q3_K = tl.constexpr(2)
@@ -49,9 +48,10 @@ Q4_1 = tl.constexpr(7)
 Q5_0 = tl.constexpr(8)
 Q5_1 = tl.constexpr(9)
 IQ4_NL = tl.constexpr(10)
+Q2_K = tl.constexpr(11)
 
 QTYPE_CODES = {"q4_0": 0, "q8_0": 1, "q3_k": 2, "q4_k": 3, "q5_k": 4, "q6_k": 5, "iq4_xs": 6, "q4_1": 7, "q5_0": 8,
-               "q5_1": 9, "iq4_nl": 10}
+               "q5_1": 9, "iq4_nl": 10, "q2_k": 11}
 
 #: Format names in code order (index = QTYPE).
 _NAMES_BY_CODE = tuple(sorted(QTYPE_CODES, key=QTYPE_CODES.get))
@@ -60,7 +60,7 @@ _NAMES_BY_CODE = tuple(sorted(QTYPE_CODES, key=QTYPE_CODES.get))
 BLOCK32_QTYPES = frozenset(name for name in QTYPE_CODES if get_spec(name).block_size == 32)
 
 #: Weights per scale (the sub-block a scale covers): BLOCK_K of the tile decoders must be a multiple.
-SUB_BLOCK = {**dict.fromkeys(QTYPE_CODES, 32), "q3_k": 16, "q6_k": 16}
+SUB_BLOCK = {**dict.fromkeys(QTYPE_CODES, 32), "q2_k": 16, "q3_k": 16, "q6_k": 16}
 
 
 def _per_code(fact) -> tl.constexpr:
@@ -69,6 +69,8 @@ def _per_code(fact) -> tl.constexpr:
 
 
 # Per format code, from the specs (0 for the super-block formats where a fact is about 32-weight blocks):
+#: whether it is a format of 32-weight blocks (else of 256-weight super-blocks);
+BLOCK32: tl.constexpr = _per_code(lambda s: s.block_size == 32)
 #: bytes per 32-weight block;
 BLOCK32_BYTES: tl.constexpr = _per_code(lambda s: s.block_bytes if s.block_size == 32 else 0)
 #: where its quants start: they end the block (16 nibble bytes; q8_0's 32 int8);
@@ -77,8 +79,8 @@ BLOCK32_QS_AT: tl.constexpr = _per_code(lambda s: s.block_bytes - (32 if s.name 
 BLOCK32_QH_AT: tl.constexpr = _per_code(lambda s: {"q5_0": 2, "q5_1": 4}.get(s.name, 0))
 #: the offset subtracted from the unsigned quant (q8_0: its byte XOR 0x80); iq4_nl maps nibbles by table;
 BLOCK32_QUANT_OFFSET: tl.constexpr = _per_code(lambda s: {"q4_0": 8, "q8_0": 128, "q5_0": 16}.get(s.name, 0))
-#: whether a weight has a min term (the formats with a second fp16 field: q4_k/q5_k: - dmin * m; q4_1/q5_1:
-#: + m, the fp16 at byte 2).
+#: whether a weight has a min term (the formats with a second fp16 field: q2_k/q4_k/q5_k: - dmin * m;
+#: q4_1/q5_1: + m, the fp16 at byte 2).
 HAS_MIN: tl.constexpr = _per_code(lambda s: len(s.fp16_offsets) == 2)
 
 
@@ -229,6 +231,12 @@ def q3_k_scale(scales_ptr, s):
 
 
 @triton.jit
+def q2_k_scale_min(sc_byte):
+    """q2_k 4-bit (scale, min) of a sub-block from its byte ``scales[s]`` (int32 0..255): low and high nibble."""
+    return sc_byte & 15, sc_byte >> 4
+
+
+@triton.jit
 def int8_from_byte(b):
     """The int8 value of byte(s) ``b`` (int32 0..255)."""
     return (b ^ 0x80) - 128
@@ -311,7 +319,7 @@ def _tile_parts(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, S
         scale = f16_field_masked(bp, valid[None, :])
         byte = tl.load(bp[:, :, None] + 2 + l[None, None, :], mask=valid[None, :, None], other=0)
         q = quant_value(byte.to(IT) ^ 0x80, 128, F16)                  # int8 = (b ^ 128) - 128
-    elif QTYPE < Q3_K or QTYPE > IQ4_XS:    # q4_0, q4_1, q5_0, q5_1, iq4_nl: 16 nibble bytes per block
+    elif BLOCK32[QTYPE]:                    # q4_0, q4_1, q5_0, q5_1, iq4_nl: 16 nibble bytes per block
         blk = k0 // 32 + s
         valid = blk < n_blocks
         bp = w_rows[:, None] + blk[None, :] * BLOCK32_BYTES[QTYPE]           # (BN, NSUB) block starts
@@ -373,6 +381,26 @@ def _tile_parts(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, S
             q2 = (qs >> (2 * j).to(IT)[None, :, None]) & 3
             hb = (hm >> (4 * h + j).to(IT)[None, :, None]) & 1
             q = quant_value(q2 | (hb << 2), 4, F16)                         # q2 - (hb ? 0 : 4)
+    elif QTYPE == Q2_K:
+        bp = w_rows + (k0 // 256) * 84
+        sb = (k0 % 256) // 16 + s                                           # sub-block in the super-block
+        sc, mn = q2_k_scale_min(tl.load(bp[:, None] + sb[None, :]).to(tl.int32))
+        scale = fmul(f16_field(bp + 80)[:, None], sc.to(tl.float32), RN)
+        min_term = fmul(f16_field(bp + 82)[:, None], mn.to(tl.float32), RN)
+        # As q3_k's low two bits (the qs at 16): whole planes loaded once and shifted, or per sub-block.
+        if NSUB % 2 == 0 and NSUB <= 8:
+            l32 = tl.arange(0, 32)
+            h = (k0 % 256) // 128
+            j = ((k0 % 128) // 32 + tl.arange(0, NSUB // 2))[None, :, None]
+            qs = tl.load(bp[:, None, None] + 16 + 32 * h + l32[None, None, :]).to(IT)   # (BN, 1, 32)
+            q = quant_value((qs >> (2 * j).to(IT)) & 3, 0, F16)
+            q = tl.reshape(q, (q.shape[0], NSUB, SUB))                       # plane p = sub-blocks 2p, 2p+1
+        else:
+            h = sb >> 3
+            j = (sb >> 1) & 3
+            l32 = (16 * (sb & 1))[:, None] + l[None, :]
+            qs = tl.load(bp[:, None, None] + 16 + ((32 * h)[:, None] + l32)[None, :, :]).to(IT)
+            q = quant_value((qs >> (2 * j).to(IT)[None, :, None]) & 3, 0, F16)
     elif QTYPE == Q6_K:
         bp = w_rows + (k0 // 256) * 210
         sb = (k0 % 256) // 16 + s
@@ -421,7 +449,7 @@ def decode_tile(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, S
     as a (BN, NSUB, SUB) tile: element [n, s, l] is column k0 + SUB*s + l, bit-exact with ggml.
 
     SUB is the format's sub-block (SUB_BLOCK: 16 for q3_k/q6_k, else 32), so one scale covers each [n, s, :]
-    row. k-quants: NSUB*SUB divides 256 and k0 is a multiple of it (the tile lies inside one super-block).
+    row. Super-block formats: NSUB*SUB divides 256 and k0 is a multiple of it (the tile lies inside one super-block).
     32-weight block formats: each s is a whole block; blocks >= n_blocks (K tail) read as 0.
     """
     q, scale, min_term = _tile_parts(w_rows, k0, n_blocks, QTYPE, NSUB, SUB, RN, False, HEAD_WORDS)

@@ -8,8 +8,8 @@ dequantized copy. Two weight decodes (see f16_decode_default for which runs):
 * exact: decode.decode_tile's fp32 values (bit-exact with ggml), rounded to the activation dtype;
 * fp16 arithmetic (decode.decode_tile_f16), for fp16 activations: two weights per instruction, a
   little less accurate (its error bound is in decode_tile_f16; y's relative error on random q4_k
-  weights ~7e-4 instead of ~3e-4, against a 1e-2 tolerance for fp16). On sm_90 its K loop is 12-27%
-  shorter for q4_0, q4_1, q5_0, q5_1, q8_0, q4_k and q5_k (Triton 3.6 and 3.9, mid-M and large-M tiles); for
+  weights ~7e-4 instead of ~3e-4, against a 1e-2 tolerance for fp16). On sm_90 its K loop is 11-27%
+  shorter for q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q4_k and q5_k (Triton 3.6 and 3.9, mid-M and large-M tiles); for
   q3_k the gain is 0-14% with Triton 3.9 and none with 3.6, and q6_k's and iq4_nl's loops grow, so those keep
   the exact decode.
 
@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .decode import IQ4_XS, Q3_K, QTYPE_CODES, SUB_BLOCK, decode_tile, decode_tile_f16
+from .decode import BLOCK32, QTYPE_CODES, SUB_BLOCK, decode_tile, decode_tile_f16
 from .epilogue import store_output
 from .runtime import INTERPRETER, count_launch, launch_split_k, sm_count, tuning_key
 
@@ -78,7 +78,7 @@ def _gemm_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stri
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(kt_begin, kt_end):
         k0 = kt * BLOCK_K
-        if QTYPE < Q3_K or QTYPE > IQ4_XS:
+        if BLOCK32[QTYPE]:
             # A 32-weight block format: K is a multiple of 32 only, the last tile may run past it.
             x = tl.load(x_tile + k0, mask=(k0 + offs_k < K)[None, :], other=0.0)
         else:
@@ -122,7 +122,7 @@ def f16_decode_default(x_dtype: torch.dtype, qtype: str) -> bool:
     return x_dtype == torch.float16 and qtype in _F16_DECODE_QTYPES
 
 
-_F16_DECODE_QTYPES = frozenset({"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k"})
+_F16_DECODE_QTYPES = frozenset({"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q4_k", "q5_k"})
 
 
 def _head_words(qt) -> bool:

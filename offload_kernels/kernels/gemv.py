@@ -31,15 +31,15 @@ Three loop layouts, all in the autotune space (configs.GEMV_LAYOUTS):
   structure (sub-blocks, bit planes, nibbles) is unrolled at compile time, so every shift, mask and scale
   index is a constant, and each weight tile is (BLOCK_M, BLOCK_N, 16) like its x tile ((16, BLOCK_N,
   BLOCK_M) on Triton 3.6: _WEIGHT_AXIS_FIRST). Quant bytes are read as little-endian int32 words and combined
-  four at a time (q4_0, q4_1, q4_k: a nibble; q3_k: a 2-bit plane and its hmask bit; q5_0, q5_1, q5_k: a
+  four at a time (q4_0, q4_1, q4_k: a nibble; q2_k: a 2-bit plane; q3_k: that and its hmask bit; q5_0, q5_1, q5_k: a
   nibble and its fifth bit; q6_k: a nibble and its top two bits) into bytes 0xC0 | quant; one byte permute
   (PTX prmt) per weight then makes the fp32 1.5 + quant / 128 (the byte into bits 16-23 of 0x3F000000; q8_0's
   whole bytes, and iq4_nl/iq4_xs's table values that two more permutes per word look up, go into bits 8-15
   of 1.0), and one FFMA scales it. 5.3-6.3 sm_90 instructions per weight in the loop at
   M = 1 for the six main formats (3.4-4.0 per weight and token at M = 2), against 6.1-11.8 in layout 1 and
-  more in layout 2; 5.7-7.3 for q4_1/q5_0/q5_1, 8.1-8.4 for iq4_nl/iq4_xs; no conversion in the loop with
+  more in layout 2; 5.7-7.3 for q4_1/q5_0/q5_1, 5.8 for q2_k, 8.1-8.4 for iq4_nl/iq4_xs; no conversion in the loop with
   Triton 3.6 to 3.9 (heuristic configs, bench/results/static-sm90/; not yet timed on a GPU). Needs
-  word-aligned weight bytes (WORD_LOADS: 4-byte alignment of the data pointer for q4_k/q5_k/iq4_xs, 2-byte
+  word-aligned weight bytes (WORD_LOADS: 4-byte alignment of the data pointer for q2_k/q4_k/q5_k/iq4_xs, 2-byte
   for the others, whose blocks are 18 to 34, 110 and 210 bytes) and at most 4 tokens per
   program (GEMV3_MAX_BLOCK_M), else the heuristic falls back (configs.GEMV_DEFAULT_LAYOUT).
 """
@@ -52,10 +52,11 @@ import triton.language as tl
 
 from ..formats.iq4_nl import IQ4_NL_VALUES
 from . import configs
-from .decode import (BLOCK32_BYTES, BLOCK32_QH_AT, BLOCK32_QS_AT, BLOCK32_QUANT_OFFSET, HAS_MIN, IQ4_NL, IQ4_XS, Q3_K,
-                     Q4_K, Q5_K, Q6_K, Q8_0, QTYPE_CODES, f16_field, f16_field_masked, f16_from_bytes, int8_from_byte,
-                     iq4_nl_value, iq4_xs_scale, iq4_xs_unpack_scale, k4_scale_min, k4_unpack_scale_min, q3_k_scale,
-                     q3_k_unpack_scale, q6_k_scale, scaled_quant, table_words, u32_from_bytes)
+from .decode import (BLOCK32, BLOCK32_BYTES, BLOCK32_QH_AT, BLOCK32_QS_AT, BLOCK32_QUANT_OFFSET, HAS_MIN, IQ4_NL,
+                     IQ4_XS, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, QTYPE_CODES, f16_field, f16_field_masked,
+                     f16_from_bytes, int8_from_byte, iq4_nl_value, iq4_xs_scale, iq4_xs_unpack_scale, k4_scale_min,
+                     k4_unpack_scale_min, q2_k_scale_min, q3_k_scale, q3_k_unpack_scale, q6_k_scale, scaled_quant,
+                     table_words, u32_from_bytes)
 from .epilogue import store_output
 from .runtime import INTERPRETER, count_launch, launch_split_k, sm_count, triton_version, tuning_key
 
@@ -127,6 +128,28 @@ def _step_q3_k(acc, bp, xp):
         scale = d * q3_k_scale(bp + 96, 8 * h + 2 * j + t).to(tl.float32) * 8388608.0   # (BN, 4), * 2**23
         w = scaled_quant(((qs >> (2 * j)) & 3) | ((hm >> (4 * h + j)[None, None, :, None]) & 4),
                          scale[None, :, :, None], 4)
+        x = tl.load(xp[:, None, None] + ((128 * h + 32 * j + 16 * t)[:, None] + i[None, :])[None, :, :])
+        acc = _accumulate(acc, w, x.to(tl.float32)[:, None])
+    return acc
+
+
+@triton.jit
+def _step_q2_k(acc, bp, xp):
+    """q2_k super-block (84 B): q3_k's 2-bit planes without its hmask (qs at 16 as 16-byte runs u = 2h + t: byte
+    i holds planes j = 0..3 of weights 128h + 32j + 16t + i); sub-block 8h + 2j + t has the scale d * (sc & 15)
+    and the min dmin * (sc >> 4) of its byte scales[8h + 2j + t] (d at 80, dmin at 82), subtracted from each
+    weight. Accumulator tile: (4 [u], 16 [i])."""
+    u = tl.arange(0, 4)
+    i = tl.arange(0, 16)
+    h = u >> 1
+    t = u & 1
+    qs = tl.load(bp[None, :, None, None] + 16 + ((16 * u)[:, None] + i[None, :])[None, None, :, :]).to(tl.int32)
+    d = f16_field(bp + 80)[:, None]
+    dmin = f16_field(bp + 82)[:, None]
+    for j in tl.static_range(4):
+        sc, mn = q2_k_scale_min(tl.load(bp[:, None] + (8 * h + 2 * j + t)[None, :]).to(tl.int32))   # (BN, 4)
+        scale = (d * sc.to(tl.float32) * 8388608.0)[None, :, :, None]                          # * 2**23
+        w = scaled_quant((qs >> (2 * j)) & 3, scale, 0) - (dmin * mn.to(tl.float32))[None, :, :, None]
         x = tl.load(xp[:, None, None] + ((128 * h + 32 * j + 16 * t)[:, None] + i[None, :])[None, :, :])
         acc = _accumulate(acc, w, x.to(tl.float32)[:, None])
     return acc
@@ -314,6 +337,22 @@ def _v2_q3_k(acc, bp, xp, a, b, i, SHAPE: tl.constexpr):
         sc = q3_k_unpack_scale(_byte(bp + 96 + (s & 7), SHAPE), _byte(bp + 104 + (s & 3), SHAPE), s)
         scale = d * sc.to(tl.float32) * 8388608.0
         w = scaled_quant(((qs >> (2 * j)) & 3) | ((hm >> (4 * a + j)) & 4), scale, 4)
+        acc = _accumulate(acc, w, _x_full(xp + 128 * a + 32 * j + r, SHAPE))
+    return acc
+
+
+@triton.jit
+def _v2_q2_k(acc, bp, xp, a, b, i, SHAPE: tl.constexpr):
+    """a = h (128-weight half), b = t: qs byte 16 + 32h + r (r = 16t + i) holds 2-bit planes j = 0..3 of weights
+    128h + 32j + r; sub-block 8h + 2j + t (scale and min nibbles in scales[8h + 2j + t]); the min subtracted
+    from each weight (folding it into scaled_quant's addend, about 2**23 times the scale, would lose it)."""
+    r = 16 * b + i
+    qs = _byte(bp + 16 + 32 * a + r, SHAPE)
+    d = _f16_full(bp + 80, SHAPE) * 8388608.0
+    dmin = _f16_full(bp + 82, SHAPE)
+    for j in tl.static_range(4):
+        sc, mn = q2_k_scale_min(_byte(bp + 8 * a + 2 * j + b, SHAPE))
+        w = scaled_quant((qs >> (2 * j)) & 3, d * sc.to(tl.float32), 0) - dmin * mn.to(tl.float32)
         acc = _accumulate(acc, w, _x_full(xp + 128 * a + 32 * j + r, SHAPE))
     return acc
 
@@ -511,6 +550,14 @@ def _bit_to(v, FROM: tl.constexpr, TO: tl.constexpr):
 
 
 @triton.jit
+def _half_fma_scales(d, OFFSET: tl.constexpr):
+    """128 d and -(192 + OFFSET) d: times a sub-block's integer scale sc, the multiplier and addend with which
+    fma(1.5 + u/128, 128 s, -(192 + OFFSET) s) is (u - OFFSET) * s, s = d * sc (exact for the few significant
+    bits of d and sc)."""
+    return d * 128.0, d * -(192.0 + OFFSET)
+
+
+@triton.jit
 def _v3_q3_k(acc, bp, xp, i, SHAPE: tl.constexpr):
     """q3_k super-block (110 B). Runs (h, t): qs bytes 32 + 32h + 16t + i hold 2-bit planes j of weights
     128h + 32j + 16t + i, whose third bit is bit 4h + j of hmask[16t + i]; sub-block 8h + 2j + t. Per plane and
@@ -519,8 +566,7 @@ def _v3_q3_k(acc, bp, xp, i, SHAPE: tl.constexpr):
     bits, so 128 s and 196 s are exact and so is the result)."""
     q = i & 3
     d = _f16_full(bp + 108, SHAPE)
-    d128 = d * 128.0
-    dm196 = d * -196.0
+    d128, dm196 = _half_fma_scales(d, 4)
     for t in tl.static_range(2):
         hm = _u16_word(bp + 16 * t, i, SHAPE)
         for h in tl.static_range(2):
@@ -531,6 +577,31 @@ def _v3_q3_k(acc, bp, xp, i, SHAPE: tl.constexpr):
                 sc = sc.to(tl.float32)
                 v = ((qs >> (2 * j)) & 0x03030303) | (_bit_to(hm, 4 * h + j, 2) & 0x04040404) | _HI_BITS_OF_1_5
                 w = tl.fma(_f32_with_byte(v, q, _HALF_BITS, 16), sc * d128, sc * dm196)
+                acc = _accumulate(acc, w, _x_full(xp + 128 * h + 32 * j + 16 * t + i, SHAPE))
+    return acc
+
+
+@triton.jit
+def _v3_q2_k(acc, bp, xp, i, SHAPE: tl.constexpr):
+    """q2_k super-block (84 B, so words are 4-byte aligned). Runs (h, t): qs bytes 16 + 32h + 16t + i hold 2-bit
+    planes j of weights 128h + 32j + 16t + i; sub-block 8h + 2j + t, whose byte scales[8h + 2j + t] holds the
+    scale sc (low nibble) and min m (high). Per plane and word: the plane's bits to bits 0-1 of each byte,
+    0xC0 OR-ed in. The weight u * s - dmin * m (s = d * sc, exact) is fma(1.5 + u/128, 128 s, -(192 s + dmin m)):
+    exact but for one rounding of the addend, as q4_k's; the addend is one FFMA of exact terms
+    (sc * -192 d + -(dmin * m))."""
+    q = i & 3
+    d = _f16_full(bp + 80, SHAPE)
+    dmin = _f16_full(bp + 82, SHAPE)
+    d128, dm192 = _half_fma_scales(d, 0)
+    for h in tl.static_range(2):
+        for t in tl.static_range(2):
+            qs = _i32_word(bp + 16 + 32 * h + 16 * t, i, SHAPE)
+            for j in tl.static_range(4):
+                sc, mn = q2_k_scale_min(_byte(bp + 8 * h + 2 * j + t, SHAPE))
+                sc = sc.to(tl.float32)
+                addend = tl.fma(sc, dm192, -(dmin * mn.to(tl.float32)))
+                v = ((qs >> (2 * j)) & 0x03030303) | _HI_BITS_OF_1_5
+                w = tl.fma(_f32_with_byte(v, q, _HALF_BITS, 16), sc * d128, addend)
                 acc = _accumulate(acc, w, _x_full(xp + 128 * h + 32 * j + 16 * t + i, SHAPE))
     return acc
 
@@ -572,8 +643,7 @@ def _v3_q6_k(acc, bp, xp, i, SHAPE: tl.constexpr):
     result at most 24)."""
     q = i & 3
     d = _f16_full(bp + 208, SHAPE)
-    d128 = d * 128.0
-    dm224 = d * -224.0
+    d128, dm224 = _half_fma_scales(d, 32)
     for n in tl.static_range(2):
         for r in tl.static_range(2):
             qh = _u16_word(bp + 128 + 32 * n + 16 * r, i, SHAPE)
@@ -691,6 +761,8 @@ def _gemv_layout1(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, 
             acc, acc_min = _step_q4_k_q5_k(acc, acc_min, w_rows + step * 176, x_rows + step * 256, True)
         elif QTYPE == Q3_K:
             acc = _step_q3_k(acc, w_rows + step * 110, x_rows + step * 256)
+        elif QTYPE == Q2_K:
+            acc = _step_q2_k(acc, w_rows + step * 84, x_rows + step * 256)
         elif QTYPE == Q6_K:
             acc = _step_q6_k(acc, w_rows + step * 210, x_rows + step * 256)
         elif QTYPE == IQ4_XS:
@@ -712,7 +784,7 @@ def _gemv_layout2(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, 
     if QTYPE == Q4_K or QTYPE == Q5_K:
         A: tl.constexpr = 4
         B: tl.constexpr = 2
-    elif QTYPE == Q3_K:
+    elif QTYPE == Q3_K or QTYPE == Q2_K:
         A: tl.constexpr = 2
         B: tl.constexpr = 2
     elif QTYPE == Q6_K:
@@ -738,6 +810,8 @@ def _gemv_layout2(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, 
             acc = _v2_q4_k_q5_k(acc, rows + step * 176, xs + step * 256, a, b, i, SHAPE, True)
         elif QTYPE == Q3_K:
             acc = _v2_q3_k(acc, rows + step * 110, xs + step * 256, a, b, i, SHAPE)
+        elif QTYPE == Q2_K:
+            acc = _v2_q2_k(acc, rows + step * 84, xs + step * 256, a, b, i, SHAPE)
         elif QTYPE == Q6_K:
             acc = _v2_q6_k(acc, rows + step * 210, xs + step * 256, a, b, i, SHAPE)
         elif QTYPE == IQ4_XS:
@@ -769,6 +843,8 @@ def _gemv_layout3(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, 
     for step in tl.range(step_begin, tl.minimum(step_end, full_steps), num_stages=STAGES):
         if QTYPE == Q3_K:
             acc = _v3_q3_k(acc, rows + step * 110, xs + step * 256, i, SHAPE)
+        elif QTYPE == Q2_K:
+            acc = _v3_q2_k(acc, rows + step * 84, xs + step * 256, i, SHAPE)
         elif QTYPE == Q4_K:
             acc = _v3_q4_k_q5_k(acc, rows + step * 144, xs + step * 256, i, SHAPE, False)
         elif QTYPE == Q5_K:
@@ -779,7 +855,7 @@ def _gemv_layout3(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, 
             acc = _v3_iq4_xs(acc, rows + step * 136, xs + step * 256, i, SHAPE)
         else:  # the 32-weight block formats
             acc = _v3_blocks(acc, rows, xs, step, K // 32, i, SHAPE, QTYPE, False)
-    if QTYPE < Q3_K or QTYPE > IQ4_XS:
+    if BLOCK32[QTYPE]:
         if step_end > full_steps:
             acc = _v3_blocks(acc, rows, xs, full_steps, K // 32, i, SHAPE, QTYPE, True)
     if _WEIGHT_AXIS_FIRST:

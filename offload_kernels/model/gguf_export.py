@@ -29,6 +29,8 @@ from .offload import _format_for
 MIXES: dict[str, dict[str, str]] = {
     "q4_k_m": {"*.attn_v.weight": "q6_k", "*.ffn_down.weight": "q6_k", "output.weight": "q6_k"},
     "q3_k_m": {"*.attn_v.weight": "q5_k", "*.ffn_down.weight": "q5_k", "output.weight": "q6_k"},
+    "q2_k": {"*.attn_v.weight": "q3_k", "*.attn_output.weight": "q3_k", "*.ffn_down.weight": "q3_k",
+             "output.weight": "q6_k"},
 }
 
 _FLOAT_TYPES = {"f32": torch.float32, "f16": torch.float16}
@@ -81,7 +83,8 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
     scale or layer pattern other than the one it derives) raise ValueError before anything is written.
 
     ``qtype`` is a GGUF block format, or "f32"/"f16" for unquantized matrices.
-    ``mix`` picks per-tensor overrides ("q4_k_m", "q3_k_m"); ``qtype_overrides`` adds GGUF-name globs.
+    ``mix`` picks per-tensor overrides ("q4_k_m", "q3_k_m", "q2_k": llama-quantize's presets of those names,
+    approximately); ``qtype_overrides`` adds GGUF-name globs.
     ``vocab`` is {"tokens", "scores", "token_type", "bos", "eos", "unk"}; a synthetic SentencePiece-style
     vocabulary of the model's vocab_size is written when it is None.
     """

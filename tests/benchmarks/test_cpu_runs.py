@@ -137,7 +137,7 @@ def test_sass_benchmark_refuses_the_interpreter(capsys):
     assert "unset TRITON_INTERPRET" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, message", [(["--qtypes", "q2_k"], "unknown qtypes ['q2_k']"),
+@pytest.mark.parametrize("argv, message", [(["--qtypes", "iq2_xxs"], "unknown qtypes ['iq2_xxs']"),
                                            (["--dtypes", "fp8"], "unknown dtypes ['fp8']"),
                                            (["--layouts", "4"], "unknown layouts [4]"),
                                            (["--tokens", "0"], "--tokens must be positive")])

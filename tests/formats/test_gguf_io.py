@@ -126,13 +126,13 @@ def test_corrupt_files_are_rejected(tmp_path, mixed_tensors):
 def test_unsupported_quantized_type_is_named(tmp_path):
     from gguf import GGUFWriter
 
-    path = tmp_path / "q2k.gguf"
+    path = tmp_path / "iq2xxs.gguf"
     w = GGUFWriter(path, "llama")
-    w.add_tensor("t", np.zeros((1, 84), dtype=np.uint8), raw_dtype=GGMLQuantizationType.Q2_K)
+    w.add_tensor("t", np.zeros((1, 66), dtype=np.uint8), raw_dtype=GGMLQuantizationType.IQ2_XXS)
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     f = GGUFFile(path)
     assert not f.info("t").is_supported
-    with pytest.raises(GGUFError, match="type Q2_K, which is not supported"):
+    with pytest.raises(GGUFError, match="type IQ2_XXS, which is not supported"):
         f.tensor("t")
 
 

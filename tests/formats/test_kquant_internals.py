@@ -11,8 +11,9 @@ import torch
 
 from offload_kernels.formats import kquant_arith as ka
 from offload_kernels.formats import quantize_kquants as qk
+from offload_kernels.formats.kquant_search import search_qkx2
 
-K_QUANTIZERS = {"q3_k": qk.quantize_q3_k_blocks, "q4_k": qk.quantize_q4_k_blocks,
+K_QUANTIZERS = {"q2_k": qk.quantize_q2_k_blocks, "q3_k": qk.quantize_q3_k_blocks, "q4_k": qk.quantize_q4_k_blocks,
                 "q5_k": qk.quantize_q5_k_blocks, "q6_k": qk.quantize_q6_k_blocks}
 
 
@@ -127,3 +128,79 @@ def test_roundf_is_c_roundf_on_random_bit_patterns():
     nan = np.isnan(x)
     assert np.array_equal(np.isnan(got), nan)
     assert np.array_equal(got[~nan].view(np.uint32), expected[~nan].view(np.uint32))   # signed zeros too
+
+
+def _nearest_int_scalar(v: np.float32) -> int:
+    bits = int(np.array(v + np.float32(12582912.0), dtype=np.float32).view(np.int32))
+    return (bits & 0x007FFFFF) - 0x00400000
+
+
+def _make_qkx2_quants_scalar(x, w, nmax, rmin, rdelta, nstep, use_mad):
+    """ggml's make_qkx2_quants transcribed line by line in numpy fp32 scalars: (scale, -min, L)."""
+    f = np.float32
+    lo, hi, sum_w = x[0], x[0], w[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, len(x)):
+        lo = x[i] if x[i] < lo else lo
+        hi = x[i] if x[i] > hi else hi
+        sum_w += w[i]
+        sum_x += w[i] * x[i]
+    lo = f(0) if lo > 0 else lo
+    if hi == lo:
+        return f(0), -lo, [0] * len(x)
+
+    def error(scale, the_min, quants):
+        err = f(0)
+        for xi, wi, li in zip(x, w, quants):
+            diff = scale * f(li) + the_min - xi
+            err += wi * (abs(diff) if use_mad else diff * diff)
+        return err
+
+    def quantize(iscale, the_min):
+        return [max(0, min(nmax, _nearest_int_scalar(iscale * (xi - the_min)))) for xi in x]
+
+    iscale = f(nmax) / (hi - lo)
+    scale = f(1) / iscale
+    quants = quantize(iscale, lo)
+    best = error(scale, lo, quants)
+    for step in range(nstep + 1):
+        iscale = (f(rmin) + f(rdelta) * f(step) + f(nmax)) / (hi - lo)
+        aux = quantize(iscale, lo)
+        sum_l = sum_l2 = sum_xl = f(0)
+        for xi, wi, li in zip(x, w, aux):
+            sum_l += wi * f(li)
+            sum_l2 += wi * f(li) * f(li)
+            sum_xl += wi * f(li) * xi
+        det = sum_w * sum_l2 - sum_l * sum_l
+        if det > 0:
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+            if this_min > 0:
+                this_min, this_scale = f(0), sum_xl / sum_l2
+            cur = error(this_scale, this_min, aux)
+            if cur < best:
+                quants, best, scale, lo = aux, cur, this_scale, this_min
+    return scale, -lo, quants
+
+
+@pytest.mark.parametrize("npos, nmax, rmin, nstep, use_mad, abs_weights", [(16, 3, -0.5, 15, True, True),    # q2_k
+                                                                            (16, 3, -0.5, 15, False, True),
+                                                                            (32, 15, -1.0, 20, True, False),
+                                                                            (32, 15, -1.0, 20, False, False)])  # q4_k
+def test_search_qkx2_matches_a_scalar_transcription(npos, nmax, rmin, nstep, use_mad, abs_weights):
+    """search_qkx2 (either error measure, 16- or 32-weight groups) against make_qkx2_quants run one group
+    at a time in numpy fp32: the vectorized steps keep ggml's order and its running min."""
+    g = np.random.default_rng(npos + nmax + int(use_mad))
+    x = g.standard_normal((96, npos)) * 10.0 ** g.uniform(-3, 3, (96, 1))
+    x[::7] = np.abs(x[::7])                                        # all-positive groups: min clamped to 0
+    x[1::9] = 0.0
+    x[2::11, 3:] = x[2::11, :1]                                    # nearly flat
+    x = x.astype(np.float32)
+    w = np.abs(x) if abs_weights else np.abs(x) + np.float32(0.25)
+    scale, the_min, quants = search_qkx2(torch.from_numpy(x.T.copy()), torch.from_numpy(w.T.copy()), nmax, rmin,
+                                         0.1, nstep, ka.Scratch(torch.device("cpu")), use_mad=use_mad)
+    for j in range(x.shape[0]):
+        ref_scale, ref_min, ref_quants = _make_qkx2_quants_scalar(x[j], w[j], nmax, rmin, 0.1, nstep, use_mad)
+        assert scale[j].numpy().view(np.int32) == np.float32(ref_scale).view(np.int32), j
+        assert the_min[j].numpy().view(np.int32) == np.float32(ref_min).view(np.int32), j
+        assert quants[:, j].tolist() == [float(q) for q in ref_quants], j

@@ -4,7 +4,7 @@ tests/vectors/ggml_quant_vectors.npz holds, for 24 input cases (normal, LLM-like
 constants, ties, tiny/subnormal and huge magnitudes, 32-weight block edge cases, ...), the bytes ggml's
 reference quantizers wrote and the floats ggml's dequantizers read back from them (see
 tests/vectors/generate_ggml_vectors.py). Set OFFLOAD_KERNELS_GGML_LIB to a libggml-base.so to also
-compare on fresh random data (and on random edge-case blocks of the 32-weight formats).
+compare on fresh random data (and on random edge-case blocks of the 32- and 256-weight formats).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ VECTORS_DIR = Path(__file__).resolve().parents[1] / "vectors"
 sys.path.insert(0, str(VECTORS_DIR))
 from ggml_ref import GgmlRef, find_library  # noqa: E402
 
-QTYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q3_k", "q4_k", "q5_k", "q6_k")
+QTYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 
 # (name, first byte, end) of every field of a block, from ggml-common.h
 FIELDS = {
@@ -37,6 +37,7 @@ FIELDS = {
     "q5_0": (("d", 0, 2), ("qh", 2, 6), ("qs", 6, 22)),
     "q5_1": (("d", 0, 2), ("m", 2, 4), ("qh", 4, 8), ("qs", 8, 24)),
     "q8_0": (("d", 0, 2), ("qs", 2, 34)),
+    "q2_k": (("scales", 0, 16), ("qs", 16, 80), ("d", 80, 82), ("dmin", 82, 84)),
     "q3_k": (("hmask", 0, 32), ("qs", 32, 96), ("scales", 96, 108), ("d", 108, 110)),
     "q4_k": (("d", 0, 2), ("dmin", 2, 4), ("scales", 4, 16), ("qs", 16, 144)),
     "q5_k": (("d", 0, 2), ("dmin", 2, 4), ("scales", 4, 16), ("qh", 16, 48), ("qs", 48, 176)),
@@ -199,16 +200,57 @@ def _block_edge_weights(g: np.random.Generator, blocks: int = 4096) -> np.ndarra
 def test_live_block_edges_match_ggml(qtype: str):
     """Fresh random edge-case blocks for the 32-weight formats: ggml's min/max and absmax scans (which of
     equal values wins, signed zeros), its truncations and clamps, and overflowing or subnormal scales."""
+    _check_fresh_weights_against_ggml(qtype, _block_edge_weights, "block edges")
+
+
+def _check_fresh_weights_against_ggml(qtype: str, make_weights, label: str) -> None:
+    """Quantize fresh ``make_weights(rng)`` (non-finite values zeroed) with ggml and with us: the bytes must be
+    identical and our dequantization ggml's, bit for bit. The seed is in the failure message."""
     ggml = GgmlRef(_LIB)
     seed = int(np.random.SeedSequence().entropy % 2**32)
     with np.errstate(all="ignore"):
-        w = _block_edge_weights(np.random.default_rng(seed)).astype(np.float32)
+        w = make_weights(np.random.default_rng(seed)).astype(np.float32)
     w[~np.isfinite(w)] = 0.0
     with np.errstate(all="ignore"):
         expected = ggml.quantize(w, qtype)
     got = quantize_like_ggml(w, qtype, expected)
     if not np.array_equal(got, expected):
-        pytest.fail(f"block edges/{qtype} (seed {seed}): " + describe_mismatch(qtype, got, expected, w))
+        pytest.fail(f"{label}/{qtype} (seed {seed}): " + describe_mismatch(qtype, got, expected, w))
     with np.errstate(all="ignore"):
         dq = offload_kernels.dequantize(QuantizedTensor(torch.from_numpy(expected), qtype, w.shape)).numpy()
-        assert_same_floats(dq, ggml.dequantize(expected, qtype, w.shape[1]), f"block edges/{qtype} (seed {seed})")
+        assert_same_floats(dq, ggml.dequantize(expected, qtype, w.shape[1]), f"{label}/{qtype} (seed {seed})")
+
+
+SUPERBLOCK_QTYPES = tuple(q for q in QTYPES if get_spec(q).block_size == 256)
+
+
+def _superblock_edge_weights(g: np.random.Generator, blocks: int = 2048) -> np.ndarray:
+    """256-weight blocks of random kinds at random scales (1e-44 to 1e12): normal, uniform, heavy-tailed,
+    constant blocks, whole 16-weight groups of zeros, one outlier per block, all positive, all negative,
+    16-weight groups at scales far apart, and exact .5 ties."""
+    x = g.standard_normal((blocks, 256))
+    kind = g.integers(0, 10, blocks)
+    rows = np.arange(blocks)
+    x[kind == 1] = g.uniform(-1.0, 1.0, (int((kind == 1).sum()), 256))
+    x[kind == 2] = g.standard_t(2, (int((kind == 2).sum()), 256))
+    x[kind == 3] = g.choice([-1.75, -0.0, 0.0, 0.3, 3.0], (int((kind == 3).sum()), 1))
+    groups = x.reshape(blocks, 16, 16)                             # a view
+    groups[(kind == 4)[:, None] & (g.random((blocks, 16)) < 0.4)] = 0.0
+    outlier = kind == 5
+    x[outlier] *= 1e-3
+    x[rows[outlier], g.integers(0, 256, blocks)[outlier]] = g.choice([-5.0, 5.0], int(outlier.sum()))
+    x[kind == 6] = np.abs(x[kind == 6]) + g.choice([0.0, 0.05], (int((kind == 6).sum()), 1))
+    x[kind == 7] = -np.abs(x[kind == 7])
+    groups[kind == 8] *= 10.0 ** g.uniform(-3, 3, (int((kind == 8).sum()), 16, 1))
+    x[kind == 9] = g.integers(-8, 9, (int((kind == 9).sum()), 256)) / 4.0
+    scaled = g.random(blocks) < 0.5                                # the others keep magnitudes around 1
+    x[scaled] *= 10.0 ** g.uniform(-44, 12, (int(scaled.sum()), 1))
+    return x.reshape(-1, 1024)
+
+
+@live
+@pytest.mark.parametrize("qtype", SUPERBLOCK_QTYPES)
+def test_live_superblock_edges_match_ggml(qtype: str):
+    """Fresh random 256-weight blocks of many kinds for the k-quants: flat and all-zero groups (the searches'
+    early returns), block scales that round to zero or go subnormal, one-sided blocks (the min clamp)."""
+    _check_fresh_weights_against_ggml(qtype, _superblock_edge_weights, "superblock edges")

@@ -25,9 +25,10 @@ ROOT = Path(__file__).resolve().parents[2]
 #: GEMV layout 3's loop at 1 token (fp16, heuristic config): sm_90 instructions per weight, with a margin
 #: over Triton 3.6's and 3.9's counts (q4_0 5.4-5.6, q8_0 5.4-5.6, q3_k 6.3, q4_k 5.2-5.4, q5_k 5.8-5.9, q6_k 5.9,
 #: q4_1 5.7-5.9, q5_0 6.8-6.9, q5_1 7.1-7.3, iq4_nl 8.1-8.4, iq4_xs 8.1-8.2: the iq4 table lookup adds two byte
-#: permutes per word, iq4_xs an FFMA per two weights for its sub-block scale).
+#: permutes per word, iq4_xs an FFMA per two weights for its sub-block scale; q2_k 5.7-5.8).
 LAYOUT3_MAX_INSTRUCTIONS_PER_WEIGHT = {"q4_0": 6.0, "q8_0": 6.0, "q3_k": 6.6, "q4_k": 5.6, "q5_k": 6.2, "q6_k": 6.2,
-                                       "q4_1": 6.2, "q5_0": 7.2, "q5_1": 7.6, "iq4_nl": 8.6, "iq4_xs": 8.6}
+                                       "q4_1": 6.2, "q5_0": 7.2, "q5_1": 7.6, "iq4_nl": 8.6, "iq4_xs": 8.6,
+                                       "q2_k": 6.1}
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="with a GPU the other tests compile and run every kernel for real")

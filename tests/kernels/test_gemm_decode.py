@@ -17,8 +17,8 @@ from offload_kernels.kernels.gemm import f16_decode_default, gemm
 
 from .helpers import random_qtensor, seed_of
 
-#: The quant bytes of q4_k / q5_k blocks (zeroing them leaves w = -min, the min term alone).
-QUANT_BYTES = {"q4_k": slice(16, 144), "q5_k": slice(16, 176)}
+#: The quant bytes of q2_k / q4_k / q5_k blocks (zeroing them leaves w = -min, the min term alone).
+QUANT_BYTES = {"q2_k": slice(16, 80), "q4_k": slice(16, 144), "q5_k": slice(16, 176)}
 U16 = 2.0 ** -11          # fp16 unit roundoff
 
 
@@ -33,7 +33,7 @@ def _decoded_by_gemm(qt: QuantizedTensor, f16_decode: bool, device) -> torch.Ten
 
 
 def _min_term(qt: QuantizedTensor) -> torch.Tensor:
-    """dmin * m of each weight's sub-block (q4_k/q5_k; 0 for the other formats), exactly."""
+    """dmin * m of each weight's sub-block (q2_k/q4_k/q5_k; 0 for the other formats), exactly."""
     if qt.qtype not in QUANT_BYTES:
         return torch.zeros(qt.shape)
     raw = qt.data.cpu().clone()
@@ -82,7 +82,8 @@ def test_f16_decode_within_its_error_bound(qtype, offset, device):
 
 
 def test_f16_decode_default_and_misuse(device):
-    assert [q for q in QTYPES if f16_decode_default(torch.float16, q)] == ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k"]
+    assert [q for q in QTYPES if f16_decode_default(torch.float16, q)] == ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0",
+                                                                          "q2_k", "q4_k", "q5_k"]
     assert not any(f16_decode_default(dt, q) for dt in (torch.float32, torch.bfloat16) for q in QTYPES)
     qt = random_qtensor("q4_k", 8, 256, torch.Generator().manual_seed(0), device=device)
     x = torch.randn(3, 256, device=device)

@@ -5,9 +5,9 @@ exactly, so each call returns whole columns of the weight as the kernel decoded 
 * q4_0, q5_0, q8_0, q3_k and q6_k: every weight (u - offset) * scale is exact (so is the FFMA's addend), so
   the columns equal the gguf package's dequantized fp32 weight (llama.cpp's formulas) bit for bit; so do
   iq4_nl's and iq4_xs's (d times a table value, times iq4_xs's integer sub-block scale: exact);
-* q4_k and q5_k: the min is folded into the FFMA's addend -(192 s + dmin m), rounded once: within 2**-24
-  of that addend (plus the weight's own rounding) of gguf's dequantized weight; q4_1 and q5_1 likewise with
-  the addend m - 192 d.
+* q2_k, q4_k and q5_k: the min is folded into the FFMA's addend -(192 s + dmin m), rounded once: within
+  2**-24 of that addend (plus the weight's own rounding) of gguf's dequantized weight; q4_1 and q5_1 likewise
+  with the addend m - 192 d.
 
 And the byte permutes: the prmt selectors the GPU code uses, emulated from the PTX ISA's definition, give
 the same bits as the shifts the interpreter runs.
@@ -37,7 +37,7 @@ EXACT = ("q4_0", "q5_0", "q8_0", "iq4_nl", "q3_k", "q6_k", "iq4_xs")
 #: Columns read back: one 256-weight step, and for the 32-weight block formats a block past it (the step that
 #: runs past the end of the row).
 K_READ = dict.fromkeys(BLOCK32_QTYPES, 288)
-FOLDED_MIN = ("q4_k", "q5_k")
+FOLDED_MIN = ("q2_k", "q4_k", "q5_k")
 FOLDED_MIN_BLOCK32 = ("q4_1", "q5_1")
 
 
@@ -111,8 +111,11 @@ def _check_exact(qtype, device):
     assert torch.equal(got, _gguf_weight(qt))
 
 
-#: Where a q4_k / q5_k block's quants start (after d, dmin, 12 scale bytes and q5_k's 32 fifth-bit bytes).
-QUANTS_AT = {"q4_k": 16, "q5_k": 48}
+#: Where a q2_k / q4_k / q5_k block's quants start and end (q4_k/q5_k: after d, dmin, 12 scale bytes and q5_k's
+#: 32 fifth-bit bytes; q2_k: after its 16 scale bytes, before d and dmin), and the byte whose quants are all 1.
+QUANTS = {"q2_k": (16, 80, 0x55), "q4_k": (16, 144, 0x11), "q5_k": (48, 176, 0x11)}
+#: Where the bytes that are neither d, dmin nor the scales are: zero quants (q5_k: fifth bits too).
+OTHER_BYTES = {"q2_k": (16, 80), "q4_k": (16, 144), "q5_k": (16, 176)}
 
 
 def _check_folded_min(qtype, device):
@@ -124,9 +127,11 @@ def _check_folded_min(qtype, device):
     # and to 1 (w = u * s - dmin * m)
     raw = qt.data.cpu().clone()
     blocks = raw.view(-1, get_spec(qtype).block_bytes)
-    blocks[:, 16:] = 0
+    lo, hi = OTHER_BYTES[qtype]
+    blocks[:, lo:hi] = 0
     minus_min = _gguf_weight(QuantizedTensor(raw.clone(), qtype, qt.shape)).double()
-    blocks[:, QUANTS_AT[qtype]:] = 0x11
+    lo, hi, ones = QUANTS[qtype]
+    blocks[:, lo:hi] = ones
     s = _gguf_weight(QuantizedTensor(raw, qtype, qt.shape)).double() - minus_min
     bound = 2.0 ** -24 * (192 * s.abs() + minus_min.abs()) + 2.0 ** -24 * w.abs() + 2.0 ** -24 * s.abs()
     excess = (got - w).abs() - bound
@@ -216,7 +221,7 @@ def test_iq4_nl_word_lookup_matches_the_table():
 def test_word_loads_need_aligned_bytes(device):
     g = torch.Generator().manual_seed(3)
     for qtype in QTYPES:
-        align = 4 if qtype in ("q4_k", "q5_k", "iq4_xs") else 2
+        align = 4 if qtype in ("q2_k", "q4_k", "q5_k", "iq4_xs") else 2
         qt = random_qtensor(qtype, 8, 256, g, device=device)
         assert configs.gemv_word_loads(qt)
         flat = torch.empty(qt.nbytes + 16, dtype=torch.uint8, device=device)

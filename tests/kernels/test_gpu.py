@@ -19,9 +19,9 @@ from .helpers import activations, assert_close, random_bytes_qtensor, random_qte
 pytestmark = pytest.mark.gpu
 runtime = importlib.import_module("offload_kernels.kernels.runtime")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-#: The formats added after the issue's six (fallback, legacy and iq4 types) run every kernel family here but
-#: at fewer token counts than the main formats: one per family, to bound the GPU suite's compile time.
-SECONDARY_QTYPES = ("q4_1", "q5_0", "q5_1", "iq4_nl", "iq4_xs")
+#: The formats added after the issue's six (fallback, legacy, iq4 and q2_k types) run every kernel family here
+#: but at fewer token counts than the main formats: one per family, to bound the GPU suite's compile time.
+SECONDARY_QTYPES = ("q4_1", "q5_0", "q5_1", "iq4_nl", "iq4_xs", "q2_k")
 SECONDARY_M = (1, 4, 64, 4096)
 LARGE_AUTO_CASES = [(qtype, m) for qtype in QTYPES for m in (1, 2, 4, 16, 64, 512, 4096)
                     if qtype not in SECONDARY_QTYPES or m in SECONDARY_M]

@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 NPZ = HERE / "ggml_quant_vectors.npz"
 NOTE = HERE / "ggml_quant_vectors.json"
 SEED = 20240601
-QTYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q3_k", "q4_k", "q5_k", "q6_k")
+QTYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 
 
 def _normal(g, shape, scale=1.0):

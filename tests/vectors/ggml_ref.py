@@ -23,6 +23,7 @@ GGML_TYPES = {
     "q5_0": (6, 32, 22),
     "q5_1": (7, 32, 24),
     "q8_0": (8, 32, 34),
+    "q2_k": (10, 256, 84),
     "q3_k": (11, 256, 110),
     "q4_k": (12, 256, 144),
     "q5_k": (13, 256, 176),
@@ -33,7 +34,8 @@ GGML_TYPES = {
 
 _DEQUANTIZE_SYMBOLS = {
     "q4_0": "dequantize_row_q4_0", "q4_1": "dequantize_row_q4_1", "q5_0": "dequantize_row_q5_0",
-    "q5_1": "dequantize_row_q5_1", "q8_0": "dequantize_row_q8_0", "q3_k": "dequantize_row_q3_K",
+    "q5_1": "dequantize_row_q5_1", "q8_0": "dequantize_row_q8_0", "q2_k": "dequantize_row_q2_K",
+    "q3_k": "dequantize_row_q3_K",
     "q4_k": "dequantize_row_q4_K", "q5_k": "dequantize_row_q5_K", "q6_k": "dequantize_row_q6_K",
     "iq4_nl": "dequantize_row_iq4_nl", "iq4_xs": "dequantize_row_iq4_xs",
 }
