@@ -2,7 +2,7 @@
 
 Each K step loads a (BLOCK_M, BLOCK_K) activation tile, decodes the (BLOCK_N, BLOCK_K) weight tile from
 its blocks (one scale per BLOCK_K-aligned sub-block row) and feeds tl.dot with fp32 accumulation, so the
-weights are read at their quantized size (3.4-8.5 bits per weight) instead of the 16 bits of a
+weights are read at their quantized size (2.6-8.5 bits per weight) instead of the 16 bits of a
 dequantized copy. Two weight decodes (see f16_decode_default for which runs):
 
 * exact: decode.decode_tile's fp32 values (bit-exact with ggml), rounded to the activation dtype;
