@@ -27,6 +27,8 @@
 #   profile             bench/profile_qmatmul.py --cprofile: host launch time vs kernel time per call  ~1-2 min
 #   bench-kernels       offload-kernels bench kernels --quick (autotuned)                         ~3-6 min
 #   bench-kernels-full  every qtype on the Llama-3-8B shapes, heuristic configs, in the time left
+#   bench-formats       the formats added after the issue's six (q2_k, iq4_xs, iq4_nl, q4_1, q5_0, q5_1) on
+#                       8192x8192 at M = 1, 2, 4, 16, 256, 4096, heuristic configs                  ~3-5 min
 #   bench-transfer      offload-kernels bench transfer                                            ~2 min
 #   bench-quantize      offload-kernels bench quantize (CPU and CUDA)                             ~1-2 min
 #   bench-offload       offload-kernels bench offload (Llama-3-8B shape, 32 layers)               ~5-8 min
@@ -44,6 +46,7 @@
 #   2. bench-offload                   issue 5's end-to-end numbers                    ~6-9 min
 #   3. bench-kernels bench-transfer                                                    ~6-8 min
 #   4. sanitize bench-quantize         if time is left                                 ~5-7 min
+#   5. bench-formats                   if time is left                                 ~3-5 min
 # The idle machine goes back 30 s after a call: send the next call at once, read the results afterwards.
 # (First H100 run, 2026-11-24: calls 1-3 took 4, 6 and 3 min of command time, 1-2 min of start each.)
 #
@@ -67,10 +70,12 @@ work="$(mktemp -d)"
 mkdir -p "$work/logs"
 touch "$work/start-stamp"
 declare -A LIMIT=([build]=360 [test]=480 [test-all]=560 [sanitize]=480 [profile]=240 [bench-kernels]=420
-                  [bench-kernels-full]=560 [bench-transfer]=300 [bench-quantize]=300 [bench-offload]=560)
-STAGES=(build test test-all sanitize profile bench-kernels bench-kernels-full bench-transfer bench-quantize bench-offload)
+                  [bench-kernels-full]=560 [bench-formats]=420 [bench-transfer]=300 [bench-quantize]=300
+                  [bench-offload]=560)
+STAGES=(build test test-all sanitize profile bench-kernels bench-kernels-full bench-formats bench-transfer bench-quantize
+        bench-offload)
 ALL=(build test sanitize profile bench-kernels bench-transfer bench-quantize bench-offload)
-NEEDS_CUDA=" test test-all sanitize profile bench-kernels bench-kernels-full bench-transfer bench-offload "
+NEEDS_CUDA=" test test-all sanitize profile bench-kernels bench-kernels-full bench-formats bench-transfer bench-offload "
 
 usage() {
   echo "usage: bash bench/run_gpu_suite.sh STAGE [STAGE ...]   (stages: ${STAGES[*]} all)"
@@ -176,6 +181,10 @@ run_stage() {
       guarded "$limit" "$PY" -m offload_kernels.cli.main bench kernels --quick --time-budget-s $(( limit > 120 ? limit - 60 : 60 )) --out "$RESULTS" ;;
     bench-kernels-full)
       guarded "$limit" "$PY" -m offload_kernels.cli.main bench kernels --no-autotune --shapes 4096x4096,14336x4096,4096x14336 \
+        --time-budget-s $(( limit > 120 ? limit - 60 : 60 )) --out "$RESULTS" ;;
+    bench-formats)
+      guarded "$limit" "$PY" -m offload_kernels.cli.main bench kernels --no-autotune \
+        --qtypes q2_k,iq4_xs,iq4_nl,q4_1,q5_0,q5_1 --shapes 8192x8192 --m 1,2,4,16,256,4096 \
         --time-budget-s $(( limit > 120 ? limit - 60 : 60 )) --out "$RESULTS" ;;
     bench-transfer)
       guarded "$limit" "$PY" -m offload_kernels.cli.main bench transfer --out "$RESULTS" ;;
