@@ -106,17 +106,14 @@ def best_index_iq4_nl(x: torch.Tensor) -> torch.Tensor:
     (both differences rounded to fp32; an exact tie goes up to ``mu``). NaN fails every comparison of the
     search, which then ends at ``mu = 15`` and returns 15.
     """
-    x = x.float()
+    x = x.float().contiguous()
     vals = _values(x.device)
-    # number of interior levels values[1..14] that are <= x: the binary search's ml
-    ml = torch.searchsorted(vals[1:15].contiguous(), x.contiguous(), right=True)
-    lo = vals[ml]
-    hi = vals[ml + 1]
-    idx = ml + torch.sub(x, lo).lt(torch.sub(hi, x)).logical_not_()        # mu - 1 or mu
-    idx = torch.where(x <= vals[0], 0, idx)
-    idx = torch.where(x >= vals[15], 15, idx)
-    idx = torch.where(torch.isnan(x), 15, idx)
-    return idx.to(torch.uint8)
+    # number of interior levels values[1..14] that are <= x: the binary search's ml. The ends need no test of
+    # their own: below values[1] the pair is (values[0], values[1]) and x - values[0] <= 0 < values[1] - x
+    # picks 0 for every x <= values[0] (-inf too); at or above values[14], values[15] - x <= 0 picks 15.
+    ml = torch.searchsorted(vals[1:15].contiguous(), x, right=True, out_int32=True)
+    up = torch.lt(torch.sub(x, vals[ml]), torch.sub(vals[ml + 1], x)).logical_not_()   # mu - 1 or mu
+    return ml.add_(up).masked_fill_(torch.isnan(x), 15).to(torch.uint8)
 
 
 def _ggml_fp16_bytes(x: torch.Tensor) -> torch.Tensor:
