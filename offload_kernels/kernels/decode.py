@@ -301,8 +301,8 @@ def _tile_parts(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, S
                 RN: tl.constexpr, F16: tl.constexpr, HEAD_WORDS: tl.constexpr):
     """The pieces of a (BN, NSUB, SUB) weight tile, in ggml's arithmetic: the quants minus their offset
     (``quant_value``: (BN, NSUB, SUB), fp32 or fp16; iq4_nl's table values), the fp32 scale of each sub-block
-    row ((BN, NSUB): d * sc with one rounding, or d), and the fp32 min term subtracted ((BN, NSUB): q4_k/q5_k
-    dmin * m, q4_1/q5_1 -m; 0.0 for the other formats). See decode_tile for the tile's coordinates."""
+    row ((BN, NSUB): d * sc with one rounding, or d), and the fp32 min term subtracted ((BN, NSUB): q2_k/q4_k/
+    q5_k dmin * m, q4_1/q5_1 -m; 0.0 for the other formats). See decode_tile for the tile's coordinates."""
     s = tl.arange(0, NSUB)
     l = tl.arange(0, SUB)
     min_term = 0.0
@@ -448,8 +448,9 @@ def decode_tile(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, S
     """fp32 weights of columns k0 .. k0 + NSUB*SUB of the rows starting at ``w_rows`` ((BN,) byte pointers),
     as a (BN, NSUB, SUB) tile: element [n, s, l] is column k0 + SUB*s + l, bit-exact with ggml.
 
-    SUB is the format's sub-block (SUB_BLOCK: 16 for q3_k/q6_k, else 32), so one scale covers each [n, s, :]
-    row. Super-block formats: NSUB*SUB divides 256 and k0 is a multiple of it (the tile lies inside one super-block).
+    SUB is the format's sub-block (SUB_BLOCK: 16 for q2_k/q3_k/q6_k, else 32), so one scale covers each
+    [n, s, :] row. Super-block formats: NSUB*SUB divides 256 and k0 is a multiple of it (the tile lies inside
+    one super-block).
     32-weight block formats: each s is a whole block; blocks >= n_blocks (K tail) read as 0.
     """
     q, scale, min_term = _tile_parts(w_rows, k0, n_blocks, QTYPE, NSUB, SUB, RN, False, HEAD_WORDS)
@@ -464,7 +465,7 @@ def decode_tile_f16(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexp
                     RN: tl.constexpr, HEAD_WORDS: tl.constexpr = False):
     """decode_tile's tile computed in fp16 arithmetic, for the fused GEMM with fp16 activations (whose
     tensor-core operand is fp16 anyway): the exact fp16 quant q times the sub-block scale rounded to fp16,
-    minus the min term rounded to fp16 (q4_k/q5_k), in one fp16 FMA (one rounding). Two weights per
+    minus the min term rounded to fp16 (q2_k/q4_k/q5_k, q4_1/q5_1), in one fp16 FMA (one rounding). Two weights per
     instruction. Each weight w = q * scale - min differs from decode_tile's by at most
     2**-11 * (|q * scale| + |min| + |w|) (three fp16 roundings: scale, min, result) instead of the
     2**-12 * |w| of rounding the exact value to fp16; the min term makes that bound larger than w itself
