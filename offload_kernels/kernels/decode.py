@@ -35,26 +35,25 @@ from triton.language.extra import libdevice
 from ..formats import get_spec
 from ..formats.iq4_nl import IQ4_NL_VALUES
 
-# Format codes passed to kernels as the QTYPE constexpr (``BLOCK32[QTYPE]`` tells the 32-weight block formats
-# from the 256-weight super-block ones: a Triton 3.6 jit helper cannot return a constexpr to branch on).
-Q4_0 = tl.constexpr(0)
-Q8_0 = tl.constexpr(1)
-Q3_K = tl.constexpr(2)
-Q4_K = tl.constexpr(3)
-Q5_K = tl.constexpr(4)
-Q6_K = tl.constexpr(5)
-IQ4_XS = tl.constexpr(6)
-Q4_1 = tl.constexpr(7)
-Q5_0 = tl.constexpr(8)
-Q5_1 = tl.constexpr(9)
-IQ4_NL = tl.constexpr(10)
-Q2_K = tl.constexpr(11)
+#: Format names in code order: a format's code (the QTYPE constexpr passed to kernels) is its index. Formats are
+#: appended, never reordered, so a code stays what tuning keys and compiled kernels were made with.
+_NAMES_BY_CODE = ("q4_0", "q8_0", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs", "q4_1", "q5_0", "q5_1", "iq4_nl", "q2_k")
+QTYPE_CODES = {name: code for code, name in enumerate(_NAMES_BY_CODE)}
 
-QTYPE_CODES = {"q4_0": 0, "q8_0": 1, "q3_k": 2, "q4_k": 3, "q5_k": 4, "q6_k": 5, "iq4_xs": 6, "q4_1": 7, "q5_0": 8,
-               "q5_1": 9, "iq4_nl": 10, "q2_k": 11}
-
-#: Format names in code order (index = QTYPE).
-_NAMES_BY_CODE = tuple(sorted(QTYPE_CODES, key=QTYPE_CODES.get))
+# The codes by name for the kernels' branches (``BLOCK32[QTYPE]`` tells the 32-weight block formats from the
+# 256-weight super-block ones: a Triton 3.6 jit helper cannot return a constexpr to branch on).
+Q4_0 = tl.constexpr(QTYPE_CODES["q4_0"])
+Q8_0 = tl.constexpr(QTYPE_CODES["q8_0"])
+Q3_K = tl.constexpr(QTYPE_CODES["q3_k"])
+Q4_K = tl.constexpr(QTYPE_CODES["q4_k"])
+Q5_K = tl.constexpr(QTYPE_CODES["q5_k"])
+Q6_K = tl.constexpr(QTYPE_CODES["q6_k"])
+IQ4_XS = tl.constexpr(QTYPE_CODES["iq4_xs"])
+Q4_1 = tl.constexpr(QTYPE_CODES["q4_1"])
+Q5_0 = tl.constexpr(QTYPE_CODES["q5_0"])
+Q5_1 = tl.constexpr(QTYPE_CODES["q5_1"])
+IQ4_NL = tl.constexpr(QTYPE_CODES["iq4_nl"])
+Q2_K = tl.constexpr(QTYPE_CODES["q2_k"])
 
 #: The formats of 32-weight blocks (all but the super-block formats).
 BLOCK32_QTYPES = frozenset(name for name in QTYPE_CODES if get_spec(name).block_size == 32)
