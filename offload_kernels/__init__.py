@@ -21,6 +21,7 @@ _LAZY = {
     "qmatmul": "offload_kernels.kernels",
     "TransferEngine": "offload_kernels.engine",
     "OffloadedLinear": "offload_kernels.layers",
+    "OffloadedExperts": "offload_kernels.layers",
     "offload": "offload_kernels.model",
     "OffloadReport": "offload_kernels.model",
     "load_gguf_model": "offload_kernels.model",

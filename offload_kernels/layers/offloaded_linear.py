@@ -146,23 +146,31 @@ class OffloadedLinear(nn.Module):
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
+        y = qmatmul(x, self._device_weight(x), bias)
+        self._release_device_weight()
+        return y
+
+    def _device_weight(self, x: torch.Tensor) -> QuantizedTensor:
+        """The weight on ``x``'s device for one use: the resident bytes, or the streamed group's slot bytes,
+        valid until :meth:`_release_device_weight` (call it once the kernels reading them are enqueued)."""
         streamer = self._streamer
         if streamer is None:
             if self.weight.device != x.device:
                 raise ValueError(f"input is on {x.device} but this layer's weight is on {self.weight.device}; "
                                  f"move one of them")
-            return qmatmul(x, self.quantized_weight(), bias)
+            return self.quantized_weight()
         data = streamer.weight_bytes(self, x.device)
         if torch.is_grad_enabled() and x.requires_grad:
             # Autograd keeps the weight bytes for the backward pass, but the slot is recycled after this
             # layer: keep a private copy of the (quantized, small) bytes instead.
             data = data.clone()
         # The slot holds exactly the bytes registered (checked when registered): no per-call validation.
-        qt = QuantizedTensor._from_validated(data.view(self.weight.shape), self._spec,
-                                             (self.out_features, self.in_features))
-        y = qmatmul(x, qt, bias)
-        streamer.after_use(self)           # the slot may be recycled once the kernels above are done
-        return y
+        return QuantizedTensor._from_validated(data.view(self.weight.shape), self._spec,
+                                               (self.out_features, self.in_features))
+
+    def _release_device_weight(self) -> None:
+        if self._streamer is not None:
+            self._streamer.after_use(self)    # the slot may be recycled once the kernels enqueued are done
 
     # ------------------------------------------------------------------ nn.Module plumbing
     def _apply(self, fn, recurse=True):

@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 
 from ..formats import LLAMA_QUANTIZE_FALLBACKS, get_spec, quantize
 from ..formats.quantize import validate_weight
-from ..layers import OffloadedLinear
+from ..layers import OffloadedExperts, OffloadedLinear
+from ..layers.offloaded_experts import is_experts_module, projection_names, projection_shape, validate_experts
 from ..layers.linear_like import is_linear_like, linear_features, linear_weight
 from ..layers.offloaded_linear import _FLOAT_DTYPES as _LAYER_DTYPES
 from ..units import default_device
@@ -39,6 +40,7 @@ class OffloadReport:
     skipped: dict[str, str] = field(default_factory=dict)        # layer -> reason
     hardware: Optional[Hardware] = None
     predictions: list[Prediction] = field(default_factory=list)
+    experts: list[str] = field(default_factory=list)             # MoE experts modules quantized
 
     @property
     def bytes_resident(self) -> int:
@@ -62,8 +64,9 @@ class OffloadReport:
         for q in self.quantized.values():
             counts[q] = counts.get(q, 0) + 1
         mix = ", ".join(f"{q}: {n}" for q, n in sorted(counts.items()))
+        moe = (f" (the expert stacks of {len(self.experts)} MoE layers among them)" if self.experts else "")
         lines = [
-            f"offloaded to {self.device}: {len(self.quantized)} quantized linears ({mix}), "
+            f"offloaded to {self.device}: {len(self.quantized)} quantized linears ({mix}){moe}, "
             f"{len(self.skipped)} kept as they were",
             f"  resident: {human_bytes(self.bytes_resident)} ({len(p.resident)} quantized linears + "
             f"{human_bytes(p.fixed_bytes)} other parameters)",
@@ -194,11 +197,30 @@ _ENCODER_LAYER_FAST_PATH = ("activation_relu_or_gelu", 0)   # TransformerEncoder
 _ENCODER_NESTED_FAST_PATH = ("use_nested_tensor", False)    # TransformerEncoder: its nested-tensor path
 
 
+#: nn.Linear subclasses whose own forward computes exactly nn.Linear's x @ W.T + b (so OffloadedLinear may
+#: replace them), by qualified class name.
+_PLAIN_LINEAR_SUBCLASSES = frozenset({
+    "transformers.models.falcon.modeling_falcon.FalconLinear",      # input @ weight.T (+ bias): every Falcon linear
+})
+
+
+def _changes_linear_forward(module: nn.Module) -> bool:
+    """Whether ``module`` is an nn.Linear subclass whose forward does something else than x @ W.T + b (a
+    router returning top-k choices, a grouped or decoupled linear): replacing it would drop that."""
+    cls = type(module)
+    if not isinstance(module, nn.Linear) or cls.forward is nn.Linear.forward:
+        return False
+    return f"{cls.__module__}.{cls.__qualname__}" not in _PLAIN_LINEAR_SUBCLASSES
+
+
 def _unreplaceable(model: nn.Module) -> dict[str, str]:
-    """Linears that must stay nn.Linear because their parent reads the weight itself, by name -> reason:
-    replacing them would hand a fused kernel the quantized bytes."""
+    """Linears that must stay as they are, by name -> reason: their parent reads the weight itself (replacing
+    them would hand a fused kernel the quantized bytes), or their class's forward is not nn.Linear's."""
     out: dict[str, str] = {}
     for name, module in model.named_modules():
+        if _changes_linear_forward(module):
+            out[name] = (f"its class {type(module).__name__} overrides nn.Linear.forward (an OffloadedLinear "
+                         f"would compute only x @ W.T + b, not what that forward does)")
         if isinstance(module, nn.MultiheadAttention) and isinstance(getattr(module, "out_proj", None), nn.Linear):
             out[_join(name, "out_proj")] = ("nn.MultiheadAttention passes out_proj's weight to its attention kernel "
                                             "itself (it never calls the module)")
@@ -234,6 +256,7 @@ class LinearSelection:
     skipped: dict[str, str]              # layer -> reason
     specs: list[LinearSpec]
     fixed_bytes: int                     # everything else the device holds: other params, buffers, biases
+    experts: dict[str, dict[str, str]] = field(default_factory=dict)   # MoE experts module -> {projection: qtype}
 
 
 def _fallback_of(qtype: str, fallback_qtype: "str | Mapping[str, str] | None") -> Optional[str]:
@@ -286,13 +309,16 @@ def select_linears(model: nn.Module, qtype: str = "q4_k", skip: "str | Sequence[
                    keep_model_fp32_modules: bool = True) -> LinearSelection:
     """Decide, without changing ``model``, what offload() would quantize and what the device must hold.
 
-    Linears are nn.Linear modules and transformers' Conv1D (see layers.linear_like). For each, in order: a
-    linear whose parent reads its weight itself (nn.MultiheadAttention's out_proj) is kept; then ``skip``;
-    then the first matching ``qtype_overrides`` pattern; then, with ``keep_model_fp32_modules``, the
-    modules a Hugging Face model lists in ``_keep_in_fp32_modules(_strict)`` are kept; then ``qtype``. A layer
-    whose in_features is not a multiple of its format's block takes its fallback (``fallback_qtype``, or
+    Linears are nn.Linear modules and transformers' Conv1D (see layers.linear_like), and the two projections
+    of every transformers MoE experts module (see layers.offloaded_experts), named after their parameters
+    (``model.layers.3.mlp.experts.gate_up_proj``, ``...experts.down_proj``). For each, in order: a linear
+    whose parent reads its weight itself (nn.MultiheadAttention's out_proj) is kept; then ``skip``; then the
+    first matching ``qtype_overrides`` pattern; then, with ``keep_model_fp32_modules``, the modules a Hugging
+    Face model lists in ``_keep_in_fp32_modules(_strict)`` are kept; then ``qtype``. A layer whose
+    in_features is not a multiple of its format's block takes its fallback (``fallback_qtype``, or
     ``fallback_qtype[format]`` for a mapping such as LLAMA_QUANTIZE_FALLBACKS) if that one's block divides
-    it, else it is kept.
+    it, else it is kept. An experts module is quantized whole or kept whole: if either projection is kept,
+    so is the other.
 
     Raises TypeError/ValueError for bad patterns, unknown qtypes, an override that names no linear of the
     model, or weights on the meta device.
@@ -305,18 +331,28 @@ def select_linears(model: nn.Module, qtype: str = "q4_k", skip: "str | Sequence[
         raise TypeError(f"keep_model_fp32_modules must be True or False, got {keep_model_fp32_modules!r}")
     skip = _patterns(skip, "skip")
     overrides = _overrides(qtype_overrides)
-    linears = {name: m for name, m in model.named_modules() if is_linear_like(m)}
-    if not linears:
-        raise ValueError("model has no nn.Linear (or transformers Conv1D) layers to offload")
-    unmatched = [p for p in overrides if not any(_matches(name, [p]) for name in linears)]
+    linears: dict[str, nn.Module] = {}
+    experts: dict[str, nn.Module] = {}
+    candidates: dict[str, tuple[int, torch.Tensor]] = {}      # name -> (in_features, weight), in model order
+    for name, m in model.named_modules():
+        if is_linear_like(m):
+            linears[name] = m
+            candidates[name] = (linear_features(m)[0], m.weight)
+        elif is_experts_module(m):
+            experts[name] = m
+            for proj in projection_names(m):
+                candidates[_join(name, proj)] = (projection_shape(m, proj)[2], m._parameters[proj])
+    if not candidates:
+        raise ValueError("model has no nn.Linear (or transformers Conv1D) layers or MoE experts to offload")
+    unmatched = [p for p in overrides if not any(_matches(name, [p]) for name in candidates)]
     if unmatched:       # most likely a typo: silently ignoring it would quantize what the user meant to keep
-        raise ValueError(f"qtype_overrides pattern(s) {', '.join(map(repr, unmatched))} match no nn.Linear of "
-                         f"the model (e.g. {next(iter(linears))!r})")
+        raise ValueError(f"qtype_overrides pattern(s) {', '.join(map(repr, unmatched))} match no nn.Linear or "
+                         f"expert projection of the model (e.g. {next(iter(candidates))!r})")
     unreplaceable = _unreplaceable(model)
     model_fp32 = _model_fp32_patterns(model) if keep_model_fp32_modules else {}
     chosen: dict[str, str] = {}
     skipped: dict[str, str] = {}
-    for name, lin in linears.items():
+    for name, (in_features, weight) in candidates.items():
         if name in unreplaceable:
             skipped[name] = unreplaceable[name]
             continue
@@ -336,32 +372,69 @@ def select_linears(model: nn.Module, qtype: str = "q4_k", skip: "str | Sequence[
             continue
         else:
             q = override
-        q, reason = _format_for(linear_features(lin)[0], q, fallback_qtype)
+        q, reason = _format_for(in_features, q, fallback_qtype)
         if q is None:
             skipped[name] = reason
             continue
-        if lin.weight.device.type == "meta":
+        if weight.device.type == "meta":
             raise ValueError(f"{name} has no weights (meta device); load the model's weights first")
         chosen[name] = q
+    chosen_experts: dict[str, dict[str, str]] = {}
+    for name, m in experts.items():
+        projs = {proj: _join(name, proj) for proj in projection_names(m)}
+        kept = [full for full in projs.values() if full not in chosen]
+        if not kept:
+            chosen_experts[name] = {proj: chosen[full] for proj, full in projs.items()}
+            continue
+        for full in projs.values():
+            if full not in kept:
+                del chosen[full]
+                skipped[full] = (f"an experts module is quantized whole, and {kept[0].rpartition('.')[2]} is "
+                                 f"kept ({skipped[kept[0]]})")
     # Everything but the quantized weights stays on the device at its own dtype (biases included). Count by
     # reference, not by tensor: a weight tied to another module (lm_head.weight is embed_tokens.weight)
     # leaves the device only if every name it has is a quantized linear's weight.
-    consumed = {f"{n}.weight" for n in chosen}
+    consumed = {f"{n}.weight" for n in chosen if n in linears} | {n for n in chosen if n not in linears}
     kept = {id(t): t for name, t in model.named_parameters(remove_duplicate=False) if name not in consumed}
     kept.update((id(t), t) for t in model.buffers())
     fixed = _tensor_bytes(kept.values())
-    specs = [LinearSpec(n, *reversed(linear_features(linears[n])), q,
-                        _group_of(model, n) if stream_whole_blocks else "") for n, q in chosen.items()]
-    return LinearSelection(chosen, skipped, specs, fixed)
+    specs = []
+    for n, q in chosen.items():
+        group = _group_of(model, n) if stream_whole_blocks else ""
+        if n in linears:
+            specs.append(LinearSpec(n, *reversed(linear_features(linears[n])), q, group))
+            continue
+        parent, _, proj = n.rpartition(".")
+        e, out, k = projection_shape(experts[parent], proj)
+        specs.append(LinearSpec(n, e * out, k, q, group, num_experts=e,
+                                experts_per_token=_experts_per_token(model, parent, experts[parent])))
+    return LinearSelection(chosen, skipped, specs, fixed, chosen_experts)
+
+
+def _experts_per_token(model: nn.Module, name: str, experts: nn.Module) -> int:
+    """How many experts each token uses (top-k) in the MoE block holding ``experts``: the router's ``top_k``,
+    else the config's ``num_experts_per_tok``; all of them if neither says (a conservative prediction)."""
+    parent_name = name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    for owner in (parent, *parent.children(), getattr(experts, "config", None)):
+        for attr in ("top_k", "num_experts_per_tok"):
+            k = getattr(owner, attr, None)
+            if isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= experts.num_experts:
+                return k
+    return experts.num_experts
 
 
 _BIAS_DTYPES = _LAYER_DTYPES     # what OffloadedLinear accepts for its bias
 
 
-def _validate_weights(linears: Mapping[str, nn.Module], chosen: Mapping[str, str]) -> None:
-    """Everything quantize() and OffloadedLinear would reject, checked for every chosen layer first, so a
-    bad layer late in the model fails the call before the model is changed."""
+def _validate_weights(linears: Mapping[str, nn.Module], chosen: Mapping[str, str],
+                      experts: Mapping[str, tuple[nn.Module, Mapping[str, str]]] = {}) -> None:
+    """Everything quantize() and OffloadedLinear would reject, checked for every chosen layer (and experts
+    module: ``experts`` maps its name to (module, {projection: qtype})) first, so a bad layer late in the
+    model fails the call before the model is changed."""
     for name, q in chosen.items():
+        if name not in linears:
+            continue
         lin = linears[name]
         try:
             validate_weight(linear_weight(lin), get_spec(q))
@@ -369,6 +442,11 @@ def _validate_weights(linears: Mapping[str, nn.Module], chosen: Mapping[str, str
             raise type(exc)(f"{name}: {exc}") from exc
         if lin.bias is not None and lin.bias.dtype not in _BIAS_DTYPES:
             raise TypeError(f"{name}: bias dtype must be fp16, bf16 or fp32, got {lin.bias.dtype}")
+    for name, (module, qtypes) in experts.items():
+        try:
+            validate_experts(module, qtypes)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{name}.{exc}") from exc
 
 
 # The hook registries of an nn.Module. A replacement module takes the original's dict objects, so hooks
@@ -485,7 +563,8 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
         raise ValueError(f"no linear layer to quantize: all {len(skipped)} were kept ({reasons}"
                          f"{'; ...' if len(skipped) > 4 else ''})")
     linears = {name: m for name, m in model.named_modules() if name in chosen}
-    _validate_weights(linears, chosen)
+    experts = {name: (model.get_submodule(name), qtypes) for name, qtypes in selection.experts.items()}
+    _validate_weights(linears, chosen, experts)
     placement = plan_placement(specs, budget, fixed, num_slots, stream_whole_groups=stream_whole_blocks)
 
     # ---------------------------------------------------------------- quantize and replace
@@ -500,24 +579,38 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
     devices = _tensor_devices(model)
     had_streamer = streamer_of(model) is not None
     work_device = device if device.type == "cuda" else torch.device("cpu")
+    # One unit of work per linear, and one per experts module (both its projections).
+    expert_projections = {_join(e, p): e for e, (_, qtypes) in experts.items() for p in qtypes}
+    units = [n for n in chosen if n not in expert_projections] + list(experts)
+    units.sort(key=_model_order(model))
     try:
-        for name in tqdm(list(chosen), desc=f"quantizing to {qtype}", disable=not progress, unit="layer"):
-            lin = linears.pop(name)
-            qt = quantize(linear_weight(lin).to(work_device), chosen[name])
-            qt = qt.to(device) if name in resident else qt.to("cpu")
-            bias = None if lin.bias is None else lin.bias.detach()
-            new = OffloadedLinear.from_quantized(qt, bias)
-            _share_hooks(lin, new)
+        for name in tqdm(units, desc=f"quantizing to {qtype}", disable=not progress, unit="layer"):
+            if name in experts:
+                original, qtypes = experts.pop(name)
+                new = OffloadedExperts.from_experts(original, qtypes, device=work_device)
+                for proj in qtypes:
+                    child, full = new._modules[proj], _join(name, proj)
+                    child._buffers["weight"] = child.weight.to(device if full in resident else "cpu")
+                    replaced[full] = child
+            else:
+                original = linears.pop(name)
+                qt = quantize(linear_weight(original).to(work_device), chosen[name])
+                qt = qt.to(device) if name in resident else qt.to("cpu")
+                bias = None if original.bias is None else original.bias.detach()
+                new = OffloadedLinear.from_quantized(qt, bias)
+                replaced[name] = new
+            _share_hooks(original, new)
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, attr, new)
-            originals.append((parent, attr, lin))
-            replaced[name] = new
+            originals.append((parent, attr, original))
         for module, attr, value in _fast_path_guards(model, replaced):
             settings.append((module, attr, getattr(module, attr)))
             setattr(module, attr, value)
         apply_placement(model, replaced, placement, device)
-        return _report(device, qtype, placement, chosen, skipped, specs, measure, token_counts)
+        report = _report(device, qtype, placement, chosen, skipped, specs, measure, token_counts)
+        report.experts = list(selection.experts)
+        return report
     except BaseException:
         _roll_back(model, originals, devices, had_streamer, settings)
         raise
@@ -560,6 +653,12 @@ def _report(device, qtype, placement, chosen, skipped, specs, measure, token_cou
     predictions = predict_throughput(specs, placement, hw, token_counts) if hw else []
     return OffloadReport(str(device), qtype, placement.num_slots, placement, dict(chosen), dict(skipped), hw,
                          predictions)
+
+
+def _model_order(model: nn.Module):
+    """A sort key putting module names in the model's module order."""
+    position = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return lambda name: position[name]
 
 
 def streamer_of(model: nn.Module) -> Optional[WeightStreamer]:

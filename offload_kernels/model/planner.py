@@ -5,10 +5,14 @@ number of staging slots, decide which layers stay resident and which stream thro
 engine; then predict tokens/s per batch size from measured link, HBM and matmul ceilings.
 
 Time model for one forward of M tokens (a roofline per layer, copies overlapping compute):
-    t_compute(M) = sum over layers of max(bytes / HBM, 2 * M * params / matmul FLOP/s)
+    t_compute(M) = sum over layers of max(bytes read / HBM, 2 * M * params used per token / matmul FLOP/s)
     t_link       = streamed bytes / link bandwidth
     t(M)         = max(t_link, t_compute(M)) + non-linear work (ignored: norms, attention over short
                    contexts and embeddings are small next to the weights at these sizes)
+
+A stack of E experts of which each token uses k (a MoE layer) streams all its bytes, but each token
+multiplies by k/E of its weights, and M tokens read the expected share of experts that any of them chose,
+1 - (1 - k/E)**M, from device memory (routing taken as uniform).
 """
 
 from __future__ import annotations
@@ -33,10 +37,21 @@ class LinearSpec:
     qtype: str | None              # None: kept unquantized (``unquantized_bytes_per_weight`` per weight)
     group: str                     # the block it streams with (e.g. "model.layers.3"); "" for none
     unquantized_bytes_per_weight: int = 2
+    num_experts: int = 1           # a MoE projection: E experts stacked along out_features ...
+    experts_per_token: int = 1     # ... of which each token uses k
 
     @property
     def params(self) -> int:
         return self.out_features * self.in_features
+
+    @property
+    def active_fraction(self) -> float:
+        """The share of the weights one token multiplies by (k/E for experts, else 1)."""
+        return min(1.0, self.experts_per_token / self.num_experts)
+
+    def read_fraction(self, tokens: int) -> float:
+        """The expected share of the weights ``tokens`` tokens read: the experts any of them chose."""
+        return 1.0 - (1.0 - self.active_fraction) ** tokens
 
     @property
     def nbytes(self) -> int:
@@ -238,9 +253,10 @@ def predict_throughput(linears: Sequence[LinearSpec], placement: Placement, hw: 
     for m in token_counts:
         if m < 1:
             raise ValueError(f"token counts must be positive, got {m}")
-        t_mem = sum(lin.nbytes for lin in linears) / hw.hbm_bytes_per_s
-        t_flop = sum(2 * m * lin.params for lin in linears) / hw.matmul_flops
-        t_compute = sum(max(lin.nbytes / hw.hbm_bytes_per_s, 2 * m * lin.params / hw.matmul_flops) for lin in linears)
+        reads = [lin.nbytes * lin.read_fraction(m) / hw.hbm_bytes_per_s for lin in linears]
+        flops = [2 * m * lin.params * lin.active_fraction / hw.matmul_flops for lin in linears]
+        t_mem, t_flop = sum(reads), sum(flops)
+        t_compute = sum(map(max, reads, flops))
         t = max(t_link, t_compute)
         bound = "link" if t_link >= t_compute else ("memory" if t_mem >= t_flop else "compute")
         out.append(Prediction(m, t, m / t, bound))

@@ -1,0 +1,313 @@
+"""OffloadedExperts: a mixture-of-experts layer whose stacked expert weights are GGUF-quantized.
+
+transformers keeps the experts of a MoE block (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, OLMoE, gpt-oss, GLM-4.5,
+...) as one module holding 3-D parameters, not nn.Linear modules: ``gate_up_proj`` (or ``up_proj`` where
+there is no gate) of shape (E, out, in) and ``down_proj`` of shape (E, hidden, intermediate), transposed to
+(E, in, out) in models whose class says ``is_transposed``. Such a module is called with the router's choice,
+``forward(hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k))``, and classes that follow that
+contract carry transformers' ``use_experts_implementation`` flags (``has_gate``, ``has_bias``,
+``is_transposed``, ...), which is what :func:`is_experts_module` recognizes.
+
+Each projection's E expert matrices become one quantized weight of E * out rows: an OffloadedLinear
+child named after the parameter it replaces (``gate_up_proj``, ``down_proj``), whose expert e is rows
+e * out ... (e + 1) * out, a contiguous slice of the GGUF bytes (llama.cpp's ``ffn_*_exps`` tensors are laid
+out the same way). Being OffloadedLinear modules, the two projections are placed by offload() like any
+linear: resident, or streamed with their transformer block through the transfer engine.
+
+The forward computes what transformers' expert implementations compute: for each expert that any token
+chose, up (and gate) projection, the class's own gating (``_apply_gate``: SwiGLU for most, gpt-oss's clamped
+variant, interleaved or concatenated gate/up rows) or activation, down projection, the optional
+post-expert norm, then the routing weight; the contributions are summed per token in fp32. One device to
+host synchronization per call reads how many tokens each expert got (transformers' eager path does the same).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+from ..formats import QuantizedTensor, get_spec, quantize
+from ..formats.quantize import validate_weight
+from .offloaded_linear import _FLOAT_DTYPES, OffloadedLinear
+
+#: The flags transformers' ``use_experts_implementation`` sets on an experts module.
+_EXPERT_FLAGS = ("has_gate", "has_bias", "is_transposed")
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers experts module this package can quantize: it carries the
+    ``use_experts_implementation`` flags, an int ``num_experts`` and 3-D float projection parameters."""
+    if isinstance(module, OffloadedExperts) or not isinstance(module, nn.Module):
+        return False
+    if not all(isinstance(getattr(module, f, None), bool) for f in _EXPERT_FLAGS):
+        return False
+    if getattr(module, "has_post_expert_norm", False) and not isinstance(getattr(module, "post_expert_norm", None),
+                                                                         nn.Module):
+        return False
+    e = getattr(module, "num_experts", None)
+    if isinstance(e, bool) or not isinstance(e, int) or e < 1:
+        return False
+    for name in projection_names(module):
+        w = module._parameters.get(name)
+        if not isinstance(w, torch.Tensor) or w.dim() != 3 or w.shape[0] != e or not w.is_floating_point():
+            return False
+    return True
+
+
+def projection_names(module: nn.Module) -> tuple[str, str]:
+    """The names of an experts module's two projection parameters, in the order they are applied."""
+    return ("gate_up_proj" if module.has_gate else "up_proj", "down_proj")
+
+
+def projection_shape(module: nn.Module, name: str) -> tuple[int, int, int]:
+    """(experts, out_features, in_features) of projection ``name``: nn.Linear's order whatever the storage."""
+    e, a, b = module._parameters[name].shape
+    return (int(e), int(b), int(a)) if module.is_transposed else (int(e), int(a), int(b))
+
+
+def expert_weight(module: nn.Module, name: str, expert: int) -> torch.Tensor:
+    """Expert ``expert``'s (out_features, in_features) matrix of projection ``name`` (a view, detached)."""
+    w = module._parameters[name].detach()[expert]
+    return w.t() if module.is_transposed else w
+
+
+def validate_experts(module: nn.Module, qtypes: Mapping[str, str]) -> None:
+    """What quantizing ``module``'s projections to ``qtypes`` ({name: qtype}) would reject, raised first."""
+    for name, qtype in qtypes.items():
+        spec = get_spec(qtype)
+        e = projection_shape(module, name)[0]
+        for i in range(e):
+            try:
+                validate_weight(expert_weight(module, name, i), spec)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{name}, expert {i}: {exc}") from exc
+        bias = module._parameters.get(f"{name}_bias") if module.has_bias else None
+        if bias is not None and bias.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name}_bias dtype must be fp16, bf16 or fp32, got {bias.dtype}")
+
+
+def quantize_projection(module: nn.Module, name: str, qtype: str,
+                        device: "torch.device | str | None" = None) -> QuantizedTensor:
+    """Projection ``name`` as one QuantizedTensor of shape (E * out, in), quantized expert by expert (on
+    ``device`` if given, else where the weight is), so at most one expert's float matrix is copied at a time."""
+    spec = get_spec(qtype)
+    e, out, k = projection_shape(module, name)
+    parts = []
+    for i in range(e):
+        w = expert_weight(module, name, i)
+        parts.append(quantize(w.to(device) if device is not None else w, spec).data)
+    return QuantizedTensor(torch.cat(parts), spec, (e * out, k))
+
+
+class OffloadedExperts(nn.Module):
+    """A transformers experts module with its projections as GGUF-quantized OffloadedLinear children.
+
+    Built by :meth:`from_experts` (offload() does it for every experts module of a model). Keeps the
+    original's attributes (``num_experts``, ``act_fn``, the flags, gating constants such as gpt-oss's
+    ``alpha``/``limit``) and children other than the projections (``post_expert_norm``), and calls its class's
+    ``_apply_gate``.
+
+    state_dict keys: ``<proj>.weight`` (uint8 GGUF bytes of all experts, (E * out, row_bytes)),
+    ``<proj>.weight_format`` and, for classes with biases, ``<proj>.bias`` (E * out,). A float checkpoint
+    of the original module (``gate_up_proj`` of shape (E, out, in) or its transposed form,
+    ``gate_up_proj_bias`` of shape (E, out)) loads too: it is quantized to each projection's format.
+    """
+
+    def __init__(self, original: nn.Module, projections: Mapping[str, OffloadedLinear]):
+        super().__init__()
+        if not is_experts_module(original):
+            raise TypeError(f"{type(original).__name__} is not a transformers experts module (it needs the "
+                            f"use_experts_implementation flags {', '.join(_EXPERT_FLAGS)}, num_experts and 3-D "
+                            f"projection parameters)")
+        names = projection_names(original)
+        if set(projections) != set(names):
+            raise ValueError(f"projections must be exactly {names}, got {tuple(projections)}")
+        self.num_experts = original.num_experts
+        self._expert_shapes: dict[str, tuple[int, int]] = {}
+        for name in names:
+            e, out, k = projection_shape(original, name)
+            layer = projections[name]
+            if not isinstance(layer, OffloadedLinear):
+                raise TypeError(f"{name} must be an OffloadedLinear, got {type(layer).__name__}")
+            if (layer.out_features, layer.in_features) != (e * out, k):
+                raise ValueError(f"{name}: an OffloadedLinear of ({e * out}, {k}) is needed for {e} experts of "
+                                 f"({out}, {k}), got ({layer.out_features}, {layer.in_features})")
+            if (layer.bias is not None) != bool(original.has_bias):
+                raise ValueError(f"{name}: the experts {'have' if original.has_bias else 'have no'} biases but "
+                                 f"the OffloadedLinear {'has none' if layer.bias is None else 'has one'}")
+            self._expert_shapes[name] = (out, k)
+        # The original's plain attributes (flags, act_fn as a function, gating constants, config) and its
+        # children other than the projections, so that its class's _apply_gate finds what it reads.
+        for key, value in original.__dict__.items():
+            if not key.startswith("_") and key != "training":
+                self.__dict__.setdefault(key, value)
+        self._is_expert_parallel = bool(getattr(original, "_is_expert_parallel", False))
+        for key, child in original._modules.items():
+            if key not in names:
+                self.add_module(key, child)
+        for key, p in original._parameters.items():
+            if key not in names and key not in {f"{n}_bias" for n in names}:
+                self.register_parameter(key, p)
+        for key, b in original._buffers.items():
+            self.register_buffer(key, b, persistent=key not in original._non_persistent_buffers_set)
+        self._apply_gate_fn = type(original)._apply_gate if original.has_gate else None
+        self._original_class = type(original).__name__
+        self.hidden_size = projection_shape(original, names[0])[2]
+        for name in names:
+            self.add_module(name, projections[name])
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_experts(cls, module: nn.Module, qtype: "str | Mapping[str, str]" = "q4_k",
+                     device: "torch.device | str | None" = None) -> "OffloadedExperts":
+        """Quantize ``module``'s projections (``qtype``: one format, or {projection name: format}, e.g.
+        ``{"gate_up_proj": "q4_k", "down_proj": "q6_k"}`` as Q4_K_M files do) on ``device`` if given, else where
+        the weights are. Everything is checked first (in_features a multiple of the block, finite weights)."""
+        if not is_experts_module(module):
+            raise TypeError(f"from_experts expects a transformers experts module (with the "
+                            f"use_experts_implementation flags), got {type(module).__name__}")
+        names = projection_names(module)
+        if isinstance(qtype, Mapping):
+            unknown = set(qtype) - set(names)
+            missing = set(names) - set(qtype)
+            if unknown or missing:
+                raise ValueError(f"qtype mapping must name exactly {names}, got {tuple(qtype)}")
+            qtypes = {n: get_spec(qtype[n]).name for n in names}
+        else:
+            qtypes = {n: get_spec(qtype).name for n in names}
+        validate_experts(module, qtypes)
+        projections = {}
+        for name in names:
+            qt = quantize_projection(module, name, qtypes[name], device)
+            bias = module._parameters.get(f"{name}_bias") if module.has_bias else None
+            if bias is not None:
+                bias = bias.detach().reshape(-1).to(qt.device)
+            projections[name] = OffloadedLinear.from_quantized(qt, bias)
+        return cls(module, projections)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def qtypes(self) -> dict[str, str]:
+        return {name: self._modules[name].qtype for name in self._expert_shapes}
+
+    def expert_weights(self, name: str, expert: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Expert ``expert``'s dequantized (out_features, in_features) matrix of projection ``name``."""
+        out, k = self._expert_shapes[name]
+        qt = self._modules[name].quantized_weight()
+        return QuantizedTensor(qt.data[expert * out:(expert + 1) * out], qt.spec, (out, k)).dequantize(dtype)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        from ..kernels import qmatmul
+
+        x, index, weights = self._check_inputs(hidden_states, top_k_index, top_k_weights)
+        tokens, k = index.shape
+        e_count = self.num_experts
+        flat = index.reshape(-1)
+        # Tokens grouped by expert: one sort, and one read of the per-expert counts (the only sync).
+        order = torch.argsort(flat, stable=True)
+        bins = torch.bincount(flat.clamp(-1, e_count) + 1, minlength=e_count + 2).tolist()
+        if bins[0]:
+            raise ValueError(f"top_k_index holds {bins[0]} negative expert ids")
+        if bins[-1] and not self._is_expert_parallel:
+            raise ValueError(f"top_k_index holds {bins[-1]} expert ids >= num_experts={e_count}")
+        counts = bins[1:-1]                      # expert-parallel sentinels (>= num_experts) sort last: skipped
+        up_name, down_name = tuple(self._expert_shapes)
+        up_layer, down_layer = self._modules[up_name], self._modules[down_name]
+        up_out, down_out = self._expert_shapes[up_name][0], self._expert_shapes[down_name][0]
+        # Both projections are acquired (and released) once per call whatever the routing: a streamed
+        # block's layer uses per forward stay what the streamer learned.
+        up_qt = up_layer._device_weight(x)
+        down_qt = down_layer._device_weight(x)
+        up_bias = None if up_layer.bias is None else up_layer.bias.to(x.dtype)
+        down_bias = None if down_layer.bias is None else down_layer.bias.to(x.dtype)
+        out = torch.zeros(tokens, down_out, dtype=torch.float32, device=x.device)
+        flat_weights = weights.reshape(-1)
+        start = 0
+        for expert, count in enumerate(counts):
+            if not count:
+                continue
+            rows = order[start:start + count]
+            start += count
+            token = rows // k
+            h = qmatmul(x[token], _rows_of(up_qt, expert, up_out),
+                        None if up_bias is None else up_bias[expert * up_out:(expert + 1) * up_out])
+            h = self._apply_gate_fn(self, h) if self._apply_gate_fn is not None else self.act_fn(h)
+            y = qmatmul(h, _rows_of(down_qt, expert, down_out),
+                        None if down_bias is None else down_bias[expert * down_out:(expert + 1) * down_out])
+            if getattr(self, "has_post_expert_norm", False):
+                y = self.post_expert_norm(y)
+            out.index_add_(0, token, y.float() * flat_weights[rows, None].float())
+        up_layer._release_device_weight()
+        down_layer._release_device_weight()
+        return out.to(x.dtype).view(hidden_states.shape[:-1] + (down_out,))
+
+    def _check_inputs(self, hidden_states, top_k_index, top_k_weights):
+        if not isinstance(hidden_states, torch.Tensor):
+            raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
+        if hidden_states.dim() == 0 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden_states' last dimension must be the hidden size {self.hidden_size}, got "
+                             f"shape {tuple(hidden_states.shape)}")
+        if hidden_states.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"hidden_states dtype must be fp16, bf16 or fp32, got {hidden_states.dtype}")
+        x = hidden_states.reshape(-1, self.hidden_size)
+        for name, t in (("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() < 1 or t.shape[:-1] != hidden_states.shape[:-1]:
+                raise ValueError(f"{name} must be (tokens, top_k) for hidden_states of shape "
+                                 f"{tuple(hidden_states.shape)}, got shape {tuple(t.shape)}")
+            if t.device != hidden_states.device:
+                raise ValueError(f"{name} is on {t.device} but hidden_states is on {hidden_states.device}")
+        if top_k_index.shape != top_k_weights.shape:
+            raise ValueError(f"top_k_index {tuple(top_k_index.shape)} and top_k_weights "
+                             f"{tuple(top_k_weights.shape)} must have the same shape")
+        if top_k_index.dtype.is_floating_point or top_k_index.dtype in (torch.bool, torch.uint8) \
+                or top_k_index.dtype.is_complex:
+            raise TypeError(f"top_k_index must hold integer expert ids, got {top_k_index.dtype}")
+        if not top_k_weights.is_floating_point():
+            raise TypeError(f"top_k_weights must be a float tensor, got {top_k_weights.dtype}")
+        k = top_k_index.shape[-1]
+        return x, top_k_index.reshape(-1, k).long(), top_k_weights.reshape(-1, k)
+
+    # ------------------------------------------------------------------ state dict
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # The original module's float parameters (3-D expert stacks, 2-D biases) become the children's
+        # nn.Linear-shaped entries, which OffloadedLinear quantizes to its format when it loads them.
+        for name, (out, k) in self._expert_shapes.items():
+            w = state_dict.get(prefix + name)
+            if isinstance(w, torch.Tensor):
+                expected = (self.num_experts, k, out) if self.is_transposed else (self.num_experts, out, k)
+                if tuple(w.shape) != expected:
+                    error_msgs.append(f"{prefix + name}: expert weights of shape {tuple(w.shape)} do not match "
+                                      f"{expected}")
+                    del state_dict[prefix + name]
+                    continue
+                w = w.transpose(1, 2) if self.is_transposed else w
+                state_dict[f"{prefix}{name}.weight"] = w.reshape(self.num_experts * out, k)
+                del state_dict[prefix + name]
+            b = state_dict.get(f"{prefix}{name}_bias")
+            if isinstance(b, torch.Tensor) and self._modules[name].bias is not None:
+                state_dict[f"{prefix}{name}.bias"] = b.reshape(-1)
+                del state_dict[f"{prefix}{name}_bias"]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        shapes = ", ".join(f"{n}=({self.num_experts} x {o}, {k}) {self._modules[n].qtype}"
+                           for n, (o, k) in self._expert_shapes.items())
+        return f"{self._original_class}: num_experts={self.num_experts}, {shapes}"
+
+
+def _rows_of(qt: QuantizedTensor, expert: int, rows: int) -> QuantizedTensor:
+    """Expert ``expert``'s (rows, K) slice of a stacked projection: a view of its bytes."""
+    return QuantizedTensor._from_validated(qt.data[expert * rows:(expert + 1) * rows], qt.spec,
+                                           (rows, qt.shape[1]))
+
+
+__all__ = ["OffloadedExperts", "expert_weight", "is_experts_module", "projection_names", "projection_shape",
+           "quantize_projection", "validate_experts"]

@@ -1,0 +1,251 @@
+"""offload() on mixture-of-experts models: transformers' experts modules (3-D expert stacks, not nn.Linear)
+become OffloadedExperts, resident or streamed with their block. CPU path (torch kernels + host engine)."""
+
+import copy
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+from offload_kernels import OffloadedExperts, OffloadedLinear, offload
+from offload_kernels.model import streamer_of
+from offload_kernels.model.offload import select_linears
+from offload_kernels.model.planner import budget_for_resident_fraction
+
+transformers = pytest.importorskip("transformers")
+
+# The CPU path multiplies the dequantized weights in fp32 like the reference: only summation order differs.
+RTOL = 1e-5
+VOCAB = 300
+
+
+def tiny_moe(arch: str, layers: int = 4, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+    if arch == "mixtral":
+        cfg = transformers.MixtralConfig(intermediate_size=512, num_local_experts=4, num_experts_per_tok=2, **common)
+        return transformers.MixtralForCausalLM(cfg).eval()
+    if arch == "qwen3_moe":       # experts only on some layers, the others dense
+        cfg = transformers.Qwen3MoeConfig(intermediate_size=512, moe_intermediate_size=256, num_experts=8,
+                                          num_experts_per_tok=2, head_dim=64, decoder_sparse_step=1,
+                                          mlp_only_layers=[1], **common)
+        return transformers.Qwen3MoeForCausalLM(cfg).eval()
+    if arch == "gpt_oss":         # transposed stacks with biases, interleaved gate/up, its own gating
+        cfg = transformers.GptOssConfig(intermediate_size=256, num_local_experts=4, num_experts_per_tok=2,
+                                        head_dim=64, layer_types=["sliding_attention", "full_attention"] * (layers // 2),
+                                        **common)
+        model = transformers.GptOssForCausalLM(cfg).eval()
+        with torch.no_grad():     # transformers initializes the expert biases to zero: make them count
+            for name, p in model.named_parameters():
+                if name.endswith("_bias"):
+                    p.normal_(0, 0.02)
+        return model
+    if arch == "phimoe":          # its router is an nn.Linear subclass with its own forward: kept
+        cfg = transformers.PhimoeConfig(intermediate_size=512, num_local_experts=4, num_experts_per_tok=2, **common)
+        return transformers.PhimoeForCausalLM(cfg).eval()
+    raise ValueError(arch)
+
+
+ARCHS = ["mixtral", "qwen3_moe", "gpt_oss", "phimoe"]
+
+
+def dequantized_reference(original: nn.Module, offloaded: nn.Module) -> nn.Module:
+    """``original`` with every quantized weight (linears and expert stacks) set to its dequantized value."""
+    ref = copy.deepcopy(original)
+    with torch.no_grad():
+        for name, module in offloaded.named_modules():
+            if isinstance(module, OffloadedExperts):
+                target = ref.get_submodule(name)
+                for proj in module.qtypes:
+                    w = torch.stack([module.expert_weights(proj, e) for e in range(module.num_experts)])
+                    getattr(target, proj).copy_(w.transpose(1, 2) if module.is_transposed else w)
+            elif isinstance(module, OffloadedLinear) and not _inside_experts(offloaded, name):
+                ref.get_submodule(name).weight.data = module.dequantized_weight(torch.float32)
+    return ref
+
+
+def _inside_experts(model, name):
+    parent = name.rpartition(".")[0]
+    return bool(parent) and isinstance(model.get_submodule(parent), OffloadedExperts)
+
+
+def streaming_budget(model, qtype, fraction_streamed=0.75, num_slots=2):
+    sel = select_linears(model, qtype)
+    return budget_for_resident_fraction(sel.specs, sel.fixed_bytes, 1 - fraction_streamed, num_slots)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("streamed", [False, True])
+def test_logits_match_the_dequantized_model(arch, streamed, ids):
+    model = tiny_moe(arch)
+    off = copy.deepcopy(model)
+    budget = streaming_budget(model, "q8_0") if streamed else None
+    report = offload(off, "q8_0", gpu_budget=budget, device="cpu", progress=False, measure=False)
+    assert bool(report.placement.streamed_groups) == streamed
+    experts = [n for n, m in off.named_modules() if isinstance(m, OffloadedExperts)]
+    assert experts and report.experts == experts
+    assert not any(m.__class__.__name__.endswith("Experts") and not isinstance(m, OffloadedExperts)
+                   for m in off.modules()), "an experts module was left unquantized"
+    for name in experts:
+        for proj in off.get_submodule(name).qtypes:
+            assert report.quantized[f"{name}.{proj}"] == "q8_0"
+    ref = dequantized_reference(model, off)
+    with torch.no_grad():
+        expected = ref(ids).logits
+        for _ in range(3):                      # learning pass, then prefetching passes
+            got = off(ids).logits
+            torch.testing.assert_close(got, expected, rtol=RTOL, atol=RTOL * expected.abs().max())
+    if streamed:
+        s = streamer_of(off).stats()
+        assert s["bytes_copied"] > 0 and s["mispredictions"] == 0
+    out = off.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 9)
+
+
+def test_routing_changes_between_passes_never_give_wrong_answers(ids):
+    """Streamed MoE blocks are copied whole: whichever experts a pass picks, the slot holds them all."""
+    model = tiny_moe("mixtral", layers=6)
+    off = copy.deepcopy(model)
+    offload(off, "q4_k", gpu_budget=streaming_budget(model, "q4_k"), device="cpu", progress=False, measure=False)
+    ref = dequantized_reference(model, off)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for tokens in (1, 17, 3, 40, 1):
+            batch = torch.randint(0, VOCAB, (1, tokens), generator=g)
+            expected = ref(batch).logits
+            torch.testing.assert_close(off(batch).logits, expected, rtol=RTOL, atol=RTOL * expected.abs().max())
+    assert streamer_of(off).mispredictions == 0
+
+
+def test_overrides_and_skips_reach_the_expert_projections(ids):
+    model = tiny_moe("qwen3_moe")
+    sel = select_linears(model, "q4_k", qtype_overrides={"*.down_proj": "q6_k"})
+    assert sel.chosen["model.layers.0.mlp.experts.down_proj"] == "q6_k"
+    assert sel.chosen["model.layers.0.mlp.experts.gate_up_proj"] == "q4_k"
+    assert sel.chosen["model.layers.1.mlp.down_proj"] == "q6_k"            # the dense layer's nn.Linear too
+    assert sel.experts["model.layers.0.mlp.experts"] == {"gate_up_proj": "q4_k", "down_proj": "q6_k"}
+    # an experts module is quantized whole or kept whole
+    off = copy.deepcopy(model)
+    report = offload(off, "q4_k", skip=["lm_head", "*.experts.down_proj"], device="cpu", progress=False,
+                     measure=False)
+    assert not any(isinstance(m, OffloadedExperts) for m in off.modules()) and report.experts == []
+    reason = report.skipped["model.layers.0.mlp.experts.gate_up_proj"]
+    assert "quantized whole" in reason and "down_proj is kept (skipped by configuration)" in reason
+    assert isinstance(off.model.layers[0].self_attn.q_proj, OffloadedLinear)
+    with torch.no_grad():
+        off(ids)
+
+
+def test_expert_stacks_whose_in_features_the_block_does_not_divide_take_the_fallback():
+    model = tiny_moe("qwen3_moe")
+    for layer in model.model.layers:          # a 96-wide expert intermediate size: no q4_k super-block fits
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is not None:
+            experts.gate_up_proj = nn.Parameter(torch.randn(8, 192, 256) * 0.05)
+            experts.down_proj = nn.Parameter(torch.randn(8, 256, 96) * 0.05)
+    sel = select_linears(model, "q4_k")
+    assert "model.layers.0.mlp.experts.gate_up_proj" not in sel.chosen
+    assert "not a multiple of the q4_k block size 256" in sel.skipped["model.layers.0.mlp.experts.down_proj"]
+    sel = select_linears(model, "q4_k", fallback_qtype={"q4_k": "q5_0"})
+    assert sel.experts["model.layers.0.mlp.experts"] == {"gate_up_proj": "q4_k", "down_proj": "q5_0"}
+
+
+def test_planner_sees_the_experts_each_token_uses():
+    model = tiny_moe("qwen3_moe")
+    sel = select_linears(model, "q4_k")
+    spec = next(s for s in sel.specs if s.name == "model.layers.0.mlp.experts.down_proj")
+    assert (spec.num_experts, spec.experts_per_token) == (8, 2)
+    assert (spec.out_features, spec.in_features) == (8 * 256, 256)
+    assert spec.read_fraction(1) == pytest.approx(0.25)
+    assert spec.read_fraction(4096) == pytest.approx(1.0)
+    dense = next(s for s in sel.specs if s.name == "model.layers.1.mlp.down_proj")
+    assert dense.num_experts == 1 and dense.read_fraction(1) == 1.0
+
+
+def test_state_dict_round_trip(tmp_path, ids):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_moe("gpt_oss", seed=1)
+    offload(model, "q4_k", gpu_budget=streaming_budget(model, "q4_k"), device="cpu", progress=False, measure=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "m.safetensors")
+    fresh = tiny_moe("gpt_oss", seed=2)
+    offload(fresh, "q4_k", gpu_budget=streaming_budget(fresh, "q4_k"), device="cpu", progress=False, measure=False)
+    missing, unexpected = fresh.load_state_dict(load_file(tmp_path / "m.safetensors"), strict=False)
+    assert not unexpected and not missing
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_hooks_on_experts_modules_still_fire(ids):
+    model = tiny_moe("mixtral")
+    calls = []
+    model.model.layers[0].mlp.experts.register_forward_hook(lambda *a: calls.append("experts"))
+    offload(model, "q8_0", gpu_budget=streaming_budget(model, "q8_0"), device="cpu", progress=False, measure=False)
+    assert isinstance(model.model.layers[0].mlp.experts, OffloadedExperts)
+    with torch.no_grad():
+        model(ids)
+    assert calls == ["experts"]
+
+
+def _snapshot(model):
+    return list(model.named_modules()), {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model, snapshot):
+    modules, state = snapshot
+    now = list(model.named_modules())
+    assert [n for n, _ in now] == [n for n, _ in modules]
+    assert all(a is b for (_, a), (_, b) in zip(now, modules)), "a module was not restored"
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert streamer_of(model) is None
+
+
+def test_bad_expert_weight_fails_before_anything_is_replaced():
+    model = tiny_moe("mixtral")
+    with torch.no_grad():
+        model.model.layers[3].mlp.experts.down_proj[2, 5, 7] = float("inf")
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match=r"model\.layers\.3\.mlp\.experts\.down_proj, expert 2: weight contains "
+                                         r"NaN or Inf"):
+        offload(model, "q8_0", device="cpu", progress=False, measure=False)
+    _assert_unchanged(model, snapshot)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_failure_mid_loop_restores_the_experts(monkeypatch, streamed):
+    layers_module = importlib.import_module("offload_kernels.model.offload")
+    model = tiny_moe("mixtral")
+    snapshot = _snapshot(model)
+    real, n = layers_module.OffloadedExperts.from_experts, []
+
+    def second_call_fails(module, qtype, device=None):
+        n.append(1)
+        if len(n) == 2:
+            raise RuntimeError("injected failure")
+        return real(module, qtype, device)
+
+    monkeypatch.setattr(layers_module.OffloadedExperts, "from_experts", second_call_fails)
+    budget = streaming_budget(model, "q8_0") if streamed else None
+    with pytest.raises(RuntimeError, match="injected failure"):
+        offload(model, "q8_0", gpu_budget=budget, device="cpu", progress=False, measure=False)
+    _assert_unchanged(model, snapshot)
+
+
+def test_linear_subclasses_with_their_own_forward_are_kept_and_plain_ones_replaced():
+    phimoe = tiny_moe("phimoe", layers=2)
+    sel = select_linears(phimoe, "q8_0")
+    assert "overrides nn.Linear.forward" in sel.skipped["model.layers.0.mlp.router"]
+    assert "model.layers.0.mlp.router" not in sel.chosen
+    torch.manual_seed(0)
+    falcon = transformers.FalconForCausalLM(transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=256, num_hidden_layers=2, num_attention_heads=4)).eval()
+    sel = select_linears(falcon, "q8_0")
+    assert "transformer.h.0.mlp.dense_h_to_4h" in sel.chosen          # FalconLinear computes x @ W.T (+ b)
