@@ -12,7 +12,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -330,13 +330,24 @@ def _metadata_value(key: str, value: Any) -> tuple[Any, GGUFValueType, "GGUFValu
     raise TypeError(f"metadata {key!r}: cannot store metadata value of type {type(value).__name__} in GGUF")
 
 
-def _prepare_tensor(name: Any, t: Any) -> tuple[str, np.ndarray, "GGMLQuantizationType | None"]:
+def _prepare_tensor(name: Any, t: Any, shape: "Sequence[int] | None" = None,
+                    ) -> tuple[str, np.ndarray, "GGMLQuantizationType | None"]:
     if not isinstance(name, str) or not name:
         raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
     if len(name.encode("utf-8", "replace")) > _MAX_TENSOR_NAME:
         raise ValueError(f"tensor name {name!r} is longer than {_MAX_TENSOR_NAME} bytes (llama.cpp's limit)")
     if isinstance(t, QuantizedTensor):
-        return name, t.data.detach().cpu().contiguous().numpy(), t.spec.ggml_type
+        data = t.data.detach().cpu().contiguous().numpy()
+        if shape is not None:
+            shape = tuple(int(d) for d in shape)
+            n, k = t.shape
+            if not 2 <= len(shape) <= 4 or shape[-1] != k or int(np.prod(shape[:-1])) != n:
+                raise ValueError(f"tensor {name!r}: shape {shape} does not split the {t.qtype} tensor of shape "
+                                 f"{tuple(t.shape)} into leading dimensions (2 to 4 dimensions, the last {k})")
+            data = data.reshape(*shape[:-1], t.row_bytes)
+        return name, data, t.spec.ggml_type
+    if shape is not None:
+        raise ValueError(f"tensor {name!r}: shapes are only given for QuantizedTensors (a torch tensor has its own)")
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"tensor {name!r}: expected QuantizedTensor or torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _TORCH_TO_GGML:
@@ -350,8 +361,12 @@ def _prepare_tensor(name: Any, t: Any) -> tuple[str, np.ndarray, "GGMLQuantizati
 
 
 def write_gguf(path: "str | os.PathLike[str]", tensors: Mapping[str, "QuantizedTensor | torch.Tensor"],
-               metadata: Mapping[str, Any] | None = None, architecture: str | None = None) -> Path:
+               metadata: Mapping[str, Any] | None = None, architecture: str | None = None,
+               shapes: "Mapping[str, Sequence[int]] | None" = None) -> Path:
     """Write tensors (QuantizedTensors keep their exact bytes; plain tensors their dtype) and metadata.
+
+    ``shapes`` gives quantized tensors of more than two dimensions their torch-order shape: the rows of the
+    (rows, K) QuantizedTensor split into leading dimensions, e.g. an expert stack's (experts, rows, K).
 
     ``metadata`` values are Python scalars, strings or flat lists (types inferred: int -> uint32/int32
     (64-bit when needed), float -> float32), or ``(value, gguf.GGUFValueType)`` to choose the type exactly.
@@ -361,7 +376,11 @@ def write_gguf(path: "str | os.PathLike[str]", tensors: Mapping[str, "QuantizedT
     directory and renamed into place, so a failure never leaves a partial file at ``path``.
     """
     path = Path(path)
-    prepared = [_prepare_tensor(name, t) for name, t in tensors.items()]
+    shapes = dict(shapes or {})
+    unknown = [n for n in shapes if n not in tensors]
+    if unknown:
+        raise ValueError(f"shapes given for tensors that are not written: {', '.join(map(repr, unknown[:4]))}")
+    prepared = [_prepare_tensor(name, t, shapes.get(name)) for name, t in tensors.items()]
     metadata = dict(metadata or {})
     for key in metadata:
         if not isinstance(key, str) or not key:

@@ -1,4 +1,5 @@
-"""save_gguf: a transformers llama/mistral/qwen2/qwen3/phi3/gemma2/gemma3 causal LM -> a llama.cpp GGUF file.
+"""save_gguf: a transformers llama/mistral/qwen2/qwen3/phi3/gemma2/gemma3/qwen3_moe causal LM -> a llama.cpp GGUF
+file.
 
 Linears are quantized with this package's ggml-exact quantizers (or, for OffloadedLinear layers, their
 bytes are written as they are), attn_q/attn_k rows (and their biases) are permuted the way llama.cpp's
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -17,20 +19,23 @@ import torch
 from torch import nn
 
 from ..formats import LLAMA_QUANTIZE_FALLBACKS, QTYPES, QuantizedTensor, quantize, write_gguf
-from ..layers import OffloadedLinear
+from ..layers import OffloadedExperts, OffloadedLinear
+from ..layers.offloaded_experts import is_experts_module, projection_shape
 from .gguf_model import permute_rows
-from .gguf_names import (GEMMA_ARCHITECTURES, HF_TO_GGUF_ARCHITECTURE, OUTPUT, PERMUTED_QK_ARCHITECTURES,
-                         SLIDING_WINDOW_ARCHITECTURES, hf_to_gguf_name, qk_side)
+from .gguf_names import (GEMMA_ARCHITECTURES, HF_TO_GGUF_ARCHITECTURE, MOE_ARCHITECTURES, OUTPUT,
+                         PERMUTED_QK_ARCHITECTURES, SLIDING_WINDOW_ARCHITECTURES, hf_to_gguf_name, qk_side)
 from .gemma import gemma_metadata
 from .gguf_rope import config_rope_metadata
 from .offload import _format_for
 
 # Per-tensor overrides approximating llama.cpp's mixed presets (GGUF-name glob -> qtype).
 MIXES: dict[str, dict[str, str]] = {
-    "q4_k_m": {"*.attn_v.weight": "q6_k", "*.ffn_down.weight": "q6_k", "output.weight": "q6_k"},
-    "q3_k_m": {"*.attn_v.weight": "q5_k", "*.ffn_down.weight": "q5_k", "output.weight": "q6_k"},
+    "q4_k_m": {"*.attn_v.weight": "q6_k", "*.ffn_down.weight": "q6_k", "*.ffn_down_exps.weight": "q6_k",
+               "output.weight": "q6_k"},
+    "q3_k_m": {"*.attn_v.weight": "q5_k", "*.ffn_down.weight": "q5_k", "*.ffn_down_exps.weight": "q5_k",
+               "output.weight": "q6_k"},
     "q2_k": {"*.attn_v.weight": "q3_k", "*.attn_output.weight": "q3_k", "*.ffn_down.weight": "q3_k",
-             "output.weight": "q6_k"},
+             "*.ffn_down_exps.weight": "q3_k", "output.weight": "q6_k"},
 }
 
 _FLOAT_TYPES = {"f32": torch.float32, "f16": torch.float16}
@@ -105,8 +110,18 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
     if len(vocab["tokens"]) != config.vocab_size:       # before quantizing the whole model
         raise ValueError(f"vocab has {len(vocab['tokens'])} tokens but the model's vocab_size is {config.vocab_size}")
 
+    if arch in MOE_ARCHITECTURES and not getattr(config, "norm_topk_prob", True):
+        raise ValueError(f"llama.cpp's {arch} renormalizes the chosen experts' weights (norm_topk_prob=True); this "
+                         f"model has norm_topk_prob=False, which it would not reproduce")
     tensors: dict[str, "QuantizedTensor | torch.Tensor"] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     modules = dict(model.named_modules())
+    expert_modules = {n: m for n, m in modules.items() if isinstance(m, OffloadedExperts) or is_experts_module(m)}
+    if expert_modules and arch not in MOE_ARCHITECTURES:
+        raise ValueError(f"{next(iter(expert_modules))} is an experts module, which GGUF architecture {arch} has no "
+                         f"tensors for")
+    for module_name, experts in expert_modules.items():
+        _add_expert_stacks(tensors, shapes, module_name, experts, qtype, overrides)
     for hf_name, value in list(model.state_dict(keep_vars=False).items()):
         module_name = hf_name.rpartition(".")[0]
         if isinstance(modules.get(module_name), OffloadedLinear):
@@ -130,6 +145,9 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
             w = w + 1.0                      # llama.cpp multiplies by the stored gain, Gemma by 1 + w
         elif side:
             w = w[permute_rows(w.shape[0], heads)]
+        if gguf_name.endswith("ffn_gate_inp.weight"):         # the router stays f32, as llama-quantize keeps it
+            tensors[gguf_name] = w
+            continue
         is_matrix = w.dim() == 2 and not gguf_name.endswith("norm.weight")
         q = _choose_qtype(gguf_name, w.shape[-1], qtype, overrides) if is_matrix else None
         if q in _FLOAT_TYPES:
@@ -161,12 +179,55 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
     if window:
         md[f"{arch}.attention.sliding_window"] = int(window)
     md.update({f"{arch}.{key}": value for key, value in arch_md.items()})
+    if arch in MOE_ARCHITECTURES:
+        md[f"{arch}.expert_count"] = int(config.num_experts)
+        md[f"{arch}.expert_used_count"] = int(config.num_experts_per_tok)
+        md[f"{arch}.expert_feed_forward_length"] = int(config.moe_intermediate_size)
     if head_dim != default_head_dim or config.hidden_size % n_heads or arch in GEMMA_ARCHITECTURES:
         # An explicit head_dim (Mistral Nemo style): llama.cpp otherwise takes hidden_size / heads. Gemma: always,
         # as llama.cpp's converter does (transformers' reader would otherwise take Gemma's default head_dim, 256).
         md[f"{arch}.attention.key_length"] = int(head_dim)
         md[f"{arch}.attention.value_length"] = int(head_dim)
-    return write_gguf(path, tensors, md, architecture=arch)
+    return write_gguf(path, tensors, md, architecture=arch, shapes=shapes)
+
+
+def _add_expert_stacks(tensors: dict, shapes: dict, module_name: str, experts: nn.Module, qtype: str,
+                       overrides: Mapping[str, Optional[str]]) -> None:
+    """An experts module's ffn_gate_exps, ffn_up_exps and ffn_down_exps (experts x rows x columns): an
+    OffloadedExperts' own bytes (each expert's gate_up rows split into its gate and up rows), or a float
+    module's stacks quantized like any matrix (in a block format even when ``qtype`` is a float type:
+    load_gguf_model reads expert stacks only quantized)."""
+    m = re.match(r"^model\.layers\.(\d+)\.mlp\.experts$", module_name)
+    if m is None or not experts.has_gate or experts.is_transposed:
+        raise ValueError(f"{module_name}: only model.layers.N.mlp.experts modules with concatenated gate and up "
+                         f"rows (E, 2 * I, H) can be written as GGUF expert stacks")
+    blk = f"blk.{m.group(1)}"
+    if isinstance(experts, OffloadedExperts):
+        gate_up = experts.gate_up_proj.quantized_weight()
+        down = experts.down_proj.quantized_weight()
+        e = experts.num_experts
+        half = gate_up.shape[0] // (2 * e)
+        rows = gate_up.data.view(e, 2, half, gate_up.row_bytes)
+        for part, j in (("gate", 0), ("up", 1)):
+            name = f"{blk}.ffn_{part}_exps.weight"
+            tensors[name] = QuantizedTensor(rows[:, j].contiguous().view(e * half, -1), gate_up.spec,
+                                            (e * half, gate_up.shape[1]))
+            shapes[name] = (e, half, gate_up.shape[1])
+        tensors[f"{blk}.ffn_down_exps.weight"] = down
+        shapes[f"{blk}.ffn_down_exps.weight"] = (e, down.shape[0] // e, down.shape[1])
+        return
+    e, two_i, h = projection_shape(experts, "gate_up_proj")
+    w = experts.gate_up_proj.detach().float().cpu().view(e, 2, two_i // 2, h)
+    stacks = {"gate": w[:, 0], "up": w[:, 1], "down": experts.down_proj.detach().float().cpu()}
+    for part, stack in stacks.items():
+        name = f"{blk}.ffn_{part}_exps.weight"
+        q = _choose_qtype(name, stack.shape[-1], qtype, overrides)
+        if q is None or q in _FLOAT_TYPES:
+            raise ValueError(f"{name}: expert stacks are written in a block format (load_gguf_model reads them "
+                             f"only quantized), got {q or 'f16'}; give a qtype_overrides entry for "
+                             f"'*_exps.weight'")
+        tensors[name] = quantize(stack.reshape(-1, stack.shape[-1]), q)
+        shapes[name] = tuple(stack.shape)
 
 
 def _check_qtypes(qtype, mix, qtype_overrides) -> dict[str, Optional[str]]:

@@ -17,10 +17,12 @@ from torch import nn
 
 from ..formats import QuantizedTensor, dequantize
 from ..formats.gguf_io import GGUFError, GGUFFile, GGUFTensorInfo
-from ..layers import OffloadedLinear
+from ..layers import OffloadedExperts, OffloadedLinear
+from ..layers.offloaded_experts import is_experts_module, projection_shape
 from .gemma import configure_gemma
 from .gguf_rope import read_rope_scaling, require_rope_parameters
-from .gguf_names import GEMMA_ARCHITECTURES, SLIDING_WINDOW_ARCHITECTURES, SUPPORTED_ARCHITECTURES, Target, gguf_targets
+from .gguf_names import (GEMMA_ARCHITECTURES, MOE_ARCHITECTURES, SLIDING_WINDOW_ARCHITECTURES, SUPPORTED_ARCHITECTURES,
+                         Target, gguf_targets)
 from .offload import _report, apply_placement, check_device, check_num_slots
 from .planner import BudgetError, LinearSpec, Placement, default_budget, parse_bytes, plan_placement
 from .shapes import gguf_linear_plan, unsupported_type_message
@@ -67,6 +69,8 @@ def _hf_config(f: GGUFFile):
                         f"({type(exc).__name__}: {exc})") from exc
     _set_head_dim(f, config)
     _set_bias_flags(f, config)
+    if f.architecture in MOE_ARCHITECTURES:
+        _set_experts(f, config)
     _set_pad_token(f, config)
     _set_sliding_window(f, config)
     if f.architecture in GEMMA_ARCHITECTURES:
@@ -74,6 +78,18 @@ def _hf_config(f: GGUFFile):
     else:
         _set_rope_scaling(f, config)
     return config
+
+
+def _set_experts(f: GGUFFile, config) -> None:
+    """The experts' width, which transformers' GGUF reader leaves at the config class's default, and every
+    block a MoE block as llama.cpp builds them."""
+    arch = f.architecture
+    width = _metadata_int(f, f"{arch}.expert_feed_forward_length")
+    if width is None:
+        raise GGUFError(f"{f.path}: metadata {arch}.expert_feed_forward_length is missing (the experts' width)")
+    config.moe_intermediate_size = width
+    config.decoder_sparse_step = 1
+    config.mlp_only_layers = []
 
 
 def _set_rope_scaling(f: GGUFFile, config) -> None:
@@ -177,10 +193,16 @@ def _validate(f: GGUFFile, targets: dict[str, Target], model: nn.Module, config)
             if not isinstance(lin, nn.Linear):
                 raise GGUFError(_no_such_module(f, name, target, config))
             expected = (lin.out_features, lin.in_features) if target.kind == "linear" else (lin.out_features,)
-        elif target.kind in ("embedding", "norm"):
+        elif target.kind in ("embedding", "norm", "router"):
             if target.hf_name not in params:
                 raise GGUFError(_no_such_module(f, name, target, config))
             expected = tuple(params[target.hf_name].shape)
+        elif target.kind == "experts":
+            experts = modules.get(target.hf_name)
+            if experts is None or not is_experts_module(experts) or not experts.has_gate:
+                raise GGUFError(_no_such_module(f, name, target, config))
+            e, rows, cols = projection_shape(experts, "gate_up_proj" if target.part != "down" else "down_proj")
+            expected = (e, rows // 2, cols) if target.part != "down" else (e, rows, cols)
         else:                                   # rope_freqs: one factor per rotary frequency
             inv = getattr(modules.get(target.hf_name), "inv_freq", None)
             if inv is None:
@@ -225,7 +247,8 @@ def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | Non
                     num_slots: int = 2, measure: bool = False, return_report: bool = False):
     """Build a transformers causal LM from a llama.cpp GGUF file, linears over the file's quantized bytes.
 
-    Architectures: llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3 (text). Layers within ``gpu_budget``
+    Architectures: llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3 (text), qwen3moe (its experts become
+    :class:`~offload_kernels.OffloadedExperts` over the file's expert stacks). Layers within ``gpu_budget``
     (bytes or "20GiB"; None: as for :func:`offload`, the free device memory less a margin) stay resident on
     the device, the rest stream through the transfer engine. Returns the model (and the OffloadReport when
     ``return_report``). Raises GGUFError for unsupported or malformed files before
@@ -276,7 +299,11 @@ def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report)
         raise GGUFError(f"{f.path}: missing weights for {', '.join(sorted(missing)[:8])}")
     bias_sources = {t.hf_name: n for n, t in targets.items() if t.kind == "linear_bias"}
     covered = {t.hf_name for t in targets.values()}
-    missing_params = [n for n in params if n not in covered and n.rpartition(".")[0] not in expected_linears]
+    missing_experts = [n for n, m in model.named_modules() if is_experts_module(m) and n not in plan.experts]
+    if missing_experts:
+        raise GGUFError(f"{f.path}: missing expert weights (ffn_*_exps) for {', '.join(missing_experts[:8])}")
+    missing_params = [n for n in params if n not in covered and n.rpartition(".")[0] not in expected_linears
+                      and n.rpartition(".")[0] not in plan.experts]
     missing_bias = [n for n in params if n.endswith(".bias") and n.rpartition(".")[0] in expected_linears
                     and n.rpartition(".")[0] not in bias_sources]
     if missing_params or missing_bias:
@@ -310,11 +337,26 @@ def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report)
         setattr(model.get_submodule(parent) if parent else model, attr, new)
         if isinstance(new, OffloadedLinear):
             layers[hf] = new
+    for hf, parts in plan.experts.items():
+        # gate_up_proj: each expert's gate rows, then its up rows (one host copy of those two stacks);
+        # down_proj: a view of the file's bytes.
+        gate, up, down = (f.tensor(parts[p]) for p in ("gate", "up", "down"))
+        e = f.info(parts["gate"]).shape[0]
+        gate_up = torch.cat([gate.data.view(e, -1, gate.row_bytes), up.data.view(e, -1, up.row_bytes)], dim=1)
+        projections = {
+            "gate_up_proj": OffloadedLinear.from_quantized(QuantizedTensor(
+                gate_up.view(-1, gate.row_bytes), gate.spec, (2 * gate.shape[0], gate.shape[1]))),
+            "down_proj": OffloadedLinear.from_quantized(down),
+        }
+        parent, _, attr = hf.rpartition(".")
+        setattr(model.get_submodule(parent), attr, OffloadedExperts(model.get_submodule(hf), projections))
+        for proj, layer in projections.items():
+            layers[f"{hf}.{proj}"] = layer
     for name, target in targets.items():
         if target.kind == "norm" and arch in GEMMA_ARCHITECTURES:
             # the file holds 1 + w (gguf_names.GEMMA_ARCHITECTURES); exact when the gain lies in [0.5, 2]
             _set_parameter(model, target.hf_name, (_dense(f, name, torch.float32) - 1.0).to(dtype))
-        elif target.kind in ("embedding", "norm"):
+        elif target.kind in ("embedding", "norm", "router"):
             _set_parameter(model, target.hf_name, _dense(f, name, dtype))
         elif target.kind == "rope_freqs":
             _apply_rope_freqs(model, f.tensor(name).float())
@@ -331,6 +373,7 @@ def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report)
     model.eval()
     report = _report(device, "gguf", placement, {n: layers[n].qtype for n in layers}, {}, plan.specs, measure,
                      (1, 8, 64, 512))
+    report.experts = list(plan.experts)
     return (model, report) if return_report else model
 
 

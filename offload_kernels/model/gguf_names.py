@@ -1,5 +1,5 @@
-"""GGUF <-> transformers names for the llama-family architectures (llama, mistral, qwen2, qwen3, phi3) and
-Gemma 2 and 3 (gemma2, gemma3): one table for loading and saving.
+"""GGUF <-> transformers names for the llama-family architectures (llama, mistral, qwen2, qwen3, phi3), Gemma 2
+and 3 (gemma2, gemma3) and Qwen3-MoE (qwen3moe): one table for loading and saving.
 
 llama.cpp names tensors ``blk.N.attn_q.weight``; transformers names the same weight
 ``model.layers.N.self_attn.q_proj.weight``. Both directions come from the tables below so the loader
@@ -15,7 +15,11 @@ from typing import Optional
 
 from ..formats.gguf_io import GGUFError, GGUFFile
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "qwen3moe")
+# Mixture-of-experts architectures: every block's feed-forward is a router (ffn_gate_inp) and three 3-D expert
+# stacks (ffn_gate_exps, ffn_up_exps, ffn_down_exps: experts x rows x columns), which become one transformers
+# experts module (gate and up rows concatenated per expert, as its gate_up_proj holds them).
+MOE_ARCHITECTURES = ("qwen3moe",)
 # llama.cpp's converter permutes attn_q/attn_k rows (and the matching bias entries) for its rope layout
 # on these architectures; qwen2, qwen3 and phi3 use the neox rope layout, which needs no permutation.
 PERMUTED_QK_ARCHITECTURES = ("llama", "mistral")
@@ -28,7 +32,7 @@ GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
 # transformers model_type -> the GGUF architecture llama.cpp writes for it (Mistral 7B is a llama in GGUF; a
 # text-only Gemma 3 is transformers' gemma3_text).
 HF_TO_GGUF_ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-                           "gemma2": "gemma2", "gemma3_text": "gemma3"}
+                           "gemma2": "gemma2", "gemma3_text": "gemma3", "qwen3_moe": "qwen3moe"}
 
 BLOCK_LINEARS = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -50,6 +54,13 @@ BLOCK_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layer
 GEMMA_BLOCK_NORMS = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
                      "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
                      "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+# GGUF expert tensor -> (transformers path relative to the block, kind, part of the experts module)
+MOE_BLOCK_TENSORS = {
+    "ffn_gate_inp": ("mlp.gate.weight", "router", ""),
+    "ffn_gate_exps": ("mlp.experts", "experts", "gate"),
+    "ffn_up_exps": ("mlp.experts", "experts", "up"),
+    "ffn_down_exps": ("mlp.experts", "experts", "down"),
+}
 _HF_BLOCK_LINEARS = {hf: g for table in (BLOCK_LINEARS, PHI3_BLOCK_LINEARS) for g, hf in table.items()}
 _HF_BLOCK_NORMS = {hf: g for g, hf in BLOCK_NORMS.items()}
 _HF_GEMMA_BLOCK_NORMS = {hf: g for g, hf in GEMMA_BLOCK_NORMS.items()}
@@ -66,9 +77,11 @@ ROPE_FREQS = "rope_freqs.weight"
 class Target:
     """Where one file tensor goes in the transformers model."""
 
-    hf_name: str      # a module ("model.layers.3.self_attn.q_proj") for linears and their biases, else a parameter path
-    kind: str         # "linear", "linear_bias", "embedding", "norm", "rope_freqs"
+    hf_name: str      # a module ("model.layers.3.self_attn.q_proj") for linears, their biases and expert
+                      # stacks, else a parameter path
+    kind: str         # "linear", "linear_bias", "embedding", "norm", "rope_freqs", "router", "experts"
     qk: str = ""      # "q"/"k": rows (weight) or entries (bias) permuted by llama.cpp's converter for rope
+    part: str = ""    # experts: which stack ("gate", "up", "down")
 
 
 def block_norms(arch: str) -> dict[str, str]:
@@ -94,6 +107,9 @@ def gguf_target(name: str, arch: str) -> Optional[Target]:
     norms = block_norms(arch)
     if short in norms and what == "weight":
         return Target(prefix + norms[short] + ".weight", "norm")
+    if arch in MOE_ARCHITECTURES and short in MOE_BLOCK_TENSORS and what == "weight":
+        path, kind, part = MOE_BLOCK_TENSORS[short]
+        return Target(prefix + path, kind, part=part)
     linears = PHI3_BLOCK_LINEARS if arch == "phi3" else BLOCK_LINEARS
     if short in linears:
         qk = short[-1] if arch in PERMUTED_QK_ARCHITECTURES and short in ("attn_q", "attn_k") else ""
@@ -140,6 +156,8 @@ def hf_to_gguf_name(hf_name: str, arch: str = "llama") -> Optional[str]:
     i, rest, what = m.groups()
     if rest in _HF_BLOCK_LINEARS:
         return f"blk.{i}.{_HF_BLOCK_LINEARS[rest]}.{what}"
+    if rest == "mlp.gate" and what == "weight" and arch in MOE_ARCHITECTURES:
+        return f"blk.{i}.ffn_gate_inp.weight"
     hf_norms = _HF_GEMMA_BLOCK_NORMS if arch in GEMMA_ARCHITECTURES else _HF_BLOCK_NORMS
     if rest in hf_norms and what == "weight":
         return f"blk.{i}.{hf_norms[rest]}.weight"

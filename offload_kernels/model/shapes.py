@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -84,6 +84,7 @@ class GGUFLinearPlan:
     specs: list[LinearSpec]       # the quantized linears: OffloadedLinears over the file bytes (placeable)
     fixed_bytes: int              # always on the device: embeddings, norms, biases, float linears
     tied: bool                    # no output.weight: lm_head is a linear over token_embd.weight
+    experts: dict[str, dict[str, str]] = field(default_factory=dict)  # experts module -> {part: GGUF tensor}
 
 
 _FLOAT_LINEAR_TYPES = ("F32", "F16", "BF16")
@@ -114,8 +115,52 @@ def gguf_linear_plan(f: GGUFFile, targets: "Mapping[str, Target]", elem_bytes: i
         else:
             raise GGUFError(unsupported_type_message(f, info))
     fixed += sum(_numel(f.info(name).shape) * elem_bytes for name, t in targets.items()
-                 if t.kind in ("embedding", "norm", "linear_bias"))
-    return GGUFLinearPlan(sources, specs, fixed, tied)
+                 if t.kind in ("embedding", "norm", "linear_bias", "router"))
+    experts: dict[str, dict[str, str]] = {}
+    for name, t in targets.items():
+        if t.kind == "experts":
+            experts.setdefault(t.hf_name, {})[t.part] = name
+    for hf, parts in experts.items():
+        specs.extend(_expert_specs(f, hf, parts))
+    return GGUFLinearPlan(sources, specs, fixed, tied, experts)
+
+
+def _expert_specs(f: GGUFFile, hf: str, parts: Mapping[str, str]) -> list[LinearSpec]:
+    """The two stacked projections an experts module's GGUF tensors become: gate_up_proj (each expert's gate
+    rows, then its up rows, so gate and up must share a format) and down_proj."""
+    missing = [p for p in ("gate", "up", "down") if p not in parts]
+    if missing:
+        raise GGUFError(f"{f.path}: {hf} has no ffn_{missing[0]}_exps tensor (an experts module needs gate, up "
+                        f"and down)")
+    infos = {p: f.info(parts[p]) for p in ("gate", "up", "down")}
+    for p, info in infos.items():
+        if len(info.shape) != 3:
+            raise GGUFError(f"{f.path}: tensor {info.name!r} has shape {info.shape}, expert weights must be 3-D "
+                            f"(experts, rows, columns)")
+        if not info.is_quantized or not info.is_supported:
+            raise GGUFError(unsupported_type_message(f, info) + "; expert stacks must be quantized")
+    gate, up, down = infos["gate"], infos["up"], infos["down"]
+    if gate.shape != up.shape or gate.ggml_type != up.ggml_type:
+        raise GGUFError(f"{f.path}: {gate.name!r} ({gate.ggml_type.name} {gate.shape}) and {up.name!r} "
+                        f"({up.ggml_type.name} {up.shape}) must have one type and shape: they become one "
+                        f"gate_up_proj")
+    e, i, h = gate.shape
+    if down.shape != (e, h, i):
+        raise GGUFError(f"{f.path}: tensor {down.name!r} has shape {down.shape}, expected {(e, h, i)} for {hf}")
+    k = _expert_used_count(f, e)
+    return [LinearSpec(f"{hf}.gate_up_proj", e * 2 * i, h, get_spec(gate.ggml_type).name, block_of(hf),
+                       num_experts=e, experts_per_token=k),
+            LinearSpec(f"{hf}.down_proj", e * h, i, get_spec(down.ggml_type).name, block_of(hf),
+                       num_experts=e, experts_per_token=k)]
+
+
+def _expert_used_count(f: GGUFFile, experts: int) -> int:
+    """The file's experts per token (``<arch>.expert_used_count``); GGUFError when absent or out of range."""
+    key = f"{f.architecture}.expert_used_count"
+    k = f.metadata.get(key)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= experts:
+        raise GGUFError(f"{f.path}: metadata {key} must be an integer from 1 to the {experts} experts, got {k!r}")
+    return k
 
 
 def unsupported_type_message(f: GGUFFile, info) -> str:

@@ -478,14 +478,18 @@ def test_explicit_head_dim_is_written_and_honoured(tmp_path, arch):
     assert f"{arch}.attention.key_length" not in GGUFFile(save_gguf(default, tmp_path / "d.gguf", "q8_0")).metadata
 
 
-def _rewrite(tmp_path, path, name, metadata=None, tensors=None, drop=()):
-    """``path``'s tensors and metadata with changes, as ``tmp_path / name``."""
+def _rewrite(tmp_path, path, name, metadata=None, tensors=None, drop=(), shapes=None):
+    """``path``'s tensors and metadata with changes, as ``tmp_path / name``: ``drop`` names tensors or
+    metadata keys to leave out; quantized tensors of more than two dimensions keep their shape (``shapes``
+    gives the shape of new ones)."""
     f = GGUFFile(path)
     t = {n: f.tensor(n) for n in f if n not in drop}
     t.update(tensors or {})
-    md = dict(f.metadata)
+    kept = {n: f.info(n).shape for n in t if n in f and n not in (tensors or {}) and f.info(n).is_quantized
+            and len(f.info(n).shape) > 2}
+    md = {k: v for k, v in f.metadata.items() if k not in drop}
     md.update(metadata or {})
-    return write_gguf(tmp_path / name, t, md)
+    return write_gguf(tmp_path / name, t, md, shapes={**kept, **(shapes or {})})
 
 
 def test_head_sizes_transformers_cannot_build_are_rejected(tmp_path):

@@ -1,0 +1,171 @@
+"""Qwen3-MoE GGUF files (llama.cpp's qwen3moe): save_gguf writes the expert stacks, load_gguf_model reads them
+into OffloadedExperts over the file's bytes; checked against transformers' GGUF loader and, when installed,
+llama.cpp itself."""
+
+import pytest
+import torch
+
+from offload_kernels import OffloadedExperts, dequantize
+from offload_kernels.formats.gguf_io import GGUFError, GGUFFile
+from offload_kernels.model.gguf_export import save_gguf
+from offload_kernels.model.gguf_model import load_gguf_model
+from offload_kernels.model.shapes import gguf_inventory
+
+from .test_gguf_model import IDS, _parity, _rewrite, hf_reference_logits, needs_llama_cpp
+
+transformers = pytest.importorskip("transformers")
+
+EXPERTS, USED, WIDTH = 8, 2, 256
+
+
+def tiny_qwen3_moe(seed=0, **config):
+    """Sharp attention (a wrong q/k layout shows) and a sharp router (a wrong expert choice shows)."""
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=320, hidden_size=256, intermediate_size=512, moe_intermediate_size=WIDTH,
+              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              num_experts=EXPERTS, num_experts_per_tok=USED, norm_topk_prob=True)
+    kw.update(config)
+    model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**kw)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6)
+            layer.self_attn.k_proj.weight.mul_(6)
+            layer.mlp.gate.weight.mul_(20)
+            for norm in ("q_norm", "k_norm"):
+                getattr(layer.self_attn, norm).weight.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf_moe")
+    model = tiny_qwen3_moe()
+    return {"q8_0": save_gguf(model, root / "q8_0.gguf", "q8_0"),
+            "q4_k_m": save_gguf(model, root / "q4_k_m.gguf", "q4_k", mix="q4_k_m")}
+
+
+def _reference(path, model):
+    """transformers' own GGUF loader given our config (its reader misses expert_feed_forward_length)."""
+    cfg = transformers.Qwen3MoeConfig(**{k: v for k, v in model.config.to_dict().items()
+                                         if k not in ("model_type", "transformers_version", "architectures")})
+    return hf_reference_logits(path, IDS, config=cfg)
+
+
+@pytest.mark.parametrize("name", ["q8_0", "q4_k_m"])
+def test_logits_match_transformers_gguf_loader(files, name):
+    path = files[name]
+    info = GGUFFile(path).tensor_infos
+    assert info["blk.0.ffn_gate_exps.weight"].shape == (EXPERTS, WIDTH, 256)
+    assert info["blk.0.ffn_down_exps.weight"].shape == (EXPERTS, 256, WIDTH)
+    assert info["blk.0.ffn_gate_inp.weight"].type_name == "f32"          # the router stays f32, as in llama.cpp
+    if name == "q4_k_m":
+        assert info["blk.1.ffn_down_exps.weight"].type_name == "q6_k"
+        assert info["blk.1.ffn_up_exps.weight"].type_name == "q4_k"
+    model, report = load_gguf_model(path, dtype=torch.float32, device="cpu", return_report=True)
+    experts = model.model.layers[1].mlp.experts
+    assert isinstance(experts, OffloadedExperts)
+    assert experts.qtypes == ({"gate_up_proj": "q4_k", "down_proj": "q6_k"} if name == "q4_k_m"
+                              else {"gate_up_proj": "q8_0", "down_proj": "q8_0"})
+    assert report.experts == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    with torch.no_grad():
+        ours = model(IDS).logits
+    expected = _reference(path, model)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_experts_hold_the_files_bytes(files):
+    path = files["q4_k_m"]
+    model = load_gguf_model(path, dtype=torch.float32, device="cpu")
+    f = GGUFFile(path)
+    for i, layer in enumerate(model.model.layers):
+        gate, up, down = (f.tensor(f"blk.{i}.ffn_{p}_exps.weight") for p in ("gate", "up", "down"))
+        gate_up = layer.mlp.experts.gate_up_proj.weight.view(EXPERTS, 2, WIDTH, -1)
+        assert torch.equal(gate_up[:, 0].reshape(gate.data.shape), gate.data)     # each expert: gate rows ...
+        assert torch.equal(gate_up[:, 1].reshape(up.data.shape), up.data)         # ... then its up rows
+        assert torch.equal(layer.mlp.experts.down_proj.weight.reshape(-1), down.data.reshape(-1))
+
+
+def test_saving_a_loaded_model_writes_the_same_bytes(files, tmp_path):
+    path = files["q4_k_m"]
+    model = load_gguf_model(path, dtype=torch.float32, device="cpu")
+    again = save_gguf(model, tmp_path / "again.gguf", "q4_k", mix="q4_k_m")
+    a, b = GGUFFile(path), GGUFFile(again)
+    for name in a:
+        if "exps" in name or "ffn_gate_inp" in name:
+            assert b.info(name).shape == a.info(name).shape and b.info(name).ggml_type == a.info(name).ggml_type
+            assert torch.equal(b.raw_bytes(name), a.raw_bytes(name)), name
+
+
+def test_streamed_experts_give_the_same_logits(files):
+    path = files["q8_0"]
+    resident = load_gguf_model(path, dtype=torch.float32, device="cpu")
+    inventory = gguf_inventory(path)
+    blocks = {}
+    for spec in inventory.linears:
+        blocks[spec.group] = blocks.get(spec.group, 0) + spec.nbytes
+    budget = 2 * inventory.fixed_bytes + max(blocks.values()) + (64 << 10)   # fp32 (inventory: fp16); one slot
+    streamed, report = load_gguf_model(path, dtype=torch.float32, device="cpu", gpu_budget=budget, num_slots=1,
+                                       return_report=True)
+    assert any("experts" in n for group in report.placement.streamed_groups for n in group)
+    with torch.no_grad():
+        expected = resident(IDS).logits
+        for _ in range(3):
+            torch.testing.assert_close(streamed(IDS).logits, expected, rtol=0, atol=0)
+
+
+def test_inventory_counts_the_experts_each_token_uses(files):
+    inventory = gguf_inventory(files["q4_k_m"])
+    spec = next(s for s in inventory.linears if s.name == "model.layers.0.mlp.experts.gate_up_proj")
+    assert (spec.num_experts, spec.experts_per_token, spec.qtype) == (EXPERTS, USED, "q4_k")
+    assert (spec.out_features, spec.in_features) == (EXPERTS * 2 * WIDTH, 256)
+
+
+def test_malformed_moe_files_fail_before_anything_is_built(files, tmp_path):
+    path = files["q8_0"]
+    f = GGUFFile(path)
+    no_width = _rewrite(tmp_path, path, "no_width.gguf", drop=("qwen3moe.expert_feed_forward_length",))
+    with pytest.raises(GGUFError, match="expert_feed_forward_length is missing"):
+        load_gguf_model(no_width, device="cpu")
+    no_up = _rewrite(tmp_path, path, "no_up.gguf", drop=("blk.1.ffn_up_exps.weight",))
+    with pytest.raises(GGUFError, match="model.layers.1.mlp.experts has no ffn_up_exps tensor"):
+        load_gguf_model(no_up, device="cpu")
+    from offload_kernels import quantize
+    up = dequantize(f.tensor("blk.0.ffn_up_exps.weight"), torch.float32)
+    mixed = _rewrite(tmp_path, path, "mixed.gguf", tensors={"blk.0.ffn_up_exps.weight": quantize(up, "q4_0")},
+                     shapes={"blk.0.ffn_up_exps.weight": (EXPERTS, WIDTH, 256)})
+    with pytest.raises(GGUFError, match="must have one type and shape: they become one gate_up_proj"):
+        load_gguf_model(mixed, device="cpu")
+    bad_k = _rewrite(tmp_path, path, "bad_k.gguf", metadata={"qwen3moe.expert_used_count": EXPERTS + 1})
+    with pytest.raises(GGUFError, match="expert_used_count must be an integer from 1 to the 8 experts"):
+        load_gguf_model(bad_k, device="cpu")
+
+
+def test_save_gguf_refuses_what_llama_cpp_would_compute_differently(tmp_path):
+    with pytest.raises(ValueError, match="norm_topk_prob=False"):
+        save_gguf(tiny_qwen3_moe(norm_topk_prob=False), tmp_path / "m.gguf", "q8_0")
+    with pytest.raises(ValueError, match="expert stacks are written in a block format"):
+        save_gguf(tiny_qwen3_moe(), tmp_path / "m.gguf", "f16")
+    assert not list(tmp_path.iterdir())
+    # f16 for everything else, the stacks quantized: loads
+    path = save_gguf(tiny_qwen3_moe(), tmp_path / "m.gguf", "f16", qtype_overrides={"*_exps.weight": "q8_0"})
+    model = load_gguf_model(path, dtype=torch.float32, device="cpu")
+    assert model.model.layers[0].mlp.experts.qtypes == {"gate_up_proj": "q8_0", "down_proj": "q8_0"}
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("name", ["q8_0", "q4_k_m"])
+def test_parity_with_llama_cpp(files, name, tmp_path):
+    """As for the dense models (test_gguf_model.test_parity_with_llama_cpp): on the file with every quantized
+    tensor dequantized, llama.cpp and we agree to float rounding (router, expert choice and weighting, the
+    gate/up split, the experts' width all included); on the quantized file llama.cpp's 8-bit activations
+    leave a few percent of the logit range."""
+    path = files[name]
+    model = load_gguf_model(path, dtype=torch.float32, device="cpu")
+    f = GGUFFile(path)
+    dense = {n: dequantize(f.tensor(n), torch.float32).reshape(f.info(n).shape) for n in f if f.info(n).is_quantized}
+    f32_diff, span, f32_top1 = _parity(_rewrite(tmp_path, path, "dequantized.gguf", tensors=dense), model)
+    max_diff, _, top1 = _parity(path, model)
+    print(f"llama.cpp parity qwen3moe {name}: max |logit diff| {f32_diff:.2e} on the dequantized file, "
+          f"{max_diff:.4f} on the quantized one (logit range {span:.2f}), top-1 {f32_top1:.0%} / {top1:.0%}")
+    assert f32_diff <= 5e-4 * span and f32_top1 == 1.0
+    assert max_diff <= 0.05 * span and round(top1 * IDS.shape[1]) >= 8
