@@ -71,8 +71,8 @@ TARGET_VS_RESIDENT = 0.8      # ... streamed placements vs the fully resident q4
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from offload_kernels.model.shapes import PRESETS
 
-    parser.add_argument("--shape", default="llama-3-8b", choices=[*PRESETS, "tiny"],
-                        help="model shape (tiny: a 256-wide smoke-test model)")
+    parser.add_argument("--shape", default="llama-3-8b", choices=[*PRESETS, *SMOKE_SHAPES],
+                        help="model shape (tiny, tiny-moe: 256-wide smoke-test models, dense and MoE)")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's; 32)")
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size (0: the shape's own)")
     parser.add_argument("--qtype", default="q4_k")
@@ -113,22 +113,46 @@ def points_for(tokens: list[int], batch_max: int) -> list[Point]:
     return [Point("prefill", t) for t in tokens] + [Point("batch", t) for t in tokens if 1 < t <= batch_max]
 
 
+def _smoke_shapes():
+    from offload_kernels.model.shapes import LlamaShape
+
+    return {"tiny": LlamaShape(256, 512, 4, 4, 2, 320),
+            "tiny-moe": LlamaShape(256, 512, 4, 4, 2, 320, experts=4, experts_per_token=2, expert_intermediate=256,
+                                   arch="qwen3_moe")}
+
+
+SMOKE_SHAPES = ("tiny", "tiny-moe")
+
+
+def shape_of(name: str):
+    """A preset shape, or one of the smoke-test shapes."""
+    from offload_kernels.model.shapes import PRESETS
+
+    return _smoke_shapes()[name] if name in SMOKE_SHAPES else PRESETS[name]
+
+
 def llama_config(args: argparse.Namespace, layers: int, max_tokens: int):
+    """The transformers config of the shape: a LlamaConfig, or for a MoE shape its own family's (Mixtral,
+    Qwen3-MoE: every block a router and experts)."""
     import transformers
 
-    from offload_kernels.model.shapes import PRESETS, LlamaShape
-
-    shape = LlamaShape(256, 512, 4, 4, 2, 320) if args.shape == "tiny" else PRESETS[args.shape]
+    shape = shape_of(args.shape)
     extra = {"head_dim": shape.head_dim} if shape.head_dim else {}
-    return transformers.LlamaConfig(
-        vocab_size=args.vocab or shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=max(8192, max_tokens), tie_word_embeddings=False, **extra)
+    if shape.arch == "mixtral":
+        extra.update(num_local_experts=shape.experts, num_experts_per_tok=shape.experts_per_token)
+    elif shape.arch == "qwen3_moe":
+        extra.update(num_experts=shape.experts, num_experts_per_tok=shape.experts_per_token,
+                     moe_intermediate_size=shape.expert_intermediate, norm_topk_prob=True)
+    return transformers.AutoConfig.for_model(
+        shape.arch, vocab_size=args.vocab or shape.vocab, hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate, num_hidden_layers=layers, num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads, max_position_embeddings=max(8192, max_tokens), tie_word_embeddings=False,
+        **extra)
 
 
 def build_model(config, device, dtype, seed: int):
-    """LlamaForCausalLM with random N(0, 0.02) linear/embedding weights, created directly on ``device`` in
-    ``dtype`` (no slow CPU initialization of billions of fp32 parameters)."""
+    """The config's causal LM with random N(0, 0.02) matrices (linears, embeddings, routers, expert stacks),
+    created directly on ``device`` in ``dtype`` (no slow CPU initialization of billions of fp32 parameters)."""
     import torch
     import transformers
 
@@ -136,15 +160,15 @@ def build_model(config, device, dtype, seed: int):
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = transformers.LlamaForCausalLM(config)
+            model = transformers.AutoModelForCausalLM.from_config(config)
     finally:
         torch.set_default_dtype(previous)
     model.eval().requires_grad_(False)
     gen = torch.Generator(device=device).manual_seed(seed)     # same weights in every build
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-                module.weight.normal_(0.0, 0.02, generator=gen)
+        for param in model.parameters():
+            if param.dim() >= 2:                                # norms keep their ones
+                param.normal_(0.0, 0.02, generator=gen)
     return model
 
 
@@ -153,7 +177,7 @@ def count_params(config) -> int:
     import transformers
 
     with torch.device("meta"):
-        return sum(p.numel() for p in transformers.LlamaForCausalLM(config).parameters())
+        return sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
 
 
 def budget_for(model, fraction: float, qtype: str, num_slots: int, skip: tuple[str, ...] = ("lm_head",)) -> int:
@@ -244,10 +268,10 @@ class OffloadBench:
         from offload_kernels.model import measure_hardware
         from offload_kernels.model.shapes import PRESETS
 
-        default_layers = 4 if self.args.shape == "tiny" else PRESETS[self.args.shape].layers
+        default_layers = shape_of(self.args.shape).layers
         self.layers = self.layers or default_layers
         self.config = llama_config(self.args, self.layers, max(self.tokens))
-        if self.args.shape != "tiny" and self.config.vocab_size != PRESETS[self.args.shape].vocab:
+        if self.args.shape not in SMOKE_SHAPES and self.config.vocab_size != PRESETS[self.args.shape].vocab:
             self.note(f"vocabulary reduced from {PRESETS[self.args.shape].vocab} to {self.config.vocab_size} "
                       "(embeddings and lm_head are fp16 and resident in every placement)")
         if self.layers != default_layers:
@@ -578,8 +602,11 @@ class OffloadBench:
         return body
 
     def write(self) -> None:
+        # The Llama-3-8B run (issue 5's benchmark) and its smoke test are offload.*; other shapes get their own
+        # files (offload_<shape>.*), so a MoE run neither mixes its rows in nor replaces the summary.
+        name = "offload" if self.args.shape in ("llama-3-8b", "tiny") else f"offload_{self.args.shape}"
         out_dir = results_dir(self.args.out, self.run.slug)
-        self.rec.write(out_dir / "offload.csv")
+        self.rec.write(out_dir / f"{name}.csv")
         targets = self.targets()
         print_targets(targets)
         for layout in ("prefill", "batch"):
@@ -588,10 +615,10 @@ class OffloadBench:
                 from offload_kernels.cli.table import format_table
 
                 print(f"\ntokens/s, {layout}:\n{format_table(head, rows)}")
-        plot_quietly(out_dir / "offload.csv", self.notes)
-        write_summary(out_dir / "offload.md", "offload() end to end", self.run, self.summary_body(), targets,
+        plot_quietly(out_dir / f"{name}.csv", self.notes)
+        write_summary(out_dir / f"{name}.md", f"offload() end to end ({self.args.shape})", self.run, self.summary_body(), targets,
                       self.notes)
-        print(f"\nappended {len(self.rec.rows)} rows to {out_dir / 'offload.csv'}; summary in {out_dir / 'offload.md'}")
+        print(f"\nappended {len(self.rec.rows)} rows to {out_dir / f'{name}.csv'}; summary in {out_dir / f'{name}.md'}")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -174,6 +174,14 @@ PLOTTERS: dict[str, Callable] = {"kernels": plot_kernels, "transfer": plot_trans
                                  "offload": plot_offload}
 
 
+def plot_kind(csv_path: Path) -> "str | None":
+    """Which plot a results CSV gets, by its file name: kernels, transfer, formats, offload (offload_<shape>
+    too: the offload benchmark on another model shape)."""
+    stem = Path(csv_path).stem
+    kind = "offload" if stem.startswith("offload_") else stem
+    return kind if kind in PLOTTERS else None
+
+
 def plot_csv(csv_path: Path, out: "Path | None" = None, all_runs: bool = False,
              shape: "tuple[int, int] | None" = None) -> Path:
     """Draw the PNG of one results CSV (the plot is chosen by its file name); returns the PNG's path."""
@@ -183,12 +191,14 @@ def plot_csv(csv_path: Path, out: "Path | None" = None, all_runs: bool = False,
     import matplotlib.pyplot as plt
 
     csv_path = Path(csv_path)
-    if csv_path.stem not in PLOTTERS:
-        raise ValueError(f"{csv_path}: no plot for {csv_path.stem!r} (expected one of {', '.join(PLOTTERS)})")
+    kind = plot_kind(csv_path)
+    if kind is None:
+        raise ValueError(f"{csv_path}: no plot for {csv_path.stem!r} (expected one of {', '.join(PLOTTERS)}, or "
+                         f"offload_<shape>)")
     rows = read_rows(csv_path, all_runs)
     if not rows:
         raise ValueError(f"{csv_path}: no rows")
-    fig = PLOTTERS[csv_path.stem](plt, rows, shape)
+    fig = PLOTTERS[kind](plt, rows, shape)
     out = Path(out) if out else csv_path.with_suffix(".png")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -207,7 +217,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     base = args.results or default_results_base()
-    paths = args.csv or sorted(p for p in base.glob("*/*.csv") if p.stem in PLOTTERS)
+    paths = args.csv or sorted(p for p in base.glob("*/*.csv") if plot_kind(p) is not None)
     if not paths:
         print(f"bench plot: no results CSVs under {base}")
         return 0

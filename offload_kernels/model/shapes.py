@@ -17,7 +17,9 @@ from .planner import LinearSpec
 
 @dataclass(frozen=True)
 class LlamaShape:
-    """The sizes that determine a llama-family decoder's linear layers."""
+    """The sizes that determine a llama-family decoder's linear layers (and, for a mixture-of-experts model
+    such as Mixtral or Qwen3-MoE, its experts: every block's feed-forward is ``experts`` experts of width
+    ``expert_intermediate``, ``experts_per_token`` of them used per token, instead of a dense MLP)."""
 
     hidden: int
     intermediate: int
@@ -26,6 +28,10 @@ class LlamaShape:
     kv_heads: int
     vocab: int
     head_dim: int | None = None
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    arch: str = "llama"           # the transformers model_type the benchmark builds for this shape
 
     @property
     def kv_dim(self) -> int:
@@ -49,6 +55,13 @@ PRESETS: dict[str, LlamaShape] = {
     "gemma-2-27b": LlamaShape(4608, 36864, 46, 32, 16, 256000, head_dim=128),
     "gemma-3-12b": LlamaShape(3840, 15360, 48, 16, 8, 262208, head_dim=256),
     "gemma-3-27b": LlamaShape(5376, 21504, 62, 32, 16, 262208, head_dim=128),
+    # Mixture of experts: all experts' bytes are stored (and streamed), k/E of them used per token
+    "mixtral-8x7b": LlamaShape(4096, 14336, 32, 32, 8, 32000, experts=8, experts_per_token=2,
+                               expert_intermediate=14336, arch="mixtral"),
+    "qwen3-30b-a3b": LlamaShape(2048, 6144, 48, 32, 4, 151936, head_dim=128, experts=128, experts_per_token=8,
+                                expert_intermediate=768, arch="qwen3_moe"),
+    "qwen3-235b-a22b": LlamaShape(4096, 12288, 94, 64, 4, 151936, head_dim=128, experts=128, experts_per_token=8,
+                                  expert_intermediate=1536, arch="qwen3_moe"),
 }
 
 
@@ -64,15 +77,24 @@ def llama_inventory(shape: LlamaShape, qtype: str = "q4_k", lm_head_qtype: str |
     """Linears of a llama-family model quantized to ``qtype`` (lm_head to ``lm_head_qtype``, None = fp16)."""
     get_spec(qtype)
     h, q, kv, f = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
+    e, k_used, w = shape.experts, shape.experts_per_token, shape.expert_intermediate
+    if e and not (1 <= k_used <= e and w > 0):
+        raise ValueError(f"a MoE shape needs 1 <= experts_per_token <= experts and an expert width, got {shape}")
     linears = []
     for i in range(shape.layers):
         g = f"model.layers.{i}"
         for short, n, k in (("self_attn.q_proj", q, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h),
-                            ("self_attn.o_proj", h, q), ("mlp.gate_proj", f, h), ("mlp.up_proj", f, h),
-                            ("mlp.down_proj", h, f)):
+                            ("self_attn.o_proj", h, q)):
+            linears.append(LinearSpec(f"{g}.{short}", n, k, qtype, g))
+        if e:
+            moe = dict(num_experts=e, experts_per_token=k_used)
+            linears.append(LinearSpec(f"{g}.mlp.experts.gate_up_proj", e * 2 * w, h, qtype, g, **moe))
+            linears.append(LinearSpec(f"{g}.mlp.experts.down_proj", e * h, w, qtype, g, **moe))
+            continue
+        for short, n, k in (("mlp.gate_proj", f, h), ("mlp.up_proj", f, h), ("mlp.down_proj", h, f)):
             linears.append(LinearSpec(f"{g}.{short}", n, k, qtype, g))
     linears.append(LinearSpec("lm_head", shape.vocab, h, lm_head_qtype, ""))
-    fixed = 2 * (shape.vocab * h + (2 * shape.layers + 1) * h)
+    fixed = 2 * (shape.vocab * h + (2 * shape.layers + 1) * h + shape.layers * e * h)    # routers: E x H each
     return ModelInventory(name, linears, fixed)
 
 
@@ -188,12 +210,29 @@ def gguf_inventory(path: "str | os.PathLike[str]") -> ModelInventory:
     return ModelInventory(Path(path).name, plan.specs, plan.fixed_bytes)
 
 
+#: config.json keys that give a MoE model's expert count, in the spellings transformers' configs use.
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
 def config_inventory(path: "str | os.PathLike[str]", qtype: str = "q4_k") -> ModelInventory:
-    """From a transformers config.json of a llama-family model."""
+    """From a transformers config.json of a llama-family model, or of a MoE model whose every block is a
+    router and experts (Mixtral, Qwen3-MoE); configs this shape cannot describe are refused by name."""
     cfg = json.loads(Path(path).read_text())
+    experts = next((cfg[k] for k in _EXPERT_COUNT_KEYS if cfg.get(k)), 0)
+    moe = {}
+    if experts:
+        unsupported = [k for k in ("kv_lora_rank", "first_k_dense_replace", "n_shared_experts",
+                                   "shared_expert_intermediate_size") if cfg.get(k)]
+        unsupported += ["mlp_only_layers"] if cfg.get("mlp_only_layers") else []
+        unsupported += ["decoder_sparse_step"] if cfg.get("decoder_sparse_step", 1) != 1 else []
+        if unsupported:
+            raise ValueError(f"{path}: a MoE config with {', '.join(unsupported)} (dense or shared-expert layers, "
+                             f"latent attention) is not one plan can describe; plan the model's GGUF file instead")
+        moe = dict(experts=experts, experts_per_token=cfg.get("num_experts_per_tok", experts),
+                   expert_intermediate=cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
     shape = LlamaShape(cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"],
                        cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-                       cfg["vocab_size"], cfg.get("head_dim"))
+                       cfg["vocab_size"], cfg.get("head_dim"), **moe)
     return llama_inventory(shape, qtype, name=Path(path).parent.name or "config")
 
 

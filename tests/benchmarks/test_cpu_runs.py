@@ -57,12 +57,14 @@ def test_quantize_benchmark_rejects_bad_thread_counts(tmp_path, threads):
                   "--threads", threads, "--out", str(tmp_path)])
 
 
-def test_offload_benchmark_on_the_cpu_path(tmp_path, one_thread):
-    assert cli_main(["bench", "offload", "--device", "cpu", "--shape", "tiny", "--layers", "8", "--tokens", "1,4",
+@pytest.mark.parametrize("shape", ["tiny", "tiny-moe"])
+def test_offload_benchmark_on_the_cpu_path(tmp_path, one_thread, shape):
+    assert cli_main(["bench", "offload", "--device", "cpu", "--shape", shape, "--layers", "8", "--tokens", "1,4",
                      "--batch-max", "4", "--fractions", "1,0.2", "--reps", "2", "--warmup", "1",
                      "--out", str(tmp_path)]) == 0
     out = results_dir(tmp_path, RunInfo.collect("cpu").slug)
-    rows = rows_of(out / "offload.csv")
+    name = "offload" if shape == "tiny" else f"offload_{shape}"
+    rows = rows_of(out / f"{name}.csv")
     by = {(r["kernel"], r["provider"], r["x"], r.get("layout", "")): r for r in rows}
     for provider in ("dense_fp32", "q4_k_100pct", "q4_k_20pct"):
         for tokens, layout in (("1", "prefill"), ("4", "prefill"), ("4", "batch")):
@@ -76,9 +78,9 @@ def test_offload_benchmark_on_the_cpu_path(tmp_path, one_thread):
     assert ("ratio_to_ideal", "q4_k_100pct", "1", "prefill") not in by     # nothing streamed: no ideal
     fraction = float(by[("tokens_per_s", "q4_k_20pct", "1", "prefill")]["resident_fraction"])
     assert 0.1 < fraction < 0.3
-    text = (out / "offload.md").read_text()
-    assert "## Streaming" in text and "## Targets" in text
-    assert (out / "offload.png").stat().st_size > 0
+    text = (out / f"{name}.md").read_text()
+    assert "## Streaming" in text and "## Targets" in text and shape in text
+    assert (out / f"{name}.png").stat().st_size > 0
 
 
 def fake_rows(rec: Recorder, kernel: str, providers, xs, **extra):

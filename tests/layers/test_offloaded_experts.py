@@ -216,3 +216,23 @@ def test_the_original_float_checkpoint_loads_and_is_quantized(kind):
     bad = {k: v[:, :8] if k.endswith("down_proj") else v for k, v in original.state_dict().items()}
     with pytest.raises(RuntimeError, match="expert weights of shape"):
         target.load_state_dict(bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 5, 300])
+def test_cuda_triton_kernels_match_float64(kind, dtype, tokens):
+    """On CUDA each expert's slice of the stacked bytes goes through the Triton kernels (GEMV for the few
+    tokens of an expert, GEMM for many), experts' slices at every byte offset of the stack."""
+    original = _experts(kind)
+    oe = OffloadedExperts.from_experts(original, {projection_names(original)[0]: "q4_k", "down_proj": "q6_k"},
+                                       device="cuda")
+    ref = _dequantized(original.cuda(), oe).double()
+    x = torch.randn(tokens, HIDDEN, device="cuda")
+    index, weights = _routing(tokens, original.num_experts, 2, seed=tokens)
+    index, weights = index.cuda(), weights.cuda()
+    y = oe(x.to(dtype), index, weights.to(dtype))
+    assert y.dtype == dtype and y.device.type == "cuda"
+    expected = batched_mm_experts_forward(ref, x.double(), index, weights.double())
+    assert _rel(y, expected) < max(TOL[dtype], 1e-4)

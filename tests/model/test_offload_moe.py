@@ -249,3 +249,22 @@ def test_linear_subclasses_with_their_own_forward_are_kept_and_plain_ones_replac
         vocab_size=VOCAB, hidden_size=256, num_hidden_layers=2, num_attention_heads=4)).eval()
     sel = select_linears(falcon, "q8_0")
     assert "transformer.h.0.mlp.dense_h_to_4h" in sel.chosen          # FalconLinear computes x @ W.T (+ b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_cuda_streamed_experts_match_the_dequantized_model(arch, ids):
+    """The CUDA path: Triton kernels on each expert's slice of the slot the transfer engine filled."""
+    model = tiny_moe(arch, layers=6)
+    off = copy.deepcopy(model)
+    report = offload(off, "q4_k", gpu_budget=streaming_budget(model, "q4_k"), device="cuda", progress=False,
+                     measure=False)
+    assert report.placement.streamed_groups
+    ref = dequantized_reference(model, off).cuda()
+    ids = ids.cuda()
+    with torch.no_grad():
+        expected = ref(ids).logits
+        for _ in range(3):
+            got = off(ids).logits
+            torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+    assert streamer_of(off).mispredictions == 0
