@@ -33,7 +33,8 @@
 #   bench-quantize      offload-kernels bench quantize (CPU and CUDA)                             ~1-2 min
 #   bench-offload       offload-kernels bench offload (Llama-3-8B shape, 32 layers)               ~5-8 min
 #   bench-offload-moe   the same on a Qwen3-30B-A3B shape (12 of its 48 layers: the fp16 baseline fits), --quick:
-#                       MoE blocks (128 experts, 8 per token) resident and streamed whole     ~4-6 min
+#                       MoE blocks (128 experts, 8 per token) resident, streamed whole, and with the experts
+#                       copied on demand through an expert cache at the same budgets          ~5-8 min
 #   all                 all of the above but test-all and bench-kernels-full, in that order (SUITE_LIMIT_S=0 on a
 #                       machine without the 10-minute limit)
 # Every stage but build first builds the extension if it is missing (an idle machine is given back after 30 s,

@@ -81,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time B sequences x 1 token for B <= this (default 64)")
     parser.add_argument("--fractions", default="1,0.5,0.2", help="resident fractions of the quantized bytes")
     parser.add_argument("--num-slots", type=int, default=2, help="staging slots of the transfer engine")
+    parser.add_argument("--experts-on-demand", action="store_true",
+                        help="MoE shapes: also run each streamed placement with experts='on_demand' (the chosen "
+                             "experts copied through an expert cache) at the same budget")
     parser.add_argument("--reps", type=int, default=None, help="timed forwards per point (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed forwards per point")
     parser.add_argument("--accelerate-tokens", default=None, help="token counts timed with accelerate (default 1,256)")
@@ -224,6 +227,7 @@ class Measurement:
     time: Stats                             # ms per forward
     warmup_s: float                         # the untimed forwards (the first one per shape autotunes)
     link: "dict[str, float] | None" = None  # engine statistics over the timed forwards (streamed only)
+    experts: "dict[str, float] | None" = None   # expert cache statistics (experts on demand only)
 
 
 class OffloadBench:
@@ -306,8 +310,11 @@ class OffloadBench:
                 "layers": self.layers, "vocab": self.config.vocab_size}
 
     # ------------------------------------------------------------------ timing
+    def config_is_moe(self) -> bool:
+        return shape_of(self.args.shape).experts > 0
+
     def time_point(self, model, point: Point, streamer=None, reps: "int | None" = None,
-                   warmup: "int | None" = None) -> Measurement:
+                   warmup: "int | None" = None, cache=None) -> Measurement:
         import torch
 
         ids = torch.randint(0, self.config.vocab_size, point.input_shape, generator=self.gen).to(self.device)
@@ -322,8 +329,11 @@ class OffloadBench:
             if self.cuda:
                 torch.cuda.synchronize()
             warmup_s = time.perf_counter() - t0
+            if cache is not None:
+                cache.reset_stats()
             if streamer is None:
-                return Measurement(time_back_to_back(forward, reps or self.reps, 0, self.device), warmup_s)
+                stats = time_back_to_back(forward, reps or self.reps, 0, self.device)
+                return Measurement(stats, warmup_s, experts=self._expert_stats(cache, reps or self.reps))
             streamer.engine.synchronize()
             streamer.engine.reset_stats()
             missed = streamer.mispredictions
@@ -335,14 +345,23 @@ class OffloadBench:
                 if s["copy_time_s"] > 0 else float("nan"),
                 "busy": s["copy_time_s"] / (n * stats.median * 1e-3), "hits": s["hits"] / n,
                 "mispredictions": float(streamer.mispredictions - missed)}
-        return Measurement(stats, warmup_s, link)
+        return Measurement(stats, warmup_s, link, self._expert_stats(cache, n))
 
-    def measure(self, provider: str, model, points: list[Point], streamer=None, **kw) -> None:
+    @staticmethod
+    def _expert_stats(cache, n: int) -> "dict[str, float] | None":
+        """Per forward of the timed ones: bytes the expert cache copied, its hits and misses."""
+        if cache is None:
+            return None
+        s = cache.stats()
+        return {"expert_bytes_per_forward": s["bytes_copied"] / n, "expert_hits_per_forward": s["hits"] / n,
+                "expert_misses_per_forward": s["misses"] / n}
+
+    def measure(self, provider: str, model, points: list[Point], streamer=None, cache=None, **kw) -> None:
         for point in points:
             if self.deadline.expired():
                 self.note(f"time budget reached: {provider} at {point.layout} T >= {point.tokens} not measured")
                 return
-            m = self.times[provider][point] = self.time_point(model, point, streamer, **kw)
+            m = self.times[provider][point] = self.time_point(model, point, streamer, cache=cache, **kw)
             tps = m.time.reciprocal(point.tokens * 1e3)
             extra = self.extra(point, provider)
             self.rec.add("forward_time", provider, point.tokens, m.time, "ms", **extra)
@@ -362,6 +381,13 @@ class OffloadBench:
                 line += (f"  link {m.link['gbs']:5.1f} GB/s ({frac:.2f} of pinned, busy {m.link['busy']:.2f}), "
                          f"{m.link['bytes_per_forward'] / 1e6:.0f} MB/forward, "
                          f"{m.link['mispredictions']:.0f} mispredicted")
+            if m.experts:
+                for kernel, value in m.experts.items():
+                    self.rec.add(kernel, provider, point.tokens, Stats.exact(value),
+                                 "bytes" if kernel.endswith("bytes_per_forward") else "count", **extra)
+                line += (f"  experts: {m.experts['expert_bytes_per_forward'] / 1e6:.0f} MB/forward copied, "
+                         f"{m.experts['expert_hits_per_forward']:.0f} hits / "
+                         f"{m.experts['expert_misses_per_forward']:.0f} misses per forward")
             print(line, flush=True)
 
     # ------------------------------------------------------------------ providers
@@ -402,13 +428,14 @@ class OffloadBench:
             del model
             free_memory(self.device)
 
-    def run_placement(self, fraction: float, build_device) -> None:
+    def run_placement(self, fraction: float, build_device, experts: str = "with_block") -> None:
         import torch
 
         from offload_kernels import offload
         from offload_kernels.model import streamer_of
+        from offload_kernels.model.offload import expert_cache_of
 
-        provider = f"{self.args.qtype}_{round(fraction * 100)}pct"
+        provider = f"{self.args.qtype}_{round(fraction * 100)}pct" + ("_on_demand" if experts == "on_demand" else "")
         model = self.fresh_model(build_device)
         if model is None:
             return self.note(f"time budget reached before {provider}")
@@ -416,7 +443,7 @@ class OffloadBench:
             budget = None if fraction >= 1 else budget_for(model, fraction, self.args.qtype, self.args.num_slots)
             t0 = time.perf_counter()
             report = offload(model, self.args.qtype, gpu_budget=budget, device=self.device,
-                             num_slots=self.args.num_slots, progress=False, measure=True,
+                             num_slots=self.args.num_slots, progress=False, measure=True, experts=experts,
                              token_counts=[p.tokens for p in self.points if p.layout == "prefill"])
             free_memory(self.device)
             p = self.placements[provider] = Placement(
@@ -427,14 +454,16 @@ class OffloadBench:
                   f"resident, planned {p.resident_fraction:.1%}\n{report}", flush=True)
             if self.cuda:       # the peak of running the offloaded model, not of building the dense one
                 torch.cuda.reset_peak_memory_stats(self.device)
-            self.measure(provider, model, self.points, streamer_of(model))
+            self.measure(provider, model, self.points, streamer_of(model), cache=expert_cache_of(model))
             if self.cuda:
                 p.peak_gpu_bytes = torch.cuda.max_memory_allocated(self.device)
         finally:
-            streamer = streamer_of(model)
+            streamer, cache = streamer_of(model), expert_cache_of(model)
             if streamer is not None:
                 streamer.engine.close()      # frees slots and pinned storage now, not at garbage collection
-            del model, streamer
+            if cache is not None:
+                cache.close()
+            del model, streamer, cache
             free_memory(self.device)
 
     def run_all(self) -> None:
@@ -442,6 +471,9 @@ class OffloadBench:
         build_device = self.build_device()
         gpu_built = build_device == self.device
         placements = [lambda f=f: self.run_placement(f, build_device) for f in self.fractions]
+        if self.args.experts_on_demand and self.config_is_moe():
+            placements += [lambda f=f: self.run_placement(f, build_device, "on_demand")
+                           for f in self.fractions if f < 1]
         # Most telling first, should the time budget run out: the dense baseline, the fully resident placement
         # (whose warm-ups autotune the kernels for the others), the most streamed one, accelerate, the rest.
         steps = [self.run_dense] if gpu_built and not self.args.skip_fp16 else []

@@ -13,8 +13,8 @@ import torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="path to a .gguf file (architecture llama, mistral, qwen2, qwen3, phi3, gemma2 "
-                                      "or gemma3)")
+    parser.add_argument("model", help="path to a .gguf file (architecture llama, mistral, qwen2, qwen3, phi3, gemma2, "
+                                      "gemma3 or qwen3moe)")
     parser.add_argument("--prompt", default="Once upon a time", help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--gpu-budget", default=None, help="device bytes for weights + staging, e.g. 20GiB "
@@ -24,6 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--slots", type=int, default=2, help="staging slots for streamed layers")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--experts", default="with_block", choices=["with_block", "on_demand"],
+                        help="MoE files: stream the experts with their block, or copy only the chosen experts "
+                             "through a device cache (on_demand)")
+    parser.add_argument("--expert-cache-slots", type=int, default=None,
+                        help="with --experts on_demand: the cache's size in experts (default: what the budget holds)")
 
 
 def _sync(device: torch.device) -> None:
@@ -43,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         dtype = torch.float32           # CPU matmuls in half precision are slow and not what a user wants
     t0 = time.perf_counter()
     model, report = load_gguf_model(args.model, gpu_budget=args.gpu_budget, dtype=dtype, device=device,
-                                    num_slots=args.slots, return_report=True)
+                                    num_slots=args.slots, return_report=True, experts=args.experts,
+                                    expert_cache_slots=args.expert_cache_slots)
     try:
         tokenizer = load_gguf_tokenizer(args.model)
     except Exception as exc:     # transformers supports only some GGUF tokenizers

@@ -153,6 +153,7 @@ class OffloadedExperts(nn.Module):
         for key, b in original._buffers.items():
             self.register_buffer(key, b, persistent=key not in original._non_persistent_buffers_set)
         self._apply_gate_fn = type(original)._apply_gate if original.has_gate else None
+        self._expert_cache = None              # an ExpertCache when the experts are copied on demand
         self._original_class = type(original).__name__
         self.hidden_size = projection_shape(original, names[0])[2]
         for name in names:
@@ -218,31 +219,42 @@ class OffloadedExperts(nn.Module):
         up_name, down_name = tuple(self._expert_shapes)
         up_layer, down_layer = self._modules[up_name], self._modules[down_name]
         up_out, down_out = self._expert_shapes[up_name][0], self._expert_shapes[down_name][0]
-        # Both projections are acquired (and released) once per call whatever the routing: a streamed
-        # block's layer uses per forward stay what the streamer learned.
-        up_qt = up_layer._device_weight(x)
-        down_qt = down_layer._device_weight(x)
         up_bias = None if up_layer.bias is None else up_layer.bias.to(x.dtype)
         down_bias = None if down_layer.bias is None else down_layer.bias.to(x.dtype)
+        hit = [e for e, c in enumerate(counts) if c]
+        starts = [0] * e_count
+        for e in range(1, e_count):
+            starts[e] = starts[e - 1] + counts[e - 1]
+        cache = self._expert_cache
+        if cache is not None:                    # on demand: the chosen experts, through the device cache
+            if x.device.type != cache.device.type:
+                raise ValueError(f"hidden_states are on {x.device} but this layer's experts are cached on "
+                                 f"{cache.device}")
+            weights_of = cache.experts(self, hit)
+        else:
+            # Both projections are acquired (and released) once per call whatever the routing: a streamed
+            # block's layer uses per forward stay what the streamer learned.
+            up_qt, down_qt = up_layer._device_weight(x), down_layer._device_weight(x)
+            weights_of = ((e, _rows_of(up_qt, e, up_out), _rows_of(down_qt, e, down_out)) for e in hit)
         out = torch.zeros(tokens, down_out, dtype=torch.float32, device=x.device)
         flat_weights = weights.reshape(-1)
-        start = 0
-        for expert, count in enumerate(counts):
-            if not count:
-                continue
-            rows = order[start:start + count]
-            start += count
-            token = rows // k
-            h = qmatmul(x[token], _rows_of(up_qt, expert, up_out),
-                        None if up_bias is None else up_bias[expert * up_out:(expert + 1) * up_out])
-            h = self._apply_gate_fn(self, h) if self._apply_gate_fn is not None else self.act_fn(h)
-            y = qmatmul(h, _rows_of(down_qt, expert, down_out),
-                        None if down_bias is None else down_bias[expert * down_out:(expert + 1) * down_out])
-            if getattr(self, "has_post_expert_norm", False):
-                y = self.post_expert_norm(y)
-            out.index_add_(0, token, y.float() * flat_weights[rows, None].float())
-        up_layer._release_device_weight()
-        down_layer._release_device_weight()
+        try:
+            for expert, up_w, down_w in weights_of:
+                rows = order[starts[expert]:starts[expert] + counts[expert]]
+                token = rows // k
+                h = qmatmul(x[token], up_w,
+                            None if up_bias is None else up_bias[expert * up_out:(expert + 1) * up_out])
+                h = self._apply_gate_fn(self, h) if self._apply_gate_fn is not None else self.act_fn(h)
+                y = qmatmul(h, down_w,
+                            None if down_bias is None else down_bias[expert * down_out:(expert + 1) * down_out])
+                if getattr(self, "has_post_expert_norm", False):
+                    y = self.post_expert_norm(y)
+                out.index_add_(0, token, y.float() * flat_weights[rows, None].float())
+        finally:
+            weights_of.close()
+        if cache is None:
+            up_layer._release_device_weight()
+            down_layer._release_device_weight()
         return out.to(x.dtype).view(hidden_states.shape[:-1] + (down_out,))
 
     def _check_inputs(self, hidden_states, top_k_index, top_k_weights):

@@ -23,8 +23,9 @@ from .gemma import configure_gemma
 from .gguf_rope import read_rope_scaling, require_rope_parameters
 from .gguf_names import (GEMMA_ARCHITECTURES, MOE_ARCHITECTURES, SLIDING_WINDOW_ARCHITECTURES, SUPPORTED_ARCHITECTURES,
                          Target, gguf_targets)
-from .offload import _report, apply_placement, check_device, check_num_slots
-from .planner import BudgetError, LinearSpec, Placement, default_budget, parse_bytes, plan_placement
+from .offload import _report, apply_placement, check_device, check_experts, check_num_slots
+from .planner import (BudgetError, LinearSpec, Placement, default_budget, parse_bytes, plan_placement,
+                      plan_with_expert_cache)
 from .shapes import gguf_linear_plan, unsupported_type_message
 
 log = logging.getLogger("offload_kernels")
@@ -244,14 +245,16 @@ def _dense(f: GGUFFile, name: str, dtype: torch.dtype) -> torch.Tensor:
 
 def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | None" = None,
                     dtype: torch.dtype = torch.float16, device: "torch.device | str | None" = None, *,
-                    num_slots: int = 2, measure: bool = False, return_report: bool = False):
+                    num_slots: int = 2, measure: bool = False, return_report: bool = False,
+                    experts: str = "with_block", expert_cache_slots: Optional[int] = None):
     """Build a transformers causal LM from a llama.cpp GGUF file, linears over the file's quantized bytes.
 
     Architectures: llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3 (text), qwen3moe (its experts become
     :class:`~offload_kernels.OffloadedExperts` over the file's expert stacks). Layers within ``gpu_budget``
     (bytes or "20GiB"; None: as for :func:`offload`, the free device memory less a margin) stay resident on
-    the device, the rest stream through the transfer engine. Returns the model (and the OffloadReport when
-    ``return_report``). Raises GGUFError for unsupported or malformed files before
+    the device, the rest stream through the transfer engine; ``experts="on_demand"`` copies a MoE file's
+    experts only when chosen, through a device cache (as :func:`offload` does). Returns the model (and the
+    OffloadReport when ``return_report``). Raises GGUFError for unsupported or malformed files before
     anything is allocated on the device.
     """
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -259,13 +262,15 @@ def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | Non
     budget = parse_bytes(gpu_budget)
     device = check_device(device)
     check_num_slots(num_slots)
+    check_experts(experts, expert_cache_slots)
     if budget is None:
         budget = default_budget(device)
     with GGUFFile(path) as f:     # closing drops only our reference: the layers' views keep the mapping
-        return _load(f, budget, dtype, device, num_slots, measure, return_report)
+        return _load(f, budget, dtype, device, num_slots, measure, return_report, experts, expert_cache_slots)
 
 
-def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report):
+def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report, experts="with_block",
+          expert_cache_slots=None):
     arch = f.architecture
     if arch not in SUPPORTED_ARCHITECTURES:
         raise GGUFError(f"{f.path}: architecture {arch!r} is not supported (supported: "
@@ -311,7 +316,17 @@ def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report)
 
     # ---------------------------------------------------------------- plan before touching the device
     quantized = {s.name for s in plan.specs}
-    placement = _place(plan.specs, budget, plan.fixed_bytes, num_slots)
+    on_demand = experts == "on_demand" and bool(plan.experts)
+    if on_demand:
+        sizes = {s.name: s.nbytes for s in plan.specs}
+        counts = {hf: f.info(parts["gate"]).shape[0] for hf, parts in plan.experts.items()}
+        slot = max(((sizes[f"{hf}.gate_up_proj"] // e + 255) // 256 * 256 + sizes[f"{hf}.down_proj"] // e)
+                   for hf, e in counts.items())
+        placement = plan_with_expert_cache(
+            plan.specs, [f"{hf}.{p}" for hf in plan.experts for p in ("gate_up_proj", "down_proj")], budget,
+            plan.fixed_bytes, num_slots, True, slot, sum(counts.values()), expert_cache_slots)
+    else:
+        placement = _place(plan.specs, budget, plan.fixed_bytes, num_slots)
 
     # ---------------------------------------------------------------- build
     layers: dict[str, OffloadedLinear] = {}
@@ -363,7 +378,8 @@ def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report)
     if plan.tied:
         model.config.tie_word_embeddings = False   # lm_head has its own copy or the embedding's quantized bytes
 
-    apply_placement(model, layers, placement, device)
+    expert_modules = [model.get_submodule(hf) for hf in plan.experts] if on_demand else []
+    apply_placement(model, layers, placement, device, expert_modules)
     # Undo llama.cpp's q/k row order where the bytes now live (device memory, the engine's pinned storage,
     # or copy-on-write pages of the mapping): one tensor-sized temporary at a time, never a host copy of
     # the model. Views of the mapping keep it alive only as long as a layer still reads from it.

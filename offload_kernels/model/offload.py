@@ -19,8 +19,9 @@ from ..layers.linear_like import is_linear_like, linear_features, linear_weight
 from ..layers.offloaded_linear import _FLOAT_DTYPES as _LAYER_DTYPES
 from ..units import default_device
 from .bandwidth import Hardware, measure_hardware
+from .expert_cache import ExpertCache, expert_slot_bytes
 from .planner import (LinearSpec, Placement, Prediction, default_budget, parse_bytes, plan_placement,
-                      predict_throughput)
+                      plan_with_expert_cache, predict_throughput)
 from .streaming import WeightStreamer
 
 log = logging.getLogger("offload_kernels")
@@ -81,6 +82,10 @@ class OffloadReport:
         # why each kept layer was kept, one line per reason, under the first line
         lines[1:1] = [f"  kept {names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''}: {reason}"
                       for reason, names in by_reason.items()]
+        if p.on_demand:
+            lines.append(f"  experts on demand: {human_bytes(p.on_demand_bytes)} in host memory ({len(p.on_demand)} "
+                         f"expert stacks), copied when chosen into a cache of {p.expert_cache_slots} of their "
+                         f"{p.expert_count} experts ({human_bytes(p.expert_cache_bytes)})")
         if self.hardware is not None and self.predictions:
             hw = self.hardware
             lines.append(f"  measured: link {hw.link_bytes_per_s / 1e9:.1f} GB/s, memory {hw.hbm_bytes_per_s / 1e9:.1f} "
@@ -137,6 +142,16 @@ def check_device(device: "torch.device | str | None") -> torch.device:
     if resolved.type not in ("cuda", "cpu"):
         raise ValueError(f"device must be cuda or cpu, got {resolved}")
     return resolved
+
+
+def check_experts(experts: str, expert_cache_slots: Optional[int]) -> None:
+    """offload()/load_gguf_model()'s ``experts`` and ``expert_cache_slots`` arguments."""
+    if experts not in ("with_block", "on_demand"):
+        raise ValueError(f"experts must be 'with_block' or 'on_demand', got {experts!r}")
+    if expert_cache_slots is not None and (experts != "on_demand" or isinstance(expert_cache_slots, bool)
+                                           or not isinstance(expert_cache_slots, int) or expert_cache_slots < 1):
+        raise ValueError(f"expert_cache_slots must be a positive int, with experts='on_demand'; got "
+                         f"{expert_cache_slots!r} with experts={experts!r}")
 
 
 def check_num_slots(num_slots: int) -> None:
@@ -483,6 +498,10 @@ def _roll_back(model: nn.Module, originals: list[tuple[nn.Module, str, nn.Module
         setattr(parent, attr, original)
     for module, attr, value in reversed(settings):
         setattr(module, attr, value)
+    cache = expert_cache_of(model)
+    if cache is not None:
+        del model._offload_expert_cache
+        cache.close()
     streamer = streamer_of(model)
     if streamer is not None and not had_streamer:
         del model._offload_streamer
@@ -507,9 +526,10 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
             stream_whole_blocks: bool = True, progress: bool = True, measure: bool = True,
             token_counts: Sequence[int] = DEFAULT_TOKEN_COUNTS,
             fallback_qtype: "str | Mapping[str, str] | None" = None,
-            keep_model_fp32_modules: bool = True) -> OffloadReport:
-    """Quantize ``model``'s linear layers (nn.Linear, and transformers' Conv1D) in place and place them
-    within ``gpu_budget``.
+            keep_model_fp32_modules: bool = True, experts: str = "with_block",
+            expert_cache_slots: Optional[int] = None) -> OffloadReport:
+    """Quantize ``model``'s linear layers (nn.Linear, and transformers' Conv1D) and MoE expert stacks in
+    place and place them within ``gpu_budget``.
 
     Args:
         model: any nn.Module (Hugging Face transformers first); its linears are replaced in place and the
@@ -534,6 +554,12 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
         num_slots: staging slots of the transfer engine (2 = double buffering).
         stream_whole_blocks: stream a whole transformer block per copy (else one layer per copy).
         measure: measure link/memory/matmul ceilings for the report's predictions.
+        experts: for MoE models, where the expert stacks go. "with_block": placed like the other linears
+            (resident, or streamed whole with their transformer block). "on_demand": kept in pinned host
+            memory; each MoE layer copies only the experts its tokens chose into an LRU cache of expert slots
+            on the device (see model.expert_cache), which gets the budget the other linears leave.
+        expert_cache_slots: with experts="on_demand", the cache's size in experts (None: as many as the
+            budget holds, at least the experts one token uses).
 
     Raises ValueError/TypeError for bad arguments or weights (NaN/Inf, non-float, ...) before the model is
     touched; if quantizing or placing still fails, the model is restored as it was before re-raising.
@@ -547,6 +573,7 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
     budget = parse_bytes(gpu_budget)
     check_num_slots(num_slots)
     device = check_device(device)
+    check_experts(experts, expert_cache_slots)
     if any(isinstance(m, OffloadedLinear) for m in model.modules()):
         raise ValueError("model already contains OffloadedLinear layers; offload() a fresh model")
     if budget is None:
@@ -563,9 +590,19 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
         raise ValueError(f"no linear layer to quantize: all {len(skipped)} were kept ({reasons}"
                          f"{'; ...' if len(skipped) > 4 else ''})")
     linears = {name: m for name, m in model.named_modules() if name in chosen}
-    experts = {name: (model.get_submodule(name), qtypes) for name, qtypes in selection.experts.items()}
-    _validate_weights(linears, chosen, experts)
-    placement = plan_placement(specs, budget, fixed, num_slots, stream_whole_groups=stream_whole_blocks)
+    experts_to_do = {name: (model.get_submodule(name), qtypes) for name, qtypes in selection.experts.items()}
+    _validate_weights(linears, chosen, experts_to_do)
+    on_demand = experts == "on_demand" and bool(experts_to_do)
+    if on_demand:
+        sizes = {s.name: s.nbytes for s in specs}
+        slot = max(_expert_slot_bytes(sizes, name, qtypes, module.num_experts)
+                   for name, (module, qtypes) in experts_to_do.items())
+        placement = plan_with_expert_cache(
+            specs, [_join(e, p) for e, (_, qtypes) in experts_to_do.items() for p in qtypes], budget, fixed,
+            num_slots, stream_whole_blocks, slot, sum(m.num_experts for m, _ in experts_to_do.values()),
+            expert_cache_slots)
+    else:
+        placement = plan_placement(specs, budget, fixed, num_slots, stream_whole_groups=stream_whole_blocks)
 
     # ---------------------------------------------------------------- quantize and replace
     # Should anything still fail (quantize() checks the fp16 block scales only on its result; device memory
@@ -580,18 +617,20 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
     had_streamer = streamer_of(model) is not None
     work_device = device if device.type == "cuda" else torch.device("cpu")
     # One unit of work per linear, and one per experts module (both its projections).
-    expert_projections = {_join(e, p): e for e, (_, qtypes) in experts.items() for p in qtypes}
-    units = [n for n in chosen if n not in expert_projections] + list(experts)
+    expert_projections = {_join(e, p): e for e, (_, qtypes) in experts_to_do.items() for p in qtypes}
+    units = [n for n in chosen if n not in expert_projections] + list(experts_to_do)
     units.sort(key=_model_order(model))
+    new_experts: list[OffloadedExperts] = []
     try:
         for name in tqdm(units, desc=f"quantizing to {qtype}", disable=not progress, unit="layer"):
-            if name in experts:
-                original, qtypes = experts.pop(name)
+            if name in experts_to_do:
+                original, qtypes = experts_to_do.pop(name)
                 new = OffloadedExperts.from_experts(original, qtypes, device=work_device)
                 for proj in qtypes:
                     child, full = new._modules[proj], _join(name, proj)
                     child._buffers["weight"] = child.weight.to(device if full in resident else "cpu")
                     replaced[full] = child
+                new_experts.append(new)
             else:
                 original = linears.pop(name)
                 qt = quantize(linear_weight(original).to(work_device), chosen[name])
@@ -607,7 +646,7 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
         for module, attr, value in _fast_path_guards(model, replaced):
             settings.append((module, attr, getattr(module, attr)))
             setattr(module, attr, value)
-        apply_placement(model, replaced, placement, device)
+        apply_placement(model, replaced, placement, device, new_experts if on_demand else ())
         report = _report(device, qtype, placement, chosen, skipped, specs, measure, token_counts)
         report.experts = list(selection.experts)
         return report
@@ -617,11 +656,16 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
 
 
 def apply_placement(model: nn.Module, layers: Mapping[str, OffloadedLinear], placement: Placement,
-                    device: torch.device) -> Optional[WeightStreamer]:
-    """Move resident layers and all other parameters to ``device``; stream the placement's groups."""
+                    device: torch.device, on_demand_experts: Sequence[OffloadedExperts] = ()
+                    ) -> Optional[WeightStreamer]:
+    """Move resident layers and all other parameters to ``device``; stream the placement's groups; copy the
+    experts of ``on_demand_experts`` (the placement's on-demand stacks) through an expert cache."""
     for name in placement.resident:
         layer = layers[name]
         layer._buffers["weight"] = layer.weight.to(device)
+    if placement.on_demand:
+        # Before model.to(): the cache marks the experts' bytes as host-held, so they stay where they are.
+        model._offload_expert_cache = ExpertCache(on_demand_experts, device, placement.expert_cache_slots)
     if not placement.streamed_groups:
         model.to(device)
         return None
@@ -664,3 +708,14 @@ def _model_order(model: nn.Module):
 def streamer_of(model: nn.Module) -> Optional[WeightStreamer]:
     """The WeightStreamer offload() attached to ``model``, if any layer streams."""
     return getattr(model, "_offload_streamer", None)
+
+
+def expert_cache_of(model: nn.Module) -> Optional[ExpertCache]:
+    """The ExpertCache offload(experts="on_demand") attached to ``model``, if any experts are copied on demand."""
+    return getattr(model, "_offload_expert_cache", None)
+
+
+def _expert_slot_bytes(sizes: Mapping[str, int], name: str, qtypes: Mapping[str, str], experts: int) -> int:
+    """One expert's bytes in a cache slot (as expert_cache.expert_slot_bytes counts them), from the specs."""
+    up, down = (sizes[_join(name, p)] // experts for p in qtypes)
+    return (up + 255) // 256 * 256 + down

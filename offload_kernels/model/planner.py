@@ -12,7 +12,9 @@ Time model for one forward of M tokens (a roofline per layer, copies overlapping
 
 A stack of E experts of which each token uses k (a MoE layer) streams all its bytes, but each token
 multiplies by k/E of its weights, and M tokens read the expected share of experts that any of them chose,
-1 - (1 - k/E)**M, from device memory (routing taken as uniform).
+1 - (1 - k/E)**M, from device memory (routing taken as uniform). Expert stacks copied on demand through an
+expert cache (plan_with_expert_cache) add those chosen experts' bytes to t_link, times the share of experts
+the cache cannot hold.
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ class Placement:
     num_slots: int
     slot_bytes: int
     linear_bytes: dict[str, int] = field(default_factory=dict)
+    on_demand: list[str] = field(default_factory=list)   # expert stacks copied expert by expert when chosen
+    expert_cache_slots: int = 0                          # ... into this many device slots
+    expert_slot_bytes: int = 0                           # ... of this size (one expert's up and down rows)
+    expert_count: int = 0                                # experts of all on-demand stacks
 
     @property
     def resident_bytes(self) -> int:
@@ -78,21 +84,37 @@ class Placement:
 
     @property
     def streamed_bytes(self) -> int:
+        """Bytes streamed whole every forward (on-demand experts, which depend on the routing, not counted)."""
         return sum(self.group_bytes)
+
+    @property
+    def on_demand_bytes(self) -> int:
+        return sum(self.linear_bytes[n] for n in self.on_demand)
 
     @property
     def staging_bytes(self) -> int:
         return self.num_slots * self.slot_bytes if self.streamed_groups else 0
 
     @property
+    def expert_cache_bytes(self) -> int:
+        return self.expert_cache_slots * self.expert_slot_bytes
+
+    @property
     def device_bytes(self) -> int:
-        """Everything this plan puts on the device: fixed params, resident linears, staging slots."""
-        return self.fixed_bytes + self.resident_bytes + self.staging_bytes
+        """Everything this plan puts on the device: fixed params, resident linears, staging slots, expert cache."""
+        return self.fixed_bytes + self.resident_bytes + self.staging_bytes + self.expert_cache_bytes
 
     @property
     def resident_fraction(self) -> float:
-        total = self.resident_bytes + self.streamed_bytes
+        total = self.resident_bytes + self.streamed_bytes + self.on_demand_bytes
         return self.resident_bytes / total if total else 1.0
+
+    @property
+    def expert_miss_fraction(self) -> float:
+        """The share of chosen experts not in the cache, were routing uniform: 1 - slots / experts."""
+        if not self.on_demand:
+            return 0.0
+        return max(0.0, 1.0 - self.expert_cache_slots / self.expert_count)
 
 
 class BudgetError(ValueError):
@@ -232,6 +254,42 @@ def plan_placement(linears: Sequence[LinearSpec], budget: int | None, fixed_byte
     return Placement(order, streamed_groups, group_bytes, fixed_bytes, num_slots, slot_bytes, sizes)
 
 
+def plan_with_expert_cache(linears: Sequence[LinearSpec], experts: Sequence[str], budget: int | None,
+                           fixed_bytes: int, num_slots: int, stream_whole_groups: bool, expert_slot_bytes: int,
+                           expert_count: int, cache_slots: int | None = None) -> Placement:
+    """A plan whose expert stacks (``experts``: names of MoE projections) are copied on demand through an
+    expert cache instead of being placed: the other linears are planned by :func:`plan_placement` within
+    the budget left after the cache, and the cache gets ``cache_slots`` slots of ``expert_slot_bytes``, or
+    (None) whatever the budget leaves once the rest is planned, at least the most experts one token uses
+    and at most ``expert_count`` (every expert; None budget: that many)."""
+    names = set(experts)
+    expert_specs = [lin for lin in linears if lin.name in names]
+    others = [lin for lin in linears if lin.name not in names]
+    if not expert_specs:
+        raise ValueError("plan_with_expert_cache needs at least one expert projection")
+    if cache_slots is not None and (isinstance(cache_slots, bool) or not isinstance(cache_slots, int)
+                                    or cache_slots < 1):
+        raise ValueError(f"expert_cache_slots must be a positive int or None, got {cache_slots!r}")
+    least = max(lin.experts_per_token for lin in expert_specs)
+    reserve = (cache_slots or least) * expert_slot_bytes
+    if budget is not None and fixed_bytes + reserve > budget:
+        raise BudgetError(f"gpu_budget {human_bytes(budget)} is too small: non-linear parameters need "
+                          f"{human_bytes(fixed_bytes)} and an expert cache of {cache_slots or least} experts "
+                          f"{human_bytes(reserve)}")
+    rest_budget = None if budget is None else budget - reserve
+    if others:
+        base = plan_placement(others, rest_budget, fixed_bytes, num_slots, stream_whole_groups)
+    else:
+        base = Placement([], [], [], fixed_bytes, num_slots, 0, {})
+    if cache_slots is None:
+        cache_slots = expert_count if budget is None else \
+            min(expert_count, max(least, (budget - base.device_bytes) // expert_slot_bytes))
+    sizes = {**base.linear_bytes, **{lin.name: lin.nbytes for lin in expert_specs}}
+    return Placement(base.resident, base.streamed_groups, base.group_bytes, fixed_bytes, num_slots,
+                     base.slot_bytes, sizes, [lin.name for lin in expert_specs], int(cache_slots),
+                     expert_slot_bytes, expert_count)
+
+
 def _keeps_one_streamed(unit: list[LinearSpec], resident: set[str], candidate: LinearSpec) -> bool:
     """A streamed unit must keep at least one streamed layer (else it would be resident)."""
     return sum(1 for lin in unit if lin.name not in resident and lin is not candidate) >= 1
@@ -248,11 +306,14 @@ class Prediction:
 def predict_throughput(linears: Sequence[LinearSpec], placement: Placement, hw: Hardware,
                        token_counts: Iterable[int]) -> list[Prediction]:
     """Predicted forward time and tokens/s for each token count (see the module docstring's model)."""
-    t_link = placement.streamed_bytes / hw.link_bytes_per_s
+    on_demand = [lin for lin in linears if lin.name in set(placement.on_demand)]
     out = []
     for m in token_counts:
         if m < 1:
             raise ValueError(f"token counts must be positive, got {m}")
+        # on-demand experts: the chosen ones that miss the cache cross the link
+        copied = sum(lin.nbytes * lin.read_fraction(m) for lin in on_demand) * placement.expert_miss_fraction
+        t_link = (placement.streamed_bytes + copied) / hw.link_bytes_per_s
         reads = [lin.nbytes * lin.read_fraction(m) / hw.hbm_bytes_per_s for lin in linears]
         flops = [2 * m * lin.params * lin.active_fraction / hw.matmul_flops for lin in linears]
         t_mem, t_flop = sum(reads), sum(flops)

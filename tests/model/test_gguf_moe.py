@@ -169,3 +169,22 @@ def test_parity_with_llama_cpp(files, name, tmp_path):
           f"{max_diff:.4f} on the quantized one (logit range {span:.2f}), top-1 {f32_top1:.0%} / {top1:.0%}")
     assert f32_diff <= 5e-4 * span and f32_top1 == 1.0
     assert max_diff <= 0.05 * span and round(top1 * IDS.shape[1]) >= 8
+
+
+@pytest.mark.parametrize("slots", [2, None])
+def test_experts_on_demand_from_a_file(files, slots):
+    from offload_kernels.model.offload import expert_cache_of
+
+    path = files["q4_k_m"]
+    resident = load_gguf_model(path, dtype=torch.float32, device="cpu")
+    on_demand, report = load_gguf_model(path, dtype=torch.float32, device="cpu", experts="on_demand",
+                                        expert_cache_slots=slots, return_report=True)
+    cache = expert_cache_of(on_demand)
+    assert cache.num_slots == (slots or 2 * EXPERTS) and report.placement.expert_count == 2 * EXPERTS
+    assert len(report.placement.on_demand) == 4 and "experts on demand" in str(report)
+    with torch.no_grad():
+        expected = resident(IDS).logits
+        for _ in range(2):
+            assert torch.equal(on_demand(IDS).logits, expected)
+    with pytest.raises(ValueError, match="experts must be 'with_block' or 'on_demand'"):
+        load_gguf_model(path, device="cpu", experts="sometimes")

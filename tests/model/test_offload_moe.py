@@ -268,3 +268,113 @@ def test_cuda_streamed_experts_match_the_dequantized_model(arch, ids):
             got = off(ids).logits
             torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
     assert streamer_of(off).mispredictions == 0
+
+
+# ------------------------------------------------------------------------- experts on demand
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("slots", [1, 3, None])
+def test_experts_on_demand_match_the_dequantized_model(arch, slots, ids):
+    from offload_kernels.model.offload import expert_cache_of
+
+    model = tiny_moe(arch)
+    off = copy.deepcopy(model)
+    report = offload(off, "q8_0", device="cpu", progress=False, measure=False, experts="on_demand",
+                     expert_cache_slots=slots)
+    cache = expert_cache_of(off)
+    experts = sum(m.num_experts for m in off.modules() if isinstance(m, OffloadedExperts))
+    assert cache.num_slots == (slots or experts) == report.placement.expert_cache_slots
+    assert sorted(report.placement.on_demand) == sorted(n for n in report.quantized if ".experts." in n)
+    assert all(m.placement == "streamed" and m.weight.device.type == "cpu" for n, m in off.named_modules()
+               if isinstance(m, OffloadedLinear) and _inside_experts(off, n))
+    assert "experts on demand" in str(report)
+    ref = dequantized_reference(model, off)
+    with torch.no_grad():
+        expected = ref(ids).logits
+        for i in range(3):
+            before = cache.misses
+            got = off(ids).logits
+            torch.testing.assert_close(got, expected, rtol=RTOL, atol=RTOL * expected.abs().max())
+            if slots is None and i > 0:            # the cache holds every expert: nothing copied again
+                assert cache.misses == before
+    out = off.generate(ids[:1, :5], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 8)
+
+
+def test_experts_on_demand_with_a_budget_fill_what_the_rest_leaves():
+    from offload_kernels.model.offload import expert_cache_of
+    from offload_kernels.model.planner import BudgetError
+
+    model = tiny_moe("qwen3_moe")
+    sel = select_linears(model, "q8_0")
+    expert_bytes = sum(s.nbytes for s in sel.specs if ".experts." in s.name)
+    other_bytes = sum(s.nbytes for s in sel.specs if ".experts." not in s.name)
+    budget = sel.fixed_bytes + other_bytes + expert_bytes // 4          # the rest resident, 1/4 of the experts
+    off = copy.deepcopy(model)
+    report = offload(off, "q8_0", gpu_budget=budget, device="cpu", progress=False, measure=True,
+                     experts="on_demand", token_counts=(1, 64))
+    p = report.placement
+    assert not p.streamed_groups and p.device_bytes <= budget
+    assert 2 <= p.expert_cache_slots < p.expert_count and expert_cache_of(off).num_slots == p.expert_cache_slots
+    assert 0 < p.expert_miss_fraction < 1
+    # the link term of the prediction: the chosen experts the cache misses
+    assert report.predictions[0].bound in ("link", "memory", "compute")
+    with pytest.raises(BudgetError, match="expert cache of 2 experts"):
+        offload(copy.deepcopy(model), "q8_0", gpu_budget=sel.fixed_bytes + 1000, device="cpu", progress=False,
+                measure=False, experts="on_demand")
+
+
+def test_state_dict_loads_into_on_demand_experts_reach_the_cache(ids):
+    model = tiny_moe("mixtral", seed=1)
+    other = tiny_moe("mixtral", seed=2)
+    off = copy.deepcopy(model)
+    offload(off, "q4_k", device="cpu", progress=False, measure=False, experts="on_demand", expert_cache_slots=3)
+    with torch.no_grad():
+        off(ids)                                   # the cache now holds some of model's experts
+    reference = copy.deepcopy(other)
+    offload(reference, "q4_k", device="cpu", progress=False, measure=False)
+    off.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(off(ids).logits, reference(ids).logits, rtol=RTOL, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"experts": "lazily"}, "experts must be 'with_block' or 'on_demand'"),
+    ({"expert_cache_slots": 4}, "with experts='on_demand'"),
+    ({"experts": "on_demand", "expert_cache_slots": 0}, "expert_cache_slots must be a positive int"),
+])
+def test_bad_expert_arguments_are_refused_before_the_model_is_touched(kwargs, match):
+    model = tiny_moe("mixtral", layers=2)
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        offload(model, "q8_0", device="cpu", progress=False, measure=False, **kwargs)
+    _assert_unchanged(model, snapshot)
+
+
+def test_failure_creating_the_expert_cache_restores_the_model(monkeypatch):
+    from offload_kernels.model import expert_cache
+
+    model = tiny_moe("mixtral", layers=2)
+    snapshot = _snapshot(model)
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("injected cache failure")
+
+    monkeypatch.setattr(expert_cache.ExpertCache, "__init__", broken)
+    with pytest.raises(RuntimeError, match="injected cache failure"):
+        offload(model, "q8_0", device="cpu", progress=False, measure=False, experts="on_demand")
+    _assert_unchanged(model, snapshot)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("slots", [1, None])
+def test_cuda_experts_on_demand_match_the_dequantized_model(slots, ids):
+    model = tiny_moe("qwen3_moe", layers=6)
+    off = copy.deepcopy(model)
+    offload(off, "q4_k", device="cuda", progress=False, measure=False, experts="on_demand",
+            expert_cache_slots=slots)
+    ref = dequantized_reference(model, off).cuda()
+    ids = ids.cuda()
+    with torch.no_grad():
+        expected = ref(ids).logits
+        for _ in range(3):
+            torch.testing.assert_close(off(ids).logits, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))

@@ -1,0 +1,207 @@
+"""ExpertCache: the experts a MoE layer's tokens chose, copied to the device on demand into an LRU cache.
+
+Streaming a MoE block whole moves all E experts over the link for every forward, though a token uses k of
+them (Qwen3-30B-A3B: 8 of 128, Mixtral: 2 of 8). With ``offload(..., experts="on_demand")`` the expert
+stacks stay in pinned host memory instead, and each OffloadedExperts call copies only the experts its
+tokens were routed to, into a cache of ``num_slots`` expert-sized device slots. An expert still in the cache
+is not copied again (least recently used slots are reused first), so with skewed routing or a cache that
+holds most experts, few bytes cross the link per token; a cache that holds every expert makes them
+resident after their first use.
+
+Each slot holds one expert's gate_up (or up) rows followed, at a 256-byte offset, by its down rows. The
+copies of a call's missing experts are enqueued ahead (as many as there are slots not in use by the
+call) on a copy stream, so copying the next expert overlaps computing this one; events order the copy of
+a slot after the kernels that last read it, and the kernels after the copy. On the CPU the copies are plain
+synchronous copies into host slots (the same logic, for tests and the CPU path).
+
+Routing is only known once the router ran, so no copy starts before the layer's own call: this trades the
+prefetch across layers (which whole-block streaming has) for copying k/E of the bytes.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+
+import torch
+
+from ..formats import QuantizedTensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..layers import OffloadedExperts, OffloadedLinear
+
+_ALIGN = 256      # the down rows start at this alignment within a slot
+
+
+def expert_slot_bytes(module: "OffloadedExperts") -> int:
+    """Bytes of one expert of ``module`` in a cache slot: its up rows, padding, its down rows."""
+    up, down = (module._modules[name] for name in module._expert_shapes)
+    e = module.num_experts
+    return _aligned(up.weight_nbytes // e) + down.weight_nbytes // e
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+class ExpertCache:
+    """Owns the device slots and the host bytes of the on-demand experts of several OffloadedExperts modules.
+
+    The modules' projection children keep their bytes in (pinned, on CUDA) host memory and name this cache
+    as their streamer: ``.to()`` leaves the bytes on the host and a state-dict load drops their cached
+    copies (:meth:`invalidate`).
+    """
+
+    def __init__(self, modules: Sequence["OffloadedExperts"], device: "torch.device | str", num_slots: int):
+        if not modules:
+            raise ValueError("ExpertCache needs at least one OffloadedExperts module")
+        if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
+            raise ValueError(f"num_slots must be a positive int, got {num_slots!r}")
+        self.device = torch.device(device)
+        self._cuda = self.device.type == "cuda"
+        self.num_slots = num_slots
+        self.modules = list(modules)
+        self.slot_bytes = max(expert_slot_bytes(m) for m in self.modules)
+        self._slots = torch.empty(num_slots, self.slot_bytes, dtype=torch.uint8, device=self.device)
+        self._key_of: list[Optional[tuple[int, int]]] = [None] * num_slots   # (module index, expert) per slot
+        self._slot_of: dict[tuple[int, int], int] = {}
+        self._lru: "OrderedDict[int, None]" = OrderedDict((s, None) for s in range(num_slots))  # first: oldest
+        self._index = {id(m): i for i, m in enumerate(self.modules)}
+        self._owner: dict[int, int] = {}            # id(projection child) -> module index
+        if self._cuda:
+            self._copy_stream = torch.cuda.Stream(self.device)
+            self._ready = [torch.cuda.Event() for _ in range(num_slots)]   # the slot's copy is done
+            self._free = [torch.cuda.Event() for _ in range(num_slots)]    # the kernels reading the slot are done
+            self._used = [False] * num_slots
+        self.hits = self.misses = self.bytes_copied = 0
+        for i, m in enumerate(self.modules):
+            for child in (m._modules[name] for name in m._expert_shapes):
+                if self._cuda:
+                    child._buffers["weight"] = child.weight.cpu().pin_memory()
+                elif child.weight.device.type != "cpu":
+                    child._buffers["weight"] = child.weight.cpu()
+                child._streamer = self
+                self._owner[id(child)] = i
+            m._expert_cache = self
+
+    # ------------------------------------------------------------------ the experts of one call
+    def experts(self, module: "OffloadedExperts", experts: Sequence[int]
+                ) -> Iterator[tuple[int, QuantizedTensor, QuantizedTensor]]:
+        """Yield ``(expert, up, down)`` device QuantizedTensors for each of ``experts`` in order, valid until the
+        next one is asked for: enqueue the kernels that read them before that. Copies run ahead by as many
+        experts as there are slots."""
+        mi = self._index[id(module)]
+        up_layer, down_layer = (module._modules[name] for name in module._expert_shapes)
+        (up_rows, k_up), (down_rows, k_down) = module._expert_shapes.values()
+        up_bytes, down_bytes = up_rows * up_layer.weight.shape[1], down_rows * down_layer.weight.shape[1]
+        offset = _aligned(up_bytes)
+        locked: set[int] = set()                   # slots of experts issued and not yet computed
+        issued = 0
+        previous: Optional[int] = None
+        try:
+            for i, e in enumerate(experts):
+                if previous is not None:         # the consumer enqueued its kernels: the slot may be reused
+                    self._done_reading(previous)
+                    locked.discard(previous)
+                    previous = None
+                while issued < len(experts) and (issued <= i or len(locked) < self.num_slots):
+                    locked.add(self._place(mi, experts[issued], up_layer, down_layer, up_rows, down_rows,
+                                           up_bytes, down_bytes, offset, locked))
+                    issued += 1
+                s = self._slot_of[(mi, e)]
+                if self._cuda:
+                    torch.cuda.current_stream(self.device).wait_event(self._ready[s])
+                slot = self._slots[s]
+                up = QuantizedTensor._from_validated(slot[:up_bytes].view(up_rows, -1), up_layer._spec,
+                                                     (up_rows, k_up))
+                down = QuantizedTensor._from_validated(slot[offset:offset + down_bytes].view(down_rows, -1),
+                                                       down_layer._spec, (down_rows, k_down))
+                previous = s
+                yield e, up, down
+        finally:
+            if previous is not None:
+                self._done_reading(previous)
+
+    def _place(self, mi, e, up_layer, down_layer, up_rows, down_rows, up_bytes, down_bytes, offset,
+               locked) -> int:
+        """The slot holding expert ``e`` of module ``mi``, copying it there (into the least recently used
+        slot not ``locked``) if it is not cached."""
+        key = (mi, e)
+        s = self._slot_of.get(key)
+        if s is not None:
+            self.hits += 1
+            self._lru.move_to_end(s)
+            return s
+        s = next(slot for slot in self._lru if slot not in locked)
+        old = self._key_of[s]
+        if old is not None:
+            del self._slot_of[old]
+        self._key_of[s] = key
+        self._slot_of[key] = s
+        self._lru.move_to_end(s)
+        self.misses += 1
+        self.bytes_copied += up_bytes + down_bytes
+        up_src = up_layer.weight[e * up_rows:(e + 1) * up_rows].reshape(-1)
+        down_src = down_layer.weight[e * down_rows:(e + 1) * down_rows].reshape(-1)
+        slot = self._slots[s]
+        if self._cuda:
+            with torch.cuda.stream(self._copy_stream):
+                if self._used[s]:                # not before the kernels that read the slot's last expert
+                    self._copy_stream.wait_event(self._free[s])
+                slot[:up_bytes].copy_(up_src, non_blocking=True)
+                slot[offset:offset + down_bytes].copy_(down_src, non_blocking=True)
+                self._ready[s].record(self._copy_stream)
+        else:
+            slot[:up_bytes].copy_(up_src)
+            slot[offset:offset + down_bytes].copy_(down_src)
+        return s
+
+    def _done_reading(self, s: int) -> None:
+        """The kernels reading slot ``s`` are enqueued: a later copy into it waits for them."""
+        if self._cuda:
+            self._free[s].record(torch.cuda.current_stream(self.device))
+            self._used[s] = True
+
+    # ------------------------------------------------------------------ the projection children's streamer
+    def weight_bytes(self, module: "OffloadedLinear", device: torch.device) -> torch.Tensor:
+        """A projection child called on its own (not through its OffloadedExperts): a copy of all its bytes."""
+        return module.weight.to(device).reshape(-1)
+
+    def after_use(self, module: "OffloadedLinear") -> None:
+        pass
+
+    def invalidate(self, module: "OffloadedLinear") -> None:
+        """``module``'s host bytes are about to be rewritten (a state-dict load): forget every cached expert of
+        its OffloadedExperts, after the copies in flight."""
+        mi = self._owner[id(module)]
+        if self._cuda:
+            self._copy_stream.synchronize()
+        for key in [k for k in self._slot_of if k[0] == mi]:
+            s = self._slot_of.pop(key)
+            self._key_of[s] = None
+            self._lru.move_to_end(s, last=False)     # reused first
+
+    # ------------------------------------------------------------------ teardown
+    def stats(self) -> dict:
+        cached = len(self._slot_of)
+        return {"num_slots": self.num_slots, "slot_bytes": self.slot_bytes, "device_bytes": self._slots.numel(),
+                "experts_cached": cached, "hits": self.hits, "misses": self.misses,
+                "bytes_copied": self.bytes_copied}
+
+    def reset_stats(self) -> None:
+        self.hits = self.misses = self.bytes_copied = 0
+
+    def close(self) -> None:
+        """Detach: the modules keep their host bytes (resident on the CPU), the device slots are freed."""
+        if self._cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+        for m in self.modules:
+            for child in (m._modules[name] for name in m._expert_shapes):
+                child._streamer = None
+            m._expert_cache = None
+        self._slot_of.clear()
+        self._slots = torch.empty(0, dtype=torch.uint8, device=self.device)
+
+    def __repr__(self) -> str:
+        return (f"ExpertCache(modules={len(self.modules)}, slots={self.num_slots}, slot_bytes={self.slot_bytes}, "
+                f"device={self.device})")
