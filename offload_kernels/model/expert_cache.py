@@ -34,10 +34,17 @@ _ALIGN = 256      # the down rows start at this alignment within a slot
 
 
 def expert_slot_bytes(module: "OffloadedExperts") -> int:
-    """Bytes of one expert of ``module`` in a cache slot: its up rows, padding, its down rows."""
+    """Bytes of a cache slot for one expert of ``module``: see :func:`slot_bytes_for`."""
     up, down = (module._modules[name] for name in module._expert_shapes)
     e = module.num_experts
-    return _aligned(up.weight_nbytes // e) + down.weight_nbytes // e
+    return slot_bytes_for(up.weight_nbytes // e, down.weight_nbytes // e)
+
+
+def slot_bytes_for(up_bytes: int, down_bytes: int) -> int:
+    """A cache slot for an expert of ``up_bytes`` up (gate_up) rows and ``down_bytes`` down rows: the up rows,
+    the down rows at the next 256-byte offset, the slot rounded to 256 bytes so that every slot, and both
+    parts in it, start aligned (the kernels' word loads need 4-byte alignment)."""
+    return _aligned(_aligned(up_bytes) + down_bytes)
 
 
 def _aligned(n: int) -> int:

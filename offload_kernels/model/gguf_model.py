@@ -23,6 +23,7 @@ from .gemma import configure_gemma
 from .gguf_rope import read_rope_scaling, require_rope_parameters
 from .gguf_names import (GEMMA_ARCHITECTURES, MOE_ARCHITECTURES, SLIDING_WINDOW_ARCHITECTURES, SUPPORTED_ARCHITECTURES,
                          Target, gguf_targets)
+from .expert_cache import slot_bytes_for
 from .offload import _report, apply_placement, check_device, check_experts, check_num_slots
 from .planner import (BudgetError, LinearSpec, Placement, default_budget, parse_bytes, plan_placement,
                       plan_with_expert_cache)
@@ -320,7 +321,7 @@ def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report,
     if on_demand:
         sizes = {s.name: s.nbytes for s in plan.specs}
         counts = {hf: f.info(parts["gate"]).shape[0] for hf, parts in plan.experts.items()}
-        slot = max(((sizes[f"{hf}.gate_up_proj"] // e + 255) // 256 * 256 + sizes[f"{hf}.down_proj"] // e)
+        slot = max(slot_bytes_for(sizes[f"{hf}.gate_up_proj"] // e, sizes[f"{hf}.down_proj"] // e)
                    for hf, e in counts.items())
         placement = plan_with_expert_cache(
             plan.specs, [f"{hf}.{p}" for hf in plan.experts for p in ("gate_up_proj", "down_proj")], budget,

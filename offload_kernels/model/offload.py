@@ -19,7 +19,7 @@ from ..layers.linear_like import is_linear_like, linear_features, linear_weight
 from ..layers.offloaded_linear import _FLOAT_DTYPES as _LAYER_DTYPES
 from ..units import default_device
 from .bandwidth import Hardware, measure_hardware
-from .expert_cache import ExpertCache, expert_slot_bytes
+from .expert_cache import ExpertCache, slot_bytes_for
 from .planner import (LinearSpec, Placement, Prediction, default_budget, parse_bytes, plan_placement,
                       plan_with_expert_cache, predict_throughput)
 from .streaming import WeightStreamer
@@ -716,6 +716,6 @@ def expert_cache_of(model: nn.Module) -> Optional[ExpertCache]:
 
 
 def _expert_slot_bytes(sizes: Mapping[str, int], name: str, qtypes: Mapping[str, str], experts: int) -> int:
-    """One expert's bytes in a cache slot (as expert_cache.expert_slot_bytes counts them), from the specs."""
+    """A cache slot for one expert of experts module ``name`` (expert_cache.slot_bytes_for), from the specs."""
     up, down = (sizes[_join(name, p)] // experts for p in qtypes)
-    return (up + 255) // 256 * 256 + down
+    return slot_bytes_for(up, down)

@@ -315,6 +315,7 @@ def test_experts_on_demand_with_a_budget_fill_what_the_rest_leaves():
     p = report.placement
     assert not p.streamed_groups and p.device_bytes <= budget
     assert 2 <= p.expert_cache_slots < p.expert_count and expert_cache_of(off).num_slots == p.expert_cache_slots
+    assert expert_cache_of(off).slot_bytes == p.expert_slot_bytes and expert_cache_of(off).slot_bytes % 256 == 0
     assert 0 < p.expert_miss_fraction < 1
     # the link term of the prediction: the chosen experts the cache misses
     assert report.predictions[0].bound in ("link", "memory", "compute")
