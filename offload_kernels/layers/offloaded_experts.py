@@ -30,7 +30,7 @@ from torch import nn
 
 from ..formats import QuantizedTensor, get_spec, quantize
 from ..formats.quantize import validate_weight
-from .offloaded_linear import _FLOAT_DTYPES, OffloadedLinear
+from .offloaded_linear import _FLOAT_DTYPES, OffloadedLinear, check_activations
 
 #: The flags transformers' ``use_experts_implementation`` sets on an experts module.
 _EXPERT_FLAGS = ("has_gate", "has_bias", "is_transposed")
@@ -258,13 +258,7 @@ class OffloadedExperts(nn.Module):
         return out.to(x.dtype).view(hidden_states.shape[:-1] + (down_out,))
 
     def _check_inputs(self, hidden_states, top_k_index, top_k_weights):
-        if not isinstance(hidden_states, torch.Tensor):
-            raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
-        if hidden_states.dim() == 0 or hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(f"hidden_states' last dimension must be the hidden size {self.hidden_size}, got "
-                             f"shape {tuple(hidden_states.shape)}")
-        if hidden_states.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"hidden_states dtype must be fp16, bf16 or fp32, got {hidden_states.dtype}")
+        check_activations(hidden_states, self.hidden_size, "hidden_states", f"the hidden size {self.hidden_size}")
         x = hidden_states.reshape(-1, self.hidden_size)
         for name, t in (("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
             if not isinstance(t, torch.Tensor):

@@ -136,13 +136,7 @@ class OffloadedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels import qmatmul
 
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"input's last dimension must be in_features={self.in_features}, "
-                             f"got shape {tuple(x.shape)}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"input dtype must be fp16, bf16 or fp32, got {x.dtype}")
+        check_activations(x, self.in_features, "input", f"in_features={self.in_features}")
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
@@ -326,6 +320,17 @@ class _LoadError(ValueError):
 
 
 _ABSENT = object()   # a state dict without the key (None could be a value)
+
+
+def check_activations(x, features: int, name: str, what: str) -> None:
+    """Raise TypeError/ValueError naming what is wrong with activations ``x`` that must be a float tensor
+    whose last dimension is ``features`` (``what`` says which size that is)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != features:
+        raise ValueError(f"{name}'s last dimension must be {what}, got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} dtype must be fp16, bf16 or fp32, got {x.dtype}")
 
 
 def _format_tensor(spec, n: int, k: int) -> torch.Tensor:

@@ -318,6 +318,20 @@ needs_llama_cpp = pytest.mark.skipif(
     reason="llama_cpp not installed (set OFFLOAD_KERNELS_LLAMA_CPP_PYTHON to a Python that has llama-cpp-python)")
 
 
+def parity_quantized_and_dequantized(path: Path, tmp_path: Path, label: str) -> tuple[float, ...]:
+    """(max |logit diff|, logit range, top-1 agreement) between llama.cpp and load_gguf_model on ``path``
+    with every quantized tensor dequantized to f32 by our dequantizer, then (max diff, top-1) on ``path``
+    itself."""
+    model = load_gguf_model(path, dtype=torch.float32, device="cpu")
+    f = GGUFFile(path)
+    dense = {n: dequantize(f.tensor(n), torch.float32).reshape(f.info(n).shape) for n in f if f.info(n).is_quantized}
+    f32_diff, span, f32_top1 = _parity(_rewrite(tmp_path, path, "dequantized.gguf", tensors=dense), model)
+    max_diff, _, top1 = _parity(path, model)
+    print(f"llama.cpp parity {label}: max |logit diff| {f32_diff:.2e} on the dequantized file, {max_diff:.4f} on "
+          f"the quantized one (logit range {span:.2f}), top-1 {f32_top1:.0%} / {top1:.0%}")
+    return f32_diff, span, f32_top1, max_diff, top1
+
+
 def _parity(path: Path, model) -> tuple[float, float, float]:
     """(max |logit difference|, logit range, top-1 agreement) between llama.cpp and ``model`` on IDS."""
     script = Path(__file__).with_name("llama_cpp_logits.py")
@@ -357,14 +371,7 @@ def test_parity_with_llama_cpp(files, mix, tmp_path):
     so top-1 agreement is the looser measure: 70% for q2_k's file, 90-100% for the others). So the file is
     also run with every quantized tensor dequantized to f32 by our dequantizer: there llama.cpp and we must
     agree as on f32 models, which pins the difference on the quantized file to llama.cpp's activation rounding."""
-    path = files[mix]
-    model = load_gguf_model(path, dtype=torch.float32, device="cpu")
-    f = GGUFFile(path)
-    dense = {n: dequantize(f.tensor(n), torch.float32).reshape(f.info(n).shape) for n in f if f.info(n).is_quantized}
-    f32_diff, span, f32_top1 = _parity(_rewrite(tmp_path, path, "dequantized.gguf", tensors=dense), model)
-    max_diff, _, top1 = _parity(path, model)
-    print(f"llama.cpp parity {mix}: max |logit diff| {f32_diff:.2e} on the dequantized file, {max_diff:.4f} on the "
-          f"quantized one (logit range {span:.2f}), top-1 {f32_top1:.0%} / {top1:.0%}")
+    f32_diff, span, f32_top1, max_diff, top1 = parity_quantized_and_dequantized(files[mix], tmp_path, mix)
     assert f32_diff <= 5e-4 * span and f32_top1 == 1.0
     agreeing = round(top1 * IDS.shape[1])                     # of the 10 positions
     assert max_diff <= 0.05 * span and agreeing >= (7 if mix == "q2_k+q3_k" else 8)

@@ -11,7 +11,7 @@ from offload_kernels.model.gguf_export import save_gguf
 from offload_kernels.model.gguf_model import load_gguf_model
 from offload_kernels.model.shapes import gguf_inventory
 
-from .test_gguf_model import IDS, _parity, _rewrite, hf_reference_logits, needs_llama_cpp
+from .test_gguf_model import IDS, _rewrite, hf_reference_logits, needs_llama_cpp, parity_quantized_and_dequantized
 
 transformers = pytest.importorskip("transformers")
 
@@ -159,14 +159,8 @@ def test_parity_with_llama_cpp(files, name, tmp_path):
     tensor dequantized, llama.cpp and we agree to float rounding (router, expert choice and weighting, the
     gate/up split, the experts' width all included); on the quantized file llama.cpp's 8-bit activations
     leave a few percent of the logit range."""
-    path = files[name]
-    model = load_gguf_model(path, dtype=torch.float32, device="cpu")
-    f = GGUFFile(path)
-    dense = {n: dequantize(f.tensor(n), torch.float32).reshape(f.info(n).shape) for n in f if f.info(n).is_quantized}
-    f32_diff, span, f32_top1 = _parity(_rewrite(tmp_path, path, "dequantized.gguf", tensors=dense), model)
-    max_diff, _, top1 = _parity(path, model)
-    print(f"llama.cpp parity qwen3moe {name}: max |logit diff| {f32_diff:.2e} on the dequantized file, "
-          f"{max_diff:.4f} on the quantized one (logit range {span:.2f}), top-1 {f32_top1:.0%} / {top1:.0%}")
+    f32_diff, span, f32_top1, max_diff, top1 = parity_quantized_and_dequantized(files[name], tmp_path,
+                                                                                f"qwen3moe {name}")
     assert f32_diff <= 5e-4 * span and f32_top1 == 1.0
     assert max_diff <= 0.05 * span and round(top1 * IDS.shape[1]) >= 8
 
