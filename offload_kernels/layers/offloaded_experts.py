@@ -238,8 +238,13 @@ class OffloadedExperts(nn.Module):
             weights_of = ((e, _rows_of(up_qt, e, up_out), _rows_of(down_qt, e, down_out)) for e in hit)
         out = torch.zeros(tokens, down_out, dtype=torch.float32, device=x.device)
         flat_weights = weights.reshape(-1)
+        # Autograd keeps the weight bytes for the backward pass, but a cache slot is reused by later experts:
+        # keep private copies of the (quantized, small) bytes of each expert instead.
+        keep = cache is not None and torch.is_grad_enabled() and x.requires_grad
         try:
             for expert, up_w, down_w in weights_of:
+                if keep:
+                    up_w, down_w = _private_copy(up_w), _private_copy(down_w)
                 rows = order[starts[expert]:starts[expert] + counts[expert]]
                 token = rows // k
                 h = qmatmul(x[token], up_w,
@@ -307,6 +312,10 @@ class OffloadedExperts(nn.Module):
         shapes = ", ".join(f"{n}=({self.num_experts} x {o}, {k}) {self._modules[n].qtype}"
                            for n, (o, k) in self._expert_shapes.items())
         return f"{self._original_class}: num_experts={self.num_experts}, {shapes}"
+
+
+def _private_copy(qt: QuantizedTensor) -> QuantizedTensor:
+    return QuantizedTensor._from_validated(qt.data.clone(), qt.spec, qt.shape)
 
 
 def _rows_of(qt: QuantizedTensor, expert: int, rows: int) -> QuantizedTensor:

@@ -107,3 +107,20 @@ def test_cuda_copies_are_ordered_after_the_kernels_that_read_the_slot():
     rows_up = module.gate_up_proj.out_features // 6
     for e, up, _ in results:
         assert torch.equal(up.cpu(), module.gate_up_proj.weight[e * rows_up:(e + 1) * rows_up])
+
+
+def test_gradients_through_cached_experts_use_each_experts_own_bytes():
+    """Backward runs after later experts reused the cache's one slot: it must still see each expert's bytes."""
+    cached = experts_module()
+    ExpertCache([cached], "cpu", num_slots=1)
+    reference = experts_module()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 256, generator=g)
+    index = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(9)])
+    weights = torch.softmax(torch.randn(9, 2, generator=g), -1)
+    grads = []
+    for m in (cached, reference):
+        xi = x.clone().requires_grad_(True)
+        m(xi, index, weights).square().sum().backward()
+        grads.append(xi.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
