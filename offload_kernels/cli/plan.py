@@ -94,8 +94,40 @@ def run(args: argparse.Namespace) -> int:
             plans.append(p)
         except BudgetError as exc:
             print(f"at {human_bytes(vram)}: does not fit ({exc})")
+        moe = _on_demand_plan(inv, vram, args.slots)
+        if moe is not None:
+            columns.append(f"at {human_bytes(vram)}, experts on demand: {moe.resident_fraction:.0%} resident, cache "
+                           f"of {moe.expert_cache_slots}/{moe.expert_count}")
+            plans.append(moe)
     preds = [predict_throughput(inv.linears, p, hw, tokens) for p in plans]
     rows = [[t] + [f"{pr[i].tokens_per_s:.3g} ({pr[i].bound})" for pr in preds] for i, t in enumerate(tokens)]
     print(format_table(["tokens/forward"] + columns, rows))
     print("tokens/s predicted from the ceilings above: max(streamed bytes / link, sum of per-layer rooflines)")
+    if any(p.on_demand for p in plans):
+        print("experts on demand: the experts each forward's tokens choose cross the link unless the LRU cache holds "
+              "them from recent forwards (routing taken as uniform and independent; skewed routing hits more)")
     return 0
+
+
+def _on_demand_plan(inv, vram: int, slots: int):
+    """The plan with a MoE model's expert stacks copied on demand through an expert cache (offload(...,
+    experts="on_demand")); None for a dense model or a budget that cannot hold it."""
+    from offload_kernels.model.expert_cache import slot_bytes_for
+    from offload_kernels.model.planner import BudgetError, plan_with_expert_cache
+
+    stacks: dict[str, dict[str, object]] = {}
+    for lin in inv.linears:
+        if lin.num_experts > 1:
+            stacks.setdefault(lin.name.rpartition(".")[0], {})[lin.name.rpartition(".")[2]] = lin
+    if not stacks:
+        return None
+    slot, names = 0, []
+    for module, projs in stacks.items():
+        up, down = projs.get("gate_up_proj") or projs.get("up_proj"), projs["down_proj"]
+        slot = max(slot, slot_bytes_for(up.nbytes // up.num_experts, down.nbytes // down.num_experts))
+        names += [up.name, down.name]
+    try:
+        return plan_with_expert_cache(inv.linears, names, vram, inv.fixed_bytes, slots, True, slot)
+    except BudgetError as exc:
+        print(f"at {human_bytes(vram)} with experts on demand: does not fit ({exc})")
+        return None

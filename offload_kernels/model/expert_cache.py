@@ -2,11 +2,10 @@
 
 Streaming a MoE block whole moves all E experts over the link for every forward, though a token uses k of
 them (Qwen3-30B-A3B: 8 of 128, Mixtral: 2 of 8). With ``offload(..., experts="on_demand")`` the expert
-stacks stay in pinned host memory instead, and each OffloadedExperts call copies only the experts its
-tokens were routed to, into a cache of ``num_slots`` expert-sized device slots. An expert still in the cache
-is not copied again (least recently used slots are reused first), so with skewed routing or a cache that
-holds most experts, few bytes cross the link per token; a cache that holds every expert makes them
-resident after their first use.
+stacks of the blocks that stream stay in pinned host memory instead (planner.plan_with_expert_cache), and
+each OffloadedExperts call copies only the experts its tokens were routed to, into a cache of ``num_slots``
+expert-sized device slots. An expert still in the cache is not copied again (least recently used slots are
+reused first), so with skewed routing or a large cache fewer bytes still cross the link.
 
 Each slot holds one expert's gate_up (or up) rows followed, at a 256-byte offset, by its down rows. The
 copies of a call's missing experts are enqueued ahead (as many as there are slots not in use by the

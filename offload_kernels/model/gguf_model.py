@@ -24,7 +24,7 @@ from .gguf_rope import read_rope_scaling, require_rope_parameters
 from .gguf_names import (GEMMA_ARCHITECTURES, MOE_ARCHITECTURES, SLIDING_WINDOW_ARCHITECTURES, SUPPORTED_ARCHITECTURES,
                          Target, gguf_targets)
 from .expert_cache import slot_bytes_for
-from .offload import _report, apply_placement, check_device, check_experts, check_num_slots
+from .offload import _on_demand_modules, _report, apply_placement, check_device, check_experts, check_num_slots
 from .planner import (BudgetError, LinearSpec, Placement, default_budget, parse_bytes, plan_placement,
                       plan_with_expert_cache)
 from .shapes import gguf_linear_plan, unsupported_type_message
@@ -325,7 +325,7 @@ def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report,
                    for hf, e in counts.items())
         placement = plan_with_expert_cache(
             plan.specs, [f"{hf}.{p}" for hf in plan.experts for p in ("gate_up_proj", "down_proj")], budget,
-            plan.fixed_bytes, num_slots, True, slot, sum(counts.values()), expert_cache_slots)
+            plan.fixed_bytes, num_slots, True, slot, expert_cache_slots)
     else:
         placement = _place(plan.specs, budget, plan.fixed_bytes, num_slots)
 
@@ -379,8 +379,7 @@ def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report,
     if plan.tied:
         model.config.tie_word_embeddings = False   # lm_head has its own copy or the embedding's quantized bytes
 
-    expert_modules = [model.get_submodule(hf) for hf in plan.experts] if on_demand else []
-    apply_placement(model, layers, placement, device, expert_modules)
+    apply_placement(model, layers, placement, device, _on_demand_modules(model, placement))
     # Undo llama.cpp's q/k row order where the bytes now live (device memory, the engine's pinned storage,
     # or copy-on-write pages of the mapping): one tensor-sized temporary at a time, never a host copy of
     # the model. Views of the mapping keep it alive only as long as a layer still reads from it.

@@ -554,10 +554,11 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
         num_slots: staging slots of the transfer engine (2 = double buffering).
         stream_whole_blocks: stream a whole transformer block per copy (else one layer per copy).
         measure: measure link/memory/matmul ceilings for the report's predictions.
-        experts: for MoE models, where the expert stacks go. "with_block": placed like the other linears
-            (resident, or streamed whole with their transformer block). "on_demand": kept in pinned host
-            memory; each MoE layer copies only the experts its tokens chose into an LRU cache of expert slots
-            on the device (see model.expert_cache), which gets the budget the other linears leave.
+        experts: for MoE models, where the expert stacks of blocks that stream go. "with_block": streamed
+            whole with their block, like the other linears. "on_demand": kept in pinned host memory; each MoE
+            layer copies only the experts its tokens chose into an LRU cache of expert slots on the device
+            (see model.expert_cache), which gets the budget the rest leaves. Either way resident blocks keep
+            their experts resident, and a budget that holds everything streams nothing.
         expert_cache_slots: with experts="on_demand", the cache's size in experts (None: as many as the
             budget holds, at least the experts one token uses).
 
@@ -592,15 +593,13 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
     linears = {name: m for name, m in model.named_modules() if name in chosen}
     experts_to_do = {name: (model.get_submodule(name), qtypes) for name, qtypes in selection.experts.items()}
     _validate_weights(linears, chosen, experts_to_do)
-    on_demand = experts == "on_demand" and bool(experts_to_do)
-    if on_demand:
+    if experts == "on_demand" and experts_to_do:
         sizes = {s.name: s.nbytes for s in specs}
         slot = max(_expert_slot_bytes(sizes, name, qtypes, module.num_experts)
                    for name, (module, qtypes) in experts_to_do.items())
         placement = plan_with_expert_cache(
             specs, [_join(e, p) for e, (_, qtypes) in experts_to_do.items() for p in qtypes], budget, fixed,
-            num_slots, stream_whole_blocks, slot, sum(m.num_experts for m, _ in experts_to_do.values()),
-            expert_cache_slots)
+            num_slots, stream_whole_blocks, slot, expert_cache_slots)
     else:
         placement = plan_placement(specs, budget, fixed, num_slots, stream_whole_groups=stream_whole_blocks)
 
@@ -620,7 +619,6 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
     expert_projections = {_join(e, p): e for e, (_, qtypes) in experts_to_do.items() for p in qtypes}
     units = [n for n in chosen if n not in expert_projections] + list(experts_to_do)
     units.sort(key=_model_order(model))
-    new_experts: list[OffloadedExperts] = []
     try:
         for name in tqdm(units, desc=f"quantizing to {qtype}", disable=not progress, unit="layer"):
             if name in experts_to_do:
@@ -630,7 +628,6 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
                     child, full = new._modules[proj], _join(name, proj)
                     child._buffers["weight"] = child.weight.to(device if full in resident else "cpu")
                     replaced[full] = child
-                new_experts.append(new)
             else:
                 original = linears.pop(name)
                 qt = quantize(linear_weight(original).to(work_device), chosen[name])
@@ -646,7 +643,7 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
         for module, attr, value in _fast_path_guards(model, replaced):
             settings.append((module, attr, getattr(module, attr)))
             setattr(module, attr, value)
-        apply_placement(model, replaced, placement, device, new_experts if on_demand else ())
+        apply_placement(model, replaced, placement, device, _on_demand_modules(model, placement))
         report = _report(device, qtype, placement, chosen, skipped, specs, measure, token_counts)
         report.experts = list(selection.experts)
         return report
@@ -708,6 +705,12 @@ def _model_order(model: nn.Module):
 def streamer_of(model: nn.Module) -> Optional[WeightStreamer]:
     """The WeightStreamer offload() attached to ``model``, if any layer streams."""
     return getattr(model, "_offload_streamer", None)
+
+
+def _on_demand_modules(model: nn.Module, placement: Placement) -> list[OffloadedExperts]:
+    """The OffloadedExperts whose projections the placement copies on demand, in model order."""
+    names = dict.fromkeys(n.rpartition(".")[0] for n in placement.on_demand)
+    return [model.get_submodule(n) for n in names]
 
 
 def expert_cache_of(model: nn.Module) -> Optional[ExpertCache]:

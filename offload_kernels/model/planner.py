@@ -13,8 +13,8 @@ Time model for one forward of M tokens (a roofline per layer, copies overlapping
 A stack of E experts of which each token uses k (a MoE layer) streams all its bytes, but each token
 multiplies by k/E of its weights, and M tokens read the expected share of experts that any of them chose,
 1 - (1 - k/E)**M, from device memory (routing taken as uniform). Expert stacks copied on demand through an
-expert cache (plan_with_expert_cache) add those chosen experts' bytes to t_link, times the share of experts
-the cache cannot hold.
+expert cache (plan_with_expert_cache) add the chosen experts' bytes to t_link, times the share of them the
+cache misses (Placement.expert_miss_fraction).
 """
 
 from __future__ import annotations
@@ -109,12 +109,16 @@ class Placement:
         total = self.resident_bytes + self.streamed_bytes + self.on_demand_bytes
         return self.resident_bytes / total if total else 1.0
 
-    @property
-    def expert_miss_fraction(self) -> float:
-        """The share of chosen experts not in the cache, were routing uniform: 1 - slots / experts."""
-        if not self.on_demand:
+    def expert_miss_fraction(self, read_fraction: float) -> float:
+        """The share of chosen experts the cache does not hold, when each forward chooses ``read_fraction`` of
+        every layer's experts, uniformly and independently. The LRU cache holds the last ``slots`` experts
+        used: the chosen experts of the last floor(slots / (read_fraction * experts)) whole forwards, so an
+        expert misses if none of those chose it. (A forward that uses every expert cycles through more of
+        them than the cache holds, and misses every time.)"""
+        if not self.on_demand or self.expert_cache_slots >= self.expert_count or read_fraction <= 0:
             return 0.0
-        return max(0.0, 1.0 - self.expert_cache_slots / self.expert_count)
+        forwards = math.floor(self.expert_cache_slots / (read_fraction * self.expert_count))
+        return (1.0 - read_fraction) ** forwards
 
 
 class BudgetError(ValueError):
@@ -189,12 +193,14 @@ def budget_for_resident_fraction(linears: Sequence[LinearSpec], fixed_bytes: int
 
 
 def plan_placement(linears: Sequence[LinearSpec], budget: int | None, fixed_bytes: int = 0,
-                   num_slots: int = 2, stream_whole_groups: bool = True) -> Placement:
+                   num_slots: int = 2, stream_whole_groups: bool = True, *,
+                   slot_bytes: int | None = None) -> Placement:
     """Keep as many bytes resident as ``budget`` allows (after fixed params and staging slots); stream the rest.
 
     ``budget=None`` keeps everything resident. Streaming units are whole groups (transformer blocks) when
     ``stream_whole_groups``, otherwise single layers. Leftover budget keeps single layers of a streamed
-    group resident, shrinking what that group streams.
+    group resident, shrinking what that group streams. ``slot_bytes`` sizes the staging slots instead of the
+    largest unit (plan_with_expert_cache: streamed blocks' experts do not go through the slots).
     """
     if num_slots < 1:
         raise ValueError(f"num_slots must be at least 1, got {num_slots}")
@@ -211,7 +217,7 @@ def plan_placement(linears: Sequence[LinearSpec], budget: int | None, fixed_byte
 
     units = _units(linears, stream_whole_groups)
     unit_bytes = [sum(lin.nbytes for lin in u) for u in units]
-    slot_bytes = max(unit_bytes)
+    slot_bytes = max(unit_bytes) if slot_bytes is None else slot_bytes
     staging = num_slots * slot_bytes
     if fixed_bytes + staging > budget:
         raise BudgetError(
@@ -256,38 +262,73 @@ def plan_placement(linears: Sequence[LinearSpec], budget: int | None, fixed_byte
 
 def plan_with_expert_cache(linears: Sequence[LinearSpec], experts: Sequence[str], budget: int | None,
                            fixed_bytes: int, num_slots: int, stream_whole_groups: bool, expert_slot_bytes: int,
-                           expert_count: int, cache_slots: int | None = None) -> Placement:
-    """A plan whose expert stacks (``experts``: names of MoE projections) are copied on demand through an
-    expert cache instead of being placed: the other linears are planned by :func:`plan_placement` within
-    the budget left after the cache, and the cache gets ``cache_slots`` slots of ``expert_slot_bytes``, or
-    (None) whatever the budget leaves once the rest is planned, at least the most experts one token uses
-    and at most ``expert_count`` (every expert; None budget: that many)."""
+                           cache_slots: int | None = None) -> Placement:
+    """:func:`plan_placement`, but the expert stacks (``experts``: names of MoE projections, ``<module>.<proj>``)
+    of streamed blocks are copied on demand through an expert cache instead of streamed whole.
+
+    Resident blocks keep their experts resident: under routing that is uniform across experts a static
+    resident share of them is hit at least as often as an LRU cache of the same size. The blocks that stream
+    then stream only their other layers, in slots sized for those, and the cache gets ``cache_slots`` slots
+    of ``expert_slot_bytes`` (None: what the budget leaves, at least the most experts one token uses, at most
+    the on-demand experts). Both projections of an experts module go on demand if either streams. When the
+    budget cannot hold slots for whole blocks, every expert stack goes on demand and the slots are sized for
+    the rest. A budget that holds everything gives the plain plan: nothing streams, no cache."""
     names = set(experts)
-    expert_specs = [lin for lin in linears if lin.name in names]
-    others = [lin for lin in linears if lin.name not in names]
-    if not expert_specs:
-        raise ValueError("plan_with_expert_cache needs at least one expert projection")
+    if not names or not names <= {lin.name for lin in linears}:
+        raise ValueError("plan_with_expert_cache needs expert projection names that are among the linears")
     if cache_slots is not None and (isinstance(cache_slots, bool) or not isinstance(cache_slots, int)
                                     or cache_slots < 1):
         raise ValueError(f"expert_cache_slots must be a positive int or None, got {cache_slots!r}")
-    least = max(lin.experts_per_token for lin in expert_specs)
+    specs = {lin.name: lin for lin in linears}
+    least = max(specs[n].experts_per_token for n in names)
     reserve = (cache_slots or least) * expert_slot_bytes
-    if budget is not None and fixed_bytes + reserve > budget:
+    everything = fixed_bytes + sum(lin.nbytes for lin in linears)
+    if budget is None or everything <= budget:
+        return plan_placement(linears, budget, fixed_bytes, num_slots, stream_whole_groups)
+    if fixed_bytes + reserve > budget:
         raise BudgetError(f"gpu_budget {human_bytes(budget)} is too small: non-linear parameters need "
                           f"{human_bytes(fixed_bytes)} and an expert cache of {cache_slots or least} experts "
                           f"{human_bytes(reserve)}")
-    rest_budget = None if budget is None else budget - reserve
-    if others:
-        base = plan_placement(others, rest_budget, fixed_bytes, num_slots, stream_whole_groups)
-    else:
-        base = Placement([], [], [], fixed_bytes, num_slots, 0, {})
+    # Streamed blocks' slots hold only their layers other than experts: sized for those, the plan keeps as much
+    # resident as the budget less the cache's minimum allows. If even those slots do not fit, every expert
+    # stack goes on demand.
+    units = _units(linears, stream_whole_groups)
+    rest = max(sum(lin.nbytes for lin in u if lin.name not in names) for u in units)
+    others = [lin for lin in linears if lin.name not in names]
+    try:
+        base = plan_placement(linears, budget - reserve, fixed_bytes, num_slots, stream_whole_groups,
+                              slot_bytes=rest)
+    except BudgetError:
+        base = (plan_placement(others, budget - reserve, fixed_bytes, num_slots, stream_whole_groups) if others
+                else Placement([], [], [], fixed_bytes, num_slots, 0, {}))
+    return _expert_cache_plan(base, specs, names, budget, fixed_bytes, num_slots, expert_slot_bytes, cache_slots,
+                              least)
+
+
+def _expert_cache_plan(base: Placement, specs: dict, names: set, budget: int, fixed_bytes: int, num_slots: int,
+                       expert_slot_bytes: int, cache_slots: "int | None", least: int) -> Placement:
+    """``base`` with the experts modules that are not wholly resident moved out of the streamed groups and
+    onto the expert cache, which gets ``cache_slots`` or what the budget leaves (at least ``least``)."""
+    modules = {n.rpartition(".")[0] for n in names if n not in base.resident}
+    on_demand = sorted((n for n in names if n.rpartition(".")[0] in modules), key=list(specs).index)
+    if not on_demand:
+        return base
+    resident = [n for n in base.resident if n not in set(on_demand)]
+    groups, group_bytes = [], []
+    for group in base.streamed_groups:
+        members = [n for n in group if n not in set(on_demand)]
+        if members:
+            groups.append(members)
+            group_bytes.append(sum(specs[n].nbytes for n in members))
+    slot_bytes = max(group_bytes, default=0)
+    count = sum(specs[n].num_experts for n in on_demand) // 2          # two projections per experts module
     if cache_slots is None:
-        cache_slots = expert_count if budget is None else \
-            min(expert_count, max(least, (budget - base.device_bytes) // expert_slot_bytes))
-    sizes = {**base.linear_bytes, **{lin.name: lin.nbytes for lin in expert_specs}}
-    return Placement(base.resident, base.streamed_groups, base.group_bytes, fixed_bytes, num_slots,
-                     base.slot_bytes, sizes, [lin.name for lin in expert_specs], int(cache_slots),
-                     expert_slot_bytes, expert_count)
+        left = budget - fixed_bytes - sum(specs[n].nbytes for n in resident) - (num_slots * slot_bytes if groups
+                                                                                 else 0)
+        cache_slots = min(count, max(least, left // expert_slot_bytes))
+    return Placement(resident, groups, group_bytes, fixed_bytes, num_slots, slot_bytes,
+                     {n: lin.nbytes for n, lin in specs.items()}, on_demand, int(cache_slots), expert_slot_bytes,
+                     count)
 
 
 def _keeps_one_streamed(unit: list[LinearSpec], resident: set[str], candidate: LinearSpec) -> bool:
@@ -312,7 +353,8 @@ def predict_throughput(linears: Sequence[LinearSpec], placement: Placement, hw: 
         if m < 1:
             raise ValueError(f"token counts must be positive, got {m}")
         # on-demand experts: the chosen ones that miss the cache cross the link
-        copied = sum(lin.nbytes * lin.read_fraction(m) for lin in on_demand) * placement.expert_miss_fraction
+        copied = sum(lin.nbytes * lin.read_fraction(m) * placement.expert_miss_fraction(lin.read_fraction(m))
+                     for lin in on_demand)
         t_link = (placement.streamed_bytes + copied) / hw.link_bytes_per_s
         reads = [lin.nbytes * lin.read_fraction(m) / hw.hbm_bytes_per_s for lin in linears]
         flops = [2 * m * lin.params * lin.active_fraction / hw.matmul_flops for lin in linears]

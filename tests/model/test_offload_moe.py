@@ -278,47 +278,65 @@ def test_experts_on_demand_match_the_dequantized_model(arch, slots, ids):
 
     model = tiny_moe(arch)
     off = copy.deepcopy(model)
-    report = offload(off, "q8_0", device="cpu", progress=False, measure=False, experts="on_demand",
-                     expert_cache_slots=slots)
+    report = offload(off, "q8_0", gpu_budget=streaming_budget(model, "q8_0"), device="cpu", progress=False,
+                     measure=False, experts="on_demand", expert_cache_slots=slots)
+    p = report.placement
     cache = expert_cache_of(off)
-    experts = sum(m.num_experts for m in off.modules() if isinstance(m, OffloadedExperts))
-    assert cache.num_slots == (slots or experts) == report.placement.expert_cache_slots
-    assert sorted(report.placement.on_demand) == sorted(n for n in report.quantized if ".experts." in n)
-    assert all(m.placement == "streamed" and m.weight.device.type == "cpu" for n, m in off.named_modules()
-               if isinstance(m, OffloadedLinear) and _inside_experts(off, n))
+    assert p.on_demand and cache.num_slots == p.expert_cache_slots and (slots is None or slots == p.expert_cache_slots)
+    on_demand_modules = {n.rpartition(".")[0] for n in p.on_demand}
+    assert p.expert_count == sum(off.get_submodule(n).num_experts for n in on_demand_modules)
+    # streamed blocks: experts on demand, the rest of the block streamed; resident blocks: experts resident
+    streamed = {n for g in p.streamed_groups for n in g}
+    for name in (n for n in report.quantized if ".experts." in n):
+        module = off.get_submodule(name)
+        if name in p.on_demand:
+            assert module.placement == "streamed" and module.weight.device.type == "cpu" and name not in streamed
+        else:
+            assert name in p.resident
     assert "experts on demand" in str(report)
     ref = dequantized_reference(model, off)
     with torch.no_grad():
         expected = ref(ids).logits
         for i in range(3):
-            before = cache.misses
             got = off(ids).logits
             torch.testing.assert_close(got, expected, rtol=RTOL, atol=RTOL * expected.abs().max())
-            if slots is None and i > 0:            # the cache holds every expert: nothing copied again
-                assert cache.misses == before
+    assert streamer_of(off) is None or streamer_of(off).mispredictions == 0
     out = off.generate(ids[:1, :5], max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 8)
 
 
-def test_experts_on_demand_with_a_budget_fill_what_the_rest_leaves():
+def test_a_budget_that_holds_everything_needs_no_expert_cache():
+    from offload_kernels.model.offload import expert_cache_of
+
+    off = tiny_moe("mixtral", layers=2)
+    report = offload(off, "q8_0", device="cpu", progress=False, measure=False, experts="on_demand")
+    assert not report.placement.on_demand and not report.placement.streamed_groups
+    assert expert_cache_of(off) is None
+
+
+def test_experts_on_demand_fill_what_the_rest_leaves():
     from offload_kernels.model.offload import expert_cache_of
     from offload_kernels.model.planner import BudgetError
 
-    model = tiny_moe("qwen3_moe")
-    sel = select_linears(model, "q8_0")
-    expert_bytes = sum(s.nbytes for s in sel.specs if ".experts." in s.name)
-    other_bytes = sum(s.nbytes for s in sel.specs if ".experts." not in s.name)
-    budget = sel.fixed_bytes + other_bytes + expert_bytes // 4          # the rest resident, 1/4 of the experts
+    model = tiny_moe("qwen3_moe", layers=6)
+    budget = streaming_budget(model, "q8_0", fraction_streamed=0.7)
     off = copy.deepcopy(model)
     report = offload(off, "q8_0", gpu_budget=budget, device="cpu", progress=False, measure=True,
                      experts="on_demand", token_counts=(1, 64))
     p = report.placement
-    assert not p.streamed_groups and p.device_bytes <= budget
-    assert 2 <= p.expert_cache_slots < p.expert_count and expert_cache_of(off).num_slots == p.expert_cache_slots
-    assert expert_cache_of(off).slot_bytes == p.expert_slot_bytes and expert_cache_of(off).slot_bytes % 256 == 0
-    assert 0 < p.expert_miss_fraction < 1
-    # the link term of the prediction: the chosen experts the cache misses
+    with_block = offload(copy.deepcopy(model), "q8_0", gpu_budget=budget, device="cpu", progress=False,
+                         measure=False).placement
+    # slots sized for the blocks' other layers: as much resident as streaming whole keeps, less at most the
+    # cache's minimum (the experts one token uses)
+    assert p.device_bytes <= budget
+    assert p.resident_bytes >= with_block.resident_bytes - 2 * p.expert_slot_bytes
+    assert p.slot_bytes < with_block.slot_bytes          # streamed blocks' slots no longer hold their experts
+    assert 2 <= p.expert_cache_slots <= p.expert_count and expert_cache_of(off).num_slots == p.expert_cache_slots
+    assert expert_cache_of(off).slot_bytes == p.expert_slot_bytes and p.expert_slot_bytes % 256 == 0
+    if p.expert_cache_slots < p.expert_count:
+        assert 0 < p.expert_miss_fraction(0.25) < 1 and p.expert_miss_fraction(1.0) == 1.0
     assert report.predictions[0].bound in ("link", "memory", "compute")
+    sel = select_linears(model, "q8_0")
     with pytest.raises(BudgetError, match="expert cache of 2 experts"):
         offload(copy.deepcopy(model), "q8_0", gpu_budget=sel.fixed_bytes + 1000, device="cpu", progress=False,
                 measure=False, experts="on_demand")
@@ -328,7 +346,9 @@ def test_state_dict_loads_into_on_demand_experts_reach_the_cache(ids):
     model = tiny_moe("mixtral", seed=1)
     other = tiny_moe("mixtral", seed=2)
     off = copy.deepcopy(model)
-    offload(off, "q4_k", device="cpu", progress=False, measure=False, experts="on_demand", expert_cache_slots=3)
+    budget = streaming_budget(model, "q4_k")
+    offload(off, "q4_k", gpu_budget=budget, device="cpu", progress=False, measure=False, experts="on_demand",
+            expert_cache_slots=3)
     with torch.no_grad():
         off(ids)                                   # the cache now holds some of model's experts
     reference = copy.deepcopy(other)
@@ -354,7 +374,7 @@ def test_bad_expert_arguments_are_refused_before_the_model_is_touched(kwargs, ma
 def test_failure_creating_the_expert_cache_restores_the_model(monkeypatch):
     from offload_kernels.model import expert_cache
 
-    model = tiny_moe("mixtral", layers=2)
+    model = tiny_moe("mixtral")
     snapshot = _snapshot(model)
 
     def broken(self, *args, **kwargs):
@@ -362,7 +382,8 @@ def test_failure_creating_the_expert_cache_restores_the_model(monkeypatch):
 
     monkeypatch.setattr(expert_cache.ExpertCache, "__init__", broken)
     with pytest.raises(RuntimeError, match="injected cache failure"):
-        offload(model, "q8_0", device="cpu", progress=False, measure=False, experts="on_demand")
+        offload(model, "q8_0", gpu_budget=streaming_budget(model, "q8_0"), device="cpu", progress=False,
+                measure=False, experts="on_demand")
     _assert_unchanged(model, snapshot)
 
 
@@ -371,8 +392,9 @@ def test_failure_creating_the_expert_cache_restores_the_model(monkeypatch):
 def test_cuda_experts_on_demand_match_the_dequantized_model(slots, ids):
     model = tiny_moe("qwen3_moe", layers=6)
     off = copy.deepcopy(model)
-    offload(off, "q4_k", device="cuda", progress=False, measure=False, experts="on_demand",
-            expert_cache_slots=slots)
+    report = offload(off, "q4_k", gpu_budget=streaming_budget(model, "q4_k"), device="cuda", progress=False,
+                     measure=False, experts="on_demand", expert_cache_slots=slots)
+    assert report.placement.on_demand
     ref = dequantized_reference(model, off).cuda()
     ids = ids.cuda()
     with torch.no_grad():

@@ -191,3 +191,53 @@ def test_median_seconds_warms_up_then_times_each_repeat():
     assert len(calls) == 4
     with pytest.raises(ValueError, match="repeats"):
         median_seconds(lambda: None, "cpu", repeats=0)
+
+
+# ------------------------------------------------------------------------- MoE: experts on demand
+def _moe_inventory(layers=8):
+    from offload_kernels.model.shapes import LlamaShape
+
+    shape = LlamaShape(512, 1024, layers, 8, 4, 1000, experts=16, experts_per_token=2, expert_intermediate=256)
+    inv = llama_inventory(shape, "q4_k", lm_head_qtype=None)
+    experts = [s.name for s in inv.linears if s.num_experts > 1]
+    gate_up = next(s for s in inv.linears if s.name.endswith("gate_up_proj"))
+    down = next(s for s in inv.linears if s.name.endswith("experts.down_proj"))
+    from offload_kernels.model.expert_cache import slot_bytes_for
+
+    return inv, experts, slot_bytes_for(gate_up.nbytes // 16, down.nbytes // 16)
+
+
+def test_experts_on_demand_only_for_the_blocks_that_stream():
+    from offload_kernels.model.planner import plan_with_expert_cache
+
+    inv, experts, slot = _moe_inventory()
+    budget = budget_for_resident_fraction(inv.linears, inv.fixed_bytes, 0.5)
+    whole = plan_placement(inv.linears, budget, inv.fixed_bytes)
+    p = plan_with_expert_cache(inv.linears, experts, budget, inv.fixed_bytes, 2, True, slot)
+    assert p.device_bytes <= budget and p.expert_slot_bytes == slot
+    assert all(n in p.resident or n in p.on_demand for n in experts)
+    assert set(p.on_demand) and not set(p.on_demand) & {n for g in p.streamed_groups for n in g}
+    assert p.slot_bytes < whole.slot_bytes                       # the blocks' slots no longer hold experts
+    assert p.expert_count == 16 * len(p.on_demand) // 2 and p.expert_cache_slots >= 2
+    # a budget without room for whole-block slots: every expert stack on demand
+    units: dict[str, int] = {}
+    for s in inv.linears:
+        if s.num_experts == 1:
+            units[s.group or s.name] = units.get(s.group or s.name, 0) + s.nbytes
+    small = inv.fixed_bytes + 2 * max(units.values()) + 4 * slot
+    q = plan_with_expert_cache(inv.linears, experts, small, inv.fixed_bytes, 2, True, slot)
+    assert sorted(q.on_demand) == sorted(experts) and q.device_bytes <= small
+    # everything fits: the plain plan
+    assert not plan_with_expert_cache(inv.linears, experts, None, inv.fixed_bytes, 2, True, slot).on_demand
+
+
+def test_expert_cache_miss_model():
+    from offload_kernels.model.planner import Placement
+
+    p = Placement([], [], [], 0, 2, 0, {"e": 1}, ["e"], expert_cache_slots=50, expert_slot_bytes=1, expert_count=100)
+    assert p.expert_miss_fraction(1.0) == 1.0                     # every expert each forward: LRU cycles, misses
+    assert p.expert_miss_fraction(0.1) == pytest.approx(0.9 ** 5)  # the last 5 forwards' experts are cached
+    assert p.expert_miss_fraction(0.6) == 1.0                     # not even one forward fits
+    full = Placement([], [], [], 0, 2, 0, {"e": 1}, ["e"], expert_cache_slots=100, expert_slot_bytes=1,
+                     expert_count=100)
+    assert full.expert_miss_fraction(1.0) == 0.0
