@@ -179,10 +179,12 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
     if window:
         md[f"{arch}.attention.sliding_window"] = int(window)
     md.update({f"{arch}.{key}": value for key, value in arch_md.items()})
-    if arch in MOE_ARCHITECTURES:
-        md[f"{arch}.expert_count"] = int(config.num_experts)
+    if expert_modules:
+        count = getattr(config, "num_local_experts", None) or config.num_experts
+        width = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+        md[f"{arch}.expert_count"] = int(count)
         md[f"{arch}.expert_used_count"] = int(config.num_experts_per_tok)
-        md[f"{arch}.expert_feed_forward_length"] = int(config.moe_intermediate_size)
+        md[f"{arch}.expert_feed_forward_length"] = int(width)
     if head_dim != default_head_dim or config.hidden_size % n_heads or arch in GEMMA_ARCHITECTURES:
         # An explicit head_dim (Mistral Nemo style): llama.cpp otherwise takes hidden_size / heads. Gemma: always,
         # as llama.cpp's converter does (transformers' reader would otherwise take Gemma's default head_dim, 256).

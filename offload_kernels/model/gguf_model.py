@@ -21,7 +21,7 @@ from ..layers import OffloadedExperts, OffloadedLinear
 from ..layers.offloaded_experts import is_experts_module, projection_shape
 from .gemma import configure_gemma
 from .gguf_rope import read_rope_scaling, require_rope_parameters
-from .gguf_names import (GEMMA_ARCHITECTURES, MOE_ARCHITECTURES, SLIDING_WINDOW_ARCHITECTURES, SUPPORTED_ARCHITECTURES,
+from .gguf_names import (GEMMA_ARCHITECTURES, SLIDING_WINDOW_ARCHITECTURES, SUPPORTED_ARCHITECTURES,
                          Target, gguf_targets)
 from .expert_cache import slot_bytes_for
 from .offload import _on_demand_modules, _report, apply_placement, check_device, check_experts, check_num_slots
@@ -65,13 +65,15 @@ def _hf_config(f: GGUFFile):
         cfg = dict(parsed["config"])
         model_type = cfg.pop("model_type")
         cfg.pop("_model_name_or_path", None)
+        if model_type == "llama" and _metadata_int(f, "llama.expert_count"):
+            model_type = "mixtral"              # llama.cpp's Mixtral files are llamas with experts
         config = AutoConfig.for_model(model_type, **cfg)
     except Exception as exc:  # transformers raises KeyError/ValueError/TypeError... on odd metadata
         raise GGUFError(f"{f.path}: cannot build a transformers config from the file's metadata "
                         f"({type(exc).__name__}: {exc})") from exc
     _set_head_dim(f, config)
     _set_bias_flags(f, config)
-    if f.architecture in MOE_ARCHITECTURES:
+    if f.architecture == "qwen3moe" or config.model_type == "mixtral":
         _set_experts(f, config)
     _set_pad_token(f, config)
     _set_sliding_window(f, config)
@@ -83,15 +85,29 @@ def _hf_config(f: GGUFFile):
 
 
 def _set_experts(f: GGUFFile, config) -> None:
-    """The experts' width, which transformers' GGUF reader leaves at the config class's default, and every
-    block a MoE block as llama.cpp builds them."""
+    """The experts' count, use per token and width, which transformers' GGUF reader leaves at the config
+    class's defaults (all of them for a llama file with experts, the width for qwen3moe), and every block a MoE
+    block as llama.cpp builds them."""
     arch = f.architecture
+    count = _metadata_int(f, f"{arch}.expert_count")
+    used = _metadata_int(f, f"{arch}.expert_used_count")
+    if count is None:
+        raise GGUFError(f"{f.path}: metadata {arch}.expert_count is missing (the number of experts)")
     width = _metadata_int(f, f"{arch}.expert_feed_forward_length")
+    if arch == "llama":       # Mixtral: older files give the experts' width as feed_forward_length only
+        width = width or _metadata_int(f, "llama.feed_forward_length")
     if width is None:
         raise GGUFError(f"{f.path}: metadata {arch}.expert_feed_forward_length is missing (the experts' width)")
-    config.moe_intermediate_size = width
-    config.decoder_sparse_step = 1
-    config.mlp_only_layers = []
+    if used is None or used > count:
+        raise GGUFError(f"{f.path}: metadata {arch}.expert_used_count must be an integer from 1 to the {count} "
+                        f"experts, got {f.metadata.get(f'{arch}.expert_used_count')!r}")
+    if config.model_type == "mixtral":
+        config.num_local_experts, config.num_experts_per_tok, config.intermediate_size = count, used, width
+        config.sliding_window = None            # llama.cpp's llama graph attends to the whole context
+    else:
+        config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size = count, used, width
+        config.decoder_sparse_step = 1
+        config.mlp_only_layers = []
 
 
 def _set_rope_scaling(f: GGUFFile, config) -> None:

@@ -1,5 +1,6 @@
 """GGUF <-> transformers names for the llama-family architectures (llama, mistral, qwen2, qwen3, phi3), Gemma 2
-and 3 (gemma2, gemma3) and Qwen3-MoE (qwen3moe): one table for loading and saving.
+and 3 (gemma2, gemma3) and the mixture-of-experts Qwen3-MoE (qwen3moe) and Mixtral (llama with experts): one
+table for loading and saving.
 
 llama.cpp names tensors ``blk.N.attn_q.weight``; transformers names the same weight
 ``model.layers.N.self_attn.q_proj.weight``. Both directions come from the tables below so the loader
@@ -18,8 +19,9 @@ from ..formats.gguf_io import GGUFError, GGUFFile
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "qwen3moe")
 # Mixture-of-experts architectures: every block's feed-forward is a router (ffn_gate_inp) and three 3-D expert
 # stacks (ffn_gate_exps, ffn_up_exps, ffn_down_exps: experts x rows x columns), which become one transformers
-# experts module (gate and up rows concatenated per expert, as its gate_up_proj holds them).
-MOE_ARCHITECTURES = ("qwen3moe",)
+# experts module (gate and up rows concatenated per expert, as its gate_up_proj holds them). A llama file with
+# llama.expert_count > 0 is a Mixtral (transformers' mixtral).
+MOE_ARCHITECTURES = ("qwen3moe", "llama")
 # llama.cpp's converter permutes attn_q/attn_k rows (and the matching bias entries) for its rope layout
 # on these architectures; qwen2, qwen3 and phi3 use the neox rope layout, which needs no permutation.
 PERMUTED_QK_ARCHITECTURES = ("llama", "mistral")
@@ -32,7 +34,7 @@ GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
 # transformers model_type -> the GGUF architecture llama.cpp writes for it (Mistral 7B is a llama in GGUF; a
 # text-only Gemma 3 is transformers' gemma3_text).
 HF_TO_GGUF_ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-                           "gemma2": "gemma2", "gemma3_text": "gemma3", "qwen3_moe": "qwen3moe"}
+                           "gemma2": "gemma2", "gemma3_text": "gemma3", "qwen3_moe": "qwen3moe", "mixtral": "llama"}
 
 BLOCK_LINEARS = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",

@@ -188,3 +188,60 @@ def test_experts_on_demand_from_a_file(files, slots):
             assert torch.equal(on_demand(IDS).logits, expected)
     with pytest.raises(ValueError, match="experts must be 'with_block' or 'on_demand'"):
         load_gguf_model(path, device="cpu", experts="sometimes")
+
+
+# ------------------------------------------------------------------------- Mixtral: a llama file with experts
+def tiny_mixtral(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.MixtralConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                     num_local_experts=4, num_experts_per_tok=2)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6)       # a wrong q/k row order (llama.cpp permutes them) shows
+            layer.self_attn.k_proj.weight.mul_(6)
+            layer.mlp.gate.weight.mul_(20)
+    return model
+
+
+@pytest.fixture(scope="module")
+def mixtral_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf_mixtral")
+    model = tiny_mixtral()
+    return model, {"q8_0": save_gguf(model, root / "q8_0.gguf", "q8_0"),
+                   "q4_k_m": save_gguf(model, root / "q4_k_m.gguf", "q4_k", mix="q4_k_m")}
+
+
+@pytest.mark.parametrize("name", ["q8_0", "q4_k_m"])
+def test_mixtral_files_load_as_mixtral(mixtral_files, name):
+    from .test_offload_moe import dequantized_reference
+
+    original, files = mixtral_files
+    path = files[name]
+    f = GGUFFile(path)
+    assert f.architecture == "llama" and f.metadata["llama.expert_count"] == 4
+    model = load_gguf_model(path, dtype=torch.float32, device="cpu")
+    assert type(model).__name__ == "MixtralForCausalLM" and model.config.sliding_window is None
+    assert (model.config.num_local_experts, model.config.num_experts_per_tok, model.config.intermediate_size) == \
+        (4, 2, 512)
+    assert isinstance(model.model.layers[0].mlp.experts, OffloadedExperts)
+    # the original model with every weight replaced by what the file holds, dequantized
+    ref = dequantized_reference(original, model)
+    ref.model.embed_tokens.weight.data = model.model.embed_tokens.weight.data.clone()
+    with torch.no_grad():
+        expected = ref(IDS).logits
+        torch.testing.assert_close(model(IDS).logits, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    again = save_gguf(model, path.with_name(f"again_{name}.gguf"), "q4_k", mix="q4_k_m" if "k_m" in name else None)
+    b = GGUFFile(again)
+    for tensor in (n for n in f if "exps" in n):
+        assert torch.equal(b.raw_bytes(tensor), f.raw_bytes(tensor)), tensor
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("name", ["q8_0", "q4_k_m"])
+def test_mixtral_parity_with_llama_cpp(mixtral_files, name, tmp_path):
+    f32_diff, span, f32_top1, max_diff, top1 = parity_quantized_and_dequantized(mixtral_files[1][name], tmp_path,
+                                                                                f"mixtral {name}")
+    assert f32_diff <= 5e-4 * span and f32_top1 == 1.0
+    assert max_diff <= 0.05 * span and round(top1 * IDS.shape[1]) >= 8
