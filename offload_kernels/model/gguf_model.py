@@ -266,8 +266,9 @@ def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | Non
                     experts: str = "with_block", expert_cache_slots: Optional[int] = None):
     """Build a transformers causal LM from a llama.cpp GGUF file, linears over the file's quantized bytes.
 
-    Architectures: llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3 (text), qwen3moe (its experts become
-    :class:`~offload_kernels.OffloadedExperts` over the file's expert stacks). Layers within ``gpu_budget``
+    Architectures: llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3 (text), and the mixture-of-experts
+    qwen3moe and Mixtral (a llama file with ``llama.expert_count``), whose experts become
+    :class:`~offload_kernels.OffloadedExperts` over the file's expert stacks. Layers within ``gpu_budget``
     (bytes or "20GiB"; None: as for :func:`offload`, the free device memory less a margin) stay resident on
     the device, the rest stream through the transfer engine; ``experts="on_demand"`` copies a MoE file's
     experts only when chosen, through a device cache (as :func:`offload` does). Returns the model (and the
