@@ -14,7 +14,7 @@ import torch
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="path to a .gguf file (architecture llama, mistral, qwen2, qwen3, phi3, gemma2, "
-                                      "gemma3, qwen3moe, or a Mixtral: llama with experts)")
+                                      "gemma3, qwen2moe, qwen3moe, or a Mixtral: llama with experts)")
     parser.add_argument("--prompt", default="Once upon a time", help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--gpu-budget", default=None, help="device bytes for weights + staging, e.g. 20GiB "

@@ -31,11 +31,11 @@ from .offload import _format_for
 # Per-tensor overrides approximating llama.cpp's mixed presets (GGUF-name glob -> qtype).
 MIXES: dict[str, dict[str, str]] = {
     "q4_k_m": {"*.attn_v.weight": "q6_k", "*.ffn_down.weight": "q6_k", "*.ffn_down_exps.weight": "q6_k",
-               "output.weight": "q6_k"},
+               "*.ffn_down_shexp.weight": "q6_k", "output.weight": "q6_k"},
     "q3_k_m": {"*.attn_v.weight": "q5_k", "*.ffn_down.weight": "q5_k", "*.ffn_down_exps.weight": "q5_k",
-               "output.weight": "q6_k"},
+               "*.ffn_down_shexp.weight": "q5_k", "output.weight": "q6_k"},
     "q2_k": {"*.attn_v.weight": "q3_k", "*.attn_output.weight": "q3_k", "*.ffn_down.weight": "q3_k",
-             "*.ffn_down_exps.weight": "q3_k", "output.weight": "q6_k"},
+             "*.ffn_down_exps.weight": "q3_k", "*.ffn_down_shexp.weight": "q3_k", "output.weight": "q6_k"},
 }
 
 _FLOAT_TYPES = {"f32": torch.float32, "f16": torch.float16}
@@ -110,9 +110,11 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
     if len(vocab["tokens"]) != config.vocab_size:       # before quantizing the whole model
         raise ValueError(f"vocab has {len(vocab['tokens'])} tokens but the model's vocab_size is {config.vocab_size}")
 
-    if arch in MOE_ARCHITECTURES and not getattr(config, "norm_topk_prob", True):
-        raise ValueError(f"llama.cpp's {arch} renormalizes the chosen experts' weights (norm_topk_prob=True); this "
-                         f"model has norm_topk_prob=False, which it would not reproduce")
+    renormalizes = arch != "qwen2moe"          # llama.cpp's qwen2moe weights the chosen experts as routed
+    if arch in MOE_ARCHITECTURES and getattr(config, "norm_topk_prob", renormalizes) != renormalizes:
+        raise ValueError(f"llama.cpp's {arch} {'renormalizes' if renormalizes else 'does not renormalize'} the "
+                         f"chosen experts' weights; this model has norm_topk_prob={config.norm_topk_prob}, which it "
+                         f"would not reproduce")
     tensors: dict[str, "QuantizedTensor | torch.Tensor"] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     modules = dict(model.named_modules())
@@ -148,6 +150,9 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
         if gguf_name.endswith("ffn_gate_inp.weight"):         # the router stays f32, as llama-quantize keeps it
             tensors[gguf_name] = w
             continue
+        if gguf_name.endswith("ffn_gate_inp_shexp.weight"):   # the shared expert's gate: one row, stored 1-D
+            tensors[gguf_name] = w.reshape(-1)
+            continue
         is_matrix = w.dim() == 2 and not gguf_name.endswith("norm.weight")
         q = _choose_qtype(gguf_name, w.shape[-1], qtype, overrides) if is_matrix else None
         if q in _FLOAT_TYPES:
@@ -179,6 +184,8 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
     if window:
         md[f"{arch}.attention.sliding_window"] = int(window)
     md.update({f"{arch}.{key}": value for key, value in arch_md.items()})
+    if arch == "qwen2moe":
+        md[f"{arch}.expert_shared_feed_forward_length"] = int(config.shared_expert_intermediate_size)
     if expert_modules:
         count = getattr(config, "num_local_experts", None) or config.num_experts
         width = getattr(config, "moe_intermediate_size", None) or config.intermediate_size

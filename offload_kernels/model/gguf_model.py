@@ -73,7 +73,7 @@ def _hf_config(f: GGUFFile):
                         f"({type(exc).__name__}: {exc})") from exc
     _set_head_dim(f, config)
     _set_bias_flags(f, config)
-    if f.architecture == "qwen3moe" or config.model_type == "mixtral":
+    if f.architecture in ("qwen2moe", "qwen3moe") or config.model_type == "mixtral":
         _set_experts(f, config)
     _set_pad_token(f, config)
     _set_sliding_window(f, config)
@@ -108,6 +108,13 @@ def _set_experts(f: GGUFFile, config) -> None:
         config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size = count, used, width
         config.decoder_sparse_step = 1
         config.mlp_only_layers = []
+    if arch == "qwen2moe":
+        shared = _metadata_int(f, "qwen2moe.expert_shared_feed_forward_length")
+        if shared is None:
+            raise GGUFError(f"{f.path}: metadata qwen2moe.expert_shared_feed_forward_length is missing (the shared "
+                            f"expert's width)")
+        config.shared_expert_intermediate_size = shared
+        config.norm_topk_prob = False           # llama.cpp's qwen2moe weights the chosen experts unrenormalized
 
 
 def _set_rope_scaling(f: GGUFFile, config) -> None:
@@ -215,6 +222,11 @@ def _validate(f: GGUFFile, targets: dict[str, Target], model: nn.Module, config)
             if target.hf_name not in params:
                 raise GGUFError(_no_such_module(f, name, target, config))
             expected = tuple(params[target.hf_name].shape)
+        elif target.kind == "gate_vector":     # a one-row nn.Linear stored as a vector
+            lin = modules.get(target.hf_name)
+            if not isinstance(lin, nn.Linear) or lin.out_features != 1:
+                raise GGUFError(_no_such_module(f, name, target, config))
+            expected = (lin.in_features,)
         elif target.kind == "experts":
             experts = modules.get(target.hf_name)
             if experts is None or not is_experts_module(experts) or not experts.has_gate:
@@ -267,7 +279,7 @@ def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | Non
     """Build a transformers causal LM from a llama.cpp GGUF file, linears over the file's quantized bytes.
 
     Architectures: llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3 (text), and the mixture-of-experts
-    qwen3moe and Mixtral (a llama file with ``llama.expert_count``), whose experts become
+    qwen2moe, qwen3moe and Mixtral (a llama file with ``llama.expert_count``), whose experts become
     :class:`~offload_kernels.OffloadedExperts` over the file's expert stacks. Layers within ``gpu_budget``
     (bytes or "20GiB"; None: as for :func:`offload`, the free device memory less a margin) stay resident on
     the device, the rest stream through the transfer engine; ``experts="on_demand"`` copies a MoE file's
@@ -316,8 +328,9 @@ def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report,
     elem = torch.tensor([], dtype=dtype).element_size()
     plan = gguf_linear_plan(f, targets, elem)      # the same function gives the planner's inventory
     params = dict(model.named_parameters())
+    gate_vectors = {t.hf_name: n for n, t in targets.items() if t.kind == "gate_vector"}
     expected_linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    missing = expected_linears - set(plan.sources)
+    missing = expected_linears - set(plan.sources) - set(gate_vectors)
     if missing:
         raise GGUFError(f"{f.path}: missing weights for {', '.join(sorted(missing)[:8])}")
     bias_sources = {t.hf_name: n for n, t in targets.items() if t.kind == "linear_bias"}
@@ -391,6 +404,8 @@ def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report,
             _set_parameter(model, target.hf_name, (_dense(f, name, torch.float32) - 1.0).to(dtype))
         elif target.kind in ("embedding", "norm", "router"):
             _set_parameter(model, target.hf_name, _dense(f, name, dtype))
+        elif target.kind == "gate_vector":
+            _set_parameter(model, target.hf_name + ".weight", _dense(f, name, dtype).reshape(1, -1))
         elif target.kind == "rope_freqs":
             _apply_rope_freqs(model, f.tensor(name).float())
     if plan.tied:

@@ -1,6 +1,6 @@
 """GGUF <-> transformers names for the llama-family architectures (llama, mistral, qwen2, qwen3, phi3), Gemma 2
-and 3 (gemma2, gemma3) and the mixture-of-experts Qwen3-MoE (qwen3moe) and Mixtral (llama with experts): one
-table for loading and saving.
+and 3 (gemma2, gemma3) and the mixture-of-experts Qwen2-MoE (qwen2moe), Qwen3-MoE (qwen3moe) and Mixtral (llama
+with experts): one table for loading and saving.
 
 llama.cpp names tensors ``blk.N.attn_q.weight``; transformers names the same weight
 ``model.layers.N.self_attn.q_proj.weight``. Both directions come from the tables below so the loader
@@ -16,12 +16,14 @@ from typing import Optional
 
 from ..formats.gguf_io import GGUFError, GGUFFile
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "qwen3moe")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "qwen2moe", "qwen3moe")
 # Mixture-of-experts architectures: every block's feed-forward is a router (ffn_gate_inp) and three 3-D expert
 # stacks (ffn_gate_exps, ffn_up_exps, ffn_down_exps: experts x rows x columns), which become one transformers
 # experts module (gate and up rows concatenated per expert, as its gate_up_proj holds them). A llama file with
 # llama.expert_count > 0 is a Mixtral (transformers' mixtral).
-MOE_ARCHITECTURES = ("qwen3moe", "llama")
+MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe", "llama")
+# qwen2moe (Qwen1.5-MoE, Qwen2-57B-A14B) adds a shared expert to every MoE block: an MLP (ffn_*_shexp) whose
+# output a sigmoid gate (ffn_gate_inp_shexp, one row, stored 1-D) scales.
 # llama.cpp's converter permutes attn_q/attn_k rows (and the matching bias entries) for its rope layout
 # on these architectures; qwen2, qwen3 and phi3 use the neox rope layout, which needs no permutation.
 PERMUTED_QK_ARCHITECTURES = ("llama", "mistral")
@@ -34,7 +36,8 @@ GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
 # transformers model_type -> the GGUF architecture llama.cpp writes for it (Mistral 7B is a llama in GGUF; a
 # text-only Gemma 3 is transformers' gemma3_text).
 HF_TO_GGUF_ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-                           "gemma2": "gemma2", "gemma3_text": "gemma3", "qwen3_moe": "qwen3moe", "mixtral": "llama"}
+                           "gemma2": "gemma2", "gemma3_text": "gemma3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
+                           "mixtral": "llama"}
 
 BLOCK_LINEARS = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -62,7 +65,13 @@ MOE_BLOCK_TENSORS = {
     "ffn_gate_exps": ("mlp.experts", "experts", "gate"),
     "ffn_up_exps": ("mlp.experts", "experts", "up"),
     "ffn_down_exps": ("mlp.experts", "experts", "down"),
+    "ffn_gate_shexp": ("mlp.shared_expert.gate_proj", "linear", ""),
+    "ffn_up_shexp": ("mlp.shared_expert.up_proj", "linear", ""),
+    "ffn_down_shexp": ("mlp.shared_expert.down_proj", "linear", ""),
+    "ffn_gate_inp_shexp": ("mlp.shared_expert_gate", "gate_vector", ""),
 }
+_HF_SHARED_EXPERT = {"mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
+                     "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
 _HF_BLOCK_LINEARS = {hf: g for table in (BLOCK_LINEARS, PHI3_BLOCK_LINEARS) for g, hf in table.items()}
 _HF_BLOCK_NORMS = {hf: g for g, hf in BLOCK_NORMS.items()}
 _HF_GEMMA_BLOCK_NORMS = {hf: g for g, hf in GEMMA_BLOCK_NORMS.items()}
@@ -81,7 +90,8 @@ class Target:
 
     hf_name: str      # a module ("model.layers.3.self_attn.q_proj") for linears, their biases and expert
                       # stacks, else a parameter path
-    kind: str         # "linear", "linear_bias", "embedding", "norm", "rope_freqs", "router", "experts"
+    kind: str         # "linear", "linear_bias", "embedding", "norm", "rope_freqs", "router", "experts",
+                      # "gate_vector" (a one-row linear stored 1-D)
     qk: str = ""      # "q"/"k": rows (weight) or entries (bias) permuted by llama.cpp's converter for rope
     part: str = ""    # experts: which stack ("gate", "up", "down")
 
@@ -160,6 +170,8 @@ def hf_to_gguf_name(hf_name: str, arch: str = "llama") -> Optional[str]:
         return f"blk.{i}.{_HF_BLOCK_LINEARS[rest]}.{what}"
     if rest == "mlp.gate" and what == "weight" and arch in MOE_ARCHITECTURES:
         return f"blk.{i}.ffn_gate_inp.weight"
+    if rest in _HF_SHARED_EXPERT and what == "weight" and arch == "qwen2moe":
+        return f"blk.{i}.{_HF_SHARED_EXPERT[rest]}.weight"
     hf_norms = _HF_GEMMA_BLOCK_NORMS if arch in GEMMA_ARCHITECTURES else _HF_BLOCK_NORMS
     if rest in hf_norms and what == "weight":
         return f"blk.{i}.{hf_norms[rest]}.weight"

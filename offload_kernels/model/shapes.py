@@ -137,7 +137,7 @@ def gguf_linear_plan(f: GGUFFile, targets: "Mapping[str, Target]", elem_bytes: i
         else:
             raise GGUFError(unsupported_type_message(f, info))
     fixed += sum(_numel(f.info(name).shape) * elem_bytes for name, t in targets.items()
-                 if t.kind in ("embedding", "norm", "linear_bias", "router"))
+                 if t.kind in ("embedding", "norm", "linear_bias", "router", "gate_vector"))
     experts: dict[str, dict[str, str]] = {}
     for name, t in targets.items():
         if t.kind == "experts":

@@ -245,3 +245,66 @@ def test_mixtral_parity_with_llama_cpp(mixtral_files, name, tmp_path):
                                                                                 f"mixtral {name}")
     assert f32_diff <= 5e-4 * span and f32_top1 == 1.0
     assert max_diff <= 0.05 * span and round(top1 * IDS.shape[1]) >= 8
+
+
+# ------------------------------------------------------------------------- Qwen2-MoE: a shared expert per block
+def tiny_qwen2_moe(seed=0, **config):
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=320, hidden_size=256, intermediate_size=512, moe_intermediate_size=WIDTH,
+              shared_expert_intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=128, num_experts=EXPERTS, num_experts_per_tok=USED, norm_topk_prob=False)
+    kw.update(config)
+    model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(**kw)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6)
+            layer.self_attn.k_proj.weight.mul_(6)
+            layer.mlp.gate.weight.mul_(20)
+            layer.mlp.shared_expert_gate.weight.mul_(20)    # a sigmoid far from 1/2: a wrong gate shows
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                getattr(layer.self_attn, proj).bias.normal_(0, 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def qwen2_moe_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf_qwen2moe")
+    model = tiny_qwen2_moe()
+    return {"q8_0": save_gguf(model, root / "q8_0.gguf", "q8_0"),
+            "q4_k_m": save_gguf(model, root / "q4_k_m.gguf", "q4_k", mix="q4_k_m")}
+
+
+@pytest.mark.parametrize("name", ["q8_0", "q4_k_m"])
+def test_qwen2_moe_files_match_transformers_gguf_loader(qwen2_moe_files, name):
+    path = qwen2_moe_files[name]
+    info = GGUFFile(path).tensor_infos
+    assert info["blk.0.ffn_gate_inp_shexp.weight"].shape == (256,)          # one row, stored 1-D
+    if name == "q4_k_m":
+        assert info["blk.0.ffn_down_shexp.weight"].type_name == "q6_k"
+    model = load_gguf_model(path, dtype=torch.float32, device="cpu")
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp.experts, OffloadedExperts) and model.config.norm_topk_prob is False
+    assert model.config.shared_expert_intermediate_size == 512 and mlp.shared_expert_gate.weight.shape == (1, 256)
+    cfg = transformers.Qwen2MoeConfig(**{k: v for k, v in model.config.to_dict().items()
+                                         if k not in ("model_type", "transformers_version", "architectures")})
+    expected = hf_reference_logits(path, IDS, config=cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_qwen2_moe_checks(qwen2_moe_files, tmp_path):
+    with pytest.raises(ValueError, match="does not renormalize .* norm_topk_prob=True"):
+        save_gguf(tiny_qwen2_moe(norm_topk_prob=True), tmp_path / "m.gguf", "q8_0")
+    no_width = _rewrite(tmp_path, qwen2_moe_files["q8_0"], "no_shared.gguf",
+                        drop=("qwen2moe.expert_shared_feed_forward_length",))
+    with pytest.raises(GGUFError, match="expert_shared_feed_forward_length is missing"):
+        load_gguf_model(no_width, device="cpu")
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("name", ["q8_0", "q4_k_m"])
+def test_qwen2_moe_parity_with_llama_cpp(qwen2_moe_files, name, tmp_path):
+    f32_diff, span, f32_top1, max_diff, top1 = parity_quantized_and_dequantized(qwen2_moe_files[name], tmp_path,
+                                                                                f"qwen2moe {name}")
+    assert f32_diff <= 5e-4 * span and f32_top1 == 1.0
+    assert max_diff <= 0.05 * span and round(top1 * IDS.shape[1]) >= 8

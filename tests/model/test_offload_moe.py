@@ -42,13 +42,17 @@ def tiny_moe(arch: str, layers: int = 4, seed: int = 0) -> nn.Module:
                 if name.endswith("_bias"):
                     p.normal_(0, 0.02)
         return model
+    if arch == "qwen2_moe":       # a gated shared expert (nn.Linear modules) beside the routed ones
+        cfg = transformers.Qwen2MoeConfig(intermediate_size=512, moe_intermediate_size=256, num_experts=8,
+                                          num_experts_per_tok=2, shared_expert_intermediate_size=512, **common)
+        return transformers.Qwen2MoeForCausalLM(cfg).eval()
     if arch == "phimoe":          # its router is an nn.Linear subclass with its own forward: kept
         cfg = transformers.PhimoeConfig(intermediate_size=512, num_local_experts=4, num_experts_per_tok=2, **common)
         return transformers.PhimoeForCausalLM(cfg).eval()
     raise ValueError(arch)
 
 
-ARCHS = ["mixtral", "qwen3_moe", "gpt_oss", "phimoe"]
+ARCHS = ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "phimoe"]
 
 
 def dequantized_reference(original: nn.Module, offloaded: nn.Module) -> nn.Module:
