@@ -137,20 +137,9 @@ def shape_of(name: str):
 def llama_config(args: argparse.Namespace, layers: int, max_tokens: int):
     """The transformers config of the shape: a LlamaConfig, or for a MoE shape its own family's (Mixtral,
     Qwen3-MoE: every block a router and experts)."""
-    import transformers
+    from offload_kernels.model.shapes import transformers_config
 
-    shape = shape_of(args.shape)
-    extra = {"head_dim": shape.head_dim} if shape.head_dim else {}
-    if shape.arch == "mixtral":
-        extra.update(num_local_experts=shape.experts, num_experts_per_tok=shape.experts_per_token)
-    elif shape.arch == "qwen3_moe":
-        extra.update(num_experts=shape.experts, num_experts_per_tok=shape.experts_per_token,
-                     moe_intermediate_size=shape.expert_intermediate, norm_topk_prob=True)
-    return transformers.AutoConfig.for_model(
-        shape.arch, vocab_size=args.vocab or shape.vocab, hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate, num_hidden_layers=layers, num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads, max_position_embeddings=max(8192, max_tokens), tie_word_embeddings=False,
-        **extra)
+    return transformers_config(shape_of(args.shape), layers, args.vocab or None, max(8192, max_tokens))
 
 
 def build_model(config, device, dtype, seed: int):

@@ -6,8 +6,13 @@
    tokens/s, bytes over the link, achieved vs measured link bandwidth, and error against the
    unquantized model; then a short greedy generation with the streamed model.
 
-Without a GPU both parts run the CPU path (torch kernels, the engine's host backend, where the "link"
-is a host memcpy) and say so.
+3. Mixture of experts: a Qwen3-MoE-architecture model (many experts, a few per token), its blocks half
+   streamed, run with the streamed blocks' experts streamed whole and copied on demand (only the chosen
+   experts, through the expert cache) at the same budget: tokens/s, bytes over the link per forward, cache
+   hits, error against the unquantized model.
+
+Without a GPU every part runs the CPU path (torch kernels, the engine's host backend, where the "link"
+is a host memcpy) and says so.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-formats", action="store_true", help="skip part 1 (the formats table)")
     parser.add_argument("--format-rows", type=int, default=4096, help="rows of the weight in the formats table")
     parser.add_argument("--format-cols", type=int, default=4096, help="columns (a multiple of 256)")
+    parser.add_argument("--skip-moe", action="store_true", help="skip part 3 (the mixture-of-experts model)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -180,6 +186,80 @@ def offload_report(args: argparse.Namespace, device: torch.device) -> str:
     return "\n".join(lines)
 
 
+def moe_size_for(device: torch.device, layers: "int | None") -> DemoSize:
+    """Qwen3-30B-A3B-shaped blocks (128 experts, 8 per token) on a GPU, as many as fit comfortably; a small
+    MoE (8 experts, 2 per token) on the CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        preset = PRESETS["qwen3-30b-a3b"]
+        block_fp16 = 2 * (3 * preset.experts * preset.expert_intermediate * preset.hidden + 4 * 4096 * preset.hidden)
+        fit = int(0.25 * free // block_fp16)
+        return DemoSize(replace(preset, layers=layers or max(2, min(12, fit)), vocab=32000), (1, 16, 256, 2048),
+                        torch.float16)
+    return DemoSize(LlamaShape(512, 1536, layers or 8, 8, 4, 2048, experts=8, experts_per_token=2,
+                               expert_intermediate=512, arch="qwen3_moe"), (1, 8, 64), torch.float32)
+
+
+def moe_report(args: argparse.Namespace, device: torch.device) -> str:
+    from transformers import AutoModelForCausalLM
+
+    from offload_kernels import offload
+    from offload_kernels.model import streamer_of
+    from offload_kernels.model.offload import expert_cache_of
+    from offload_kernels.model.shapes import transformers_config
+
+    size = moe_size_for(device, args.layers)
+    s = size.shape
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        original = AutoModelForCausalLM.from_config(transformers_config(s, max_positions=4096)).to(size.dtype).eval()
+    n_params = sum(p.numel() for p in original.parameters())
+    ids = torch.randint(0, s.vocab, (1, max(size.tokens)), generator=torch.Generator().manual_seed(2)).to(device)
+    with torch.no_grad():
+        ref_logits = original(ids[:, :64]).logits.float()
+    budget = _budget_streaming(original, args.qtype, args.streamed)
+    rows, notes = [], []
+    for mode in ("with_block", "on_demand"):
+        model = copy.deepcopy(original)
+        report = offload(model, args.qtype, gpu_budget=budget, device=device, progress=False, measure=False,
+                         experts=mode)
+        streamer, cache = streamer_of(model), expert_cache_of(model)
+        p = report.placement
+        notes.append(f"  experts {mode}: {p.resident_fraction:.0%} of quantized weights resident, "
+                     f"{human_bytes(p.streamed_bytes)} streamed whole per forward"
+                     + (f", {human_bytes(p.on_demand_bytes)} of experts on demand through a cache of "
+                        f"{p.expert_cache_slots} of their {p.expert_count} experts" if p.on_demand else ""))
+        with torch.no_grad():
+            logits = model(ids[:, :64]).logits.float()
+            rel = float((logits - ref_logits).norm() / ref_logits.norm())
+            for t in size.tokens:
+                x = ids[:, :t]
+                for counters in (streamer.engine if streamer else None, cache):
+                    if counters is not None:
+                        counters.reset_stats()
+                secs = median_seconds(lambda: model(x, use_cache=False), device, repeats=3)
+                if streamer is not None:
+                    streamer.engine.synchronize()
+                copied = (streamer.stats()["bytes_copied"] if streamer else 0) + \
+                    (cache.stats()["bytes_copied"] if cache else 0)
+                hits = f"{cache.stats()['hits'] / 4:.0f} / {cache.stats()['misses'] / 4:.0f}" if cache else ""
+                rows.append([mode, t, secs * 1e3, t / secs, human_bytes(copied / 4), hits, rel])
+        if streamer is not None:
+            streamer.close()
+        if cache is not None:
+            cache.close()
+        del model
+    where = "GPU" if device.type == "cuda" else "CPU"
+    return "\n".join([
+        f"Part 3 - a mixture-of-experts model (Qwen3-MoE architecture, random weights) on {where}: {s.layers} layers, "
+        f"{s.experts} experts of width {s.expert_intermediate}, {s.experts_per_token} per token, "
+        f"{n_params / 1e6:.0f}M parameters, {args.qtype}, the same budget for both:",
+        *notes,
+        format_table(["experts", "tokens/forward", "ms/forward", "tokens/s", "link bytes/forward",
+                      "cache hits / misses per forward", "logit rel err vs fp"], rows),
+    ])
+
+
 def run(args: argparse.Namespace) -> int:
     device = default_device(args.device)
     if args.format_cols % 256:
@@ -191,4 +271,6 @@ def run(args: argparse.Namespace) -> int:
     if not args.skip_formats:
         print(formats_report(args.format_rows, args.format_cols, args.seed, device), "\n", flush=True)
     print(offload_report(args, device))
+    if not args.skip_moe:
+        print("\n" + moe_report(args, device))
     return 0

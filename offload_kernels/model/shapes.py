@@ -65,6 +65,25 @@ PRESETS: dict[str, LlamaShape] = {
 }
 
 
+def transformers_config(shape: LlamaShape, layers: "int | None" = None, vocab: "int | None" = None,
+                        max_positions: int = 8192):
+    """The transformers config of a model of ``shape`` (its ``arch``: llama, mixtral or qwen3_moe), untied
+    embeddings, optionally fewer ``layers`` or another ``vocab``."""
+    from transformers import AutoConfig
+
+    extra = {"head_dim": shape.head_dim} if shape.head_dim else {}
+    if shape.arch == "mixtral":
+        extra.update(num_local_experts=shape.experts, num_experts_per_tok=shape.experts_per_token)
+    elif shape.arch == "qwen3_moe":
+        extra.update(num_experts=shape.experts, num_experts_per_tok=shape.experts_per_token,
+                     moe_intermediate_size=shape.expert_intermediate, norm_topk_prob=True)
+    return AutoConfig.for_model(
+        shape.arch, vocab_size=vocab or shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+        num_hidden_layers=layers or shape.layers, num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads, max_position_embeddings=max_positions, tie_word_embeddings=False,
+        **extra)
+
+
 @dataclass(frozen=True)
 class ModelInventory:
     name: str

@@ -74,9 +74,23 @@ def test_run_refuses_a_bad_device_or_slot_count_before_reading_the_file(tmp_path
 
 
 def test_demo_small(capsys):
-    assert main(["demo", "--skip-formats", "--layers", "3", "--device", "cpu"]) == 0
+    assert main(["demo", "--skip-formats", "--skip-moe", "--layers", "3", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "CPU path" in out and "offloaded" in out and "offloaded == fully resident: True" in out
+    assert "Part 3" not in out
+
+
+def test_demo_mixture_of_experts_part(capsys):
+    assert main(["demo", "--skip-formats", "--layers", "8", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    part3 = out[out.index("Part 3"):]
+    assert "experts on demand through a cache of" in part3
+    rows = {}
+    for line in part3.splitlines():
+        cells = line.split()
+        if cells and cells[0] in ("with_block", "on_demand") and cells[1] == "1":
+            rows[cells[0]] = line
+    assert set(rows) == {"with_block", "on_demand"}      # both modes timed at 1 token per forward
 
 
 def test_demo_formats_table(capsys):
