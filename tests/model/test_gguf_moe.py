@@ -19,29 +19,39 @@ EXPERTS, USED, WIDTH = 8, 2, 256
 
 
 def tiny_qwen3_moe(seed=0, **config):
-    """Sharp attention (a wrong q/k layout shows) and a sharp router (a wrong expert choice shows)."""
     torch.manual_seed(seed)
     kw = dict(vocab_size=320, hidden_size=256, intermediate_size=512, moe_intermediate_size=WIDTH,
               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
               num_experts=EXPERTS, num_experts_per_tok=USED, norm_topk_prob=True)
     kw.update(config)
-    model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**kw)).eval()
+    model = sharpened(transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**kw)).eval())
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(6)
-            layer.self_attn.k_proj.weight.mul_(6)
-            layer.mlp.gate.weight.mul_(20)
             for norm in ("q_norm", "k_norm"):
                 getattr(layer.self_attn, norm).weight.uniform_(0.5, 1.5)
     return model
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gguf_moe")
-    model = tiny_qwen3_moe()
+def sharpened(model):
+    """Sharp attention (a wrong q/k layout shows) and a sharp router (a wrong expert choice shows)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6)
+            layer.self_attn.k_proj.weight.mul_(6)
+            layer.mlp.gate.weight.mul_(20)
+    return model
+
+
+def write_files(model, root):
+    """``model`` as a q8_0 file and a Q4_K_M-style file (q6_k down projections)."""
+    root.mkdir(parents=True, exist_ok=True)
     return {"q8_0": save_gguf(model, root / "q8_0.gguf", "q8_0"),
             "q4_k_m": save_gguf(model, root / "q4_k_m.gguf", "q4_k", mix="q4_k_m")}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return write_files(tiny_qwen3_moe(), tmp_path_factory.mktemp("gguf_moe"))
 
 
 def _reference(path, model):
@@ -196,21 +206,13 @@ def tiny_mixtral(seed=0):
     cfg = transformers.MixtralConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                      num_local_experts=4, num_experts_per_tok=2)
-    model = transformers.MixtralForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(6)       # a wrong q/k row order (llama.cpp permutes them) shows
-            layer.self_attn.k_proj.weight.mul_(6)
-            layer.mlp.gate.weight.mul_(20)
-    return model
+    return sharpened(transformers.MixtralForCausalLM(cfg).eval())      # llama.cpp permutes its q/k rows
 
 
 @pytest.fixture(scope="module")
 def mixtral_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gguf_mixtral")
     model = tiny_mixtral()
-    return model, {"q8_0": save_gguf(model, root / "q8_0.gguf", "q8_0"),
-                   "q4_k_m": save_gguf(model, root / "q4_k_m.gguf", "q4_k", mix="q4_k_m")}
+    return model, write_files(model, tmp_path_factory.mktemp("gguf_mixtral"))
 
 
 @pytest.mark.parametrize("name", ["q8_0", "q4_k_m"])
@@ -254,12 +256,9 @@ def tiny_qwen2_moe(seed=0, **config):
               shared_expert_intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=128, num_experts=EXPERTS, num_experts_per_tok=USED, norm_topk_prob=False)
     kw.update(config)
-    model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(**kw)).eval()
+    model = sharpened(transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(**kw)).eval())
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(6)
-            layer.self_attn.k_proj.weight.mul_(6)
-            layer.mlp.gate.weight.mul_(20)
             layer.mlp.shared_expert_gate.weight.mul_(20)    # a sigmoid far from 1/2: a wrong gate shows
             for proj in ("q_proj", "k_proj", "v_proj"):
                 getattr(layer.self_attn, proj).bias.normal_(0, 0.5)
@@ -268,10 +267,7 @@ def tiny_qwen2_moe(seed=0, **config):
 
 @pytest.fixture(scope="module")
 def qwen2_moe_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gguf_qwen2moe")
-    model = tiny_qwen2_moe()
-    return {"q8_0": save_gguf(model, root / "q8_0.gguf", "q8_0"),
-            "q4_k_m": save_gguf(model, root / "q4_k_m.gguf", "q4_k", mix="q4_k_m")}
+    return write_files(tiny_qwen2_moe(), tmp_path_factory.mktemp("gguf_qwen2moe"))
 
 
 @pytest.mark.parametrize("name", ["q8_0", "q4_k_m"])

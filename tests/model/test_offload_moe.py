@@ -70,6 +70,15 @@ def dequantized_reference(original: nn.Module, offloaded: nn.Module) -> nn.Modul
     return ref
 
 
+def assert_logits_match(off, ref, ids, rtol=RTOL, passes=3):
+    """``off``'s logits equal ``ref``'s to ``rtol`` (of the logits' largest magnitude) for ``passes`` passes
+    (learning, then prefetching)."""
+    with torch.no_grad():
+        expected = ref(ids).logits
+        for _ in range(passes):
+            torch.testing.assert_close(off(ids).logits, expected, rtol=rtol, atol=rtol * float(expected.abs().max()))
+
+
 def _inside_experts(model, name):
     parent = name.rpartition(".")[0]
     return bool(parent) and isinstance(model.get_submodule(parent), OffloadedExperts)
@@ -100,12 +109,7 @@ def test_logits_match_the_dequantized_model(arch, streamed, ids):
     for name in experts:
         for proj in off.get_submodule(name).qtypes:
             assert report.quantized[f"{name}.{proj}"] == "q8_0"
-    ref = dequantized_reference(model, off)
-    with torch.no_grad():
-        expected = ref(ids).logits
-        for _ in range(3):                      # learning pass, then prefetching passes
-            got = off(ids).logits
-            torch.testing.assert_close(got, expected, rtol=RTOL, atol=RTOL * expected.abs().max())
+    assert_logits_match(off, dequantized_reference(model, off), ids)
     if streamed:
         s = streamer_of(off).stats()
         assert s["bytes_copied"] > 0 and s["mispredictions"] == 0
@@ -264,13 +268,7 @@ def test_cuda_streamed_experts_match_the_dequantized_model(arch, ids):
     report = offload(off, "q4_k", gpu_budget=streaming_budget(model, "q4_k"), device="cuda", progress=False,
                      measure=False)
     assert report.placement.streamed_groups
-    ref = dequantized_reference(model, off).cuda()
-    ids = ids.cuda()
-    with torch.no_grad():
-        expected = ref(ids).logits
-        for _ in range(3):
-            got = off(ids).logits
-            torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+    assert_logits_match(off, dequantized_reference(model, off).cuda(), ids.cuda(), rtol=1e-3)
     assert streamer_of(off).mispredictions == 0
 
 
@@ -298,12 +296,7 @@ def test_experts_on_demand_match_the_dequantized_model(arch, slots, ids):
         else:
             assert name in p.resident
     assert "experts on demand" in str(report)
-    ref = dequantized_reference(model, off)
-    with torch.no_grad():
-        expected = ref(ids).logits
-        for i in range(3):
-            got = off(ids).logits
-            torch.testing.assert_close(got, expected, rtol=RTOL, atol=RTOL * expected.abs().max())
+    assert_logits_match(off, dequantized_reference(model, off), ids)
     assert streamer_of(off) is None or streamer_of(off).mispredictions == 0
     out = off.generate(ids[:1, :5], max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 8)
@@ -399,9 +392,4 @@ def test_cuda_experts_on_demand_match_the_dequantized_model(slots, ids):
     report = offload(off, "q4_k", gpu_budget=streaming_budget(model, "q4_k"), device="cuda", progress=False,
                      measure=False, experts="on_demand", expert_cache_slots=slots)
     assert report.placement.on_demand
-    ref = dequantized_reference(model, off).cuda()
-    ids = ids.cuda()
-    with torch.no_grad():
-        expected = ref(ids).logits
-        for _ in range(3):
-            torch.testing.assert_close(off(ids).logits, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+    assert_logits_match(off, dequantized_reference(model, off).cuda(), ids.cuda(), rtol=1e-3)
