@@ -229,8 +229,12 @@ def _validate(f: GGUFFile, targets: dict[str, Target], model: nn.Module, config)
             expected = (lin.in_features,)
         elif target.kind == "experts":
             experts = modules.get(target.hf_name)
-            if experts is None or not is_experts_module(experts) or not experts.has_gate:
+            if experts is None:
                 raise GGUFError(_no_such_module(f, name, target, config))
+            if not is_experts_module(experts) or not experts.has_gate:
+                raise GGUFError(f"{f.path}: tensor {name!r} is an expert stack, but {target.hf_name} is a "
+                                f"{type(experts).__name__}, not an experts module holding 3-D stacks with "
+                                f"transformers' use_experts_implementation flags (transformers 5 has them)")
             e, rows, cols = projection_shape(experts, "gate_up_proj" if target.part != "down" else "down_proj")
             expected = (e, rows // 2, cols) if target.part != "down" else (e, rows, cols)
         else:                                   # rope_freqs: one factor per rotary frequency
