@@ -396,3 +396,16 @@ def test_cuda_experts_on_demand_match_the_dequantized_model(slots, ids):
                      measure=False, experts="on_demand", expert_cache_slots=slots)
     assert report.placement.on_demand
     assert_logits_match(off, dequantized_reference(model, off).cuda(), ids.cuda(), rtol=1e-3)
+
+
+def test_torch_compile_runs_offloaded_experts(ids):
+    """torch.compile traces around the routing counts' host read (a graph break) and the expert cache's
+    Python, and gives the eager logits (to float rounding: the norms and attention are fused)."""
+    model = tiny_moe("qwen3_moe", layers=4)
+    offload(model, "q8_0", gpu_budget=streaming_budget(model, "q8_0"), device="cpu", progress=False,
+            measure=False, experts="on_demand")
+    with torch.no_grad():
+        expected = model(ids).logits
+        compiled = torch.compile(model)
+        for _ in range(2):
+            torch.testing.assert_close(compiled(ids).logits, expected, rtol=1e-5, atol=1e-5)
