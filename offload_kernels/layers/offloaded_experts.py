@@ -23,7 +23,7 @@ host synchronization per call reads how many tokens each expert got (transformer
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping
 
 import torch
 from torch import nn
