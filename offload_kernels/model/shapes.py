@@ -32,6 +32,8 @@ class LlamaShape:
     experts_per_token: int = 0
     expert_intermediate: int = 0
     arch: str = "llama"           # the transformers model_type the benchmark builds for this shape
+    shared_intermediate: int = 0  # MoE: the width of a shared expert beside the routed ones (0: none)
+    dense_layers: int = 0         # MoE: the first blocks keep a dense MLP of width ``intermediate``
 
     @property
     def kv_dim(self) -> int:
@@ -105,15 +107,20 @@ def llama_inventory(shape: LlamaShape, qtype: str = "q4_k", lm_head_qtype: str |
         for short, n, k in (("self_attn.q_proj", q, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h),
                             ("self_attn.o_proj", h, q)):
             linears.append(LinearSpec(f"{g}.{short}", n, k, qtype, g))
-        if e:
+        if e and i >= shape.dense_layers:
             moe = dict(num_experts=e, experts_per_token=k_used)
             linears.append(LinearSpec(f"{g}.mlp.experts.gate_up_proj", e * 2 * w, h, qtype, g, **moe))
             linears.append(LinearSpec(f"{g}.mlp.experts.down_proj", e * h, w, qtype, g, **moe))
+            sw = shape.shared_intermediate
+            if sw:
+                for short, n, k in (("gate_proj", sw, h), ("up_proj", sw, h), ("down_proj", h, sw)):
+                    linears.append(LinearSpec(f"{g}.mlp.shared_expert.{short}", n, k, qtype, g))
             continue
         for short, n, k in (("mlp.gate_proj", f, h), ("mlp.up_proj", f, h), ("mlp.down_proj", h, f)):
             linears.append(LinearSpec(f"{g}.{short}", n, k, qtype, g))
     linears.append(LinearSpec("lm_head", shape.vocab, h, lm_head_qtype, ""))
-    fixed = 2 * (shape.vocab * h + (2 * shape.layers + 1) * h + shape.layers * e * h)    # routers: E x H each
+    moe_layers = shape.layers - shape.dense_layers if e else 0
+    fixed = 2 * (shape.vocab * h + (2 * shape.layers + 1) * h + moe_layers * e * h)    # routers: E x H each
     return ModelInventory(name, linears, fixed)
 
 
@@ -234,21 +241,25 @@ _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 
 def config_inventory(path: "str | os.PathLike[str]", qtype: str = "q4_k") -> ModelInventory:
-    """From a transformers config.json of a llama-family model, or of a MoE model whose every block is a
-    router and experts (Mixtral, Qwen3-MoE); configs this shape cannot describe are refused by name."""
+    """From a transformers config.json of a llama-family model, or of a MoE model (Mixtral, Qwen2/3-MoE,
+    GLM-4.5: routed experts, a shared expert, dense first blocks); what the shape cannot describe (latent
+    attention, dense blocks between MoE ones) is refused by name."""
     cfg = json.loads(Path(path).read_text())
     experts = next((cfg[k] for k in _EXPERT_COUNT_KEYS if cfg.get(k)), 0)
     moe = {}
     if experts:
-        unsupported = [k for k in ("kv_lora_rank", "first_k_dense_replace", "n_shared_experts",
-                                   "shared_expert_intermediate_size") if cfg.get(k)]
+        unsupported = ["kv_lora_rank"] if cfg.get("kv_lora_rank") else []
         unsupported += ["mlp_only_layers"] if cfg.get("mlp_only_layers") else []
         unsupported += ["decoder_sparse_step"] if cfg.get("decoder_sparse_step", 1) != 1 else []
         if unsupported:
-            raise ValueError(f"{path}: a MoE config with {', '.join(unsupported)} (dense or shared-expert layers, "
-                             f"latent attention) is not one plan can describe; plan the model's GGUF file instead")
+            raise ValueError(f"{path}: a MoE config with {', '.join(unsupported)} (latent attention, dense layers "
+                             f"between MoE ones) is not one plan can describe; plan the model's GGUF file instead")
+        width = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+        # a shared expert: Qwen2-MoE gives its width, DeepSeek/GLM a count of expert-wide ones
+        shared = cfg.get("shared_expert_intermediate_size") or (cfg.get("n_shared_experts") or 0) * width
         moe = dict(experts=experts, experts_per_token=cfg.get("num_experts_per_tok", experts),
-                   expert_intermediate=cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
+                   expert_intermediate=width, shared_intermediate=shared,
+                   dense_layers=cfg.get("first_k_dense_replace") or 0)
     shape = LlamaShape(cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"],
                        cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
                        cfg["vocab_size"], cfg.get("head_dim"), **moe)

@@ -241,3 +241,32 @@ def test_expert_cache_miss_model():
     full = Placement([], [], [], 0, 2, 0, {"e": 1}, ["e"], expert_cache_slots=100, expert_slot_bytes=1,
                      expert_count=100)
     assert full.expert_miss_fraction(1.0) == 0.0
+
+
+def _config_json(tmp_path, **cfg):
+    import json
+
+    base = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
+                num_key_value_heads=2, vocab_size=1000)
+    (tmp_path / "config.json").write_text(json.dumps({**base, **cfg}))
+    return tmp_path / "config.json"
+
+
+def test_moe_config_inventories(tmp_path):
+    from offload_kernels.model.shapes import config_inventory
+
+    # GLM-4.5 / DeepSeek style: routed experts, n_shared_experts expert-wide shared ones, dense first block
+    inv = config_inventory(_config_json(tmp_path, n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=256,
+                                        n_shared_experts=1, first_k_dense_replace=1), "q4_k")
+    names = {s.name: s for s in inv.linears}
+    assert "model.layers.0.mlp.down_proj" in names and "model.layers.0.mlp.experts.down_proj" not in names
+    gate_up = names["model.layers.1.mlp.experts.gate_up_proj"]
+    assert (gate_up.out_features, gate_up.num_experts, gate_up.experts_per_token) == (16 * 2 * 256, 16, 4)
+    assert names["model.layers.3.mlp.shared_expert.down_proj"].in_features == 256
+    # Qwen2-MoE style: the shared expert's own width
+    inv = config_inventory(_config_json(tmp_path, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
+                                        shared_expert_intermediate_size=1024), "q4_k")
+    assert {s.name: s for s in inv.linears}["model.layers.0.mlp.shared_expert.up_proj"].out_features == 1024
+    # latent attention cannot be described by this shape
+    with pytest.raises(ValueError, match="kv_lora_rank"):
+        config_inventory(_config_json(tmp_path, n_routed_experts=16, kv_lora_rank=512), "q4_k")
