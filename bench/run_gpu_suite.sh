@@ -77,7 +77,7 @@ declare -A LIMIT=([build]=360 [test]=480 [test-all]=560 [sanitize]=480 [profile]
                   [bench-offload]=560 [bench-offload-moe]=480)
 STAGES=(build test test-all sanitize profile bench-kernels bench-kernels-full bench-formats bench-transfer bench-quantize
         bench-offload bench-offload-moe)
-ALL=(build test sanitize profile bench-kernels bench-transfer bench-quantize bench-offload)
+ALL=(build test sanitize profile bench-kernels bench-transfer bench-quantize bench-offload bench-offload-moe)
 NEEDS_CUDA=" test test-all sanitize profile bench-kernels bench-kernels-full bench-formats bench-transfer bench-offload bench-offload-moe "
 
 usage() {
