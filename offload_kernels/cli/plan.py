@@ -112,22 +112,13 @@ def run(args: argparse.Namespace) -> int:
 def _on_demand_plan(inv, vram: int, slots: int):
     """The plan with a MoE model's expert stacks copied on demand through an expert cache (offload(...,
     experts="on_demand")); None for a dense model or a budget that cannot hold it."""
-    from offload_kernels.model.expert_cache import slot_bytes_for
     from offload_kernels.model.planner import BudgetError, plan_with_expert_cache
 
-    stacks: dict[str, dict[str, object]] = {}
-    for lin in inv.linears:
-        if lin.num_experts > 1:
-            stacks.setdefault(lin.name.rpartition(".")[0], {})[lin.name.rpartition(".")[2]] = lin
-    if not stacks:
+    names = [lin.name for lin in inv.linears if lin.num_experts > 1]
+    if not names:
         return None
-    slot, names = 0, []
-    for module, projs in stacks.items():
-        up, down = projs.get("gate_up_proj") or projs.get("up_proj"), projs["down_proj"]
-        slot = max(slot, slot_bytes_for(up.nbytes // up.num_experts, down.nbytes // down.num_experts))
-        names += [up.name, down.name]
     try:
-        return plan_with_expert_cache(inv.linears, names, vram, inv.fixed_bytes, slots, True, slot)
+        return plan_with_expert_cache(inv.linears, names, vram, inv.fixed_bytes, slots, True)
     except BudgetError as exc:
         print(f"at {human_bytes(vram)} with experts on demand: does not fit ({exc})")
         return None

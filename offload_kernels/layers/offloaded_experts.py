@@ -23,6 +23,7 @@ host synchronization per call reads how many tokens each expert got (transformer
 
 from __future__ import annotations
 
+import itertools
 from typing import Mapping
 
 import torch
@@ -222,9 +223,7 @@ class OffloadedExperts(nn.Module):
         up_bias = None if up_layer.bias is None else up_layer.bias.to(x.dtype)
         down_bias = None if down_layer.bias is None else down_layer.bias.to(x.dtype)
         hit = [e for e, c in enumerate(counts) if c]
-        starts = [0] * e_count
-        for e in range(1, e_count):
-            starts[e] = starts[e - 1] + counts[e - 1]
+        starts = [0, *itertools.accumulate(counts)]     # each expert's first row of ``order``
         cache = self._expert_cache
         if cache is not None:                    # on demand: the chosen experts, through the device cache
             if x.device.type != cache.device.type:

@@ -25,29 +25,16 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 import torch
 
 from ..formats import QuantizedTensor
+from .planner import expert_slot_bytes_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..layers import OffloadedExperts, OffloadedLinear
 
-_ALIGN = 256      # the down rows start at this alignment within a slot
-
-
 def expert_slot_bytes(module: "OffloadedExperts") -> int:
-    """Bytes of a cache slot for one expert of ``module``: see :func:`slot_bytes_for`."""
+    """Bytes of a cache slot for one expert of ``module`` (planner.expert_slot_bytes_for)."""
     up, down = (module._modules[name] for name in module._expert_shapes)
     e = module.num_experts
-    return slot_bytes_for(up.weight_nbytes // e, down.weight_nbytes // e)
-
-
-def slot_bytes_for(up_bytes: int, down_bytes: int) -> int:
-    """A cache slot for an expert of ``up_bytes`` up (gate_up) rows and ``down_bytes`` down rows: the up rows,
-    the down rows at the next 256-byte offset, the slot rounded to 256 bytes so that every slot, and both
-    parts in it, start aligned (the kernels' word loads need 4-byte alignment)."""
-    return _aligned(_aligned(up_bytes) + down_bytes)
-
-
-def _aligned(n: int) -> int:
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+    return expert_slot_bytes_for(up.weight_nbytes // e, down.weight_nbytes // e)
 
 
 class ExpertCache:
@@ -100,7 +87,7 @@ class ExpertCache:
         up_layer, down_layer = (module._modules[name] for name in module._expert_shapes)
         (up_rows, k_up), (down_rows, k_down) = module._expert_shapes.values()
         up_bytes, down_bytes = up_rows * up_layer.weight.shape[1], down_rows * down_layer.weight.shape[1]
-        offset = _aligned(up_bytes)
+        offset = expert_slot_bytes_for(up_bytes, 0)        # the down rows start after the aligned up rows
         locked: set[int] = set()                   # slots of experts issued and not yet computed
         issued = 0
         previous: Optional[int] = None

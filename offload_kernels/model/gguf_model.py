@@ -23,11 +23,10 @@ from .gemma import configure_gemma
 from .gguf_rope import read_rope_scaling, require_rope_parameters
 from .gguf_names import (GEMMA_ARCHITECTURES, SLIDING_WINDOW_ARCHITECTURES, SUPPORTED_ARCHITECTURES,
                          Target, gguf_targets)
-from .expert_cache import slot_bytes_for
 from .offload import _on_demand_modules, _report, apply_placement, check_device, check_experts, check_num_slots
 from .planner import (BudgetError, LinearSpec, Placement, default_budget, parse_bytes, plan_placement,
                       plan_with_expert_cache)
-from .shapes import gguf_linear_plan, unsupported_type_message
+from .shapes import expert_used_count, gguf_linear_plan, unsupported_type_message
 
 log = logging.getLogger("offload_kernels")
 
@@ -90,17 +89,14 @@ def _set_experts(f: GGUFFile, config) -> None:
     block as llama.cpp builds them."""
     arch = f.architecture
     count = _metadata_int(f, f"{arch}.expert_count")
-    used = _metadata_int(f, f"{arch}.expert_used_count")
     if count is None:
         raise GGUFError(f"{f.path}: metadata {arch}.expert_count is missing (the number of experts)")
+    used = expert_used_count(f, count)
     width = _metadata_int(f, f"{arch}.expert_feed_forward_length")
     if arch == "llama":       # Mixtral: older files give the experts' width as feed_forward_length only
         width = width or _metadata_int(f, "llama.feed_forward_length")
     if width is None:
         raise GGUFError(f"{f.path}: metadata {arch}.expert_feed_forward_length is missing (the experts' width)")
-    if used is None or used > count:
-        raise GGUFError(f"{f.path}: metadata {arch}.expert_used_count must be an integer from 1 to the {count} "
-                        f"experts, got {f.metadata.get(f'{arch}.expert_used_count')!r}")
     if config.model_type == "mixtral":
         config.num_local_experts, config.num_experts_per_tok, config.intermediate_size = count, used, width
         config.sliding_window = None            # llama.cpp's llama graph attends to the whole context
@@ -353,13 +349,9 @@ def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report,
     quantized = {s.name for s in plan.specs}
     on_demand = experts == "on_demand" and bool(plan.experts)
     if on_demand:
-        sizes = {s.name: s.nbytes for s in plan.specs}
-        counts = {hf: f.info(parts["gate"]).shape[0] for hf, parts in plan.experts.items()}
-        slot = max(slot_bytes_for(sizes[f"{hf}.gate_up_proj"] // e, sizes[f"{hf}.down_proj"] // e)
-                   for hf, e in counts.items())
         placement = plan_with_expert_cache(
             plan.specs, [f"{hf}.{p}" for hf in plan.experts for p in ("gate_up_proj", "down_proj")], budget,
-            plan.fixed_bytes, num_slots, True, slot, expert_cache_slots)
+            plan.fixed_bytes, num_slots, True, expert_cache_slots)
     else:
         placement = _place(plan.specs, budget, plan.fixed_bytes, num_slots)
 

@@ -19,7 +19,7 @@ from ..layers.linear_like import is_linear_like, linear_features, linear_weight
 from ..layers.offloaded_linear import _FLOAT_DTYPES as _LAYER_DTYPES
 from ..units import default_device
 from .bandwidth import Hardware, measure_hardware
-from .expert_cache import ExpertCache, slot_bytes_for
+from .expert_cache import ExpertCache
 from .planner import (LinearSpec, Placement, Prediction, default_budget, parse_bytes, plan_placement,
                       plan_with_expert_cache, predict_throughput)
 from .streaming import WeightStreamer
@@ -594,12 +594,9 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
     experts_to_do = {name: (model.get_submodule(name), qtypes) for name, qtypes in selection.experts.items()}
     _validate_weights(linears, chosen, experts_to_do)
     if experts == "on_demand" and experts_to_do:
-        sizes = {s.name: s.nbytes for s in specs}
-        slot = max(_expert_slot_bytes(sizes, name, qtypes, module.num_experts)
-                   for name, (module, qtypes) in experts_to_do.items())
         placement = plan_with_expert_cache(
             specs, [_join(e, p) for e, (_, qtypes) in experts_to_do.items() for p in qtypes], budget, fixed,
-            num_slots, stream_whole_blocks, slot, expert_cache_slots)
+            num_slots, stream_whole_blocks, expert_cache_slots)
     else:
         placement = plan_placement(specs, budget, fixed, num_slots, stream_whole_groups=stream_whole_blocks)
 
@@ -717,8 +714,3 @@ def expert_cache_of(model: nn.Module) -> Optional[ExpertCache]:
     """The ExpertCache offload(experts="on_demand") attached to ``model``, if any experts are copied on demand."""
     return getattr(model, "_offload_expert_cache", None)
 
-
-def _expert_slot_bytes(sizes: Mapping[str, int], name: str, qtypes: Mapping[str, str], experts: int) -> int:
-    """A cache slot for one expert of experts module ``name`` (expert_cache.slot_bytes_for), from the specs."""
-    up, down = (sizes[_join(name, p)] // experts for p in qtypes)
-    return slot_bytes_for(up, down)

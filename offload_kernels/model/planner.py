@@ -260,8 +260,22 @@ def plan_placement(linears: Sequence[LinearSpec], budget: int | None, fixed_byte
     return Placement(order, streamed_groups, group_bytes, fixed_bytes, num_slots, slot_bytes, sizes)
 
 
+EXPERT_SLOT_ALIGN = 256      # an expert cache slot, and the down rows in it, start at this alignment
+
+
+def expert_slot_bytes_for(up_bytes: int, down_bytes: int) -> int:
+    """An expert cache slot for an expert of ``up_bytes`` up (gate_up) rows and ``down_bytes`` down rows: the
+    up rows, the down rows at the next 256-byte offset, the slot rounded to 256 bytes so that every slot, and
+    both parts in it, start aligned (the kernels' word loads need 4-byte alignment)."""
+    return _aligned(_aligned(up_bytes) + down_bytes)
+
+
+def _aligned(n: int) -> int:
+    return (n + EXPERT_SLOT_ALIGN - 1) // EXPERT_SLOT_ALIGN * EXPERT_SLOT_ALIGN
+
+
 def plan_with_expert_cache(linears: Sequence[LinearSpec], experts: Sequence[str], budget: int | None,
-                           fixed_bytes: int, num_slots: int, stream_whole_groups: bool, expert_slot_bytes: int,
+                           fixed_bytes: int, num_slots: int, stream_whole_groups: bool,
                            cache_slots: int | None = None) -> Placement:
     """:func:`plan_placement`, but the expert stacks (``experts``: names of MoE projections, ``<module>.<proj>``)
     of streamed blocks are copied on demand through an expert cache instead of streamed whole.
@@ -269,8 +283,8 @@ def plan_with_expert_cache(linears: Sequence[LinearSpec], experts: Sequence[str]
     Resident blocks keep their experts resident: under routing that is uniform across experts a static
     resident share of them is hit at least as often as an LRU cache of the same size. The blocks that stream
     then stream only their other layers, in slots sized for those, and the cache gets ``cache_slots`` slots
-    of ``expert_slot_bytes`` (None: what the budget leaves, at least the most experts one token uses, at most
-    the on-demand experts). Both projections of an experts module go on demand if either streams. When the
+    for the largest expert (expert_slot_bytes_for; None: what the budget leaves, at least the most experts one
+    token uses, at most the on-demand experts). Both projections of an experts module go on demand if either streams. When the
     budget cannot hold slots for whole blocks, every expert stack goes on demand and the slots are sized for
     the rest. A budget that holds everything gives the plain plan: nothing streams, no cache."""
     names = set(experts)
@@ -281,6 +295,7 @@ def plan_with_expert_cache(linears: Sequence[LinearSpec], experts: Sequence[str]
         raise ValueError(f"expert_cache_slots must be a positive int or None, got {cache_slots!r}")
     specs = {lin.name: lin for lin in linears}
     least = max(specs[n].experts_per_token for n in names)
+    expert_slot_bytes = _expert_slot_bytes(specs, names)
     reserve = (cache_slots or least) * expert_slot_bytes
     everything = fixed_bytes + sum(lin.nbytes for lin in linears)
     if budget is None or everything <= budget:
@@ -305,18 +320,30 @@ def plan_with_expert_cache(linears: Sequence[LinearSpec], experts: Sequence[str]
                               least)
 
 
+def _expert_slot_bytes(specs: dict, names: set) -> int:
+    """The cache slot for the largest expert among the stacks ``names`` (two projections per experts module,
+    the up (gate_up) one first in model order)."""
+    stacks: dict[str, list[LinearSpec]] = {}
+    for lin in specs.values():
+        if lin.name in names:
+            stacks.setdefault(lin.name.rpartition(".")[0], []).append(lin)
+    return max(expert_slot_bytes_for(up.nbytes // up.num_experts, down.nbytes // down.num_experts)
+               for up, down in stacks.values())
+
+
 def _expert_cache_plan(base: Placement, specs: dict, names: set, budget: int, fixed_bytes: int, num_slots: int,
                        expert_slot_bytes: int, cache_slots: "int | None", least: int) -> Placement:
     """``base`` with the experts modules that are not wholly resident moved out of the streamed groups and
     onto the expert cache, which gets ``cache_slots`` or what the budget leaves (at least ``least``)."""
     modules = {n.rpartition(".")[0] for n in names if n not in base.resident}
-    on_demand = sorted((n for n in names if n.rpartition(".")[0] in modules), key=list(specs).index)
+    on_demand = [n for n in specs if n in names and n.rpartition(".")[0] in modules]     # in model order
     if not on_demand:
         return base
-    resident = [n for n in base.resident if n not in set(on_demand)]
+    moved = set(on_demand)
+    resident = [n for n in base.resident if n not in moved]
     groups, group_bytes = [], []
     for group in base.streamed_groups:
-        members = [n for n in group if n not in set(on_demand)]
+        members = [n for n in group if n not in moved]
         if members:
             groups.append(members)
             group_bytes.append(sum(specs[n].nbytes for n in members))

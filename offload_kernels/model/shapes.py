@@ -195,14 +195,14 @@ def _expert_specs(f: GGUFFile, hf: str, parts: Mapping[str, str]) -> list[Linear
     e, i, h = gate.shape
     if down.shape != (e, h, i):
         raise GGUFError(f"{f.path}: tensor {down.name!r} has shape {down.shape}, expected {(e, h, i)} for {hf}")
-    k = _expert_used_count(f, e)
+    k = expert_used_count(f, e)
     return [LinearSpec(f"{hf}.gate_up_proj", e * 2 * i, h, get_spec(gate.ggml_type).name, block_of(hf),
                        num_experts=e, experts_per_token=k),
             LinearSpec(f"{hf}.down_proj", e * h, i, get_spec(down.ggml_type).name, block_of(hf),
                        num_experts=e, experts_per_token=k)]
 
 
-def _expert_used_count(f: GGUFFile, experts: int) -> int:
+def expert_used_count(f: GGUFFile, experts: int) -> int:
     """The file's experts per token (``<arch>.expert_used_count``); GGUFError when absent or out of range."""
     key = f"{f.architecture}.expert_used_count"
     k = f.metadata.get(key)

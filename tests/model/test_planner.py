@@ -202,9 +202,9 @@ def _moe_inventory(layers=8):
     experts = [s.name for s in inv.linears if s.num_experts > 1]
     gate_up = next(s for s in inv.linears if s.name.endswith("gate_up_proj"))
     down = next(s for s in inv.linears if s.name.endswith("experts.down_proj"))
-    from offload_kernels.model.expert_cache import slot_bytes_for
+    from offload_kernels.model.planner import expert_slot_bytes_for
 
-    return inv, experts, slot_bytes_for(gate_up.nbytes // 16, down.nbytes // 16)
+    return inv, experts, expert_slot_bytes_for(gate_up.nbytes // 16, down.nbytes // 16)
 
 
 def test_experts_on_demand_only_for_the_blocks_that_stream():
@@ -213,7 +213,7 @@ def test_experts_on_demand_only_for_the_blocks_that_stream():
     inv, experts, slot = _moe_inventory()
     budget = budget_for_resident_fraction(inv.linears, inv.fixed_bytes, 0.5)
     whole = plan_placement(inv.linears, budget, inv.fixed_bytes)
-    p = plan_with_expert_cache(inv.linears, experts, budget, inv.fixed_bytes, 2, True, slot)
+    p = plan_with_expert_cache(inv.linears, experts, budget, inv.fixed_bytes, 2, True)
     assert p.device_bytes <= budget and p.expert_slot_bytes == slot
     assert all(n in p.resident or n in p.on_demand for n in experts)
     assert set(p.on_demand) and not set(p.on_demand) & {n for g in p.streamed_groups for n in g}
@@ -225,10 +225,10 @@ def test_experts_on_demand_only_for_the_blocks_that_stream():
         if s.num_experts == 1:
             units[s.group or s.name] = units.get(s.group or s.name, 0) + s.nbytes
     small = inv.fixed_bytes + 2 * max(units.values()) + 4 * slot
-    q = plan_with_expert_cache(inv.linears, experts, small, inv.fixed_bytes, 2, True, slot)
+    q = plan_with_expert_cache(inv.linears, experts, small, inv.fixed_bytes, 2, True)
     assert sorted(q.on_demand) == sorted(experts) and q.device_bytes <= small
     # everything fits: the plain plan
-    assert not plan_with_expert_cache(inv.linears, experts, None, inv.fixed_bytes, 2, True, slot).on_demand
+    assert not plan_with_expert_cache(inv.linears, experts, None, inv.fixed_bytes, 2, True).on_demand
 
 
 def test_expert_cache_miss_model():
@@ -270,3 +270,14 @@ def test_moe_config_inventories(tmp_path):
     # latent attention cannot be described by this shape
     with pytest.raises(ValueError, match="kv_lora_rank"):
         config_inventory(_config_json(tmp_path, n_routed_experts=16, kv_lora_rank=512), "q4_k")
+
+
+@pytest.mark.parametrize("moe, match", [
+    (dict(experts=8, experts_per_token=9, expert_intermediate=256), "experts_per_token <= experts"),
+    (dict(experts=8, experts_per_token=2), "an expert width"),
+])
+def test_impossible_moe_shapes_are_refused(moe, match):
+    from offload_kernels.model.shapes import LlamaShape
+
+    with pytest.raises(ValueError, match=match):
+        llama_inventory(LlamaShape(512, 1024, 2, 8, 4, 1000, **moe), "q4_k")
