@@ -297,3 +297,32 @@ def test_closed_file_raises_a_clear_error(tmp_path, mixed_tensors):
         assert g.architecture == "llama"
     with pytest.raises(ValueError, match="closed"):
         g.tensor("positions")
+
+
+def test_quantized_tensors_with_leading_dimensions(tmp_path):
+    """An expert stack: the (E * rows, K) QuantizedTensor written as (E, rows, K), read back as its rows; gguf's
+    own reader sees the 3-D shape (ggml order K, rows, E)."""
+    g = torch.Generator().manual_seed(3)
+    stack = random_blocks("q4_k", 4 * 6, 512, g)
+    path = write_gguf(tmp_path / "e.gguf", {"blk.0.ffn_up_exps.weight": stack}, shapes={"blk.0.ffn_up_exps.weight":
+                                                                                          (4, 6, 512)})
+    f = GGUFFile(path)
+    assert f.info("blk.0.ffn_up_exps.weight").shape == (4, 6, 512)
+    assert torch.equal(f.tensor("blk.0.ffn_up_exps.weight").data.reshape(-1), stack.data.reshape(-1))
+    t = GGUFReader(path).tensors[0]
+    assert [int(d) for d in t.shape] == [512, 6, 4]
+
+
+@pytest.mark.parametrize("tensors, shapes, match", [
+    ({"a": "q4_k"}, {"a": (5, 6, 512)}, r"does not split the q4_k tensor of shape \(24, 512\)"),
+    ({"a": "q4_k"}, {"a": (4, 6, 256)}, "does not split"),
+    ({"a": "q4_k"}, {"a": (1, 1, 1, 1, 24, 512)}, "2 to 4 dimensions"),
+    ({"a": "float"}, {"a": (2, 2)}, "shapes are only given for QuantizedTensors"),
+    ({"a": "q4_k"}, {"b": (4, 6, 512)}, "shapes given for tensors that are not written: 'b'"),
+])
+def test_bad_shapes_are_named_before_the_file_is_created(tmp_path, tensors, shapes, match):
+    g = torch.Generator().manual_seed(4)
+    made = {n: random_blocks("q4_k", 24, 512, g) if kind == "q4_k" else torch.zeros(4) for n, kind in tensors.items()}
+    with pytest.raises(ValueError, match=match):
+        write_gguf(tmp_path / "bad.gguf", made, shapes=shapes)
+    assert not list(tmp_path.iterdir())

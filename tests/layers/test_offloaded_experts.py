@@ -188,6 +188,25 @@ def test_construction_errors_name_the_problem():
         OffloadedExperts.from_experts(odd, "q4_k")
 
 
+def test_constructor_checks_the_projections_against_the_module():
+    original = _experts("gpt_oss")          # biases on both projections
+    good = {name: OffloadedLinear.from_quantized(
+        quantize(torch.cat([expert_weight(original, name, e) for e in range(4)]), "q8_0"),
+        getattr(original, f"{name}_bias").detach().reshape(-1)) for name in projection_names(original)}
+    OffloadedExperts(original, good)
+    with pytest.raises(ValueError, match=r"projections must be exactly \('gate_up_proj', 'down_proj'\)"):
+        OffloadedExperts(original, {"gate_up_proj": good["gate_up_proj"]})
+    with pytest.raises(TypeError, match="down_proj must be an OffloadedLinear, got Linear"):
+        OffloadedExperts(original, {**good, "down_proj": nn.Linear(256, 1024)})
+    with pytest.raises(ValueError, match=r"down_proj: an OffloadedLinear of \(1024, 256\) is needed for 4 experts"):
+        OffloadedExperts(original, {**good, "down_proj": good["gate_up_proj"]})
+    no_bias = OffloadedLinear.from_quantized(good["down_proj"].quantized_weight())
+    with pytest.raises(ValueError, match="the experts have biases but the OffloadedLinear has none"):
+        OffloadedExperts(original, {**good, "down_proj": no_bias})
+    with pytest.raises(TypeError, match="is not a transformers experts module"):
+        OffloadedExperts(nn.Linear(4, 4), good)
+
+
 def test_is_experts_module():
     assert all(is_experts_module(_experts(kind)) for kind in KINDS)
     assert not is_experts_module(nn.Linear(4, 4))
