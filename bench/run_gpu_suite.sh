@@ -35,6 +35,8 @@
 #   bench-offload-moe   the same on a Qwen3-30B-A3B shape (12 of its 48 layers: the fp16 baseline fits), --quick:
 #                       MoE blocks (128 experts, 8 per token) resident, streamed whole, and with the experts
 #                       copied on demand through an expert cache at the same budgets          ~5-8 min
+#   bench-experts       offload-kernels bench experts: one MoE layer (Qwen3-30B-A3B, Mixtral) at 1-16 tokens,
+#                       the grouped expert GEMV vs expert by expert vs the fp16 transformers module  ~3-5 min
 #   all                 all of the above but test-all and bench-kernels-full, in that order (SUITE_LIMIT_S=0 on a
 #                       machine without the 10-minute limit)
 # Every stage but build first builds the extension if it is missing (an idle machine is given back after 30 s,
@@ -49,7 +51,8 @@
 #   2. bench-offload                   issue 5's end-to-end numbers                    ~6-9 min
 #   3. bench-kernels bench-transfer                                                    ~6-8 min
 #   4. sanitize bench-quantize         if time is left                                 ~5-7 min
-#   5. bench-formats bench-offload-moe if time is left                                 ~7-10 min
+#   5. bench-experts bench-offload-moe if time is left                                 ~8-12 min
+#   6. bench-formats                   if time is left                                 ~3-5 min
 # The idle machine goes back 30 s after a call: send the next call at once, read the results afterwards.
 # (First H100 run, 2026-11-24: calls 1-3 took 4, 6 and 3 min of command time, 1-2 min of start each.)
 #
@@ -74,11 +77,11 @@ mkdir -p "$work/logs"
 touch "$work/start-stamp"
 declare -A LIMIT=([build]=360 [test]=480 [test-all]=560 [sanitize]=480 [profile]=240 [bench-kernels]=420
                   [bench-kernels-full]=560 [bench-formats]=420 [bench-transfer]=300 [bench-quantize]=300
-                  [bench-offload]=560 [bench-offload-moe]=480)
+                  [bench-offload]=560 [bench-offload-moe]=480 [bench-experts]=360)
 STAGES=(build test test-all sanitize profile bench-kernels bench-kernels-full bench-formats bench-transfer bench-quantize
-        bench-offload bench-offload-moe)
-ALL=(build test sanitize profile bench-kernels bench-transfer bench-quantize bench-offload bench-offload-moe)
-NEEDS_CUDA=" test test-all sanitize profile bench-kernels bench-kernels-full bench-formats bench-transfer bench-offload bench-offload-moe "
+        bench-offload bench-offload-moe bench-experts)
+ALL=(build test sanitize profile bench-kernels bench-transfer bench-quantize bench-offload bench-offload-moe bench-experts)
+NEEDS_CUDA=" test test-all sanitize profile bench-kernels bench-kernels-full bench-formats bench-transfer bench-offload bench-offload-moe bench-experts "
 
 usage() {
   echo "usage: bash bench/run_gpu_suite.sh STAGE [STAGE ...]   (stages: ${STAGES[*]} all)"
@@ -199,6 +202,9 @@ run_stage() {
     bench-offload-moe)
       guarded "$limit" "$PY" -m offload_kernels.cli.main bench offload --shape qwen3-30b-a3b --layers 12 --quick \
         --time-budget-s $(( limit > 200 ? limit - 100 : 100 )) --out "$RESULTS" ${OFFLOAD_ARGS:-} ;;
+    bench-experts)
+      guarded "$limit" "$PY" -m offload_kernels.cli.main bench experts --time-budget-s $(( limit > 200 ? limit - 100 : 100 )) \
+        --out "$RESULTS" ;;
   esac
 }
 

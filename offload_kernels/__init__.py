@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 # public name -> submodule that defines it, imported on first access
 _LAZY = {
     "qmatmul": "offload_kernels.kernels",
+    "qmatmul_experts": "offload_kernels.kernels",
     "TransferEngine": "offload_kernels.engine",
     "OffloadedLinear": "offload_kernels.layers",
     "OffloadedExperts": "offload_kernels.layers",

@@ -82,18 +82,18 @@ def set_autotune(enabled: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------- inputs
-def random_weight(qtype: str, n: int, k: int):
-    """Random GGUF blocks on the GPU with small finite fp16 scales (kernel speed does not depend on the
+def random_weight(qtype: str, n: int, k: int, device: str = "cuda"):
+    """Random GGUF blocks on ``device`` with small finite fp16 scales (kernel speed does not depend on the
     values; finite outputs keep the baselines honest)."""
     import torch
 
     from offload_kernels.formats import QuantizedTensor, get_spec
 
     spec = get_spec(qtype)
-    raw = torch.randint(0, 256, (n, spec.row_bytes(k)), dtype=torch.uint8, device="cuda")
+    raw = torch.randint(0, 256, (n, spec.row_bytes(k)), dtype=torch.uint8, device=device)
     blocks = raw.view(-1, spec.block_bytes)
     for off in spec.fp16_offsets:
-        d = (torch.rand(blocks.shape[0], device="cuda") * 2e-3 + 1e-4).to(torch.float16)
+        d = (torch.rand(blocks.shape[0], device=device) * 2e-3 + 1e-4).to(torch.float16)
         blocks[:, off:off + 2] = d.view(torch.uint8).view(-1, 2)
     return QuantizedTensor(raw, spec, (n, k))
 

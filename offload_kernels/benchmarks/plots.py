@@ -5,7 +5,9 @@
 * ``transfer.csv``: host-to-device GB/s per provider against copy size, and the engine's overlap ratios;
 * ``formats.csv`` (the quantize benchmark): quantize and dequantize throughput per qtype and provider;
 * ``offload.csv``: tokens/s against tokens per forward per placement with the link-bound ideal of each
-  streamed placement (dashed), prefill (1 x T) and batch (B x 1) layouts, and the ratio to the ideal.
+  streamed placement (dashed), prefill (1 x T) and batch (B x 1) layouts, and the ratio to the ideal;
+* ``experts.csv``: one MoE layer's time per call against tokens per provider with the HBM-bound ideal
+  (top), and the speedup over the fp16 transformers module (bottom), per model shape.
 
 Each plots the latest run in its CSV unless ``--all-runs``.
 
@@ -170,8 +172,36 @@ def plot_offload(plt, rows: list[dict[str, str]], shape=None):
     return fig
 
 
+def plot_experts(plt, rows: list[dict[str, str]], shape=None):
+    shapes = sorted({r["shape"] for r in rows if r["kernel"] == "time"})
+    if not shapes:
+        raise ValueError("no experts rows")
+    fig, axes = plt.subplots(2, len(shapes), figsize=(6.5 * len(shapes), 9), squeeze=False)
+    for col, name in enumerate(shapes):
+        ax = axes[0][col]
+        for provider, pts in series(rows, "time", shape=name).items():
+            errorbar(ax, [(x, m * 1e3, lo * 1e3, hi * 1e3) for x, m, lo, hi in pts], marker="o", label=provider)
+        ideal = series(rows, "hbm_ideal_time", shape=name).get("ideal", [])
+        ax.plot([p[0] for p in ideal], [p[1] * 1e3 for p in ideal], "k--", label="HBM-bound ideal")
+        ax.set_yscale("log")
+        ax.set_ylabel("us per call (median, p20-p80)")
+        ax.set_title(f"{name}: one layer's experts")
+        ax = axes[1][col]
+        for provider, pts in series(rows, "speedup_vs_fp16", shape=name).items():
+            errorbar(ax, pts, marker="o", label=provider)
+        ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
+        ax.set_ylabel("speedup over the fp16 transformers module")
+        for a in axes[:, col]:
+            a.set_xscale("log", base=2)
+            a.set_xlabel("tokens per call")
+            a.grid(True, which="both", alpha=0.3)
+            a.legend(fontsize=7)
+    suptitle(fig, rows, f"MoE experts, {rows[-1].get('qtype', '')}")
+    return fig
+
+
 PLOTTERS: dict[str, Callable] = {"kernels": plot_kernels, "transfer": plot_transfer, "formats": plot_quantize,
-                                 "offload": plot_offload}
+                                 "offload": plot_offload, "experts": plot_experts}
 
 
 def plot_kind(csv_path: Path) -> "str | None":
@@ -208,7 +238,7 @@ def plot_csv(csv_path: Path, out: "Path | None" = None, all_runs: bool = False,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("csv", nargs="*", type=Path,
-                        help="results CSVs (default: every <results>/*/{kernels,transfer,formats,offload}.csv)")
+                        help="results CSVs (default: every <results>/*/{kernels,transfer,formats,offload,experts}.csv)")
     parser.add_argument("--results", type=Path, default=None, help="base results directory to search")
     parser.add_argument("--shape", help="NxK of the kernels plot (default 8192x8192 when measured)")
     parser.add_argument("--out", type=Path, help="output PNG (only with one CSV; default: beside the CSV)")

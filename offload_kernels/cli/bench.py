@@ -11,7 +11,7 @@ import importlib
 # sub-command -> module defining add_arguments(parser) and run(args) -> int; its docstring is the help.
 BENCHMARKS = {name: f"offload_kernels.benchmarks.{module}" for name, module in
               (("kernels", "kernels"), ("transfer", "transfer"), ("quantize", "quantize"), ("offload", "offload"),
-               ("sass", "sass"), ("plot", "plots"))}
+               ("experts", "experts"), ("sass", "sass"), ("plot", "plots"))}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -266,6 +266,26 @@ def gemv_heuristic_config(m: int, n: int, k: int, qtype: str, sms: int, split_k:
     return _gemv_config(block_n, split_k, warps, layout, stages)
 
 
+# ----------------------------------------------------------------------------------------- grouped experts
+def expert_word_loads(data, qtype: str, expert_bytes: int) -> bool:
+    """Whether the grouped expert GEMV may read ``data``'s bytes as words (see gemv_word_loads): the buffer's
+    start and the distance between experts must both have layout 3's alignment."""
+    align = GEMV3_ALIGNMENT[qtype]
+    return data.data_ptr() % align == 0 and expert_bytes % align == 0
+
+
+def expert_gemv_heuristic_config(pairs: int, n: int, k: int, qtype: str, sms: int, split_k: "int | None" = None,
+                                 layout: "int | None" = None, word_loads: bool = True) -> triton.Config:
+    """The one-token GEMV heuristic config (gemv_heuristic_config) for each of ``pairs`` (token, expert)
+    pairs, with the K split sized for all the pairs' tiles together (~4 resident programs per SM)."""
+    one = gemv_heuristic_config(1, n, k, qtype, sms, 1, layout, word_loads)
+    block_n = one.kwargs["BLOCK_N"]
+    if split_k is None:
+        tiles = cdiv(n, block_n) * pairs
+        split_k = largest_divisor_at_most(cdiv(k, GEMV_STEP_K), max(1, (4 * sms) // tiles))
+    return _gemv_config(block_n, split_k, one.num_warps, one.kwargs["LAYOUT"], one.kwargs["STAGES"])
+
+
 # ----------------------------------------------------------------------------------------- GEMM
 #: Tallest BLOCK_M whose tiles are also tried with swapped operands (SWAP_AB).
 GEMM_SWAP_MAX_BLOCK_M = 64

@@ -856,7 +856,9 @@ def _gemv_layout3(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, 
         else:  # the 32-weight block formats
             acc = _v3_blocks(acc, rows, xs, step, K // 32, i, SHAPE, QTYPE, False)
     if BLOCK32[QTYPE]:
-        if step_end > full_steps:
+        # Only the slice the partial step belongs to (a forced split_k that does not divide the steps leaves
+        # empty slices past the end, which must not take it too).
+        if (step_begin <= full_steps) & (full_steps < step_end):
             acc = _v3_blocks(acc, rows, xs, full_steps, K // 32, i, SHAPE, QTYPE, True)
     if _WEIGHT_AXIS_FIRST:
         y = tl.trans(tl.sum(acc, axis=0))

@@ -36,9 +36,10 @@ def triton_version() -> tuple[int, int]:
 AUTOTUNE: bool = os.environ.get("OFFLOAD_KERNELS_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 #: Launch counters, by kernel variant. "gemv"/"gemm" count launches with split_k == 1,
-#: "gemv_splitk"/"gemm_splitk" those with split_k > 1, "dequant" the standalone dequantize kernel.
+#: "gemv_splitk"/"gemm_splitk" those with split_k > 1, "dequant" the standalone dequantize kernel,
+#: "expert_gemv"/"expert_gemv_splitk" the grouped expert GEMV (qmatmul_experts).
 #: Python-side counts: a CUDA graph replay does not count again.
-KERNEL_VARIANTS = ("gemv", "gemv_splitk", "gemm", "gemm_splitk", "dequant")
+KERNEL_VARIANTS = ("gemv", "gemv_splitk", "gemm", "gemm_splitk", "dequant", "expert_gemv", "expert_gemv_splitk")
 _counts = dict.fromkeys(KERNEL_VARIANTS, 0)
 _counts_lock = threading.Lock()
 

@@ -33,6 +33,15 @@ from ..formats import QuantizedTensor, get_spec, quantize
 from ..formats.quantize import validate_weight
 from .offloaded_linear import _FLOAT_DTYPES, OffloadedLinear, check_activations
 
+#: Most tokens per call for which the layer runs each projection as one grouped launch over every (token,
+#: chosen expert) pair (qmatmul_experts: no host read of the routing, two GEMV launches per layer) rather
+#: than grouping the tokens by expert (one host read of the counts, then a qmatmul per chosen expert, which
+#: reads each chosen expert once where pairs sharing an expert read it again). At 4 tokens a Mixtral layer
+#: (2 of 8 experts) reads ~1.5x the bytes of the grouped-by-expert path on average but makes 2 GEMV launches
+#: instead of ~11 plus the gathers; Qwen3-30B-A3B (8 of 128) ~1.1x. Not measured on a GPU yet (`bench kernels
+#: --experts` times both paths per token count).
+GROUPED_MAX_TOKENS = 4
+
 #: The flags transformers' ``use_experts_implementation`` sets on an experts module.
 _EXPERT_FLAGS = ("has_gate", "has_bias", "is_transposed")
 
@@ -115,6 +124,10 @@ class OffloadedExperts(nn.Module):
     of the original module (``gate_up_proj`` of shape (E, out, in) or its transposed form,
     ``gate_up_proj_bias`` of shape (E, out)) loads too: it is quantized to each projection's format.
     """
+
+    #: The backend of the layer's matmuls (qmatmul's: "auto" is Triton on CUDA and torch elsewhere); tests
+    #: set "triton" to run the kernels on CPU tensors under the Triton interpreter.
+    kernel_backend = "auto"
 
     def __init__(self, original: nn.Module, projections: Mapping[str, OffloadedLinear]):
         super().__init__()
@@ -203,19 +216,122 @@ class OffloadedExperts(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        x, index, weights = self._check_inputs(hidden_states, top_k_index, top_k_weights)
+        tokens = index.shape[0]
+        if 0 < tokens <= GROUPED_MAX_TOKENS and not self._needs_grad(x, weights):
+            out = self._forward_grouped(x, index, weights)
+        else:
+            out = self._forward_by_expert(x, index, weights)
+        return out.to(x.dtype).view(hidden_states.shape[:-1] + (out.shape[-1],))
+
+    def _needs_grad(self, x: torch.Tensor, weights: torch.Tensor) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        biases = (self._modules[name].bias for name in self._expert_shapes)
+        return x.requires_grad or weights.requires_grad or any(b is not None and b.requires_grad for b in biases)
+
+    def _gate(self, h: torch.Tensor) -> torch.Tensor:
+        return self._apply_gate_fn(self, h) if self._apply_gate_fn is not None else self.act_fn(h)
+
+    def _forward_grouped(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """A few tokens: each projection is one grouped launch over every (token, chosen expert) pair
+        (qmatmul_experts), with no host read of the routing outside eager-mode checks of the ids."""
+        from ..kernels.qmatmul_experts import qmatmul_experts
+
+        if self._expert_cache is not None:
+            return self._forward_grouped_cached(x, index, weights)
+        tokens, k = index.shape
+        e_count = self.num_experts
+        up_layer, down_layer = (self._modules[name] for name in self._expert_shapes)
+        capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing and not torch.compiler.is_compiling():
+            negative, over = torch.stack([(index < 0).sum(), (index >= e_count).sum()]).tolist()
+            self._check_id_counts(negative, over)
+        if self._is_expert_parallel:            # other ranks' experts (ids >= num_experts) contribute nothing
+            local = index < e_count
+            index = torch.where(local, index, 0)
+            weights = torch.where(local, weights, 0)
+        up_bias = None if up_layer.bias is None else up_layer.bias.to(x.dtype)
+        down_bias = None if down_layer.bias is None else down_layer.bias.to(x.dtype)
+        up_qt, down_qt = up_layer._device_weight(x), down_layer._device_weight(x)
+        try:
+            h = qmatmul_experts(x, up_qt, index, e_count, up_bias, self.kernel_backend, check_ids=False)
+            h = self._gate(h.view(tokens * k, -1)).view(tokens, k, -1)
+            y = qmatmul_experts(h, down_qt, index, e_count, down_bias, self.kernel_backend, check_ids=False)
+        finally:
+            up_layer._release_device_weight()
+            down_layer._release_device_weight()
+        return self._combine(y, weights)
+
+    def _forward_grouped_cached(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Experts on demand, a few tokens: the chosen experts are copied into the cache (one host read of the
+        ids says which), then each projection is one grouped launch over the cache's slots."""
+        from ..kernels.qmatmul_experts import qmatmul_expert_buffer
+
+        cache = self._check_cache_device(x)
+        tokens, k = index.shape
+        e_count = self.num_experts
+        ids = index.reshape(-1).tolist()
+        self._check_id_counts(sum(i < 0 for i in ids), sum(i >= e_count for i in ids))
+        hit = sorted({i for i in ids if i < e_count})
+        (up_out, k_up), (down_out, k_down) = self._expert_shapes.values()
+        if not hit:                               # every choice is another rank's expert
+            return torch.zeros(tokens, down_out, dtype=torch.float32, device=x.device)
+        if len(hit) > cache.num_slots:
+            return self._forward_by_expert(x, index, weights)
+        up_layer, down_layer = (self._modules[name] for name in self._expert_shapes)
+        with cache.resident(self, hit) as (slot_of, up_bytes, down_bytes):
+            # other ranks' experts read some cached expert's (finite) rows and get a zero weight
+            slots = torch.tensor([slot_of.get(i, slot_of[hit[0]]) for i in ids], dtype=torch.int32,
+                                 device=x.device).view(tokens, k)
+            h = qmatmul_expert_buffer(x, up_bytes, up_layer.qtype, up_out, k_up, cache.slot_bytes,
+                                      cache.num_slots, slots, self.kernel_backend)
+            h = self._add_bias(h, up_layer, index, up_out)
+            h = self._gate(h.view(tokens * k, -1)).view(tokens, k, -1)
+            y = qmatmul_expert_buffer(h, down_bytes, down_layer.qtype, down_out, k_down, cache.slot_bytes,
+                                      cache.num_slots, slots, self.kernel_backend)
+        y = self._add_bias(y, down_layer, index, down_out)
+        if self._is_expert_parallel:
+            weights = torch.where(index < e_count, weights, 0)
+        return self._combine(y, weights)
+
+    def _add_bias(self, y: torch.Tensor, layer: OffloadedLinear, index: torch.Tensor, rows: int) -> torch.Tensor:
+        """y (tokens, k, rows) plus each pair's expert's bias (ids >= num_experts: any expert's; their weight is 0)."""
+        if layer.bias is None:
+            return y
+        bias = layer.bias.to(y.dtype).view(self.num_experts, rows)
+        return y + bias[index.clamp(max=self.num_experts - 1)]
+
+    def _combine(self, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The routing-weighted sum over each token's k experts, in fp32, after the optional post-expert norm."""
+        tokens, k, out = y.shape
+        if getattr(self, "has_post_expert_norm", False):
+            y = self.post_expert_norm(y.view(tokens * k, out)).view(tokens, k, out)
+        return (y.float() * weights.float()[..., None]).sum(1)
+
+    def _check_id_counts(self, negative: int, over: int) -> None:
+        if negative:
+            raise ValueError(f"top_k_index holds {negative} negative expert ids")
+        if over and not self._is_expert_parallel:
+            raise ValueError(f"top_k_index holds {over} expert ids >= num_experts={self.num_experts}")
+
+    def _check_cache_device(self, x: torch.Tensor):
+        cache = self._expert_cache
+        if x.device.type != cache.device.type:
+            raise ValueError(f"hidden_states are on {x.device} but this layer's experts are cached on {cache.device}")
+        return cache
+
+    def _forward_by_expert(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Tokens grouped by expert: one sort, one read of the per-expert counts (the only sync), then one
+        qmatmul per projection for each expert any token chose, reading each chosen expert once."""
         from ..kernels import qmatmul
 
-        x, index, weights = self._check_inputs(hidden_states, top_k_index, top_k_weights)
         tokens, k = index.shape
         e_count = self.num_experts
         flat = index.reshape(-1)
-        # Tokens grouped by expert: one sort, and one read of the per-expert counts (the only sync).
         order = torch.argsort(flat, stable=True)
         bins = torch.bincount(flat.clamp(-1, e_count) + 1, minlength=e_count + 2).tolist()
-        if bins[0]:
-            raise ValueError(f"top_k_index holds {bins[0]} negative expert ids")
-        if bins[-1] and not self._is_expert_parallel:
-            raise ValueError(f"top_k_index holds {bins[-1]} expert ids >= num_experts={e_count}")
+        self._check_id_counts(bins[0], bins[-1])
         counts = bins[1:-1]                      # expert-parallel sentinels (>= num_experts) sort last: skipped
         up_name, down_name = tuple(self._expert_shapes)
         up_layer, down_layer = self._modules[up_name], self._modules[down_name]
@@ -226,10 +342,7 @@ class OffloadedExperts(nn.Module):
         starts = [0, *itertools.accumulate(counts)]     # each expert's first row of ``order``
         cache = self._expert_cache
         if cache is not None:                    # on demand: the chosen experts, through the device cache
-            if x.device.type != cache.device.type:
-                raise ValueError(f"hidden_states are on {x.device} but this layer's experts are cached on "
-                                 f"{cache.device}")
-            weights_of = cache.experts(self, hit)
+            weights_of = self._check_cache_device(x).experts(self, hit)
         else:
             # Both projections are acquired (and released) once per call whatever the routing: a streamed
             # block's layer uses per forward stay what the streamer learned.
@@ -240,6 +353,7 @@ class OffloadedExperts(nn.Module):
         # Autograd keeps the weight bytes for the backward pass, but a cache slot is reused by later experts:
         # keep private copies of the (quantized, small) bytes of each expert instead.
         keep = cache is not None and torch.is_grad_enabled() and x.requires_grad
+        backend = self.kernel_backend
         try:
             for expert, up_w, down_w in weights_of:
                 if keep:
@@ -247,10 +361,10 @@ class OffloadedExperts(nn.Module):
                 rows = order[starts[expert]:starts[expert] + counts[expert]]
                 token = rows // k
                 h = qmatmul(x[token], up_w,
-                            None if up_bias is None else up_bias[expert * up_out:(expert + 1) * up_out])
-                h = self._apply_gate_fn(self, h) if self._apply_gate_fn is not None else self.act_fn(h)
-                y = qmatmul(h, down_w,
-                            None if down_bias is None else down_bias[expert * down_out:(expert + 1) * down_out])
+                            None if up_bias is None else up_bias[expert * up_out:(expert + 1) * up_out], backend)
+                y = qmatmul(self._gate(h), down_w,
+                            None if down_bias is None else down_bias[expert * down_out:(expert + 1) * down_out],
+                            backend)
                 if getattr(self, "has_post_expert_norm", False):
                     y = self.post_expert_norm(y)
                 out.index_add_(0, token, y.float() * flat_weights[rows, None].float())
@@ -259,7 +373,7 @@ class OffloadedExperts(nn.Module):
         if cache is None:
             up_layer._release_device_weight()
             down_layer._release_device_weight()
-        return out.to(x.dtype).view(hidden_states.shape[:-1] + (down_out,))
+        return out
 
     def _check_inputs(self, hidden_states, top_k_index, top_k_weights):
         check_activations(hidden_states, self.hidden_size, "hidden_states", f"the hidden size {self.hidden_size}")

@@ -20,6 +20,7 @@ prefetch across layers (which whole-block streaming has) for copying k/E of the 
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import torch
@@ -114,6 +115,35 @@ class ExpertCache:
         finally:
             if previous is not None:
                 self._done_reading(previous)
+
+    @contextmanager
+    def resident(self, module: "OffloadedExperts", experts: Sequence[int]
+                 ) -> Iterator[tuple[dict[int, int], torch.Tensor, torch.Tensor]]:
+        """All of ``experts`` (at most ``num_slots``) in the cache at once, for one grouped launch per
+        projection: yields ``({expert: slot}, up bytes, down bytes)``, the flat uint8 buffers in which slot s's
+        up (gate_up) and down rows start at byte s * slot_bytes. Kernels reading them must be enqueued before
+        the block exits (the slots may then be reused by later copies, after those kernels)."""
+        if len(experts) > self.num_slots:
+            raise ValueError(f"{len(experts)} experts cannot be resident in a cache of {self.num_slots} slots")
+        mi = self._index[id(module)]
+        up_layer, down_layer = (module._modules[name] for name in module._expert_shapes)
+        (up_rows, _), (down_rows, _) = module._expert_shapes.values()
+        up_bytes, down_bytes = up_rows * up_layer.weight.shape[1], down_rows * down_layer.weight.shape[1]
+        offset = expert_slot_bytes_for(up_bytes, 0)
+        locked: set[int] = set()
+        try:
+            for e in experts:
+                locked.add(self._place(mi, e, up_layer, down_layer, up_rows, down_rows, up_bytes, down_bytes,
+                                       offset, locked))
+            if self._cuda:
+                stream = torch.cuda.current_stream(self.device)
+                for s in locked:
+                    stream.wait_event(self._ready[s])
+            flat = self._slots.view(-1)
+            yield {e: self._slot_of[(mi, e)] for e in experts}, flat, flat[offset:]
+        finally:
+            for s in locked:
+                self._done_reading(s)
 
     def _place(self, mi, e, up_layer, down_layer, up_rows, down_rows, up_bytes, down_bytes, offset,
                locked) -> int:

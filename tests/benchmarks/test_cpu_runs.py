@@ -152,3 +152,43 @@ def test_sass_benchmark_names_bad_arguments(argv, message, capsys, tmp_path):
     assert cli_main(["bench", "sass", *argv, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_experts_benchmark_logic_on_cpu(tmp_path, one_thread, monkeypatch):
+    """The experts benchmark's measurement loop, CSV, summary and plot, on the CPU (torch backends) with the
+    CUDA timers replaced by one timed call: every provider is recorded against the same baseline."""
+    pytest.importorskip("transformers.models.qwen3_moe")
+    import time
+
+    from offload_kernels.benchmarks import experts
+    from offload_kernels.benchmarks.results import Deadline
+    from offload_kernels.layers import offloaded_experts
+
+    if not hasattr(__import__("transformers.integrations.moe", fromlist=["x"]), "use_experts_implementation"):
+        pytest.skip("this transformers has no 3-D expert modules")
+
+    def once(fn, rep_ms=0):
+        start = time.perf_counter()
+        fn()
+        return Stats.exact((time.perf_counter() - start) * 1e3)
+
+    monkeypatch.setattr(experts, "time_cuda", once)
+    monkeypatch.setattr(experts, "time_cuda_graph", once)
+    run = RunInfo.collect("cpu")
+    rec, table = Recorder(run), {}
+    limit = offloaded_experts.GROUPED_MAX_TOKENS
+    experts.bench_shape(rec, "tiny-moe", experts.moe_shapes()["tiny-moe"], "q4_k", [1, 3], 1, 1000.0, table,
+                        Deadline(None), device="cpu")
+    assert offloaded_experts.GROUPED_MAX_TOKENS == limit             # the crossover is restored
+    got = {(r["kernel"], r["provider"], r["x"]) for r in rec.rows}
+    for t in (1, 3):
+        for provider in ("grouped", "grouped_graph", "by_expert", "fp16_transformers"):
+            assert ("time", provider, t) in got and ("hbm_ideal_fraction", provider, t) in got
+        assert ("speedup_vs_fp16", "grouped", t) in got and ("speedup_vs_fp16", "fp16_transformers", t) not in got
+    assert set(table) == {("tiny-moe", 1), ("tiny-moe", 3)}
+    out = results_dir(tmp_path, run.slug)
+    rec.write(out / "experts.csv")
+    experts.write_summary(out / "experts.md", "MoE experts benchmark", run, experts.summary_body(table))
+    assert "| tiny-moe | 3 |" in (out / "experts.md").read_text()
+    assert cli_main(["bench", "plot", str(out / "experts.csv")]) == 0
+    assert (out / "experts.png").stat().st_size > 0

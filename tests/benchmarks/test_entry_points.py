@@ -12,8 +12,8 @@ from offload_kernels.cli import bench as bench_cli
 from offload_kernels.cli.main import main as cli_main
 
 BENCH_DIR = REPO_ROOT / "bench"
-SCRIPTS = ["bench_kernels.py", "bench_transfer.py", "bench_quantize.py", "bench_offload.py", "bench_sass.py",
-           "plot.py", "profile_qmatmul.py"]
+SCRIPTS = ["bench_kernels.py", "bench_transfer.py", "bench_quantize.py", "bench_offload.py", "bench_experts.py",
+           "bench_sass.py", "plot.py", "profile_qmatmul.py"]
 
 
 def test_bench_help_lists_every_benchmark(capsys):
@@ -33,7 +33,7 @@ def test_cli_help(name, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA these would run the real benchmarks")
-@pytest.mark.parametrize("name", ["kernels", "transfer", "offload"])
+@pytest.mark.parametrize("name", ["kernels", "transfer", "offload", "experts"])
 def test_gpu_benchmarks_exit_0_without_cuda(name, capsys, tmp_path):
     assert cli_main(["bench", name, "--out", str(tmp_path)]) == 0
     assert "needs CUDA" in capsys.readouterr().out

@@ -58,3 +58,11 @@ def test_offload(out):
     assert {("tokens_per_s", "dense_fp16"), ("tokens_per_s", "q4_k_100pct"), ("tokens_per_s", "q4_k_20pct"),
             ("tokens_per_s", "accelerate_cpu_offload"), ("ratio_to_ideal", "q4_k_20pct"),
             ("link_gbs", "q4_k_20pct"), ("speedup_vs_accelerate", "q4_k_20pct")} <= got
+
+
+def test_experts(out):
+    assert cli_main(["bench", "experts", "--shapes", "tiny-moe", "--tokens", "1,5", "--no-autotune", "--rep-ms", "5",
+                     "--out", str(out)]) == 0
+    got = rows(out, "cuda", "experts")
+    assert {("time", "grouped"), ("time", "grouped_graph"), ("time", "by_expert"), ("time", "fp16_transformers"),
+            ("speedup_vs_fp16", "grouped"), ("hbm_ideal_fraction", "by_expert"), ("hbm_ideal_time", "ideal")} <= got

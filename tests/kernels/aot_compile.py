@@ -29,6 +29,7 @@ SYNC_OPS = ("BAR", "LDS", "STS", "SHFL")
 
 def main() -> int:
     report = {"compiled": [], "dequant_ffma": {}, "gemv_layout2_loop_sync": {}, "gemv_layout3_loop": {},
+              "expert_gemv_loop": {},
               "gemm_fp16_loop_instructions": {}, "gemm_loop_global_loads": {}, "triton": triton.__version__}
     for qtype, code in QTYPE_CODES.items():
         for x in ("fp32", "fp16", "bf16"):
@@ -48,7 +49,16 @@ def main() -> int:
                 if layout == 3:         # the fp16 build asked for, not the formats' default builds
                     report["gemv_layout3_loop"][qtype] = {
                         **sync, "PRMT": r["PRMT"], "weights_per_thread": r["weights_per_thread"],
+                        "loop_instructions": r["loop_instructions"],
                         "instructions_per_weight": r["instructions_per_weight_token"]}
+            if x == "fp16":
+                # the grouped expert GEMV in its default layout at one token: its loop should be the GEMV's
+                r = gemv_loop_report(qtype, x, 1, experts=True)
+                report["compiled"].append(f"expert_gemv/{qtype}/{x}/layout{r['layout']}")
+                if "loop_instructions" in r:
+                    report["expert_gemv_loop"][qtype] = {
+                        "layout": r["layout"], "loop_instructions": r["loop_instructions"],
+                        "registers": r.get("registers", -1), "stack_bytes": r.get("stack_bytes", -1)}
             default = f16_decode_default(DTYPES[x], qtype)
             # fp16: both weight decodes at a mid-M (16) and a large-M (512) tile, to compare their loops.
             # Every dtype: the swapped-operand variant at a mid-M tile too (a tuned option, compiled only here).

@@ -1,8 +1,8 @@
 """Without a GPU: every kernel compiles for sm_90 through Triton's real pipeline (ptxas included), the
 dequantize kernel's machine code has no fused multiply-add (the bit-exactness guarantee on hardware), and
-the GEMV's layout-2 loop has no barrier or shared-memory round trip (what that layout is for), and the
-GEMM's fp16 weight decode gives a shorter loop than the exact fp32 one wherever it is the default, and its
-q4_k/q5_k loop has no synchronous global load."""
+the GEMV's layout-2 loop has no barrier or shared-memory round trip (what that layout is for), the grouped
+expert GEMV's loop is the GEMV's, the GEMM's fp16 weight decode gives a shorter loop than the exact fp32
+one wherever it is the default, and its q4_k/q5_k loop has no synchronous global load."""
 
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def test_kernels_compile_for_sm90_without_fma_in_dequant():
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     # gemv, gemm, dequant x 3 dtypes; fp16 gemv also for 4 tokens, in layout 1 and unpipelined layout 2;
     # fp16 gemm with both weight decodes at two tile sizes (4 builds instead of 1); every dtype's gemm also
-    # with swapped operands
-    assert len(report["compiled"]) == len(QTYPES) * (3 * 3 + 3 + 3 + 3 + 1)
+    # with swapped operands; the fp16 grouped expert GEMV
+    assert len(report["compiled"]) == len(QTYPES) * (3 * 3 + 3 + 3 + 3 + 1 + 1)
     if report["dequant_ffma"]:
         assert set(report["dequant_ffma"].values()) == {0}, report["dequant_ffma"]
     # GEMV layout 2's point: no layout conversion in its loop, i.e. no barrier, shared memory or shuffle.
@@ -62,6 +62,14 @@ def test_kernels_compile_for_sm90_without_fma_in_dequant():
         assert loop["PRMT"] >= loop["weights_per_thread"], (qtype, loop)
         assert {k: loop[k] for k in ("BAR", "LDS", "STS", "SHFL")} == dict.fromkeys(("BAR", "LDS", "STS", "SHFL"), 0)
         assert loop["instructions_per_weight"] < LAYOUT3_MAX_INSTRUCTIONS_PER_WEIGHT[qtype], (qtype, loop)
+    # The grouped expert GEMV runs the GEMV's loop: where both are layout 3 (word-aligned stacks), the same
+    # instructions per iteration to within 1% (the expert and token offsets are computed once, before it;
+    # register allocation moves a few), no spills.
+    for qtype, loop in report["expert_gemv_loop"].items():
+        assert loop["stack_bytes"] in (0, -1), (qtype, loop)
+        if loop["layout"] == 3 and qtype in report["gemv_layout3_loop"]:
+            plain = report["gemv_layout3_loop"][qtype]["loop_instructions"]
+            assert abs(loop["loop_instructions"] - plain) <= 0.01 * plain, (qtype, loop, plain)
     # The fp16 weight decode is the GEMM's default for fp16 activations where its loop is shorter than the
     # exact fp32 decode's, at both tile sizes (gemm.f16_decode_default; the ratios are in its docstring).
     for qtype, counts in report["gemm_fp16_loop_instructions"].items():

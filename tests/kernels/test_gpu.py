@@ -177,3 +177,44 @@ def test_torch_compile_inductor(m):
     for _ in range(3):
         x = activations((m, 2048), g).bfloat16().cuda()
         torch.testing.assert_close(cudagraphs(x).clone(), f(x), rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------------------------------------ grouped expert GEMV
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("qtype", ["q4_k", "q3_k", "q6_k"])
+@pytest.mark.parametrize("tokens,top_k", [(1, 8), (4, 2)])
+def test_expert_gemv_on_model_shapes(qtype, dtype, tokens, top_k, poisoned):
+    """qmatmul_experts on a Qwen3-30B-A3B-like stack (64 experts of 768 x 2048 here), shared rows and rows
+    per pair, against float64 on each pair's dequantized expert."""
+    from offload_kernels.kernels import qmatmul_experts
+
+    experts, n, k = 64, 768, 2048
+    g = torch.Generator().manual_seed(seed_of("experts", qtype, dtype, tokens))
+    qt = random_qtensor(qtype, experts * n, k, g, device="cuda")
+    w = dequantize(qt, torch.float32).double().view(experts, n, k)
+    ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)]).cuda()
+    for x in (activations((tokens, k), g).to(dtype).cuda(), activations((tokens, top_k, k), g).to(dtype).cuda()):
+        y = qmatmul_experts(x, qt, ids, experts)
+        xd = x.double() if x.dim() == 3 else x.double().unsqueeze(1).expand(tokens, top_k, k)
+        ref = torch.einsum("tjk,tjnk->tjn", xd, w[ids])
+        err = float((y.double() - ref).norm() / ref.norm())
+        assert err <= (1e-3 if dtype == torch.float32 else 1e-2), err
+
+
+def test_expert_gemv_in_a_cuda_graph_follows_new_routing():
+    """Captured once, replayed with other routing written into the same id tensor: the kernel reads the ids
+    on the device, so each replay computes the experts chosen now."""
+    from offload_kernels.kernels import qmatmul_experts
+
+    g = torch.Generator().manual_seed(7)
+    qt = random_qtensor("q4_k", 16 * 256, 1024, g, device="cuda")
+    x = activations((2, 1024), g).half().cuda()
+    ids = torch.tensor([[0, 1], [2, 3]], device="cuda")
+    qmatmul_experts(x, qt, ids, 16)                      # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = qmatmul_experts(x, qt, ids, 16)
+    for routing in ([[5, 9], [15, 0]], [[3, 3], [3, 3]]):
+        ids.copy_(torch.tensor(routing))
+        graph.replay()
+        torch.testing.assert_close(y, qmatmul_experts(x, qt, ids, 16), rtol=1e-3, atol=1e-3)

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from offload_kernels import OffloadedExperts, OffloadedLinear, quantize
+from offload_kernels import kernels
+from offload_kernels.layers import offloaded_experts
 from offload_kernels.layers.offloaded_experts import expert_weight, is_experts_module, projection_names
 
 transformers = pytest.importorskip("transformers")
@@ -135,7 +137,16 @@ def test_leading_dims_unrouted_experts_and_one_expert_for_all():
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_expert_parallel_sentinels_are_skipped_only_in_expert_parallel_mode():
+@pytest.fixture(params=["grouped", "by_expert"])
+def path(request, monkeypatch):
+    """Runs a test through both forward paths: a few tokens take the grouped one (one launch per
+    projection over every (token, expert) pair); GROUPED_MAX_TOKENS = 0 sends them by expert."""
+    if request.param == "by_expert":
+        monkeypatch.setattr(offloaded_experts, "GROUPED_MAX_TOKENS", 0)
+    return request.param
+
+
+def test_expert_parallel_sentinels_are_skipped_only_in_expert_parallel_mode(path):
     original = _experts("mixtral")
     oe = OffloadedExperts.from_experts(original, "q8_0")
     x = torch.randn(4, HIDDEN)
@@ -162,7 +173,7 @@ def test_expert_parallel_sentinels_are_skipped_only_in_expert_parallel_mode():
     (lambda x, i, w: (x, i + 5, w), ValueError, r"expert ids >= num_experts=5"),
     (lambda x, i, w: (x.numpy(), i, w), TypeError, "hidden_states must be a torch.Tensor"),
 ])
-def test_bad_inputs_raise_clear_errors(args, exc, match):
+def test_bad_inputs_raise_clear_errors(args, exc, match, path):
     oe = OffloadedExperts.from_experts(_experts("mixtral"), "q8_0")
     x = torch.randn(4, HIDDEN)
     index, weights = _routing(4, 5, 2)
@@ -240,6 +251,51 @@ def test_the_original_float_checkpoint_loads_and_is_quantized(kind):
         target.load_state_dict(bad)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tokens", [1, 3, 4])
+def test_a_few_tokens_run_one_grouped_launch_per_projection(kind, tokens, monkeypatch):
+    """Up to GROUPED_MAX_TOKENS tokens: the Triton grouped expert GEMV (interpreted here) computes both
+    projections, one launch each and no per-expert qmatmul, within fp32 tolerance of float64 math."""
+    original = _experts(kind)
+    oe = OffloadedExperts.from_experts(original, {projection_names(original)[0]: "q4_k", "down_proj": "q6_k"})
+    monkeypatch.setattr(oe, "kernel_backend", "triton")
+    ref = _dequantized(original, oe).double()
+    x = torch.randn(tokens, HIDDEN)
+    index, weights = _routing(tokens, original.num_experts, 3, seed=tokens)
+    kernels.reset_launch_counts()
+    with kernels.poison_outputs():
+        y = oe(x, index, weights)
+    ran = {k: v for k, v in kernels.launch_counts().items() if v}
+    assert sum(ran.values()) == 2 and set(ran) <= {"expert_gemv", "expert_gemv_splitk"}, ran
+    assert _rel(y, batched_mm_experts_forward(ref, x.double(), index, weights.double())) < 1e-4
+
+
+def test_grouped_and_by_expert_paths_agree(monkeypatch):
+    original = _experts("gpt_oss")
+    oe = OffloadedExperts.from_experts(original, "q4_0")
+    x = torch.randn(2, 3, HIDDEN)
+    index, weights = _routing(6, original.num_experts, 2, seed=3)
+    index, weights = index.view(2, 3, 2), weights.view(2, 3, 2)
+    grouped = oe(x[:1, :3], index[:1], weights[:1])           # 3 tokens: grouped
+    monkeypatch.setattr(offloaded_experts, "GROUPED_MAX_TOKENS", 0)
+    torch.testing.assert_close(grouped, oe(x[:1, :3], index[:1], weights[:1]), rtol=1e-6, atol=1e-7)
+
+
+def test_the_grouped_path_compiles_without_graph_breaks(monkeypatch):
+    """No host read of the routing: torch.compile(fullgraph=True) traces a few tokens' forward whole (what
+    CUDA graph capture of a decode step needs too), the grouped kernel inside the graph."""
+    torch._dynamo.reset()
+    original = _experts("mixtral")
+    oe = OffloadedExperts.from_experts(original, "q8_0")
+    monkeypatch.setattr(oe, "kernel_backend", "triton")
+    x = torch.randn(2, HIDDEN)
+    index, weights = _routing(2, original.num_experts, 2)
+    compiled = torch.compile(oe, fullgraph=True, backend="aot_eager")
+    kernels.reset_launch_counts()
+    torch.testing.assert_close(compiled(x, index, weights), oe(x, index, weights), rtol=0, atol=0)
+    assert kernels.launch_counts()["expert_gemv"] + kernels.launch_counts()["expert_gemv_splitk"] == 4
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -258,3 +314,31 @@ def test_cuda_triton_kernels_match_float64(kind, dtype, tokens):
     assert y.dtype == dtype and y.device.type == "cuda"
     expected = batched_mm_experts_forward(ref, x.double(), index, weights.double())
     assert _rel(y, expected) < max(TOL[dtype], 1e-4)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_captures_a_grouped_decode_step():
+    """A few tokens' MoE forward has no host read of the routing, so a CUDA graph captures it; replays with
+    new hidden states and routing written into the captured tensors match eager calls."""
+    original = _experts("mixtral")
+    oe = OffloadedExperts.from_experts(original, "q4_k", device="cuda")
+    x = torch.randn(2, HIDDEN, device="cuda", dtype=torch.float16)
+    index, weights = (t.cuda() for t in _routing(2, original.num_experts, 2))
+    weights = weights.half()
+    oe(x, index, weights)                                   # compile (and tune) outside the capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        oe(x, index, weights)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = oe(x, index, weights)
+    for seed in (1, 2, 3):
+        new_index, new_weights = _routing(2, original.num_experts, 2, seed=seed)
+        index.copy_(new_index)
+        weights.copy_(new_weights)
+        x.copy_(torch.randn(2, HIDDEN))
+        graph.replay()
+        torch.testing.assert_close(y, oe(x, index, weights), rtol=2e-3, atol=2e-3)
+

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from offload_kernels import OffloadedExperts
+from offload_kernels import OffloadedExperts, kernels
+from offload_kernels.layers import offloaded_experts
 from offload_kernels.model.expert_cache import ExpertCache, expert_slot_bytes
 
 transformers = pytest.importorskip("transformers")
@@ -94,6 +95,63 @@ def test_bad_arguments():
         ExpertCache([], "cpu", 2)
     with pytest.raises(ValueError, match="num_slots must be a positive int"):
         ExpertCache([experts_module()], "cpu", 0)
+
+
+def test_resident_places_every_expert_at_once_and_refuses_more_than_the_slots():
+    module = experts_module()
+    cache = ExpertCache([module], "cpu", num_slots=3)
+    used(cache, module, [4])
+    with cache.resident(module, [1, 4, 2]) as (slot_of, up_bytes, down_bytes):
+        assert sorted(slot_of) == [1, 2, 4] and len(set(slot_of.values())) == 3
+        rows_up = module.gate_up_proj.out_features // 6
+        for e, s in slot_of.items():
+            start = s * cache.slot_bytes
+            expected = module.gate_up_proj.weight[e * rows_up:(e + 1) * rows_up].reshape(-1)
+            assert torch.equal(up_bytes[start:start + expected.numel()], expected)
+    assert (cache.hits, cache.misses) == (1, 3)
+    with pytest.raises(ValueError, match="4 experts cannot be resident in a cache of 3 slots"):
+        with cache.resident(module, [0, 1, 2, 3]):
+            pass
+
+
+@pytest.mark.parametrize("tokens,slots,grouped", [(1, 2, True), (3, 6, True), (3, 2, False), (7, 6, False)])
+def test_on_demand_forward_matches_resident_experts(tokens, slots, grouped, monkeypatch):
+    """A few tokens whose experts fit in the cache: one grouped launch per projection over the cache's slots
+    (Triton, interpreted); more experts than slots, or more tokens: expert by expert. Same result as the
+    module with its experts resident, and the cache's hit and miss counts follow the routing."""
+    cached, resident = experts_module(), experts_module()
+    cache = ExpertCache([cached], "cpu", num_slots=slots)
+    monkeypatch.setattr(cached, "kernel_backend", "triton")
+    monkeypatch.setattr(resident, "kernel_backend", "triton")
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 256, generator=g)
+    index = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(tokens)])
+    weights = torch.softmax(torch.randn(tokens, 2, generator=g), -1)
+    kernels.reset_launch_counts()
+    y = cached(x, index, weights)
+    ran = kernels.launch_counts()
+    assert (ran["expert_gemv"] + ran["expert_gemv_splitk"] == 2) == grouped, ran
+    distinct = len(set(index.flatten().tolist()))
+    assert (cache.hits, cache.misses) == (0, distinct)
+    torch.testing.assert_close(y, resident(x, index, weights), rtol=1e-5, atol=1e-6)
+    cached(x, index, weights)                   # again: every expert still cached when they all fit
+    if distinct <= slots:
+        assert (cache.hits, cache.misses) == (distinct, distinct)
+
+
+def test_on_demand_expert_parallel_sentinels(monkeypatch):
+    """Other ranks' experts (ids >= num_experts) are neither copied nor counted, in either path."""
+    for limit in (offloaded_experts.GROUPED_MAX_TOKENS, 0):
+        monkeypatch.setattr(offloaded_experts, "GROUPED_MAX_TOKENS", limit)
+        cached, resident = experts_module(), experts_module()
+        cache = ExpertCache([cached], "cpu", num_slots=4)
+        cached._is_expert_parallel = resident._is_expert_parallel = True
+        x = torch.randn(3, 256)
+        index = torch.tensor([[0, 6], [6, 6], [2, 0]])
+        weights = torch.full((3, 2), 0.5)
+        y = cached(x, index, weights)
+        assert cache.misses == 2 and torch.all(y[1] == 0)
+        torch.testing.assert_close(y, resident(x, index, weights), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu

@@ -1,0 +1,103 @@
+"""Grouped expert GEMV: every (token, chosen expert) pair of a mixture-of-experts layer in one launch.
+
+A MoE layer at decode routes each token to k of E experts. Run expert by expert, that is two qmatmul
+launches per chosen expert plus the gathers and scatters around them (Qwen3-30B-A3B at one token: 16
+GEMVs and ~50 small launches per layer), and reading how many tokens each expert got is a device-to-host
+sync that CUDA graphs cannot capture. This kernel does what llama.cpp's ``mul_mat_id`` does for a few
+tokens: one launch computes
+
+    out[p] = x[p // X_GROUP] @ W[expert_ids[p]].T (+ bias[expert_ids[p]])     for every pair p
+
+where the experts' (N, K) matrices are ``expert_bytes`` apart in one buffer (a stacked ``ffn_*_exps``
+weight, whose expert e is rows e * N ... (e + 1) * N, or an expert cache's slots). The expert of a pair is
+read from device memory by the kernel, so nothing about the routing goes through the host.
+
+Each program owns one pair's BLOCK_N rows and one K slice and runs the GEMV loop of gemv.py on them
+(any of its three layouts, split-K finished in the same launch by the last program of a tile), with the
+token axis of size 1: two pairs routed to the same expert read its bytes twice, which at a few tokens costs
+less than the launches it saves (OffloadedExperts groups tokens by expert above GROUPED_MAX_TOKENS).
+Expert ids are clamped into [0, E) in the kernel, so a bad id can never read outside the buffer; the
+Python side checks them (one device-to-host read) unless told not to.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .decode import QTYPE_CODES
+from .epilogue import store_output
+from .gemv import _gemv_layout1, _gemv_layout2, _gemv_layout3
+from .runtime import count_launch, launch_split_k, sm_count, tuning_key
+
+
+@triton.jit
+def _expert_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, ids_ptr, M, N, K, stride_xm, row_bytes,
+                        expert_bytes, num_experts, X_GROUP, split_k, M_BUCKET,
+                        QTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        TILE_A: tl.constexpr, TILE_B: tl.constexpr, WORD_LOADS: tl.constexpr,
+                        LAYOUT: tl.constexpr, STAGES: tl.constexpr):
+    tl.static_assert(BLOCK_M == 1, "the grouped expert GEMV runs one (token, expert) pair per program")
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pair = tl.program_id(2)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    expert = tl.minimum(tl.maximum(expert, 0), num_experts - 1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pair + tl.arange(0, BLOCK_M)
+    w_rows = w_ptr + expert * expert_bytes + tl.minimum(offs_n, N - 1).to(tl.int64) * row_bytes
+    x_rows = x_ptr + ((pair // X_GROUP).to(tl.int64) * stride_xm + tl.zeros((BLOCK_M,), dtype=tl.int64))
+    n_steps = tl.cdiv(K, 256)
+    steps_per_split = tl.cdiv(n_steps, split_k)
+    step_begin = pid_k * steps_per_split
+    step_end = tl.minimum(step_begin + steps_per_split, n_steps)
+    if LAYOUT == 3:
+        tl.static_assert(WORD_LOADS, "GEMV layout 3 needs word-aligned weight bytes")
+        y = _gemv_layout3(w_rows, x_rows, step_begin, step_end, K, QTYPE, BLOCK_M, BLOCK_N, STAGES)
+    elif LAYOUT == 2:
+        y = _gemv_layout2(w_rows, x_rows, step_begin, step_end, K, QTYPE, BLOCK_M, BLOCK_N, STAGES)
+    else:
+        y = _gemv_layout1(w_rows, x_rows, step_begin, step_end, K, QTYPE, BLOCK_M, BLOCK_N, TILE_A, TILE_B)
+    store_output(y, offs_m, offs_n, M, N, bias_ptr + expert * N, out_ptr, ws_ptr, cnt_ptr,
+                 pair * tl.num_programs(0) + pid_n, split_k, HAS_BIAS)
+
+
+_KEY = ("M_BUCKET", "N", "K", "QTYPE", "HAS_BIAS", "WORD_LOADS")
+
+_expert_gemv_tuned = triton.autotune(configs=configs.gemv_configs(), key=list(_KEY),
+                                     prune_configs_by={"early_config_prune": configs.prune_gemv_configs}
+                                     )(_expert_gemv_kernel)
+
+
+def expert_gemv(x2d: torch.Tensor, data: torch.Tensor, qtype: str, n: int, k: int, row_bytes: int,
+                expert_bytes: int, num_experts: int, expert_ids: torch.Tensor, x_group: int, bias: "torch.Tensor | None",
+                out: torch.Tensor, *, split_k: "int | None" = None, layout: "int | None" = None) -> str:
+    """out (P, N) = one GEMV per pair p of ``expert_ids`` (P,): x2d[p // x_group] times expert
+    ``expert_ids[p]``'s (N, K) matrix, which starts ``expert_bytes`` * id bytes into ``data`` (N rows of
+    ``row_bytes``), plus that expert's N entries of ``bias`` (num_experts * N,). Returns the variant
+    that ran. Arguments are validated by the caller (qmatmul_experts): x2d has unit stride along K, out is
+    contiguous of x2d's dtype, ``expert_ids`` is contiguous. ``split_k``/``layout`` as for gemv()."""
+    if layout is not None and layout not in configs.GEMV_LAYOUTS:
+        raise ValueError(f"unknown GEMV layout {layout!r}; expected one of {configs.GEMV_LAYOUTS}")
+    pairs = expert_ids.shape[0]
+    tile_a, tile_b = configs.GEMV_TILE[qtype]
+    word_loads = configs.expert_word_loads(data, qtype, expert_bytes)
+    args = dict(x_ptr=x2d, w_ptr=data, bias_ptr=bias if bias is not None else out, out_ptr=out, ids_ptr=expert_ids,
+                M=pairs, N=n, K=k, stride_xm=x2d.stride(0), row_bytes=row_bytes, expert_bytes=expert_bytes,
+                num_experts=num_experts, X_GROUP=x_group, M_BUCKET=configs.next_power_of_2(pairs),
+                QTYPE=QTYPE_CODES[qtype], HAS_BIAS=bias is not None, BLOCK_M=1, TILE_A=tile_a, TILE_B=tile_b,
+                WORD_LOADS=word_loads)
+
+    def grid(meta):
+        return (configs.cdiv(n, meta["BLOCK_N"]), meta["split_k"], pairs)
+
+    sms = sm_count(x2d.device)
+    split = launch_split_k(_expert_gemv_tuned, grid, args, tuning_key("expert_gemv", args, _KEY),
+                           lambda: configs.expert_gemv_heuristic_config(pairs, n, k, qtype, sms, split_k, layout,
+                                                                        word_loads=word_loads),
+                           tune=split_k is None and layout is None, out=out)
+    variant = "expert_gemv_splitk" if split > 1 else "expert_gemv"
+    count_launch(variant)
+    return variant

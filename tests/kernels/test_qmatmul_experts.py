@@ -1,0 +1,235 @@
+"""qmatmul_experts (the grouped expert GEMV) against float64 math on each chosen expert's dequantized matrix.
+
+The Triton tests patch the op's torch reference to fail and count launches, so they pass only if the
+grouped kernel computed the result in one launch; outputs start as NaN (``poisoned``).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from offload_kernels import kernels
+from offload_kernels.formats import QTYPES, get_spec
+from offload_kernels.kernels import qmatmul_experts
+from offload_kernels.kernels.qmatmul_experts import qmatmul_expert_buffer
+
+from .conftest import X_DTYPES
+from .helpers import TOLERANCE, activations, random_qtensor, relative_error, seed_of
+
+EXPERTS, ROWS = 5, 40          # 40 output rows per expert: not a multiple of any tile
+K_ODD = {q: 1280 if get_spec(q).block_size == 256 else 800 for q in QTYPES}
+VARIANTS = ("expert_gemv", "expert_gemv_splitk")
+
+
+@pytest.fixture
+def grouped_only(monkeypatch):
+    """The op's torch reference patched to fail; launch counters reset."""
+    module = importlib.import_module("offload_kernels.kernels.qmatmul_experts")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the torch reference ran instead of the grouped Triton kernel")
+
+    monkeypatch.setattr(module, "_torch_experts", refuse)
+    kernels.reset_launch_counts()
+
+
+def _one_launch() -> str:
+    ran = {k: v for k, v in kernels.launch_counts().items() if v}
+    assert sum(ran.values()) == 1 and next(iter(ran)) in VARIANTS, f"expected one grouped launch, got {ran}"
+    kernels.reset_launch_counts()
+    return next(iter(ran))
+
+
+def _reference(x, qt, ids, bias, num_experts=EXPERTS):
+    """float64 (differentiable in x and bias): each pair's row of x (shared by a token's experts, or its own)
+    times its expert."""
+    n = qt.shape[0] // num_experts
+    w = qt.dequantize(torch.float32).double().view(num_experts, n, -1)
+    xd = x.double()
+    if x.dim() == ids.dim():                 # one row per token, shared by its k experts
+        xd = xd.unsqueeze(-2).expand(*ids.shape, x.shape[-1])
+    y = torch.einsum("...k,...nk->...n", xd, w[ids.long()])
+    if bias is not None:
+        y = y + bias.double().view(num_experts, n)[ids.long()]
+    return y
+
+
+def _case(qtype, dtype, tokens, top_k, g, device, *, per_pair=False, with_bias=True):
+    k = K_ODD[qtype]
+    qt = random_qtensor(qtype, EXPERTS * ROWS, k, g, device=device)
+    ids = torch.stack([torch.randperm(EXPERTS, generator=g)[:top_k] for _ in range(tokens)]).to(device)
+    x = activations((tokens, top_k, k) if per_pair else (tokens, k), g).to(dtype).to(device)
+    bias = activations((EXPERTS * ROWS,), g).to(dtype).to(device) if with_bias else None
+    return x, qt, ids, bias
+
+
+@pytest.mark.parametrize("per_pair", [False, True], ids=["shared_rows", "row_per_pair"])
+@pytest.mark.parametrize("dtype", X_DTYPES, ids=str)
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_matches_float64(qtype, dtype, per_pair, device, grouped_only, poisoned):
+    g = torch.Generator().manual_seed(seed_of(qtype, dtype, per_pair))
+    x, qt, ids, bias = _case(qtype, dtype, 3, 2, g, device, per_pair=per_pair)
+    y = qmatmul_experts(x, qt, ids, EXPERTS, bias, backend="triton")
+    assert y.shape == (3, 2, ROWS) and y.dtype == dtype
+    assert relative_error(y, _reference(x, qt, ids, bias)) <= TOLERANCE[dtype]
+    _one_launch()
+
+
+@pytest.mark.parametrize("layout", [1, 2, 3])
+@pytest.mark.parametrize("split_k", [1, 5])
+@pytest.mark.parametrize("qtype", ["q4_k", "q3_k", "q6_k", "q4_0", "q8_0"])
+def test_every_layout_and_k_split(qtype, split_k, layout, device, grouped_only, poisoned):
+    """Each GEMV loop layout, whole and split five ways along K (the tile's last program finishes it)."""
+    g = torch.Generator().manual_seed(seed_of(qtype, split_k, layout))
+    x, qt, ids, bias = _case(qtype, torch.float32, 2, 3, g, device)
+    y = qmatmul_experts(x, qt, ids, EXPERTS, bias, backend="triton", split_k=split_k, layout=layout)
+    assert relative_error(y, _reference(x, qt, ids, bias)) <= TOLERANCE[torch.float32]
+    assert _one_launch() == ("expert_gemv_splitk" if split_k > 1 else "expert_gemv")
+
+
+@pytest.mark.parametrize("routing", ["all_one_expert", "repeats", "last_expert_only"])
+def test_routing_patterns_and_leading_dims(routing, device, grouped_only, poisoned):
+    """ids of shape (2, 3, k): every pair on one expert, repeated experts within a token, the last expert
+    (the end of the stack's bytes)."""
+    g = torch.Generator().manual_seed(seed_of(routing))
+    qt = random_qtensor("q4_k", EXPERTS * ROWS, 512, g, device=device)
+    if routing == "all_one_expert":
+        ids = torch.full((2, 3, 4), 2)
+    elif routing == "repeats":
+        ids = torch.randint(0, 2, (2, 3, 4), generator=g)
+    else:
+        ids = torch.full((2, 3, 4), EXPERTS - 1)
+    ids = ids.to(device)
+    x = activations((2, 3, 512), g).to(device)
+    y = qmatmul_experts(x, qt, ids, EXPERTS, backend="triton")
+    assert y.shape == (2, 3, 4, ROWS)
+    assert relative_error(y, _reference(x, qt, ids, None)) <= TOLERANCE[torch.float32]
+    _one_launch()
+
+
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64, torch.int16])
+def test_torch_backend_and_id_dtypes_agree(ids_dtype, device):
+    g = torch.Generator().manual_seed(seed_of("torch", ids_dtype))
+    x, qt, ids, bias = _case("q5_k", torch.float32, 4, 2, g, device)
+    ids = ids.to(ids_dtype)
+    ref = _reference(x, qt, ids, bias)
+    y_torch = qmatmul_experts(x, qt, ids, EXPERTS, bias, backend="torch")
+    y_triton = qmatmul_experts(x, qt, ids, EXPERTS, bias, backend="triton")
+    assert relative_error(y_torch, ref) <= 1e-6
+    assert relative_error(y_triton, ref) <= TOLERANCE[torch.float32]
+
+
+def test_no_tokens(device):
+    qt = random_qtensor("q4_0", EXPERTS * ROWS, 64, torch.Generator().manual_seed(0), device=device)
+    y = qmatmul_experts(torch.zeros(0, 64, device=device), qt, torch.zeros(0, 2, dtype=torch.long, device=device),
+                        EXPERTS, backend="triton")
+    assert y.shape == (0, 2, ROWS)
+
+
+@pytest.mark.parametrize("bad,match", [(-1, "negative expert ids"), (EXPERTS, "ids >= num_experts=5")])
+def test_out_of_range_ids_raise_before_launch(bad, match, device):
+    g = torch.Generator().manual_seed(1)
+    x, qt, ids, _ = _case("q4_k", torch.float32, 2, 2, g, device)
+    ids[1, 0] = bad
+    kernels.reset_launch_counts()
+    with pytest.raises(ValueError, match=match):
+        qmatmul_experts(x, qt, ids, EXPERTS, backend="triton")
+    assert not any(kernels.launch_counts().values())
+
+
+def test_unchecked_ids_are_clamped_inside_the_weight(device, poisoned):
+    """check_ids=False (what CUDA graph capture gets): an id out of range reads the nearest expert, never
+    bytes outside the stack."""
+    g = torch.Generator().manual_seed(2)
+    x, qt, ids, bias = _case("q4_k", torch.float32, 2, 2, g, device)
+    bad = ids.clone()
+    bad[0, 0], bad[1, 1] = -7, EXPERTS + 100
+    y = qmatmul_experts(x, qt, bad, EXPERTS, bias, backend="triton", check_ids=False)
+    clamped = bad.clamp(0, EXPERTS - 1)
+    assert relative_error(y, _reference(x, qt, clamped, bias)) <= TOLERANCE[torch.float32]
+
+
+def test_experts_spaced_apart_in_a_buffer(device, poisoned):
+    """qmatmul_expert_buffer: experts at a stride larger than their bytes (an expert cache's slots), the
+    padding filled with bytes that would decode to garbage if read."""
+    g = torch.Generator().manual_seed(3)
+    spec = get_spec("q6_k")
+    qt = random_qtensor("q6_k", 3 * ROWS, 512, g, device=device)
+    size = ROWS * spec.row_bytes(512)
+    stride = size + 512
+    buf = torch.full((3 * stride,), 0xFF, dtype=torch.uint8, device=device)
+    for e in range(3):
+        buf[e * stride:e * stride + size] = qt.data[e * ROWS:(e + 1) * ROWS].reshape(-1)
+    ids = torch.tensor([[2, 0], [1, 2]], device=device)
+    x = activations((2, 2, 512), g).to(device)
+    for backend in ("triton", "torch"):
+        y = qmatmul_expert_buffer(x, buf, "q6_k", ROWS, 512, stride, 3, ids, backend)
+        assert relative_error(y, _reference(x, qt, ids, None, num_experts=3)) <= TOLERANCE[torch.float32]
+
+
+def test_backward_for_x_and_bias(device):
+    """Gradients of the input (summed over a token's experts for shared rows) and of each expert's bias,
+    against autograd through the float64 reference."""
+    g = torch.Generator().manual_seed(4)
+    for per_pair in (False, True):
+        x, qt, ids, bias = _case("q8_0", torch.float32, 3, 2, g, device, per_pair=per_pair)
+        x.requires_grad_(True)
+        bias.requires_grad_(True)
+        grad_out = torch.randn(3, 2, ROWS, generator=g).to(device)
+        (qmatmul_experts(x, qt, ids, EXPERTS, bias, backend="torch") * grad_out).sum().backward()
+        x64 = x.detach().double().requires_grad_(True)
+        b64 = bias.detach().double().requires_grad_(True)
+        (_reference(x64, qt, ids, b64) * grad_out.double()).sum().backward()
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bias.grad.double(), b64.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_fullgraph(device, grouped_only):
+    """The op traces into a graph without breaks (check_ids=False: no host read), kernel inside it."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(5)
+    x, qt, ids, bias = _case("q4_k", torch.float32, 2, 2, g, device)
+
+    def f(x, ids):
+        return torch.relu(qmatmul_experts(x * 2, qt, ids, EXPERTS, bias, backend="triton", check_ids=False)) + 1
+
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(x, ids)
+    torch.testing.assert_close(y, f(x, ids), rtol=0, atol=0)
+    assert kernels.launch_counts()["expert_gemv"] + kernels.launch_counts()["expert_gemv_splitk"] == 2
+
+
+BAD_ARGS = [
+    (dict(x=torch.zeros(2, 100)), ValueError, r"x must have shape \(\.\.\., 512\)"),
+    (dict(x=torch.zeros(3, 512)), ValueError, r"one row per token of expert_ids"),
+    (dict(x=torch.zeros(2, 512, dtype=torch.float64)), TypeError, "float32, float16 or bfloat16"),
+    (dict(ids=torch.zeros(2, 2)), TypeError, "integer expert ids"),
+    (dict(ids=torch.tensor(1)), ValueError, r"\(\.\.\., k\)"),
+    (dict(num_experts=3), ValueError, "not a stack of 3 experts"),
+    (dict(num_experts=0), ValueError, "positive int"),
+    (dict(bias=torch.zeros(ROWS)), ValueError, r"bias must have shape \(200,\)"),
+    (dict(bias=torch.zeros(EXPERTS * ROWS, dtype=torch.float16)), TypeError, "does not match x dtype"),
+    (dict(backend="cuda"), ValueError, "unknown backend"),
+    (dict(backend="torch", split_k=2), ValueError, "need backend='triton'"),
+    (dict(qt="q4_k"), TypeError, "QuantizedTensor"),
+]
+
+
+@pytest.mark.parametrize("override,exc,match", BAD_ARGS)
+def test_bad_arguments_name_the_problem(override, exc, match):
+    g = torch.Generator().manual_seed(6)
+    args = dict(x=torch.zeros(2, 512), qt=random_qtensor("q4_k", EXPERTS * ROWS, 512, g),
+                ids=torch.zeros(2, 2, dtype=torch.long), num_experts=EXPERTS, bias=None, backend="torch")
+    args.update(override)
+    split_k = args.pop("split_k", None)
+    with pytest.raises(exc, match=match):
+        qmatmul_experts(args["x"], args["qt"], args["ids"], args["num_experts"], args["bias"], args["backend"],
+                        split_k=split_k)
+
+
+def test_a_buffer_too_small_for_its_experts_is_refused():
+    with pytest.raises(ValueError, match="cannot hold 3 experts"):
+        qmatmul_expert_buffer(torch.zeros(1, 1, 256), torch.zeros(1000, dtype=torch.uint8), "q4_k", 4, 256, 576, 3,
+                              torch.zeros(1, 1, dtype=torch.long))
