@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "through a device cache (on_demand)")
     parser.add_argument("--expert-cache-slots", type=int, default=None,
                         help="with --experts on_demand: the cache's size in experts (default: what the budget holds)")
+    parser.add_argument("--expert-prefetch", action="store_true",
+                        help="with --experts on_demand: guess each next MoE layer's experts with its router and "
+                             "copy them ahead (speculative; a wrong guess costs link bytes, not results)")
 
 
 def _sync(device: torch.device) -> None:
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model, report = load_gguf_model(args.model, gpu_budget=args.gpu_budget, dtype=dtype, device=device,
                                     num_slots=args.slots, return_report=True, experts=args.experts,
-                                    expert_cache_slots=args.expert_cache_slots)
+                                    expert_cache_slots=args.expert_cache_slots, expert_prefetch=args.expert_prefetch)
     try:
         tokenizer = load_gguf_tokenizer(args.model)
     except Exception as exc:     # transformers supports only some GGUF tokenizers

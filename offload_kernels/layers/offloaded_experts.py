@@ -168,6 +168,7 @@ class OffloadedExperts(nn.Module):
             self.register_buffer(key, b, persistent=key not in original._non_persistent_buffers_set)
         self._apply_gate_fn = type(original)._apply_gate if original.has_gate else None
         self._expert_cache = None              # an ExpertCache when the experts are copied on demand
+        self._prefetch_next = None             # (next on-demand experts module, its router): speculative copies
         self._original_class = type(original).__name__
         self.hidden_size = projection_shape(original, names[0])[2]
         for name in names:
@@ -271,14 +272,18 @@ class OffloadedExperts(nn.Module):
         cache = self._check_cache_device(x)
         tokens, k = index.shape
         e_count = self.num_experts
-        ids = index.reshape(-1).tolist()
+        guess = self._guess_next(x, k)
+        ids = index.reshape(-1)
+        ids = (ids if guess is None else torch.cat([ids, guess])).tolist()     # one host read for both
+        ids, guessed = ids[:tokens * k], ids[tokens * k:]
         self._check_id_counts(sum(i < 0 for i in ids), sum(i >= e_count for i in ids))
         hit = sorted({i for i in ids if i < e_count})
         (up_out, k_up), (down_out, k_down) = self._expert_shapes.values()
         if not hit:                               # every choice is another rank's expert
+            self._prefetch(guessed)
             return torch.zeros(tokens, down_out, dtype=torch.float32, device=x.device)
         if len(hit) > cache.num_slots:
-            return self._forward_by_expert(x, index, weights)
+            return self._forward_by_expert(x, index, weights, guessed)
         up_layer, down_layer = (self._modules[name] for name in self._expert_shapes)
         with cache.resident(self, hit) as (slot_of, up_bytes, down_bytes):
             # other ranks' experts read some cached expert's (finite) rows and get a zero weight
@@ -290,10 +295,27 @@ class OffloadedExperts(nn.Module):
             h = self._gate(h.view(tokens * k, -1)).view(tokens, k, -1)
             y = qmatmul_expert_buffer(h, down_bytes, down_layer.qtype, down_out, k_down, cache.slot_bytes,
                                       cache.num_slots, slots, self.kernel_backend)
+        self._prefetch(guessed)
         y = self._add_bias(y, down_layer, index, down_out)
         if self._is_expert_parallel:
             weights = torch.where(index < e_count, weights, 0)
         return self._combine(y, weights)
+
+    def _guess_next(self, x: torch.Tensor, k: int) -> "torch.Tensor | None":
+        """With speculative prefetch: the experts the next on-demand layer's router picks for this layer's
+        input (k per token, flat), or None."""
+        link = self._prefetch_next
+        if link is None or not self._expert_cache.prefetch:
+            return None
+        nxt, router = link
+        w = router.weight.detach()
+        logits = torch.nn.functional.linear(x.detach().to(device=w.device, dtype=w.dtype), w)
+        return logits.topk(min(k, nxt.num_experts), dim=-1).indices.reshape(-1).to(x.device)
+
+    def _prefetch(self, guessed: "list[int] | None") -> None:
+        """Copy the guessed experts of the next layer (after this call's kernels were enqueued)."""
+        if guessed:
+            self._expert_cache.prefetch_experts(self._prefetch_next[0], sorted(set(guessed)))
 
     def _add_bias(self, y: torch.Tensor, layer: OffloadedLinear, index: torch.Tensor, rows: int) -> torch.Tensor:
         """y (tokens, k, rows) plus each pair's expert's bias (ids >= num_experts: any expert's; their weight is 0)."""
@@ -321,16 +343,22 @@ class OffloadedExperts(nn.Module):
             raise ValueError(f"hidden_states are on {x.device} but this layer's experts are cached on {cache.device}")
         return cache
 
-    def _forward_by_expert(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _forward_by_expert(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+                           guessed: "list[int] | None" = None) -> torch.Tensor:
         """Tokens grouped by expert: one sort, one read of the per-expert counts (the only sync), then one
-        qmatmul per projection for each expert any token chose, reading each chosen expert once."""
+        qmatmul per projection for each expert any token chose, reading each chosen expert once.
+        ``guessed``: the next layer's guessed experts, when the caller read them already."""
         from ..kernels import qmatmul
 
         tokens, k = index.shape
         e_count = self.num_experts
         flat = index.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        bins = torch.bincount(flat.clamp(-1, e_count) + 1, minlength=e_count + 2).tolist()
+        counts_of = torch.bincount(flat.clamp(-1, e_count) + 1, minlength=e_count + 2)
+        guess = self._guess_next(x, k) if (guessed is None and self._expert_cache is not None) else None
+        bins = (counts_of if guess is None else torch.cat([counts_of, guess])).tolist()   # one host read
+        if guess is not None:
+            bins, guessed = bins[:e_count + 2], bins[e_count + 2:]
         self._check_id_counts(bins[0], bins[-1])
         counts = bins[1:-1]                      # expert-parallel sentinels (>= num_experts) sort last: skipped
         up_name, down_name = tuple(self._expert_shapes)
@@ -373,6 +401,8 @@ class OffloadedExperts(nn.Module):
         if cache is None:
             up_layer._release_device_weight()
             down_layer._release_device_weight()
+        else:
+            self._prefetch(guessed)
         return out
 
     def _check_inputs(self, hidden_states, top_k_index, top_k_weights):

@@ -13,8 +13,14 @@ call) on a copy stream, so copying the next expert overlaps computing this one; 
 a slot after the kernels that last read it, and the kernels after the copy. On the CPU the copies are plain
 synchronous copies into host slots (the same logic, for tests and the CPU path).
 
-Routing is only known once the router ran, so no copy starts before the layer's own call: this trades the
-prefetch across layers (which whole-block streaming has) for copying k/E of the bytes.
+Routing is only known once the router ran, so a layer's own copies start at its call: this trades the
+prefetch across layers (which whole-block streaming has) for copying k/E of the bytes. With
+``prefetch=True`` (``offload(..., expert_prefetch=True)``) each layer also guesses the next on-demand layer's
+experts by applying that layer's router to its own input (the residual stream changes little from one
+block to the next; the speculative loading of Eliseev and Mazur, 2023) and copies the guessed experts
+after its own kernels are enqueued, so those copies overlap the next block's attention. A wrong guess costs
+link bytes, never results: the next layer copies what it actually chose as before. ``stats()`` counts the
+guesses (``prefetched``), those the next layer used (``prefetch_hits``) and those evicted unused.
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ class ExpertCache:
     copies (:meth:`invalidate`).
     """
 
-    def __init__(self, modules: Sequence["OffloadedExperts"], device: "torch.device | str", num_slots: int):
+    def __init__(self, modules: Sequence["OffloadedExperts"], device: "torch.device | str", num_slots: int,
+                 prefetch: bool = False):
         if not modules:
             raise ValueError("ExpertCache needs at least one OffloadedExperts module")
         if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
@@ -68,6 +75,9 @@ class ExpertCache:
             self._free = [torch.cuda.Event() for _ in range(num_slots)]    # the kernels reading the slot are done
             self._used = [False] * num_slots
         self.hits = self.misses = self.bytes_copied = 0
+        self.prefetched = self.prefetch_hits = self.prefetch_wasted = 0
+        self._guessed: set[tuple[int, int]] = set()        # prefetched keys not used yet
+        self.prefetch = bool(prefetch)
         for i, m in enumerate(self.modules):
             for child in (m._modules[name] for name in m._expert_shapes):
                 if self._cuda:
@@ -146,23 +156,34 @@ class ExpertCache:
                 self._done_reading(s)
 
     def _place(self, mi, e, up_layer, down_layer, up_rows, down_rows, up_bytes, down_bytes, offset,
-               locked) -> int:
+               locked, guess: bool = False) -> int:
         """The slot holding expert ``e`` of module ``mi``, copying it there (into the least recently used
-        slot not ``locked``) if it is not cached."""
+        slot not ``locked``) if it is not cached. ``guess``: a prefetch, counted as such."""
         key = (mi, e)
         s = self._slot_of.get(key)
         if s is not None:
-            self.hits += 1
+            if not guess:
+                self.hits += 1
+                if key in self._guessed:
+                    self._guessed.discard(key)
+                    self.prefetch_hits += 1
             self._lru.move_to_end(s)
             return s
         s = next(slot for slot in self._lru if slot not in locked)
         old = self._key_of[s]
         if old is not None:
             del self._slot_of[old]
+            if old in self._guessed:
+                self._guessed.discard(old)
+                self.prefetch_wasted += 1
         self._key_of[s] = key
         self._slot_of[key] = s
         self._lru.move_to_end(s)
-        self.misses += 1
+        if guess:
+            self.prefetched += 1
+            self._guessed.add(key)
+        else:
+            self.misses += 1
         self.bytes_copied += up_bytes + down_bytes
         up_src = up_layer.weight[e * up_rows:(e + 1) * up_rows].reshape(-1)
         down_src = down_layer.weight[e * down_rows:(e + 1) * down_rows].reshape(-1)
@@ -178,6 +199,31 @@ class ExpertCache:
             slot[:up_bytes].copy_(up_src)
             slot[offset:offset + down_bytes].copy_(down_src)
         return s
+
+    def prefetch_experts(self, module: "OffloadedExperts", experts: Sequence[int]) -> None:
+        """Copy ``module``'s ``experts`` into the cache ahead of its call (at most ``num_slots``; those cached
+        already just become the most recently used). Call it with no kernels of the caller still to be
+        enqueued on the slots it released: the copies wait for the kernels that last read their slots."""
+        mi = self._index[id(module)]
+        up_layer, down_layer = (module._modules[name] for name in module._expert_shapes)
+        (up_rows, _), (down_rows, _) = module._expert_shapes.values()
+        up_bytes, down_bytes = up_rows * up_layer.weight.shape[1], down_rows * down_layer.weight.shape[1]
+        offset = expert_slot_bytes_for(up_bytes, 0)
+        for e in list(experts)[:self.num_slots]:
+            self._place(mi, e, up_layer, down_layer, up_rows, down_rows, up_bytes, down_bytes, offset, set(),
+                        guess=True)
+
+    def link_next_layers(self, model: torch.nn.Module) -> int:
+        """For speculative prefetch: give each cached module but the last the next one and that one's router
+        (the module beside it in its MoE block whose weight is (num_experts, hidden)). Returns how many were
+        linked (a next layer without a recognizable router gets no guesses)."""
+        parent_of = {id(child): parent for parent in model.modules() for child in parent.children()}
+        linked = 0
+        for m, nxt in zip(self.modules, self.modules[1:]):
+            router = find_router(parent_of.get(id(nxt)), nxt)
+            m._prefetch_next = (nxt, router) if router is not None else None
+            linked += router is not None
+        return linked
 
     def _done_reading(self, s: int) -> None:
         """The kernels reading slot ``s`` are enqueued: a later copy into it waits for them."""
@@ -203,16 +249,19 @@ class ExpertCache:
             s = self._slot_of.pop(key)
             self._key_of[s] = None
             self._lru.move_to_end(s, last=False)     # reused first
+            self._guessed.discard(key)
 
     # ------------------------------------------------------------------ teardown
     def stats(self) -> dict:
         cached = len(self._slot_of)
         return {"num_slots": self.num_slots, "slot_bytes": self.slot_bytes, "device_bytes": self._slots.numel(),
                 "experts_cached": cached, "hits": self.hits, "misses": self.misses,
-                "bytes_copied": self.bytes_copied}
+                "bytes_copied": self.bytes_copied, "prefetched": self.prefetched,
+                "prefetch_hits": self.prefetch_hits, "prefetch_wasted": self.prefetch_wasted}
 
     def reset_stats(self) -> None:
         self.hits = self.misses = self.bytes_copied = 0
+        self.prefetched = self.prefetch_hits = self.prefetch_wasted = 0
 
     def close(self) -> None:
         """Detach: the modules keep their host bytes (resident on the CPU), the device slots are freed."""
@@ -222,9 +271,23 @@ class ExpertCache:
             for child in (m._modules[name] for name in m._expert_shapes):
                 child._streamer = None
             m._expert_cache = None
+            m._prefetch_next = None
         self._slot_of.clear()
         self._slots = torch.empty(0, dtype=torch.uint8, device=self.device)
 
     def __repr__(self) -> str:
         return (f"ExpertCache(modules={len(self.modules)}, slots={self.num_slots}, slot_bytes={self.slot_bytes}, "
                 f"device={self.device})")
+
+
+def find_router(block: "torch.nn.Module | None", experts: "OffloadedExperts") -> "torch.nn.Module | None":
+    """The router of ``experts`` in its MoE ``block``: the other child whose float ``weight`` is
+    (num_experts, hidden) (transformers' TopKRouter modules, or a gate nn.Linear); None if there is none."""
+    if block is None:
+        return None
+    for child in block.children():
+        w = getattr(child, "weight", None)
+        if (child is not experts and isinstance(w, torch.Tensor) and w.is_floating_point()
+                and tuple(w.shape) == (experts.num_experts, experts.hidden_size)):
+            return child
+    return None

@@ -275,7 +275,8 @@ def _dense(f: GGUFFile, name: str, dtype: torch.dtype) -> torch.Tensor:
 def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | None" = None,
                     dtype: torch.dtype = torch.float16, device: "torch.device | str | None" = None, *,
                     num_slots: int = 2, measure: bool = False, return_report: bool = False,
-                    experts: str = "with_block", expert_cache_slots: Optional[int] = None):
+                    experts: str = "with_block", expert_cache_slots: Optional[int] = None,
+                    expert_prefetch: bool = False):
     """Build a transformers causal LM from a llama.cpp GGUF file, linears over the file's quantized bytes.
 
     Architectures: llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3 (text), and the mixture-of-experts
@@ -283,7 +284,8 @@ def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | Non
     :class:`~offload_kernels.OffloadedExperts` over the file's expert stacks. Layers within ``gpu_budget``
     (bytes or "20GiB"; None: as for :func:`offload`, the free device memory less a margin) stay resident on
     the device, the rest stream through the transfer engine; ``experts="on_demand"`` copies a MoE file's
-    experts only when chosen, through a device cache (as :func:`offload` does). Returns the model (and the
+    experts only when chosen, through a device cache (as :func:`offload` does; ``expert_prefetch`` as there).
+    Returns the model (and the
     OffloadReport when ``return_report``). Raises GGUFError for unsupported or malformed files before
     anything is allocated on the device.
     """
@@ -292,15 +294,16 @@ def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | Non
     budget = parse_bytes(gpu_budget)
     device = check_device(device)
     check_num_slots(num_slots)
-    check_experts(experts, expert_cache_slots)
+    check_experts(experts, expert_cache_slots, expert_prefetch)
     if budget is None:
         budget = default_budget(device)
     with GGUFFile(path) as f:     # closing drops only our reference: the layers' views keep the mapping
-        return _load(f, budget, dtype, device, num_slots, measure, return_report, experts, expert_cache_slots)
+        return _load(f, budget, dtype, device, num_slots, measure, return_report, experts, expert_cache_slots,
+                     expert_prefetch)
 
 
 def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report, experts="with_block",
-          expert_cache_slots=None):
+          expert_cache_slots=None, expert_prefetch=False):
     arch = f.architecture
     if arch not in SUPPORTED_ARCHITECTURES:
         raise GGUFError(f"{f.path}: architecture {arch!r} is not supported (supported: "
@@ -407,7 +410,7 @@ def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report,
     if plan.tied:
         model.config.tie_word_embeddings = False   # lm_head has its own copy or the embedding's quantized bytes
 
-    apply_placement(model, layers, placement, device, _on_demand_modules(model, placement))
+    apply_placement(model, layers, placement, device, _on_demand_modules(model, placement), expert_prefetch)
     # Undo llama.cpp's q/k row order where the bytes now live (device memory, the engine's pinned storage,
     # or copy-on-write pages of the mapping): one tensor-sized temporary at a time, never a host copy of
     # the model. Views of the mapping keep it alive only as long as a layer still reads from it.

@@ -144,10 +144,15 @@ def check_device(device: "torch.device | str | None") -> torch.device:
     return resolved
 
 
-def check_experts(experts: str, expert_cache_slots: Optional[int]) -> None:
-    """offload()/load_gguf_model()'s ``experts`` and ``expert_cache_slots`` arguments."""
+def check_experts(experts: str, expert_cache_slots: Optional[int], expert_prefetch: bool = False) -> None:
+    """offload()/load_gguf_model()'s ``experts``, ``expert_cache_slots`` and ``expert_prefetch`` arguments."""
     if experts not in ("with_block", "on_demand"):
         raise ValueError(f"experts must be 'with_block' or 'on_demand', got {experts!r}")
+    if not isinstance(expert_prefetch, bool):
+        raise TypeError(f"expert_prefetch must be a bool, got {type(expert_prefetch).__name__}")
+    if expert_prefetch and experts != "on_demand":
+        raise ValueError("expert_prefetch=True guesses which experts to copy on demand: it needs "
+                         f"experts='on_demand', got experts={experts!r}")
     if expert_cache_slots is not None and (experts != "on_demand" or isinstance(expert_cache_slots, bool)
                                            or not isinstance(expert_cache_slots, int) or expert_cache_slots < 1):
         raise ValueError(f"expert_cache_slots must be a positive int, with experts='on_demand'; got "
@@ -527,7 +532,7 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
             token_counts: Sequence[int] = DEFAULT_TOKEN_COUNTS,
             fallback_qtype: "str | Mapping[str, str] | None" = None,
             keep_model_fp32_modules: bool = True, experts: str = "with_block",
-            expert_cache_slots: Optional[int] = None) -> OffloadReport:
+            expert_cache_slots: Optional[int] = None, expert_prefetch: bool = False) -> OffloadReport:
     """Quantize ``model``'s linear layers (nn.Linear, and transformers' Conv1D) and MoE expert stacks in
     place and place them within ``gpu_budget``.
 
@@ -561,6 +566,10 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
             their experts resident, and a budget that holds everything streams nothing.
         expert_cache_slots: with experts="on_demand", the cache's size in experts (None: as many as the
             budget holds, at least the experts one token uses).
+        expert_prefetch: with experts="on_demand", each MoE layer also applies the next on-demand layer's
+            router to its own input and copies the experts it picks ahead of that layer's call (see
+            model.expert_cache: a guess costs link bytes when wrong, never results). Not measured on a GPU
+            yet, hence off by default.
 
     Raises ValueError/TypeError for bad arguments or weights (NaN/Inf, non-float, ...) before the model is
     touched; if quantizing or placing still fails, the model is restored as it was before re-raising.
@@ -574,7 +583,7 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
     budget = parse_bytes(gpu_budget)
     check_num_slots(num_slots)
     device = check_device(device)
-    check_experts(experts, expert_cache_slots)
+    check_experts(experts, expert_cache_slots, expert_prefetch)
     if any(isinstance(m, OffloadedLinear) for m in model.modules()):
         raise ValueError("model already contains OffloadedLinear layers; offload() a fresh model")
     if budget is None:
@@ -640,7 +649,7 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
         for module, attr, value in _fast_path_guards(model, replaced):
             settings.append((module, attr, getattr(module, attr)))
             setattr(module, attr, value)
-        apply_placement(model, replaced, placement, device, _on_demand_modules(model, placement))
+        apply_placement(model, replaced, placement, device, _on_demand_modules(model, placement), expert_prefetch)
         report = _report(device, qtype, placement, chosen, skipped, specs, measure, token_counts)
         report.experts = list(selection.experts)
         return report
@@ -650,16 +659,20 @@ def offload(model: nn.Module, qtype: str = "q4_k", gpu_budget: "int | str | None
 
 
 def apply_placement(model: nn.Module, layers: Mapping[str, OffloadedLinear], placement: Placement,
-                    device: torch.device, on_demand_experts: Sequence[OffloadedExperts] = ()
-                    ) -> Optional[WeightStreamer]:
+                    device: torch.device, on_demand_experts: Sequence[OffloadedExperts] = (),
+                    expert_prefetch: bool = False) -> Optional[WeightStreamer]:
     """Move resident layers and all other parameters to ``device``; stream the placement's groups; copy the
-    experts of ``on_demand_experts`` (the placement's on-demand stacks) through an expert cache."""
+    experts of ``on_demand_experts`` (the placement's on-demand stacks) through an expert cache (guessing
+    each next layer's experts with ``expert_prefetch``)."""
     for name in placement.resident:
         layer = layers[name]
         layer._buffers["weight"] = layer.weight.to(device)
     if placement.on_demand:
         # Before model.to(): the cache marks the experts' bytes as host-held, so they stay where they are.
-        model._offload_expert_cache = ExpertCache(on_demand_experts, device, placement.expert_cache_slots)
+        cache = ExpertCache(on_demand_experts, device, placement.expert_cache_slots, prefetch=expert_prefetch)
+        model._offload_expert_cache = cache
+        if expert_prefetch:
+            cache.link_next_layers(model)
     if not placement.streamed_groups:
         model.to(device)
         return None

@@ -305,6 +305,67 @@ def test_experts_on_demand_match_the_dequantized_model(arch, slots, ids):
     assert out.shape == (1, 8)
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("slots", [2, None])
+def test_speculative_prefetch_changes_copies_never_results(arch, slots, ids):
+    """expert_prefetch=True: each on-demand layer copies the experts the next one's router picks for its own
+    input; the logits and generate() are those of the model without it, and the guesses are counted."""
+    from offload_kernels.model.offload import expert_cache_of
+
+    model = tiny_moe(arch, layers=6)
+    outs = []
+    for prefetch in (False, True):
+        off = copy.deepcopy(model)
+        offload(off, "q8_0", gpu_budget=streaming_budget(model, "q8_0"), device="cpu", progress=False,
+                measure=False, experts="on_demand", expert_cache_slots=slots, expert_prefetch=prefetch)
+        cache = expert_cache_of(off)
+        linked = [m for m in cache.modules if m._prefetch_next is not None]
+        assert len(linked) == (len(cache.modules) - 1 if prefetch else 0) and len(cache.modules) >= 2
+        with torch.no_grad():
+            logits = off(ids).logits
+            decoded = off.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)
+        stats = cache.stats()
+        assert (stats["prefetched"] > 0) == prefetch
+        assert stats["prefetch_hits"] + stats["prefetch_wasted"] <= stats["prefetched"]
+        outs.append((logits, decoded))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0, atol=0)
+    assert torch.equal(outs[1][1], outs[0][1])
+
+
+def test_a_right_guess_is_a_hit_in_the_next_layer():
+    """Two on-demand layers whose routers agree: every expert the second layer chooses was copied by the
+    first layer's guess, and counts as a prefetch hit, not a miss."""
+    from offload_kernels.model.expert_cache import ExpertCache
+
+    model = tiny_moe("mixtral", layers=2)
+    blocks = [model.model.layers[i].mlp for i in range(2)]
+    with torch.no_grad():
+        blocks[1].gate.weight.copy_(blocks[0].gate.weight)
+    for block in blocks:
+        block.experts = OffloadedExperts.from_experts(block.experts, "q8_0")
+    cache = ExpertCache([b.experts for b in blocks], "cpu", num_slots=4, prefetch=True)
+    assert cache.link_next_layers(model) == 1
+    x = torch.randn(1, 3, 256)
+    with torch.no_grad():
+        blocks[0](x)
+        first = cache.stats()
+        assert first["prefetched"] > 0 and first["misses"] > 0
+        blocks[1](x)                     # the same input, the same router: the guess was right
+    stats = cache.stats()
+    assert stats["prefetch_hits"] == first["prefetched"] and stats["misses"] == first["misses"]
+    assert stats["prefetch_wasted"] == 0
+
+
+def test_expert_prefetch_needs_experts_on_demand():
+    model = tiny_moe("mixtral", layers=2)
+    with pytest.raises(ValueError, match="expert_prefetch=True .* needs experts='on_demand'"):
+        offload(model, "q8_0", device="cpu", progress=False, measure=False, expert_prefetch=True)
+    with pytest.raises(TypeError, match="expert_prefetch must be a bool"):
+        offload(model, "q8_0", device="cpu", progress=False, measure=False, experts="on_demand",
+                expert_prefetch="yes")
+    assert not any(isinstance(m, OffloadedExperts) for m in model.modules())
+
+
 def test_a_budget_that_holds_everything_needs_no_expert_cache():
     from offload_kernels.model.offload import expert_cache_of
 
@@ -388,14 +449,19 @@ def test_failure_creating_the_expert_cache_restores_the_model(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("slots", [1, None])
-def test_cuda_experts_on_demand_match_the_dequantized_model(slots, ids):
+@pytest.mark.parametrize("slots,prefetch", [(1, False), (None, False), (2, True), (None, True)])
+def test_cuda_experts_on_demand_match_the_dequantized_model(slots, prefetch, ids):
+    """On CUDA (copy stream, events), with and without speculative prefetch: prefill (experts grouped by
+    expert) and decode steps (the grouped kernel over the cache's slots) both match the reference."""
     model = tiny_moe("qwen3_moe", layers=6)
     off = copy.deepcopy(model)
     report = offload(off, "q4_k", gpu_budget=streaming_budget(model, "q4_k"), device="cuda", progress=False,
-                     measure=False, experts="on_demand", expert_cache_slots=slots)
+                     measure=False, experts="on_demand", expert_cache_slots=slots, expert_prefetch=prefetch)
     assert report.placement.on_demand
-    assert_logits_match(off, dequantized_reference(model, off).cuda(), ids.cuda(), rtol=1e-3)
+    ref = dequantized_reference(model, off).cuda()
+    assert_logits_match(off, ref, ids.cuda(), rtol=1e-3)
+    for t in range(1, 4):                       # single-token calls: the grouped path
+        assert_logits_match(off, ref, ids[:1, t:t + 1].cuda(), rtol=1e-3, passes=1)
 
 
 def test_torch_compile_runs_offloaded_experts(ids):
