@@ -33,8 +33,9 @@
 #   bench-quantize      offload-kernels bench quantize (CPU and CUDA)                             ~1-2 min
 #   bench-offload       offload-kernels bench offload (Llama-3-8B shape, 32 layers)               ~5-8 min
 #   bench-offload-moe   the same on a Qwen3-30B-A3B shape (12 of its 48 layers: the fp16 baseline fits), --quick:
-#                       MoE blocks (128 experts, 8 per token) resident, streamed whole, and with the experts
-#                       copied on demand through an expert cache at the same budgets          ~5-8 min
+#                       MoE blocks (128 experts, 8 per token) resident, and 20% resident streamed whole, with the
+#                       experts copied on demand through an expert cache, and with speculative expert prefetch
+#                       (the same budget)                                                        ~5-8 min
 #   bench-experts       offload-kernels bench experts: one MoE layer (Qwen3-30B-A3B, Mixtral) at 1-16 tokens,
 #                       the grouped expert GEMV vs expert by expert vs the fp16 transformers module  ~3-5 min
 #   all                 all of the above but test-all and bench-kernels-full, in that order (SUITE_LIMIT_S=0 on a
@@ -201,7 +202,7 @@ run_stage() {
         --out "$RESULTS" ${OFFLOAD_ARGS:-} ;;
     bench-offload-moe)
       guarded "$limit" "$PY" -m offload_kernels.cli.main bench offload --shape qwen3-30b-a3b --layers 12 --quick \
-        --time-budget-s $(( limit > 200 ? limit - 100 : 100 )) --out "$RESULTS" ${OFFLOAD_ARGS:-} ;;
+        --fractions 1,0.2 --experts-on-demand --expert-prefetch --time-budget-s $(( limit > 200 ? limit - 100 : 100 )) --out "$RESULTS" ${OFFLOAD_ARGS:-} ;;
     bench-experts)
       guarded "$limit" "$PY" -m offload_kernels.cli.main bench experts --time-budget-s $(( limit > 200 ? limit - 100 : 100 )) \
         --out "$RESULTS" ;;

@@ -84,6 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experts-on-demand", action="store_true",
                         help="MoE shapes: also run each streamed placement with experts='on_demand' (the chosen "
                              "experts copied through an expert cache) at the same budget")
+    parser.add_argument("--expert-prefetch", action="store_true",
+                        help="with --experts-on-demand: also run those placements with expert_prefetch=True "
+                             "(each layer copies the experts the next one's router guesses)")
     parser.add_argument("--reps", type=int, default=None, help="timed forwards per point (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed forwards per point")
     parser.add_argument("--accelerate-tokens", default=None, help="token counts timed with accelerate (default 1,256)")
@@ -417,14 +420,16 @@ class OffloadBench:
             del model
             free_memory(self.device)
 
-    def run_placement(self, fraction: float, build_device, experts: str = "with_block") -> None:
+    def run_placement(self, fraction: float, build_device, experts: str = "with_block",
+                      prefetch: bool = False) -> None:
         import torch
 
         from offload_kernels import offload
         from offload_kernels.model import streamer_of
         from offload_kernels.model.offload import expert_cache_of
 
-        provider = f"{self.args.qtype}_{round(fraction * 100)}pct" + ("_on_demand" if experts == "on_demand" else "")
+        provider = (f"{self.args.qtype}_{round(fraction * 100)}pct" + ("_on_demand" if experts == "on_demand" else "")
+                    + ("_prefetch" if prefetch else ""))
         model = self.fresh_model(build_device)
         if model is None:
             return self.note(f"time budget reached before {provider}")
@@ -433,6 +438,7 @@ class OffloadBench:
             t0 = time.perf_counter()
             report = offload(model, self.args.qtype, gpu_budget=budget, device=self.device,
                              num_slots=self.args.num_slots, progress=False, measure=True, experts=experts,
+                             expert_prefetch=prefetch,
                              token_counts=[p.tokens for p in self.points if p.layout == "prefill"])
             free_memory(self.device)
             p = self.placements[provider] = Placement(
@@ -463,6 +469,9 @@ class OffloadBench:
         if self.args.experts_on_demand and self.config_is_moe():
             placements += [lambda f=f: self.run_placement(f, build_device, "on_demand")
                            for f in self.fractions if f < 1]
+            if self.args.expert_prefetch:
+                placements += [lambda f=f: self.run_placement(f, build_device, "on_demand", prefetch=True)
+                               for f in self.fractions if f < 1]
         # Most telling first, should the time budget run out: the dense baseline, the fully resident placement
         # (whose warm-ups autotune the kernels for the others), the most streamed one, accelerate, the rest.
         steps = [self.run_dense] if gpu_built and not self.args.skip_fp16 else []

@@ -7,9 +7,9 @@
    unquantized model; then a short greedy generation with the streamed model.
 
 3. Mixture of experts: a Qwen3-MoE-architecture model (many experts, a few per token), its blocks half
-   streamed, run with the streamed blocks' experts streamed whole and copied on demand (only the chosen
-   experts, through the expert cache) at the same budget: tokens/s, bytes over the link per forward, cache
-   hits, error against the unquantized model.
+   streamed, run with the streamed blocks' experts streamed whole, copied on demand (only the chosen
+   experts, through the expert cache), and copied on demand with speculative prefetch, at the same budget:
+   tokens/s, bytes over the link per forward, cache hits, guesses used, error against the unquantized model.
 
 Without a GPU every part runs the CPU path (torch kernels, the engine's host backend, where the "link"
 is a host memcpy) and says so.
@@ -219,13 +219,14 @@ def moe_report(args: argparse.Namespace, device: torch.device) -> str:
         ref_logits = original(ids[:, :64]).logits.float()
     budget = _budget_streaming(original, args.qtype, args.streamed)
     rows, notes = [], []
-    for mode in ("with_block", "on_demand"):
+    for mode, prefetch in (("with_block", False), ("on_demand", False), ("on_demand", True)):
         model = copy.deepcopy(original)
         report = offload(model, args.qtype, gpu_budget=budget, device=device, progress=False, measure=False,
-                         experts=mode)
+                         experts=mode, expert_prefetch=prefetch)
+        label = mode + ("+prefetch" if prefetch else "")
         streamer, cache = streamer_of(model), expert_cache_of(model)
         p = report.placement
-        notes.append(f"  experts {mode}: {p.resident_fraction:.0%} of quantized weights resident, "
+        notes.append(f"  experts {label}: {p.resident_fraction:.0%} of quantized weights resident, "
                      f"{human_bytes(p.streamed_bytes)} streamed whole per forward"
                      + (f", {human_bytes(p.on_demand_bytes)} of experts on demand through a cache of "
                         f"{p.expert_cache_slots} of their {p.expert_count} experts" if p.on_demand else ""))
@@ -242,8 +243,10 @@ def moe_report(args: argparse.Namespace, device: torch.device) -> str:
                     streamer.engine.synchronize()
                 copied = (streamer.stats()["bytes_copied"] if streamer else 0) + \
                     (cache.stats()["bytes_copied"] if cache else 0)
-                hits = f"{cache.stats()['hits'] / 4:.0f} / {cache.stats()['misses'] / 4:.0f}" if cache else ""
-                rows.append([mode, t, secs * 1e3, t / secs, human_bytes(copied / 4), hits, rel])
+                stats = cache.stats() if cache else {}
+                hits = f"{stats['hits'] / 4:.0f} / {stats['misses'] / 4:.0f}" if cache else ""
+                guesses = f"{stats['prefetch_hits'] / 4:.0f} of {stats['prefetched'] / 4:.0f}" if prefetch else ""
+                rows.append([label, t, secs * 1e3, t / secs, human_bytes(copied / 4), hits, guesses, rel])
         if streamer is not None:
             streamer.close()
         if cache is not None:
@@ -253,10 +256,14 @@ def moe_report(args: argparse.Namespace, device: torch.device) -> str:
     return "\n".join([
         f"Part 3 - a mixture-of-experts model (Qwen3-MoE architecture, random weights) on {where}: {s.layers} layers, "
         f"{s.experts} experts of width {s.expert_intermediate}, {s.experts_per_token} per token, "
-        f"{n_params / 1e6:.0f}M parameters, {args.qtype}, the same budget for both:",
+        f"{n_params / 1e6:.0f}M parameters, {args.qtype}, the same budget for all three:",
         *notes,
         format_table(["experts", "tokens/forward", "ms/forward", "tokens/s", "link bytes/forward",
-                      "cache hits / misses per forward", "logit rel err vs fp"], rows),
+                      "cache hits / misses per forward", "prefetches used per forward", "logit rel err vs fp"],
+                     rows),
+        "  (+prefetch: each MoE layer copies the experts the next layer's router picks for its own input; of those "
+        "guesses, 'used' were chosen by the next layer. Random weights: a trained model's residual stream, and so "
+        "its guesses, change less from layer to layer.)",
     ])
 
 

@@ -59,7 +59,7 @@ def test_quantize_benchmark_rejects_bad_thread_counts(tmp_path, threads):
 
 @pytest.mark.parametrize("shape", ["tiny", "tiny-moe"])
 def test_offload_benchmark_on_the_cpu_path(tmp_path, one_thread, shape):
-    on_demand = ["--experts-on-demand"] if shape == "tiny-moe" else []
+    on_demand = ["--experts-on-demand", "--expert-prefetch"] if shape == "tiny-moe" else []
     assert cli_main(["bench", "offload", "--device", "cpu", "--shape", shape, "--layers", "8", "--tokens", "1,4",
                      "--batch-max", "4", "--fractions", "1,0.2", "--reps", "2", "--warmup", "1",
                      "--out", str(tmp_path), *on_demand]) == 0
@@ -78,6 +78,7 @@ def test_offload_benchmark_on_the_cpu_path(tmp_path, one_thread, shape):
     assert ("ratio_to_resident", "q4_k_20pct", "1", "prefill") in by
     if on_demand:       # the same budget with the chosen experts copied through the cache
         assert ("tokens_per_s", "q4_k_20pct_on_demand", "4", "batch") in by
+        assert ("tokens_per_s", "q4_k_20pct_on_demand_prefetch", "1", "prefill") in by
         assert float(by[("expert_bytes_per_forward", "q4_k_20pct_on_demand", "1", "prefill")]["median"]) >= 0
     assert ("ratio_to_ideal", "q4_k_100pct", "1", "prefill") not in by     # nothing streamed: no ideal
     fraction = float(by[("tokens_per_s", "q4_k_20pct", "1", "prefill")]["resident_fraction"])

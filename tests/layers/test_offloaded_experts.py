@@ -97,12 +97,13 @@ def test_matches_the_original_forward_on_dequantized_weights(kind, qtype, tokens
 
 @pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_inputs(kind, dtype):
+@pytest.mark.parametrize("tokens", [2, 9])          # the grouped path, and grouped by expert
+def test_half_precision_inputs(kind, dtype, tokens):
     original = _experts(kind)
     oe = OffloadedExperts.from_experts(original, "q4_k")
     ref = _dequantized(original, oe).double()
-    x = torch.randn(9, HIDDEN)
-    index, weights = _routing(9, original.num_experts, 2)
+    x = torch.randn(tokens, HIDDEN)
+    index, weights = _routing(tokens, original.num_experts, 2)
     y = oe(x.to(dtype), index, weights.to(dtype))
     assert y.dtype == dtype
     assert _rel(y, batched_mm_experts_forward(ref, x.double(), index, weights.double())) < TOL[dtype]
