@@ -245,7 +245,7 @@ def moe_report(args: argparse.Namespace, device: torch.device) -> str:
                     (cache.stats()["bytes_copied"] if cache else 0)
                 stats = cache.stats() if cache else {}
                 hits = f"{stats['hits'] / 4:.0f} / {stats['misses'] / 4:.0f}" if cache else ""
-                guesses = f"{stats['prefetch_hits'] / 4:.0f} of {stats['prefetched'] / 4:.0f}" if prefetch else ""
+                guesses = f"{stats['prefetch_hits'] / 4:.0f} of {stats['prefetched'] / 4:.0f}" if prefetch and cache else ""
                 rows.append([label, t, secs * 1e3, t / secs, human_bytes(copied / 4), hits, guesses, rel])
         if streamer is not None:
             streamer.close()
