@@ -16,7 +16,7 @@ token, uniform), it times (triton.testing.do_bench: median, p20/p80, L2 flushed 
 and derives the speedup over the fp16 module and the fraction of the HBM-bound ideal: the quantized
 bytes of the distinct experts the routing chose, at the device-to-device copy bandwidth measured in the
 same run. The grouped path reads an expert once per pair that chose it, so with repeats it can exceed
-that ideal's bytes: the ratio shows what that costs, and where GROUPED_MAX_TOKENS
+that ideal's bytes: the ratio shows what that costs, and where GROUPED_MAX_PAIRS_PER_EXPERT
 (layers/offloaded_experts.py, the crossover between the two paths) should sit. Rows are appended to
 ``<results>/<gpu-slug>/experts.csv``; ``experts.md`` summarizes the run and ``experts.png`` plots it.
 Without CUDA it says so and exits 0.
@@ -108,16 +108,16 @@ def routing(tokens: int, experts: int, k: int, seed: int, device: str = "cuda"):
 
 
 @contextlib.contextmanager
-def grouped_up_to(tokens: int):
-    """OffloadedExperts' crossover set so that calls of ``tokens`` tokens take the grouped path (0: never)."""
+def grouped_path(enabled: bool):
+    """OffloadedExperts' crossover set so that every call takes the grouped path (or none does)."""
     from offload_kernels.layers import offloaded_experts
 
-    before = offloaded_experts.GROUPED_MAX_TOKENS
-    offloaded_experts.GROUPED_MAX_TOKENS = tokens
+    before = offloaded_experts.GROUPED_MAX_PAIRS_PER_EXPERT
+    offloaded_experts.GROUPED_MAX_PAIRS_PER_EXPERT = float("inf") if enabled else 0
     try:
         yield
     finally:
-        offloaded_experts.GROUPED_MAX_TOKENS = before
+        offloaded_experts.GROUPED_MAX_PAIRS_PER_EXPERT = before
 
 
 def bench_shape(rec: Recorder, shape_name: str, shape, qtype: str, tokens_list, rep_ms: int, copy_gbs: float,
@@ -142,10 +142,10 @@ def bench_shape(rec: Recorder, shape_name: str, shape, qtype: str, tokens_list, 
         rec.add("hbm_ideal_time", "ideal", t, Stats.exact(ideal_ms), "ms", **point)
         timings: dict[str, Stats] = {}
         with torch.no_grad():
-            with grouped_up_to(t):
+            with grouped_path(True):
                 timings["grouped"] = time_cuda(lambda: oe(x, index, weights), rep_ms)
                 timings["grouped_graph"] = time_cuda_graph(lambda: oe(x, index, weights), rep_ms)
-            with grouped_up_to(0):
+            with grouped_path(False):
                 timings["by_expert"] = time_cuda(lambda: oe(x, index, weights), rep_ms)
             timings[BASELINE] = time_cuda(lambda: dense(x, index, weights), rep_ms)
         for provider, stats in timings.items():

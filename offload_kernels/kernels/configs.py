@@ -274,16 +274,33 @@ def expert_word_loads(data, qtype: str, expert_bytes: int) -> bool:
     return data.data_ptr() % align == 0 and expert_bytes % align == 0
 
 
-def expert_gemv_heuristic_config(pairs: int, n: int, k: int, qtype: str, sms: int, split_k: "int | None" = None,
-                                 layout: "int | None" = None, word_loads: bool = True) -> triton.Config:
-    """The one-token GEMV heuristic config (gemv_heuristic_config) for each of ``pairs`` (token, expert)
-    pairs, with the K split sized for all the pairs' tiles together (~4 resident programs per SM)."""
-    one = gemv_heuristic_config(1, n, k, qtype, sms, 1, layout, word_loads)
+def expert_gemv_heuristic_config(programs_m: int, block_m: int, n: int, k: int, qtype: str, sms: int,
+                                 split_k: "int | None" = None, layout: "int | None" = None,
+                                 word_loads: bool = True) -> triton.Config:
+    """The GEMV heuristic config for ``block_m`` tokens (gemv_heuristic_config) for each of ``programs_m``
+    program rows (pairs, or blocks of pairs sharing an expert), with the K split sized for all of their
+    tiles together (~4 resident programs per SM)."""
+    one = gemv_heuristic_config(block_m, n, k, qtype, sms, 1, layout, word_loads)
     block_n = one.kwargs["BLOCK_N"]
     if split_k is None:
-        tiles = cdiv(n, block_n) * pairs
+        tiles = cdiv(n, block_n) * programs_m
         split_k = largest_divisor_at_most(cdiv(k, GEMV_STEP_K), max(1, (4 * sms) // tiles))
     return _gemv_config(block_n, split_k, one.num_warps, one.kwargs["LAYOUT"], one.kwargs["STAGES"])
+
+
+#: The grouped expert GEMV sorts the (token, expert) pairs by expert into blocks of up to
+#: experts_block_m(pairs, experts) pairs (each block decodes its expert's bytes once for all its pairs) when
+#: there are more than this many pairs per expert on average; with fewer, repeats are rare and one program
+#: row per pair needs no sorting (no launches before the kernel).
+EXPERTS_SORT_MIN_PAIRS_PER_EXPERT = 0.5
+
+
+def experts_block_m(pairs: int, experts: int) -> int:
+    """Pairs per block of the sorted grouped expert GEMV (1: unsorted): twice the mean pairs per expert,
+    as a power of two from 2 to GEMV3_MAX_BLOCK_M (the GEMV's measured range is up to 4 tokens)."""
+    if pairs <= EXPERTS_SORT_MIN_PAIRS_PER_EXPERT * experts:
+        return 1
+    return max(2, min(GEMV3_MAX_BLOCK_M, next_power_of_2(cdiv(2 * pairs, experts))))
 
 
 # ----------------------------------------------------------------------------------------- GEMM

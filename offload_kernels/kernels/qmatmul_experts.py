@@ -8,7 +8,9 @@ row per token, shared by the token's k experts (the up/gate projection), or one 
 pair (the down projection).
 
 backend "triton" is one launch of the grouped expert GEMV (expert_gemv.py) whatever the routing, with no
-host read of it (ids are read by the kernel); "torch" is the reference: for each distinct expert, the torch
+host read of it (ids are read by the kernel): one program row per pair, or, with more than half a pair
+per expert on average (configs.experts_block_m), the pairs first sorted by expert on the device into
+blocks that share their expert's weight reads; "torch" is the reference: for each distinct expert, the torch
 dequantizer and a matmul. The op has a fake implementation (torch.compile) and a backward for the
 input and the bias (the weight is frozen).
 """
@@ -20,6 +22,7 @@ from typing import Optional
 import torch
 
 from ..formats import QuantizedTensor, dequantize, get_spec
+from .configs import experts_block_m
 from .dequant import check_triton_device
 from .expert_gemv import expert_gemv
 from .qmatmul import _X_DTYPES, BACKENDS, _linear, _reference_dtype
@@ -139,9 +142,40 @@ def _qmatmul_experts_op(x: torch.Tensor, data: torch.Tensor, qtype: str, num_exp
     if backend == "torch":
         return _torch_experts(x2d, data, spec, n, k, expert_bytes, ids, x_group, bias).view(out_shape)
     out = new_output((pairs, n), x.dtype, x.device)
-    expert_gemv(x2d, data, spec.name, n, k, spec.row_bytes(k), expert_bytes, num_experts, ids.contiguous(),
-                x_group, bias, out, split_k=split_k or None, layout=layout or None)
+    block_m = experts_block_m(pairs, num_experts)
+    if block_m > 1:
+        block_experts, block_rows = sort_pairs_by_expert(ids, num_experts, block_m)
+        expert_gemv(x2d, data, spec.name, n, k, spec.row_bytes(k), expert_bytes, num_experts, block_experts,
+                    x_group, bias, out, block_rows=block_rows, split_k=split_k or None, layout=layout or None)
+    else:
+        expert_gemv(x2d, data, spec.name, n, k, spec.row_bytes(k), expert_bytes, num_experts, ids.contiguous(),
+                    x_group, bias, out, split_k=split_k or None, layout=layout or None)
     return out.view(out_shape)
+
+
+def sort_pairs_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs grouped by expert into blocks of ``block_m``: (block_experts (B,), block_rows (B, block_m)
+    int32, the pairs of each block, P where a block is not full). B = cdiv(P, block_m) + min(E, P) blocks,
+    the most any routing needs (each expert's last block may be partial); the unused ones hold only P.
+    Device-side torch ops only (no bincount, whose output size is read back): nothing waits for the GPU,
+    and a CUDA graph captures it. Ids are clamped into [0, num_experts), as the kernel does."""
+    pairs = ids.numel()
+    device = ids.device
+    ids = ids.reshape(-1).clamp(0, num_experts - 1)
+    order = torch.argsort(ids, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(
+        0, ids.long(), torch.ones(pairs, dtype=torch.int64, device=device))
+    blocks = (counts + block_m - 1) // block_m
+    block_end = torch.cumsum(blocks, 0)
+    n_blocks = -(-pairs // block_m) + min(num_experts, pairs)
+    b = torch.arange(n_blocks, device=device)
+    expert = torch.searchsorted(block_end, b, right=True)          # num_experts past the last used block
+    e = expert.clamp(max=num_experts - 1)
+    within = (b - (block_end[e] - blocks[e]))[:, None] * block_m + torch.arange(block_m, device=device)
+    live = (expert < num_experts)[:, None] & (within < counts[e][:, None])
+    position = (torch.cumsum(counts, 0) - counts)[e][:, None] + within
+    rows = torch.where(live, order[position.clamp(max=pairs - 1)], pairs)
+    return e.to(torch.int32), rows.to(torch.int32).contiguous()
 
 
 @_qmatmul_experts_op.register_fake
@@ -234,4 +268,4 @@ def qmatmul_expert_buffer(x: torch.Tensor, data: torch.Tensor, qtype: str, n: in
                                                      None, backend, 0, 0)
 
 
-__all__ = ["qmatmul_expert_buffer", "qmatmul_experts"]
+__all__ = ["qmatmul_expert_buffer", "qmatmul_experts", "sort_pairs_by_expert"]

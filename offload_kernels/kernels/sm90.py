@@ -28,8 +28,8 @@ GEMV_SIGNATURE = {"x_ptr": "*{x}", "w_ptr": "*u8", "bias_ptr": "*{x}", "out_ptr"
                   "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "row_bytes": "i32",
                   "split_k": "i32", "M_BUCKET": "i32"}
 #: The grouped expert GEMV's runtime arguments (expert_gemv.py): the GEMV's and the routing's.
-EXPERT_GEMV_SIGNATURE = {**GEMV_SIGNATURE, "ids_ptr": "*i64", "expert_bytes": "i32", "num_experts": "i32",
-                         "X_GROUP": "i32"}
+EXPERT_GEMV_SIGNATURE = {**GEMV_SIGNATURE, "ids_ptr": "*i64", "rows_ptr": "*i32", "expert_bytes": "i32",
+                         "num_experts": "i32", "X_GROUP": "i32"}
 
 
 def compile_kernel(fn, signature: dict, constexprs: dict, aligned: "list[str]" = ALIGNED, **options):
@@ -94,12 +94,14 @@ def opcode_counts(body: "list[str]") -> Counter:
 
 
 def gemv_loop_report(qtype: str, x: str, m: int, layout: "int | None" = None, n: int = 4096, k: int = 4096,
-                     stages: "int | None" = None, experts: bool = False) -> "dict[str, Any]":
+                     stages: "int | None" = None, experts: bool = False,
+                     sorted_pairs: bool = False) -> "dict[str, Any]":
     """The GEMV's heuristic config for ``m`` tokens on an n x k ``qtype`` matrix (in ``layout``, default the
     heuristic's own), compiled for sm_90 with ``x`` activations: its main loop's instruction count per
     weight and token, barriers, shared-memory accesses, shuffles and byte permutes, registers and spills.
     ``layout`` is the layout that ran (the heuristic falls back where the one asked for cannot).
-    ``experts``: the grouped expert GEMV (expert_gemv.py, one token per program) instead."""
+    ``experts``: the grouped expert GEMV (expert_gemv.py) instead, one pair per program, or with
+    ``sorted_pairs`` blocks of ``m`` pairs sharing an expert."""
     from .expert_gemv import _expert_gemv_kernel
     from .gemv import _gemv_kernel
 
@@ -108,12 +110,13 @@ def gemv_loop_report(qtype: str, x: str, m: int, layout: "int | None" = None, n:
     stages = c.kwargs["STAGES"] if stages is None else stages
     tile_a, tile_b = configs.GEMV_TILE[qtype]
     fn, signature = (_expert_gemv_kernel, EXPERT_GEMV_SIGNATURE) if experts else (_gemv_kernel, GEMV_SIGNATURE)
-    if experts and block_m != 1:
-        raise ValueError("the grouped expert GEMV runs one token per program")
-    kernel = compile_kernel(fn, {name: t.format(x=x) for name, t in signature.items()},
-                            dict(QTYPE=QTYPE_CODES[qtype], HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n,
-                                 TILE_A=tile_a, TILE_B=tile_b, WORD_LOADS=True, LAYOUT=c.kwargs["LAYOUT"],
-                                 STAGES=stages),
+    if experts and block_m != 1 and not sorted_pairs:
+        raise ValueError("the unsorted grouped expert GEMV runs one pair per program")
+    constexprs = dict(QTYPE=QTYPE_CODES[qtype], HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, TILE_A=tile_a,
+                      TILE_B=tile_b, WORD_LOADS=True, LAYOUT=c.kwargs["LAYOUT"], STAGES=stages)
+    if experts:
+        constexprs["SORTED"] = sorted_pairs
+    kernel = compile_kernel(fn, {name: t.format(x=x) for name, t in signature.items()}, constexprs,
                             num_warps=c.num_warps)
     report: dict[str, Any] = {"layout": c.kwargs["LAYOUT"], "block_m": block_m, "block_n": block_n,
                               "warps": c.num_warps, "stages": stages, "kernel": kernel}

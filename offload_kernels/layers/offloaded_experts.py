@@ -33,14 +33,14 @@ from ..formats import QuantizedTensor, get_spec, quantize
 from ..formats.quantize import validate_weight
 from .offloaded_linear import _FLOAT_DTYPES, OffloadedLinear, check_activations
 
-#: Most tokens per call for which the layer runs each projection as one grouped launch over every (token,
-#: chosen expert) pair (qmatmul_experts: no host read of the routing, two GEMV launches per layer) rather
-#: than grouping the tokens by expert (one host read of the counts, then a qmatmul per chosen expert, which
-#: reads each chosen expert once where pairs sharing an expert read it again). At 4 tokens a Mixtral layer
-#: (2 of 8 experts) reads ~1.5x the bytes of the grouped-by-expert path on average but makes 2 GEMV launches
-#: instead of ~11 plus the gathers; Qwen3-30B-A3B (8 of 128) ~1.1x. Not measured on a GPU yet (`bench kernels
-#: --experts` times both paths per token count).
-GROUPED_MAX_TOKENS = 4
+#: Most (token, chosen expert) pairs per expert, on average, for which the layer runs each projection as one
+#: grouped launch (qmatmul_experts: the grouped expert GEMV, with the pairs sorted by expert on the device
+#: when experts repeat; no host read of the routing) rather than grouping the tokens by expert on the host
+#: (one read of the counts, then a qmatmul per chosen expert and projection: GEMV or tensor-core GEMM by
+#: its tokens). 4 is the GEMV's range in the crossover table (kernels.configs.KERNEL_BY_M): Qwen3-30B-A3B
+#: (8 of 128 experts) is grouped up to 64 tokens, two launches per layer instead of ~2 per chosen expert plus
+#: the gathers; Mixtral (2 of 8) up to 16. Not measured on a GPU yet (`bench experts` times both paths).
+GROUPED_MAX_PAIRS_PER_EXPERT = 4
 
 #: The flags transformers' ``use_experts_implementation`` sets on an experts module.
 _EXPERT_FLAGS = ("has_gate", "has_bias", "is_transposed")
@@ -218,8 +218,8 @@ class OffloadedExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         x, index, weights = self._check_inputs(hidden_states, top_k_index, top_k_weights)
-        tokens = index.shape[0]
-        if 0 < tokens <= GROUPED_MAX_TOKENS and not self._needs_grad(x, weights):
+        tokens, k = index.shape
+        if 0 < tokens * k <= GROUPED_MAX_PAIRS_PER_EXPERT * self.num_experts and not self._needs_grad(x, weights):
             out = self._forward_grouped(x, index, weights)
         else:
             out = self._forward_by_expert(x, index, weights)
@@ -235,7 +235,7 @@ class OffloadedExperts(nn.Module):
         return self._apply_gate_fn(self, h) if self._apply_gate_fn is not None else self.act_fn(h)
 
     def _forward_grouped(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """A few tokens: each projection is one grouped launch over every (token, chosen expert) pair
+        """Few tokens per expert: each projection is one grouped launch over every (token, chosen expert) pair
         (qmatmul_experts), with no host read of the routing outside eager-mode checks of the ids."""
         from ..kernels.qmatmul_experts import qmatmul_experts
 
@@ -265,8 +265,9 @@ class OffloadedExperts(nn.Module):
         return self._combine(y, weights)
 
     def _forward_grouped_cached(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Experts on demand, a few tokens: the chosen experts are copied into the cache (one host read of the
-        ids says which), then each projection is one grouped launch over the cache's slots."""
+        """Experts on demand, few tokens per expert: the chosen experts are copied into the cache (one host read
+        of the ids says which), then each projection is one grouped launch over the cache's slots (when they all
+        fit in it; else expert by expert)."""
         from ..kernels.qmatmul_experts import qmatmul_expert_buffer
 
         cache = self._check_cache_device(x)

@@ -177,10 +177,10 @@ def test_experts_benchmark_logic_on_cpu(tmp_path, one_thread, monkeypatch):
     monkeypatch.setattr(experts, "time_cuda_graph", once)
     run = RunInfo.collect("cpu")
     rec, table = Recorder(run), {}
-    limit = offloaded_experts.GROUPED_MAX_TOKENS
+    limit = offloaded_experts.GROUPED_MAX_PAIRS_PER_EXPERT
     experts.bench_shape(rec, "tiny-moe", experts.moe_shapes()["tiny-moe"], "q4_k", [1, 3], 1, 1000.0, table,
                         Deadline(None), device="cpu")
-    assert offloaded_experts.GROUPED_MAX_TOKENS == limit             # the crossover is restored
+    assert offloaded_experts.GROUPED_MAX_PAIRS_PER_EXPERT == limit          # the crossover is restored
     got = {(r["kernel"], r["provider"], r["x"]) for r in rec.rows}
     for t in (1, 3):
         for provider in ("grouped", "grouped_graph", "by_expert", "fp16_transformers"):

@@ -59,6 +59,9 @@ def main() -> int:
                     report["expert_gemv_loop"][qtype] = {
                         "layout": r["layout"], "loop_instructions": r["loop_instructions"],
                         "registers": r.get("registers", -1), "stack_bytes": r.get("stack_bytes", -1)}
+                # and sorted into blocks of 4 pairs sharing an expert
+                r = gemv_loop_report(qtype, x, 4, experts=True, sorted_pairs=True)
+                report["compiled"].append(f"expert_gemv_sorted/{qtype}/{x}/m4/layout{r['layout']}")
             default = f16_decode_default(DTYPES[x], qtype)
             # fp16: both weight decodes at a mid-M (16) and a large-M (512) tile, to compare their loops.
             # Every dtype: the swapped-operand variant at a mid-M tile too (a tuned option, compiled only here).

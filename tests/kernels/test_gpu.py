@@ -182,7 +182,7 @@ def test_torch_compile_inductor(m):
 # ------------------------------------------------------------------------------------ grouped expert GEMV
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("qtype", ["q4_k", "q3_k", "q6_k"])
-@pytest.mark.parametrize("tokens,top_k", [(1, 8), (4, 2)])
+@pytest.mark.parametrize("tokens,top_k", [(1, 8), (4, 2), (16, 8)])      # the last sorted into blocks
 def test_expert_gemv_on_model_shapes(qtype, dtype, tokens, top_k, poisoned):
     """qmatmul_experts on a Qwen3-30B-A3B-like stack (64 experts of 768 x 2048 here), shared rows and rows
     per pair, against float64 on each pair's dequantized expert."""
@@ -201,20 +201,22 @@ def test_expert_gemv_on_model_shapes(qtype, dtype, tokens, top_k, poisoned):
         assert err <= (1e-3 if dtype == torch.float32 else 1e-2), err
 
 
-def test_expert_gemv_in_a_cuda_graph_follows_new_routing():
-    """Captured once, replayed with other routing written into the same id tensor: the kernel reads the ids
-    on the device, so each replay computes the experts chosen now."""
+@pytest.mark.parametrize("tokens,top_k", [(2, 2), (12, 4)])       # one pair per program; sorted on the device
+def test_expert_gemv_in_a_cuda_graph_follows_new_routing(tokens, top_k):
+    """Captured once, replayed with other routing written into the same id tensor: the kernel (and the
+    sort by expert, all device ops) reads the ids on the device, so each replay computes the experts chosen
+    now."""
     from offload_kernels.kernels import qmatmul_experts
 
     g = torch.Generator().manual_seed(7)
     qt = random_qtensor("q4_k", 16 * 256, 1024, g, device="cuda")
-    x = activations((2, 1024), g).half().cuda()
-    ids = torch.tensor([[0, 1], [2, 3]], device="cuda")
+    x = activations((tokens, 1024), g).half().cuda()
+    ids = torch.randint(0, 16, (tokens, top_k), generator=g).cuda()
     qmatmul_experts(x, qt, ids, 16)                      # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = qmatmul_experts(x, qt, ids, 16)
-    for routing in ([[5, 9], [15, 0]], [[3, 3], [3, 3]]):
-        ids.copy_(torch.tensor(routing))
+        y = qmatmul_experts(x, qt, ids, 16, check_ids=False)
+    for routing in (torch.randint(0, 16, (tokens, top_k), generator=g), torch.full((tokens, top_k), 3)):
+        ids.copy_(routing)
         graph.replay()
         torch.testing.assert_close(y, qmatmul_experts(x, qt, ids, 16), rtol=1e-3, atol=1e-3)

@@ -36,6 +36,21 @@ def grouped_only(monkeypatch):
     kernels.reset_launch_counts()
 
 
+@pytest.fixture
+def sorted_runs(monkeypatch) -> list:
+    """The block size of every sorted launch (sort_pairs_by_expert calls) while the test runs."""
+    module = importlib.import_module("offload_kernels.kernels.qmatmul_experts")
+    calls = []
+    original = module.sort_pairs_by_expert
+
+    def spy(ids, num_experts, block_m):
+        calls.append(block_m)
+        return original(ids, num_experts, block_m)
+
+    monkeypatch.setattr(module, "sort_pairs_by_expert", spy)
+    return calls
+
+
 def _one_launch() -> str:
     ran = {k: v for k, v in kernels.launch_counts().items() if v}
     assert sum(ran.values()) == 1 and next(iter(ran)) in VARIANTS, f"expected one grouped launch, got {ran}"
@@ -69,22 +84,73 @@ def _case(qtype, dtype, tokens, top_k, g, device, *, per_pair=False, with_bias=T
 @pytest.mark.parametrize("per_pair", [False, True], ids=["shared_rows", "row_per_pair"])
 @pytest.mark.parametrize("dtype", X_DTYPES, ids=str)
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_matches_float64(qtype, dtype, per_pair, device, grouped_only, poisoned):
+def test_matches_float64(qtype, dtype, per_pair, device, grouped_only, poisoned, sorted_runs):
+    """3 tokens x 2 of 5 experts: more than half a pair per expert, so sorted into blocks of 4."""
     g = torch.Generator().manual_seed(seed_of(qtype, dtype, per_pair))
     x, qt, ids, bias = _case(qtype, dtype, 3, 2, g, device, per_pair=per_pair)
     y = qmatmul_experts(x, qt, ids, EXPERTS, bias, backend="triton")
     assert y.shape == (3, 2, ROWS) and y.dtype == dtype
     assert relative_error(y, _reference(x, qt, ids, bias)) <= TOLERANCE[dtype]
     _one_launch()
+    assert sorted_runs == [4]
 
 
+@pytest.mark.parametrize("per_pair", [False, True], ids=["shared_rows", "row_per_pair"])
+@pytest.mark.parametrize("dtype", X_DTYPES, ids=str)
+@pytest.mark.parametrize("qtype", ["q4_k", "q3_k", "q6_k", "q8_0", "q4_0", "iq4_xs"])
+def test_one_pair_per_program_matches_float64(qtype, dtype, per_pair, device, grouped_only, poisoned, sorted_runs):
+    """1 token x 2 of 5 experts: few pairs per expert, one program row per pair, nothing sorted."""
+    g = torch.Generator().manual_seed(seed_of("unsorted", qtype, dtype, per_pair))
+    x, qt, ids, bias = _case(qtype, dtype, 1, 2, g, device, per_pair=per_pair)
+    y = qmatmul_experts(x, qt, ids, EXPERTS, bias, backend="triton")
+    assert relative_error(y, _reference(x, qt, ids, bias)) <= TOLERANCE[dtype]
+    _one_launch()
+    assert sorted_runs == []
+
+
+@pytest.mark.parametrize("experts,tokens,top_k,block_m", [(5, 9, 2, 4), (16, 5, 2, 2), (3, 40, 2, 4), (7, 1, 7, 2)])
+def test_sorting_pairs_by_expert(experts, tokens, top_k, block_m):
+    """Every pair in exactly one block, every block's pairs routed to its expert, at most block_m pairs per
+    block, the grid's spare blocks pure padding."""
+    from offload_kernels.kernels.qmatmul_experts import sort_pairs_by_expert
+
+    g = torch.Generator().manual_seed(seed_of(experts, tokens, top_k))
+    ids = torch.randint(0, experts, (tokens, top_k), generator=g)
+    block_experts, rows = sort_pairs_by_expert(ids, experts, block_m)
+    pairs = ids.numel()
+    assert rows.shape == (-(-pairs // block_m) + min(experts, pairs), block_m) and rows.dtype == torch.int32
+    live = rows[rows < pairs]
+    assert sorted(live.tolist()) == list(range(pairs))
+    flat = ids.reshape(-1)
+    for b in range(rows.shape[0]):
+        members = rows[b][rows[b] < pairs].long()
+        assert torch.all(flat[members] == int(block_experts[b]))
+    used = sum(-(-int((flat == e).sum()) // block_m) for e in range(experts))
+    assert torch.all(rows[used:] == pairs)
+
+
+def test_sorted_blocks_with_repeats_and_padding(device, grouped_only, poisoned, sorted_runs):
+    """Many tokens on few experts (40 x 2 of 3: blocks of 4, most experts several blocks, partial last
+    blocks, spare padding blocks), rows per pair, split along K."""
+    g = torch.Generator().manual_seed(8)
+    qt = random_qtensor("q4_k", 3 * ROWS, 512, g, device=device)
+    ids = torch.randint(0, 3, (40, 2), generator=g).to(device)
+    x = activations((40, 2, 512), g).to(device)
+    bias = activations((3 * ROWS,), g).to(device)
+    y = qmatmul_experts(x, qt, ids, 3, bias, backend="triton", split_k=2)
+    assert relative_error(y, _reference(x, qt, ids, bias, num_experts=3)) <= TOLERANCE[torch.float32]
+    assert _one_launch() == "expert_gemv_splitk" and sorted_runs == [4]
+
+
+@pytest.mark.parametrize("tokens", [1, 2], ids=["per_pair", "sorted"])
 @pytest.mark.parametrize("layout", [1, 2, 3])
 @pytest.mark.parametrize("split_k", [1, 5])
 @pytest.mark.parametrize("qtype", ["q4_k", "q3_k", "q6_k", "q4_0", "q8_0"])
-def test_every_layout_and_k_split(qtype, split_k, layout, device, grouped_only, poisoned):
-    """Each GEMV loop layout, whole and split five ways along K (the tile's last program finishes it)."""
-    g = torch.Generator().manual_seed(seed_of(qtype, split_k, layout))
-    x, qt, ids, bias = _case(qtype, torch.float32, 2, 3, g, device)
+def test_every_layout_and_k_split(qtype, split_k, layout, tokens, device, grouped_only, poisoned):
+    """Each GEMV loop layout, whole and split five ways along K (the tile's last program finishes it), one
+    pair per program (1 token x 2 experts) and sorted (2 tokens x 3 experts: blocks of 4)."""
+    g = torch.Generator().manual_seed(seed_of(qtype, split_k, layout, tokens))
+    x, qt, ids, bias = _case(qtype, torch.float32, tokens, 2 if tokens == 1 else 3, g, device)
     y = qmatmul_experts(x, qt, ids, EXPERTS, bias, backend="triton", split_k=split_k, layout=layout)
     assert relative_error(y, _reference(x, qt, ids, bias)) <= TOLERANCE[torch.float32]
     assert _one_launch() == ("expert_gemv_splitk" if split_k > 1 else "expert_gemv")

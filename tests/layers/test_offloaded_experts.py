@@ -97,7 +97,7 @@ def test_matches_the_original_forward_on_dequantized_weights(kind, qtype, tokens
 
 @pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [2, 9])          # the grouped path, and grouped by expert
+@pytest.mark.parametrize("tokens", [2, 13])         # the grouped path, and grouped by expert
 def test_half_precision_inputs(kind, dtype, tokens):
     original = _experts(kind)
     oe = OffloadedExperts.from_experts(original, "q4_k")
@@ -141,9 +141,9 @@ def test_leading_dims_unrouted_experts_and_one_expert_for_all():
 @pytest.fixture(params=["grouped", "by_expert"])
 def path(request, monkeypatch):
     """Runs a test through both forward paths: a few tokens take the grouped one (one launch per
-    projection over every (token, expert) pair); GROUPED_MAX_TOKENS = 0 sends them by expert."""
+    projection over every (token, expert) pair); GROUPED_MAX_PAIRS_PER_EXPERT = 0 sends them by expert."""
     if request.param == "by_expert":
-        monkeypatch.setattr(offloaded_experts, "GROUPED_MAX_TOKENS", 0)
+        monkeypatch.setattr(offloaded_experts, "GROUPED_MAX_PAIRS_PER_EXPERT", 0)
     return request.param
 
 
@@ -253,9 +253,9 @@ def test_the_original_float_checkpoint_loads_and_is_quantized(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("tokens", [1, 3, 4])
+@pytest.mark.parametrize("tokens", [1, 3, 5])
 def test_a_few_tokens_run_one_grouped_launch_per_projection(kind, tokens, monkeypatch):
-    """Up to GROUPED_MAX_TOKENS tokens: the Triton grouped expert GEMV (interpreted here) computes both
+    """Few pairs per expert: the Triton grouped expert GEMV (interpreted here) computes both
     projections, one launch each and no per-expert qmatmul, within fp32 tolerance of float64 math."""
     original = _experts(kind)
     oe = OffloadedExperts.from_experts(original, {projection_names(original)[0]: "q4_k", "down_proj": "q6_k"})
@@ -278,7 +278,7 @@ def test_grouped_and_by_expert_paths_agree(monkeypatch):
     index, weights = _routing(6, original.num_experts, 2, seed=3)
     index, weights = index.view(2, 3, 2), weights.view(2, 3, 2)
     grouped = oe(x[:1, :3], index[:1], weights[:1])           # 3 tokens: grouped
-    monkeypatch.setattr(offloaded_experts, "GROUPED_MAX_TOKENS", 0)
+    monkeypatch.setattr(offloaded_experts, "GROUPED_MAX_PAIRS_PER_EXPERT", 0)
     torch.testing.assert_close(grouped, oe(x[:1, :3], index[:1], weights[:1]), rtol=1e-6, atol=1e-7)
 
 

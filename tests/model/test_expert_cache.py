@@ -114,10 +114,12 @@ def test_resident_places_every_expert_at_once_and_refuses_more_than_the_slots():
             pass
 
 
-@pytest.mark.parametrize("tokens,slots,grouped", [(1, 2, True), (3, 6, True), (3, 2, False), (7, 6, False)])
+@pytest.mark.parametrize("tokens,slots,grouped", [(1, 2, True), (3, 6, True), (3, 2, False), (7, 6, True),
+                                                  (13, 6, False)])
 def test_on_demand_forward_matches_resident_experts(tokens, slots, grouped, monkeypatch):
-    """A few tokens whose experts fit in the cache: one grouped launch per projection over the cache's slots
-    (Triton, interpreted); more experts than slots, or more tokens: expert by expert. Same result as the
+    """Up to 4 pairs per expert (12 tokens here), their experts all in the cache: one grouped launch per
+    projection over the cache's slots (Triton, interpreted); more experts than slots, or more tokens: expert
+    by expert. Same result as the
     module with its experts resident, and the cache's hit and miss counts follow the routing."""
     cached, resident = experts_module(), experts_module()
     cache = ExpertCache([cached], "cpu", num_slots=slots)
@@ -141,8 +143,8 @@ def test_on_demand_forward_matches_resident_experts(tokens, slots, grouped, monk
 
 def test_on_demand_expert_parallel_sentinels(monkeypatch):
     """Other ranks' experts (ids >= num_experts) are neither copied nor counted, in either path."""
-    for limit in (offloaded_experts.GROUPED_MAX_TOKENS, 0):
-        monkeypatch.setattr(offloaded_experts, "GROUPED_MAX_TOKENS", limit)
+    for limit in (offloaded_experts.GROUPED_MAX_PAIRS_PER_EXPERT, 0):
+        monkeypatch.setattr(offloaded_experts, "GROUPED_MAX_PAIRS_PER_EXPERT", limit)
         cached, resident = experts_module(), experts_module()
         cache = ExpertCache([cached], "cpu", num_slots=4)
         cached._is_expert_parallel = resident._is_expert_parallel = True
