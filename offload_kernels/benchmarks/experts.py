@@ -5,7 +5,9 @@ Mixtral 8x7B, 2 of 8 of 14336 x 4096) and tokens T per call, with random routing
 token, uniform), it times (triton.testing.do_bench: median, p20/p80, L2 flushed between repetitions):
 
 * ``grouped``: OffloadedExperts' grouped path (two launches of the grouped expert GEMV, one per projection,
-  over every (token, expert) pair; no host read of the routing but the eager check of the ids), eager;
+  over every (token, expert) pair, sorted by expert on the device where experts repeat; no host read of the
+  routing but the eager check of the ids), eager, at every token count (the layer's own crossover, 4 pairs
+  per expert, is what these numbers should set);
 * ``grouped_graph``: the same forward captured in a CUDA graph and replayed (the check is skipped inside
   a capture): device time, what a captured decode step pays;
 * ``by_expert``: the tokens grouped by expert (one host read of the counts, a qmatmul per chosen expert and
@@ -21,8 +23,8 @@ that ideal's bytes: the ratio shows what that costs, and where GROUPED_MAX_PAIRS
 ``<results>/<gpu-slug>/experts.csv``; ``experts.md`` summarizes the run and ``experts.png`` plots it.
 Without CUDA it says so and exits 0.
 
-    offload-kernels bench experts                      # both shapes, T in 1, 2, 4, 8, 16
-    offload-kernels bench experts --quick              # Qwen3-30B-A3B, T in 1, 4, 16
+    offload-kernels bench experts                      # both shapes, T in 1, 2, 4, ..., 64
+    offload-kernels bench experts --quick              # Qwen3-30B-A3B, T in 1, 4, 16, 64
     offload-kernels bench experts --shapes mixtral-8x7b --tokens 1,2,3,4,6,8 --qtype q4_k
 """
 
@@ -36,8 +38,8 @@ from .results import (GB, Deadline, Recorder, RunInfo, Stats, add_output_argumen
                       parse_list, plot_quietly, results_dir, time_cuda, time_cuda_graph, write_summary)
 
 DEFAULT_SHAPES = ("qwen3-30b-a3b", "mixtral-8x7b")
-DEFAULT_TOKENS = (1, 2, 4, 8, 16)
-QUICK = {"shapes": ("qwen3-30b-a3b",), "tokens": (1, 4, 16)}
+DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64)
+QUICK = {"shapes": ("qwen3-30b-a3b",), "tokens": (1, 4, 16, 64)}
 BASELINE = "fp16_transformers"
 #: The transformers experts class of each MoE architecture of model.shapes.
 EXPERTS_CLASS = {"qwen3_moe": ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeExperts"),
@@ -51,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qtype", default="q4_k", help="format of both projections")
     parser.add_argument("--rep-ms", type=int, default=60, help="do_bench repetition time per measurement")
     parser.add_argument("--no-autotune", action="store_true", help="heuristic kernel configs only")
-    parser.add_argument("--quick", action="store_true", help="Qwen3-30B-A3B at 1, 4 and 16 tokens")
+    parser.add_argument("--quick", action="store_true", help="Qwen3-30B-A3B at 1, 4, 16 and 64 tokens")
     parser.add_argument("--time-budget-s", type=float, default=None,
                         help="start no new (shape, tokens) point after this many seconds; results so far are kept")
     add_output_argument(parser)
