@@ -33,7 +33,7 @@ import triton.language as tl
 from . import configs
 from .decode import QTYPE_CODES
 from .epilogue import store_output
-from .gemv import _gemv_layout1, _gemv_layout2, _gemv_layout3
+from .gemv import gemv_k_slice, gemv_partial_sums
 from .runtime import count_launch, launch_split_k, sm_count, tuning_key
 
 
@@ -46,10 +46,7 @@ def _expert_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, ids_pt
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
-    n_steps = tl.cdiv(K, 256)
-    steps_per_split = tl.cdiv(n_steps, split_k)
-    step_begin = pid_k * steps_per_split
-    step_end = tl.minimum(step_begin + steps_per_split, n_steps)
+    step_begin, step_end = gemv_k_slice(K, split_k, pid_k)
     if SORTED:
         # A block of up to BLOCK_M pairs routed to one expert (sort_pairs_by_expert): the expert's bytes are
         # decoded once for all of them. Padding entries hold M; a block of padding only (the grid is sized for
@@ -66,13 +63,8 @@ def _expert_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, ids_pt
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     w_rows = w_ptr + expert * expert_bytes + tl.minimum(offs_n, N - 1).to(tl.int64) * row_bytes
     x_rows = x_ptr + (tl.minimum(pairs, M - 1) // X_GROUP).to(tl.int64) * stride_xm
-    if LAYOUT == 3:
-        tl.static_assert(WORD_LOADS, "GEMV layout 3 needs word-aligned weight bytes")
-        y = _gemv_layout3(w_rows, x_rows, step_begin, step_end, K, QTYPE, BLOCK_M, BLOCK_N, STAGES)
-    elif LAYOUT == 2:
-        y = _gemv_layout2(w_rows, x_rows, step_begin, step_end, K, QTYPE, BLOCK_M, BLOCK_N, STAGES)
-    else:
-        y = _gemv_layout1(w_rows, x_rows, step_begin, step_end, K, QTYPE, BLOCK_M, BLOCK_N, TILE_A, TILE_B)
+    y = gemv_partial_sums(w_rows, x_rows, step_begin, step_end, K, QTYPE, BLOCK_M, BLOCK_N, TILE_A, TILE_B,
+                          WORD_LOADS, LAYOUT, STAGES)
     # offs_m = the pairs: each result row goes to its pair's output row (masked: padding is M)
     store_output(y, pairs, offs_n, M, N, bias_ptr + expert * N, out_ptr, ws_ptr, cnt_ptr,
                  pid_m * tl.num_programs(0) + pid_n, split_k, HAS_BIAS)

@@ -868,6 +868,30 @@ def _gemv_layout3(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, 
 
 
 @triton.jit
+def gemv_k_slice(K, split_k, pid_k):
+    """[step_begin, step_end): the 256-weight steps of K slice ``pid_k`` of ``split_k`` equal slices."""
+    n_steps = tl.cdiv(K, 256)
+    steps_per_split = tl.cdiv(n_steps, split_k)
+    step_begin = pid_k * steps_per_split
+    return step_begin, tl.minimum(step_begin + steps_per_split, n_steps)
+
+
+@triton.jit
+def gemv_partial_sums(w_rows, x_rows, step_begin, step_end, K, QTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, TILE_A: tl.constexpr, TILE_B: tl.constexpr, WORD_LOADS: tl.constexpr,
+                      LAYOUT: tl.constexpr, STAGES: tl.constexpr):
+    """The (BLOCK_M, BLOCK_N) fp32 partial sums of steps [step_begin, step_end) in loop layout LAYOUT."""
+    if LAYOUT == 3:
+        tl.static_assert(WORD_LOADS, "GEMV layout 3 needs word-aligned weight bytes")
+        y = _gemv_layout3(w_rows, x_rows, step_begin, step_end, K, QTYPE, BLOCK_M, BLOCK_N, STAGES)
+    elif LAYOUT == 2:
+        y = _gemv_layout2(w_rows, x_rows, step_begin, step_end, K, QTYPE, BLOCK_M, BLOCK_N, STAGES)
+    else:
+        y = _gemv_layout1(w_rows, x_rows, step_begin, step_end, K, QTYPE, BLOCK_M, BLOCK_N, TILE_A, TILE_B)
+    return y
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, row_bytes, split_k,
                  M_BUCKET,
                  QTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -882,17 +906,9 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stri
     # masks (masks would break the byte-run vectorization); their results are never stored.
     w_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * row_bytes
     x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64) * stride_xm
-    n_steps = tl.cdiv(K, 256)
-    steps_per_split = tl.cdiv(n_steps, split_k)
-    step_begin = pid_k * steps_per_split
-    step_end = tl.minimum(step_begin + steps_per_split, n_steps)
-    if LAYOUT == 3:
-        tl.static_assert(WORD_LOADS, "GEMV layout 3 needs word-aligned weight bytes")
-        y = _gemv_layout3(w_rows, x_rows, step_begin, step_end, K, QTYPE, BLOCK_M, BLOCK_N, STAGES)
-    elif LAYOUT == 2:
-        y = _gemv_layout2(w_rows, x_rows, step_begin, step_end, K, QTYPE, BLOCK_M, BLOCK_N, STAGES)
-    else:
-        y = _gemv_layout1(w_rows, x_rows, step_begin, step_end, K, QTYPE, BLOCK_M, BLOCK_N, TILE_A, TILE_B)
+    step_begin, step_end = gemv_k_slice(K, split_k, pid_k)
+    y = gemv_partial_sums(w_rows, x_rows, step_begin, step_end, K, QTYPE, BLOCK_M, BLOCK_N, TILE_A, TILE_B,
+                          WORD_LOADS, LAYOUT, STAGES)
     store_output(y, offs_m, offs_n, M, N, bias_ptr, out_ptr, ws_ptr, cnt_ptr, pid_m * tl.num_programs(0) + pid_n,
                  split_k, HAS_BIAS)
 

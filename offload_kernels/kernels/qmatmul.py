@@ -136,28 +136,44 @@ def _validate(x, qt, bias, backend, kernel, split_k) -> tuple[int, int, str]:
         raise ValueError(f"x must have shape (..., {k}) to multiply a ({n}, {k}) weight, got {tuple(x.shape)}")
     if x.device != qt.device:
         raise ValueError(f"x is on {x.device} but the quantized weight is on {qt.device}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} does not match x dtype {x.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
+    check_bias(bias, n, x)
     if not isinstance(kernel, str) or kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {', '.join(map(repr, KERNELS))}")
-    if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1):
-        raise ValueError(f"split_k must be a positive int or None, got {split_k!r}")
+    check_positive_or_none(split_k, "split_k")
+    backend = resolve_backend(backend, x)
+    if backend != "triton" and (kernel != "auto" or split_k is not None):
+        raise ValueError("kernel= and split_k= select Triton kernels; they need backend='triton'")
+    return n, k, backend
+
+
+def check_bias(bias: Optional[torch.Tensor], rows: int, x: torch.Tensor, shape_note: str = "") -> None:
+    """A bias must be None or a (rows,) tensor of x's dtype on x's device."""
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if tuple(bias.shape) != (rows,):
+        raise ValueError(f"bias must have shape ({rows},){shape_note}, got {tuple(bias.shape)}")
+    if bias.dtype != x.dtype:
+        raise TypeError(f"bias dtype {bias.dtype} does not match x dtype {x.dtype}")
+    if bias.device != x.device:
+        raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+
+
+def check_positive_or_none(value, name: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """"triton" or "torch" for ``backend`` ("auto": triton for CUDA tensors), checked for x's device."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
     if backend == "auto":
         backend = "triton" if x.device.type == "cuda" else "torch"
     if backend == "triton":
         check_triton_device(x.device, "x", x.dtype)
-    elif kernel != "auto" or split_k is not None:
-        raise ValueError("kernel= and split_k= select Triton kernels; they need backend='triton'")
-    return n, k, backend
+    return backend
 
 
 # ---------------------------------------------------------------------------------------------- op

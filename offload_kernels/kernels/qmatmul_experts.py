@@ -23,9 +23,8 @@ import torch
 
 from ..formats import QuantizedTensor, dequantize, get_spec
 from .configs import experts_block_m
-from .dequant import check_triton_device
 from .expert_gemv import expert_gemv
-from .qmatmul import _X_DTYPES, BACKENDS, _linear, _reference_dtype
+from .qmatmul import _X_DTYPES, _linear, _reference_dtype, check_bias, check_positive_or_none, resolve_backend
 from .runtime import capturing, new_output
 
 
@@ -99,25 +98,11 @@ def _validate(x, qt, expert_ids, num_experts, bias, backend, split_k, layout) ->
     for name, t in (("expert_ids", expert_ids), ("the quantized weight", qt.data)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (rows,):
-            raise ValueError(f"bias must have shape ({rows},) (num_experts * N), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} does not match x dtype {x.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
-    for name, v in (("split_k", split_k), ("layout", layout)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"{name} must be a positive int or None, got {v!r}")
-    if backend == "auto":
-        backend = "triton" if x.device.type == "cuda" else "torch"
-    if backend == "triton":
-        check_triton_device(x.device, "x", x.dtype)
-    elif split_k is not None or layout is not None:
+    check_bias(bias, rows, x, " (num_experts * N)")
+    check_positive_or_none(split_k, "split_k")
+    check_positive_or_none(layout, "layout")
+    backend = resolve_backend(backend, x)
+    if backend != "triton" and (split_k is not None or layout is not None):
         raise ValueError("split_k= and layout= select Triton kernel configs; they need backend='triton'")
     return n, k, backend, x_group
 
