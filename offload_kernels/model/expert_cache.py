@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -42,6 +42,20 @@ def expert_slot_bytes(module: "OffloadedExperts") -> int:
     up, down = (module._modules[name] for name in module._expert_shapes)
     e = module.num_experts
     return expert_slot_bytes_for(up.weight_nbytes // e, down.weight_nbytes // e)
+
+
+class _Geometry(NamedTuple):
+    """Where one module's experts sit: its index in the cache, its projections, each expert's rows and bytes
+    per projection, and the down rows' offset in a slot."""
+
+    module: int
+    up: "OffloadedLinear"
+    down: "OffloadedLinear"
+    up_rows: int
+    down_rows: int
+    up_bytes: int
+    down_bytes: int
+    offset: int
 
 
 class ExpertCache:
@@ -94,11 +108,8 @@ class ExpertCache:
         """Yield ``(expert, up, down)`` device QuantizedTensors for each of ``experts`` in order, valid until the
         next one is asked for: enqueue the kernels that read them before that. Copies run ahead by as many
         experts as there are slots."""
-        mi = self._index[id(module)]
-        up_layer, down_layer = (module._modules[name] for name in module._expert_shapes)
+        g = self._geometry(module)
         (up_rows, k_up), (down_rows, k_down) = module._expert_shapes.values()
-        up_bytes, down_bytes = up_rows * up_layer.weight.shape[1], down_rows * down_layer.weight.shape[1]
-        offset = expert_slot_bytes_for(up_bytes, 0)        # the down rows start after the aligned up rows
         locked: set[int] = set()                   # slots of experts issued and not yet computed
         issued = 0
         previous: Optional[int] = None
@@ -109,17 +120,16 @@ class ExpertCache:
                     locked.discard(previous)
                     previous = None
                 while issued < len(experts) and (issued <= i or len(locked) < self.num_slots):
-                    locked.add(self._place(mi, experts[issued], up_layer, down_layer, up_rows, down_rows,
-                                           up_bytes, down_bytes, offset, locked))
+                    locked.add(self._place(g, experts[issued], locked))
                     issued += 1
-                s = self._slot_of[(mi, e)]
+                s = self._slot_of[(g.module, e)]
                 if self._cuda:
                     torch.cuda.current_stream(self.device).wait_event(self._ready[s])
                 slot = self._slots[s]
-                up = QuantizedTensor._from_validated(slot[:up_bytes].view(up_rows, -1), up_layer._spec,
+                up = QuantizedTensor._from_validated(slot[:g.up_bytes].view(up_rows, -1), g.up._spec,
                                                      (up_rows, k_up))
-                down = QuantizedTensor._from_validated(slot[offset:offset + down_bytes].view(down_rows, -1),
-                                                       down_layer._spec, (down_rows, k_down))
+                down = QuantizedTensor._from_validated(slot[g.offset:g.offset + g.down_bytes].view(down_rows, -1),
+                                                       g.down._spec, (down_rows, k_down))
                 previous = s
                 yield e, up, down
         finally:
@@ -135,31 +145,33 @@ class ExpertCache:
         the block exits (the slots may then be reused by later copies, after those kernels)."""
         if len(experts) > self.num_slots:
             raise ValueError(f"{len(experts)} experts cannot be resident in a cache of {self.num_slots} slots")
-        mi = self._index[id(module)]
-        up_layer, down_layer = (module._modules[name] for name in module._expert_shapes)
-        (up_rows, _), (down_rows, _) = module._expert_shapes.values()
-        up_bytes, down_bytes = up_rows * up_layer.weight.shape[1], down_rows * down_layer.weight.shape[1]
-        offset = expert_slot_bytes_for(up_bytes, 0)
+        g = self._geometry(module)
         locked: set[int] = set()
         try:
             for e in experts:
-                locked.add(self._place(mi, e, up_layer, down_layer, up_rows, down_rows, up_bytes, down_bytes,
-                                       offset, locked))
+                locked.add(self._place(g, e, locked))
             if self._cuda:
                 stream = torch.cuda.current_stream(self.device)
                 for s in locked:
                     stream.wait_event(self._ready[s])
             flat = self._slots.view(-1)
-            yield {e: self._slot_of[(mi, e)] for e in experts}, flat, flat[offset:]
+            yield {e: self._slot_of[(g.module, e)] for e in experts}, flat, flat[g.offset:]
         finally:
             for s in locked:
                 self._done_reading(s)
 
-    def _place(self, mi, e, up_layer, down_layer, up_rows, down_rows, up_bytes, down_bytes, offset,
-               locked, guess: bool = False) -> int:
-        """The slot holding expert ``e`` of module ``mi``, copying it there (into the least recently used
-        slot not ``locked``) if it is not cached. ``guess``: a prefetch, counted as such."""
-        key = (mi, e)
+    def _geometry(self, module: "OffloadedExperts") -> "_Geometry":
+        up, down = (module._modules[name] for name in module._expert_shapes)
+        (up_rows, _), (down_rows, _) = module._expert_shapes.values()
+        up_bytes, down_bytes = up_rows * up.weight.shape[1], down_rows * down.weight.shape[1]
+        # the down rows start after the aligned up rows
+        return _Geometry(self._index[id(module)], up, down, up_rows, down_rows, up_bytes, down_bytes,
+                         expert_slot_bytes_for(up_bytes, 0))
+
+    def _place(self, g: "_Geometry", e: int, locked: set, guess: bool = False) -> int:
+        """The slot holding expert ``e`` of module ``g.module``, copying it there (into the least recently
+        used slot not ``locked``) if it is not cached. ``guess``: a prefetch, counted as such."""
+        key = (g.module, e)
         s = self._slot_of.get(key)
         if s is not None:
             if not guess:
@@ -184,34 +196,29 @@ class ExpertCache:
             self._guessed.add(key)
         else:
             self.misses += 1
-        self.bytes_copied += up_bytes + down_bytes
-        up_src = up_layer.weight[e * up_rows:(e + 1) * up_rows].reshape(-1)
-        down_src = down_layer.weight[e * down_rows:(e + 1) * down_rows].reshape(-1)
+        self.bytes_copied += g.up_bytes + g.down_bytes
+        up_src = g.up.weight[e * g.up_rows:(e + 1) * g.up_rows].reshape(-1)
+        down_src = g.down.weight[e * g.down_rows:(e + 1) * g.down_rows].reshape(-1)
         slot = self._slots[s]
         if self._cuda:
             with torch.cuda.stream(self._copy_stream):
                 if self._used[s]:                # not before the kernels that read the slot's last expert
                     self._copy_stream.wait_event(self._free[s])
-                slot[:up_bytes].copy_(up_src, non_blocking=True)
-                slot[offset:offset + down_bytes].copy_(down_src, non_blocking=True)
+                slot[:g.up_bytes].copy_(up_src, non_blocking=True)
+                slot[g.offset:g.offset + g.down_bytes].copy_(down_src, non_blocking=True)
                 self._ready[s].record(self._copy_stream)
         else:
-            slot[:up_bytes].copy_(up_src)
-            slot[offset:offset + down_bytes].copy_(down_src)
+            slot[:g.up_bytes].copy_(up_src)
+            slot[g.offset:g.offset + g.down_bytes].copy_(down_src)
         return s
 
     def prefetch_experts(self, module: "OffloadedExperts", experts: Sequence[int]) -> None:
         """Copy ``module``'s ``experts`` into the cache ahead of its call (at most ``num_slots``; those cached
         already just become the most recently used). Call it with no kernels of the caller still to be
         enqueued on the slots it released: the copies wait for the kernels that last read their slots."""
-        mi = self._index[id(module)]
-        up_layer, down_layer = (module._modules[name] for name in module._expert_shapes)
-        (up_rows, _), (down_rows, _) = module._expert_shapes.values()
-        up_bytes, down_bytes = up_rows * up_layer.weight.shape[1], down_rows * down_layer.weight.shape[1]
-        offset = expert_slot_bytes_for(up_bytes, 0)
+        g = self._geometry(module)
         for e in list(experts)[:self.num_slots]:
-            self._place(mi, e, up_layer, down_layer, up_rows, down_rows, up_bytes, down_bytes, offset, set(),
-                        guess=True)
+            self._place(g, e, set(), guess=True)
 
     def link_next_layers(self, model: torch.nn.Module) -> int:
         """For speculative prefetch: give each cached module but the last the next one and that one's router
