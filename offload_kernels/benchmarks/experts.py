@@ -179,19 +179,23 @@ def summary_body(table: dict) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    reason = cuda_unavailable_reason(triton=True)
-    if reason is not None:
-        print(f"bench experts: needs CUDA ({reason}); nothing measured.")
-        return 0
     from offload_kernels.formats import get_spec
 
     spec = get_spec(args.qtype)
     names = QUICK["shapes"] if args.quick else tuple(parse_list(args.shapes))
     tokens = QUICK["tokens"] if args.quick else tuple(parse_list(args.tokens, int))
+    if not tokens or any(t < 1 for t in tokens):
+        raise SystemExit(f"bench experts: --tokens must be positive token counts, got {args.tokens!r}")
+    if args.rep_ms < 1:
+        raise SystemExit(f"bench experts: --rep-ms must be at least 1, got {args.rep_ms}")
     shapes = moe_shapes()
     for name in names:
         if name not in shapes:
             raise SystemExit(f"bench experts: {name!r} is not a MoE shape (one of {', '.join(sorted(shapes))})")
+    reason = cuda_unavailable_reason(triton=True)       # after the arguments: a typo is reported anywhere
+    if reason is not None:
+        print(f"bench experts: needs CUDA ({reason}); nothing measured.")
+        return 0
     deadline = Deadline(args.time_budget_s)
     set_autotune(not args.no_autotune)
     run_info = RunInfo.collect("cuda")

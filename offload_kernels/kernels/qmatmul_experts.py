@@ -48,21 +48,21 @@ def qmatmul_experts(x: torch.Tensor, qt: QuantizedTensor, expert_ids: torch.Tens
     n, k, backend, x_group = _validate(x, qt, expert_ids, num_experts, bias, backend, split_k, layout)
     ids = expert_ids if expert_ids.dtype in (torch.int32, torch.int64) else expert_ids.long()
     if check_ids and not capturing(ids.device) and not torch.compiler.is_compiling():
-        _check_id_range(ids, num_experts)
+        negative, over = count_out_of_range(ids, num_experts)
+        if negative:
+            raise ValueError(f"expert_ids holds {negative} negative expert ids")
+        if over:
+            raise ValueError(f"expert_ids holds {over} ids >= num_experts={num_experts}")
     return torch.ops.offload_kernels.qmatmul_experts(x, qt.data.view(-1), qt.qtype, num_experts, n, k,
                                                      n * qt.row_bytes, ids, bias, backend,
                                                      0 if split_k is None else int(split_k),
                                                      0 if layout is None else int(layout))
 
 
-def _check_id_range(ids: torch.Tensor, num_experts: int) -> None:
-    if ids.numel() == 0:
-        return
-    low, high = (int(v) for v in torch.stack([ids.min(), ids.max()]).tolist())
-    if low < 0:
-        raise ValueError(f"expert_ids holds negative expert ids (smallest {low})")
-    if high >= num_experts:
-        raise ValueError(f"expert_ids holds ids >= num_experts={num_experts} (largest {high})")
+def count_out_of_range(ids: torch.Tensor, num_experts: int) -> tuple[int, int]:
+    """(how many ids are negative, how many are >= num_experts): one device-to-host read."""
+    negative, over = torch.stack([(ids < 0).sum(), (ids >= num_experts).sum()]).tolist()
+    return int(negative), int(over)
 
 
 def _validate(x, qt, expert_ids, num_experts, bias, backend, split_k, layout) -> tuple[int, int, str, int]:
@@ -253,4 +253,4 @@ def qmatmul_expert_buffer(x: torch.Tensor, data: torch.Tensor, qtype: str, n: in
                                                      None, backend, 0, 0)
 
 
-__all__ = ["qmatmul_expert_buffer", "qmatmul_experts", "sort_pairs_by_expert"]
+__all__ = ["count_out_of_range", "qmatmul_expert_buffer", "qmatmul_experts", "sort_pairs_by_expert"]

@@ -237,7 +237,7 @@ class OffloadedExperts(nn.Module):
     def _forward_grouped(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Few tokens per expert: each projection is one grouped launch over every (token, chosen expert) pair
         (qmatmul_experts), with no host read of the routing outside eager-mode checks of the ids."""
-        from ..kernels.qmatmul_experts import qmatmul_experts
+        from ..kernels.qmatmul_experts import count_out_of_range, qmatmul_experts
 
         if self._expert_cache is not None:
             return self._forward_grouped_cached(x, index, weights)
@@ -246,8 +246,7 @@ class OffloadedExperts(nn.Module):
         up_layer, down_layer = (self._modules[name] for name in self._expert_shapes)
         capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if not capturing and not torch.compiler.is_compiling():
-            negative, over = torch.stack([(index < 0).sum(), (index >= e_count).sum()]).tolist()
-            self._check_id_counts(negative, over)
+            self._check_id_counts(*count_out_of_range(index, e_count))
         if self._is_expert_parallel:            # other ranks' experts (ids >= num_experts) contribute nothing
             local = index < e_count
             index = torch.where(local, index, 0)

@@ -77,3 +77,12 @@ def test_profile_qmatmul_rejects_bad_arguments(argv, message, monkeypatch, capsy
         runpy.run_path(str(BENCH_DIR / "profile_qmatmul.py"), run_name="__main__")
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, match", [(["--tokens", "0,4"], "--tokens must be positive"),
+                                         (["--shapes", "llama-3-8b"], "not a MoE shape"),
+                                         (["--rep-ms", "0"], "--rep-ms must be at least 1")])
+def test_experts_benchmark_names_bad_arguments_anywhere(args, match, tmp_path):
+    with pytest.raises(SystemExit, match=match):
+        cli_main(["bench", "experts", *args, "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
