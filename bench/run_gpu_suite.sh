@@ -36,8 +36,9 @@
 #                       MoE blocks (128 experts, 8 per token) resident, and 20% resident streamed whole, with the
 #                       experts copied on demand through an expert cache, and with speculative expert prefetch
 #                       (the same budget)                                                        ~5-8 min
-#   bench-experts       offload-kernels bench experts: one MoE layer (Qwen3-30B-A3B, Mixtral) at 1-16 tokens,
-#                       the grouped expert GEMV vs expert by expert vs the fp16 transformers module  ~3-5 min
+#   bench-experts       offload-kernels bench experts: one MoE layer (Qwen3-30B-A3B, Mixtral) at 1-1024 tokens,
+#                       the grouped expert GEMV and GEMM vs expert by expert vs the fp16 transformers module
+#                       (stops at its time budget)                                                ~5 min
 #   all                 all of the above but test-all and bench-kernels-full, in that order (SUITE_LIMIT_S=0 on a
 #                       machine without the 10-minute limit)
 # Every stage but build first builds the extension if it is missing (an idle machine is given back after 30 s,

@@ -1,13 +1,15 @@
-"""Benchmark of one mixture-of-experts layer (OffloadedExperts, weights resident) at decode token counts.
+"""Benchmark of one mixture-of-experts layer (OffloadedExperts, weights resident) from decode to prefill token counts.
 
 For each model shape (the experts of one MoE block: Qwen3-30B-A3B, 8 of 128 experts of 768 x 2048;
 Mixtral 8x7B, 2 of 8 of 14336 x 4096) and tokens T per call, with random routing (k distinct experts per
 token, uniform), it times (triton.testing.do_bench: median, p20/p80, L2 flushed between repetitions):
 
-* ``grouped``: OffloadedExperts' grouped path (two launches of the grouped expert GEMV, one per projection,
-  over every (token, expert) pair, sorted by expert on the device where experts repeat; no host read of the
-  routing but the eager check of the ids), eager, at every token count (the layer's own crossover, 4 pairs
-  per expert, is what these numbers should set);
+* ``grouped``: OffloadedExperts' grouped path (two launches, one per projection, over every (token, expert)
+  pair, sorted by expert on the device where experts repeat; no host read of the routing but the eager check
+  of the ids), eager, at every token count (the layer's own crossover, GROUPED_MAX_PAIRS_PER_EXPERT, is what
+  these numbers should set), with the kernel qmatmul_experts picks by pairs per expert;
+* ``grouped_gemv`` / ``grouped_gemm``: the same with the grouped expert GEMV or the grouped tensor-core GEMM
+  forced (configs.EXPERTS_GEMV_MAX_PAIRS_PER_EXPERT, the crossover between them, is what these set);
 * ``grouped_graph``: the same forward captured in a CUDA graph and replayed (the check is skipped inside
   a capture): device time, what a captured decode step pays;
 * ``by_expert``: the tokens grouped by expert (one host read of the counts, a qmatmul per chosen expert and
@@ -23,8 +25,8 @@ that ideal's bytes: the ratio shows what that costs, and where GROUPED_MAX_PAIRS
 ``<results>/<gpu-slug>/experts.csv``; ``experts.md`` summarizes the run and ``experts.png`` plots it.
 Without CUDA it says so and exits 0.
 
-    offload-kernels bench experts                      # both shapes, T in 1, 2, 4, ..., 64
-    offload-kernels bench experts --quick              # Qwen3-30B-A3B, T in 1, 4, 16, 64
+    offload-kernels bench experts                      # both shapes, T in 1, 2, 4, ..., 1024
+    offload-kernels bench experts --quick              # Qwen3-30B-A3B, T in 1, 4, 16, 64, 256
     offload-kernels bench experts --shapes mixtral-8x7b --tokens 1,2,3,4,6,8 --qtype q4_k
 """
 
@@ -38,8 +40,8 @@ from .results import (GB, Deadline, Recorder, RunInfo, Stats, add_output_argumen
                       parse_list, plot_quietly, results_dir, time_cuda, time_cuda_graph, write_summary)
 
 DEFAULT_SHAPES = ("qwen3-30b-a3b", "mixtral-8x7b")
-DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64)
-QUICK = {"shapes": ("qwen3-30b-a3b",), "tokens": (1, 4, 16, 64)}
+DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+QUICK = {"shapes": ("qwen3-30b-a3b",), "tokens": (1, 4, 16, 64, 256)}
 BASELINE = "fp16_transformers"
 #: The transformers experts class of each MoE architecture of model.shapes.
 EXPERTS_CLASS = {"qwen3_moe": ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeExperts"),
@@ -53,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qtype", default="q4_k", help="format of both projections")
     parser.add_argument("--rep-ms", type=int, default=60, help="do_bench repetition time per measurement")
     parser.add_argument("--no-autotune", action="store_true", help="heuristic kernel configs only")
-    parser.add_argument("--quick", action="store_true", help="Qwen3-30B-A3B at 1, 4, 16 and 64 tokens")
+    parser.add_argument("--quick", action="store_true", help="Qwen3-30B-A3B at 1, 4, 16, 64 and 256 tokens")
     parser.add_argument("--time-budget-s", type=float, default=None,
                         help="start no new (shape, tokens) point after this many seconds; results so far are kept")
     add_output_argument(parser)
@@ -122,6 +124,19 @@ def grouped_path(enabled: bool):
         offloaded_experts.GROUPED_MAX_PAIRS_PER_EXPERT = before
 
 
+@contextlib.contextmanager
+def grouped_kernel(family: str):
+    """qmatmul_experts' choice between the grouped GEMV and GEMM forced to ``family`` ("gemv" or "gemm")."""
+    from offload_kernels.kernels import configs
+
+    before = configs.EXPERTS_GEMV_MAX_PAIRS_PER_EXPERT
+    configs.EXPERTS_GEMV_MAX_PAIRS_PER_EXPERT = float("inf") if family == "gemv" else -1
+    try:
+        yield
+    finally:
+        configs.EXPERTS_GEMV_MAX_PAIRS_PER_EXPERT = before
+
+
 def bench_shape(rec: Recorder, shape_name: str, shape, qtype: str, tokens_list, rep_ms: int, copy_gbs: float,
                 table: dict, deadline: Deadline, device: str = "cuda") -> None:
     """Every provider at each token count on one shape (``device`` other than CUDA: the benchmark's own
@@ -147,6 +162,9 @@ def bench_shape(rec: Recorder, shape_name: str, shape, qtype: str, tokens_list, 
             with grouped_path(True):
                 timings["grouped"] = time_cuda(lambda: oe(x, index, weights), rep_ms)
                 timings["grouped_graph"] = time_cuda_graph(lambda: oe(x, index, weights), rep_ms)
+                for family in ("gemv", "gemm"):
+                    with grouped_kernel(family):
+                        timings[f"grouped_{family}"] = time_cuda(lambda: oe(x, index, weights), rep_ms)
             with grouped_path(False):
                 timings["by_expert"] = time_cuda(lambda: oe(x, index, weights), rep_ms)
             timings[BASELINE] = time_cuda(lambda: dense(x, index, weights), rep_ms)
@@ -164,7 +182,7 @@ def bench_shape(rec: Recorder, shape_name: str, shape, qtype: str, tokens_list, 
 
 
 def summary_body(table: dict) -> list[str]:
-    providers = ("grouped", "grouped_graph", "by_expert", BASELINE)
+    providers = ("grouped", "grouped_graph", "grouped_gemv", "grouped_gemm", "by_expert", BASELINE)
     lines = ["## One MoE layer's experts, resident, fp16 activations", "",
              "Times are medians in microseconds; `x fp16` is the speedup over the transformers module with fp16 "
              "weights; `of ideal` is the HBM-bound ideal (distinct chosen experts' quantized bytes at the measured "

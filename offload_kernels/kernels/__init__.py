@@ -6,7 +6,8 @@ Public API:
   registered as the custom op ``torch.ops.offload_kernels.qmatmul`` (fake impl for torch.compile,
   autograd for x and bias; ``torch.ops.offload_kernels.dequantize`` is its traceable dequantizer);
 * ``qmatmul_experts(x, qt, expert_ids, num_experts, bias=None, backend="auto")``: a mixture-of-experts
-  projection for the experts each token chose, in one launch (custom op ``offload_kernels::qmatmul_experts``);
+  projection for the experts each token chose, in one launch of the grouped expert GEMV or, with many tokens
+  per expert, GEMM (custom op ``offload_kernels::qmatmul_experts``);
 * ``dequantize_triton(qt, dtype=torch.float16, *, out=None)``: the Triton dequantize kernel (bit-exact);
 * ``select_kernel(m)`` / ``KERNEL_BY_M``: which kernel family runs for M tokens;
 * ``launch_counts()`` / ``reset_launch_counts()``: which Triton kernels ran (for tests and benchmarks);

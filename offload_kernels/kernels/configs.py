@@ -303,6 +303,36 @@ def experts_block_m(pairs: int, experts: int) -> int:
     return max(2, min(GEMV3_MAX_BLOCK_M, next_power_of_2(cdiv(2 * pairs, experts))))
 
 
+#: qmatmul_experts' kernel by mean (token, expert) pairs per expert: the grouped expert GEMV (CUDA cores, one
+#: FMA per weight and pair, unsorted or in sorted blocks of up to GEMV3_MAX_BLOCK_M) up to this many, the
+#: grouped tensor-core GEMM over sorted blocks (expert_gemm.py) above. The dense crossover's reasoning
+#: (KERNEL_BY_M: the GEMV up to 4 tokens, measured on an H100) carried over per expert; not yet timed for
+#: experts (``offload-kernels bench experts`` does).
+EXPERTS_GEMV_MAX_PAIRS_PER_EXPERT = 4
+
+
+def select_experts_kernel(pairs: int, experts: int) -> str:
+    """"gemv" or "gemm": the grouped expert kernel for ``pairs`` (token, expert) pairs over ``experts``."""
+    return "gemv" if pairs <= EXPERTS_GEMV_MAX_PAIRS_PER_EXPERT * experts else "gemm"
+
+
+#: Pairs per block the grouped expert GEMM takes (its BLOCK_M: tl.dot needs 16 rows at least).
+EXPERT_GEMM_BLOCK_MS = (16, 32, 64)
+
+
+def expert_gemm_block_m(pairs: int, experts: int) -> int:
+    """Pairs per block of the grouped expert GEMM: the mean pairs per expert rounded up to a power of two, 16
+    to 64. Rounding up, a typical expert is one block (its bytes read once); rounding down pads as many rows
+    (at a mean of 20: one block of 32, or 16 + 4 of two blocks of 16) and reads it twice."""
+    return max(EXPERT_GEMM_BLOCK_MS[0], min(EXPERT_GEMM_BLOCK_MS[-1], next_power_of_2(cdiv(pairs, experts))))
+
+
+def expert_head_words(data, qtype: str, expert_bytes: int) -> bool:
+    """The GEMM's HEAD_WORDS (gemm._head_words) for a buffer of experts ``expert_bytes`` apart: q4_k/q5_k
+    bytes whose start and expert stride are both 4-byte aligned."""
+    return qtype in ("q4_k", "q5_k") and data.data_ptr() % 4 == 0 and expert_bytes % 4 == 0
+
+
 # ----------------------------------------------------------------------------------------- GEMM
 #: Tallest BLOCK_M whose tiles are also tried with swapped operands (SWAP_AB).
 GEMM_SWAP_MAX_BLOCK_M = 64
@@ -365,12 +395,17 @@ def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs)
     def programs(c):
         return (cdiv(m, c.kwargs["BLOCK_M"]) * cdiv(n, c.kwargs["BLOCK_N"])) * c.kwargs["split_k"]
 
-    # Swapped-operand configs get a third of the tuning slots of their own (they would otherwise tie with
-    # their unswapped twins on program count and crowd out other tile shapes).
-    swapped = _closest([c for c in kept if c.kwargs["SWAP_AB"]], programs, 2 * sms, MAX_TUNED_CONFIGS // 3)
-    plain = _closest([c for c in kept if not c.kwargs["SWAP_AB"]], programs, 2 * sms,
+    return _plain_and_swapped(kept, programs, 2 * sms) or [gemm_heuristic_config(m, n, k, qtype, sms, fp32=fp32)]
+
+
+def _plain_and_swapped(kept: list[triton.Config], programs_of, target: float) -> list[triton.Config]:
+    """At most MAX_TUNED_CONFIGS of ``kept`` with a program count closest to ``target``, a third of them with
+    swapped operands: those get slots of their own (they would otherwise tie with their unswapped twins on
+    program count and crowd out other tile shapes)."""
+    swapped = _closest([c for c in kept if c.kwargs["SWAP_AB"]], programs_of, target, MAX_TUNED_CONFIGS // 3)
+    plain = _closest([c for c in kept if not c.kwargs["SWAP_AB"]], programs_of, target,
                      MAX_TUNED_CONFIGS - len(swapped))
-    return plain + swapped or [gemm_heuristic_config(m, n, k, qtype, sms, fp32=fp32)]
+    return plain + swapped
 
 
 def gemm_heuristic_config(m: int, n: int, k: int, qtype: str, sms: int, split_k: "int | None" = None,
@@ -385,6 +420,48 @@ def gemm_heuristic_config(m: int, n: int, k: int, qtype: str, sms: int, split_k:
         tiles = cdiv(m, bm) * cdiv(n, bn)
         split_k = largest_divisor_at_most(cdiv(k, bk), min(16, sms // tiles)) if tiles < sms else 1
     return _gemm_config(bm, bn, bk, split_k, warps, 3)
+
+
+# ----------------------------------------------------------------------------------------- grouped expert GEMM
+def expert_gemm_configs(interpreter: bool = INTERPRETER) -> list[triton.Config]:
+    """The grouped expert GEMM's autotune space: BLOCK_N x BLOCK_K, warps, stages, swapped operands (BLOCK_M is
+    the sort's block size, fixed before the launch; no K split: a batch that needs this kernel has enough
+    (block, N tile) programs)."""
+    if interpreter:
+        return [_expert_gemm_config(64, 64, 1, 4, 2)]
+    return [_expert_gemm_config(bn, bk, 1, w, s, swap) for bn in (32, 64, 128) for bk in (32, 64, 128)
+            for w in (4, 8) for s in (3, 4) for swap in (False, True)]
+
+
+def _expert_gemm_config(bn: int, bk: int, split_k: int, num_warps: int, num_stages: int,
+                        swap_ab: bool = False) -> triton.Config:
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "split_k": split_k, "SWAP_AB": swap_ab},
+                         num_warps=num_warps, num_stages=num_stages)
+
+
+def prune_expert_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Early pruner: BLOCK_K legal for the format (gemm_block_k_ok), N tiles no wider than the matrix, 8 warps
+    only for tiles of 64 x 128 or more; then, as for the GEMM, the configs whose program count (blocks x N
+    tiles) is closest to two waves, a third of the slots for swapped operands."""
+    a = _args(named_args, kwargs)
+    n, qtype, block_m, blocks = a["N"], _qtype_name(a), a["BLOCK_M"], a["num_blocks"]
+    sms = sm_count(a["x_ptr"].device)
+    kept = [c for c in configs if gemm_block_k_ok(c.kwargs["BLOCK_K"], qtype)
+            and c.kwargs["BLOCK_N"] <= max(32, next_power_of_2(n))
+            and (c.num_warps == 4 or block_m * c.kwargs["BLOCK_N"] >= 64 * 128)]
+
+    def programs(c):
+        return blocks * cdiv(n, c.kwargs["BLOCK_N"]) * c.kwargs["split_k"]
+
+    return _plain_and_swapped(kept, programs, 2 * sms) or [
+        expert_gemm_heuristic_config(blocks, block_m, n, a["K"], qtype, sms, fp32=a["x_ptr"].element_size() == 4)]
+
+
+def expert_gemm_heuristic_config(blocks: int, block_m: int, n: int, k: int, qtype: str, sms: int,
+                                 split_k: "int | None" = None, fp32: bool = False) -> triton.Config:
+    """A grouped expert GEMM config without tuning: 64 x 64 weight tiles (BLOCK_N x BLOCK_K, legal for every
+    format), 4 warps, 3 stages; no K split unless forced."""
+    return _expert_gemm_config(64, 64, split_k or 1, 4, 3)
 
 
 # ----------------------------------------------------------------------------------------- dequantize

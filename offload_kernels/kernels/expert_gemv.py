@@ -18,8 +18,8 @@ token axis of size 1: two pairs routed to the same expert read its bytes twice, 
 less than the launches it saves. With more pairs than experts, the pairs are sorted by expert first
 (qmatmul_experts.sort_pairs_by_expert, on the device) and each program takes a block of up to BLOCK_M pairs
 of one expert (SORTED): the expert's bytes are decoded once per block, as the GEMV decodes them once for
-its BLOCK_M tokens. OffloadedExperts groups tokens by expert on the host beyond a few pairs per expert
-(GROUPED_MAX_PAIRS_PER_EXPERT), where the tensor-core GEMM takes over.
+its BLOCK_M tokens. Beyond a few pairs per expert (configs.EXPERTS_GEMV_MAX_PAIRS_PER_EXPERT) the grouped
+tensor-core GEMM (expert_gemm.py) takes over.
 Expert ids are clamped into [0, E) in the kernel, so a bad id can never read outside the buffer; the
 Python side checks them (one device-to-host read) unless told not to.
 """

@@ -44,38 +44,39 @@ from .runtime import INTERPRETER, count_launch, launch_split_k, sm_count, tuning
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, row_bytes, split_k,
-                 M_BUCKET,
-                 QTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SUB: tl.constexpr, RN: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr, F16_DECODE: tl.constexpr,
-                 HEAD_WORDS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr):
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    # Grouped tile order: GROUP_M consecutive row tiles share each weight tile while it is hot in L2.
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` in the grouped tile order: GROUP_M consecutive row tiles share each
+    weight tile while it is hot in L2."""
     num_pid_in_group = GROUP_M * num_pid_n
     first_pid_m = (pid // num_pid_in_group) * GROUP_M
     group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
     pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
     pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    # Out-of-range rows are clamped onto the last valid one (loads in bounds, never stored).
-    w_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * row_bytes
-    x_tile = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+
+@triton.jit
+def gemm_k_slice(K, split_k, pid_k, BLOCK_K: tl.constexpr):
+    """[begin, end) of the K tiles that K slice ``pid_k`` of ``split_k`` equal ones covers."""
     k_tiles = tl.cdiv(K, BLOCK_K)
     tiles_per_split = tl.cdiv(k_tiles, split_k)
     kt_begin = pid_k * tiles_per_split
-    kt_end = tl.minimum(kt_begin + tiles_per_split, k_tiles)
+    return kt_begin, tl.minimum(kt_begin + tiles_per_split, k_tiles)
 
+
+@triton.jit
+def gemm_partial_tile(x_tile, w_rows, kt_begin, kt_end, K,
+                      QTYPE: tl.constexpr, SUB: tl.constexpr, RN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      F16_DECODE: tl.constexpr, HEAD_WORDS: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr):
+    """The fp32 (BLOCK_M, BLOCK_N) product of K tiles [kt_begin, kt_end): activation rows at ``x_tile``
+    ((BLOCK_M, BLOCK_K) pointers to the first K tile) times the weight rows whose GGUF bytes start at
+    ``w_rows`` ((BLOCK_N,) byte pointers), each weight tile decoded in the loop."""
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
     for kt in range(kt_begin, kt_end):
         k0 = kt * BLOCK_K
         if BLOCK32[QTYPE]:
@@ -94,6 +95,26 @@ def _gemm_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stri
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if SWAP_AB:
         acc = tl.trans(acc)
+    return acc
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, row_bytes, split_k,
+                 M_BUCKET,
+                 QTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SUB: tl.constexpr, RN: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr, F16_DECODE: tl.constexpr,
+                 HEAD_WORDS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Out-of-range rows are clamped onto the last valid one (loads in bounds, never stored).
+    w_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * row_bytes
+    x_tile = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]
+    kt_begin, kt_end = gemm_k_slice(K, split_k, tl.program_id(1), BLOCK_K)
+    acc = gemm_partial_tile(x_tile, w_rows, kt_begin, kt_end, K, QTYPE, SUB, RN, DOT_PRECISION, F16_DECODE,
+                            HEAD_WORDS, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB)
     store_output(acc, offs_m, offs_n, M, N, bias_ptr, out_ptr, ws_ptr, cnt_ptr, pid, split_k, HAS_BIAS)
 
 

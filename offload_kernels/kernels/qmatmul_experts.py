@@ -7,11 +7,16 @@ token is that token's input times expert ``ids[..., j]``, plus the expert's bias
 row per token, shared by the token's k experts (the up/gate projection), or one row per (token, expert)
 pair (the down projection).
 
-backend "triton" is one launch of the grouped expert GEMV (expert_gemv.py) whatever the routing, with no
-host read of it (ids are read by the kernel): one program row per pair, or, with more than half a pair
-per expert on average (configs.experts_block_m), the pairs first sorted by expert on the device into
-blocks that share their expert's weight reads; "torch" is the reference: for each distinct expert, the torch
-dequantizer and a matmul. The op has a fake implementation (torch.compile) and a backward for the
+backend "triton" is one launch whatever the routing, with no host read of it (ids are read by the kernel),
+chosen by the mean pairs per expert (configs.select_experts_kernel):
+
+* up to 4, the grouped expert GEMV (expert_gemv.py, CUDA cores): one program row per pair, or, with more
+  than half a pair per expert (configs.experts_block_m), the pairs first sorted by expert on the device into
+  blocks of up to 4 that share their expert's weight reads;
+* above, the grouped expert GEMM (expert_gemm.py, tensor cores): the pairs sorted by expert into blocks of
+  16 to 64 (configs.expert_gemm_block_m), each block's expert decoded in the K loop of a tiled tl.dot.
+
+"torch" is the reference: for each distinct expert, the torch dequantizer and a matmul. The op has a fake implementation (torch.compile) and a backward for the
 input and the bias (the weight is frozen).
 """
 
@@ -22,15 +27,19 @@ from typing import Optional
 import torch
 
 from ..formats import QuantizedTensor, dequantize, get_spec
-from .configs import experts_block_m
+from .configs import expert_gemm_block_m, experts_block_m, select_experts_kernel
+from .expert_gemm import expert_gemm
 from .expert_gemv import expert_gemv
 from .qmatmul import _X_DTYPES, _linear, _reference_dtype, check_bias, check_positive_or_none, resolve_backend
 from .runtime import capturing, new_output
 
+#: Kernels qmatmul_experts(kernel=...) takes: "auto" (by the mean pairs per expert), "gemv", "gemm".
+EXPERT_KERNELS = ("auto", "gemv", "gemm")
+
 
 def qmatmul_experts(x: torch.Tensor, qt: QuantizedTensor, expert_ids: torch.Tensor, num_experts: int,
                     bias: Optional[torch.Tensor] = None, backend: str = "auto", *, check_ids: bool = True,
-                    split_k: Optional[int] = None, layout: Optional[int] = None) -> torch.Tensor:
+                    kernel: str = "auto", split_k: Optional[int] = None, layout: Optional[int] = None) -> torch.Tensor:
     """y[..., j, :] = x_j @ W[expert_ids[..., j]].T + bias[expert_ids[..., j]] for a stack of experts.
 
     qt: (num_experts * N, K), expert e being rows e * N ... (e + 1) * N. expert_ids: (..., k) integer
@@ -42,10 +51,12 @@ def qmatmul_experts(x: torch.Tensor, qt: QuantizedTensor, expert_ids: torch.Tens
     path) or "auto" (triton for CUDA tensors). check_ids: read the ids back to check they lie in
     [0, num_experts) (one device-to-host read), except during CUDA graph capture where no read is possible;
     the Triton kernel clamps ids into that range either way, so a bad id never reads outside the weight.
-    split_k/layout (triton only) force the GEMV's K split and loop layout, for tests and benchmarks.
+    kernel (triton only): "auto" picks by the mean pairs per expert; "gemv" or "gemm" force the grouped expert
+    GEMV or GEMM. split_k forces the kernel's K split, layout the GEMV's loop layout (so it implies "gemv"):
+    for tests and benchmarks.
     Raises TypeError/ValueError naming the problem before anything is launched.
     """
-    n, k, backend, x_group = _validate(x, qt, expert_ids, num_experts, bias, backend, split_k, layout)
+    n, k, backend, x_group = _validate(x, qt, expert_ids, num_experts, bias, backend, kernel, split_k, layout)
     ids = expert_ids if expert_ids.dtype in (torch.int32, torch.int64) else expert_ids.long()
     if check_ids and not capturing(ids.device) and not torch.compiler.is_compiling():
         negative, over = count_out_of_range(ids, num_experts)
@@ -54,7 +65,7 @@ def qmatmul_experts(x: torch.Tensor, qt: QuantizedTensor, expert_ids: torch.Tens
         if over:
             raise ValueError(f"expert_ids holds {over} ids >= num_experts={num_experts}")
     return torch.ops.offload_kernels.qmatmul_experts(x, qt.data.view(-1), qt.qtype, num_experts, n, k,
-                                                     n * qt.row_bytes, ids, bias, backend,
+                                                     n * qt.row_bytes, ids, bias, backend, kernel,
                                                      0 if split_k is None else int(split_k),
                                                      0 if layout is None else int(layout))
 
@@ -65,7 +76,7 @@ def count_out_of_range(ids: torch.Tensor, num_experts: int) -> tuple[int, int]:
     return int(negative), int(over)
 
 
-def _validate(x, qt, expert_ids, num_experts, bias, backend, split_k, layout) -> tuple[int, int, str, int]:
+def _validate(x, qt, expert_ids, num_experts, bias, backend, kernel, split_k, layout) -> tuple[int, int, str, int]:
     """(N, K, backend, tokens per x row's pairs: k for a shared row, 1 for one row per pair)."""
     if not isinstance(qt, QuantizedTensor):
         raise TypeError(f"qt must be a QuantizedTensor, got {type(qt).__name__}")
@@ -101,9 +112,14 @@ def _validate(x, qt, expert_ids, num_experts, bias, backend, split_k, layout) ->
     check_bias(bias, rows, x, " (num_experts * N)")
     check_positive_or_none(split_k, "split_k")
     check_positive_or_none(layout, "layout")
+    if kernel not in EXPERT_KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {EXPERT_KERNELS}")
+    if kernel == "gemm" and layout is not None:
+        raise ValueError("layout= selects a loop of the grouped GEMV; kernel='gemm' has none")
     backend = resolve_backend(backend, x)
-    if backend != "triton" and (split_k is not None or layout is not None):
-        raise ValueError("split_k= and layout= select Triton kernel configs; they need backend='triton'")
+    if backend != "triton" and (split_k is not None or layout is not None or kernel != "auto"):
+        raise ValueError("kernel=, split_k= and layout= select Triton kernels and configs; they need "
+                         "backend='triton'")
     return n, k, backend, x_group
 
 
@@ -111,7 +127,7 @@ def _validate(x, qt, expert_ids, num_experts, bias, backend, split_k, layout) ->
 @torch.library.custom_op("offload_kernels::qmatmul_experts", mutates_args=())
 def _qmatmul_experts_op(x: torch.Tensor, data: torch.Tensor, qtype: str, num_experts: int, n: int, k: int,
                         expert_bytes: int, expert_ids: torch.Tensor, bias: Optional[torch.Tensor], backend: str,
-                        split_k: int, layout: int) -> torch.Tensor:
+                        kernel: str, split_k: int, layout: int) -> torch.Tensor:
     """``data``: a flat uint8 buffer in which expert e's (n, k) GGUF rows start at byte e * expert_bytes (a
     stacked weight: expert_bytes = n * row_bytes; an expert cache: its slot size)."""
     spec = _check_buffer(data, qtype, num_experts, n, k, expert_bytes)
@@ -127,6 +143,13 @@ def _qmatmul_experts_op(x: torch.Tensor, data: torch.Tensor, qtype: str, num_exp
     if backend == "torch":
         return _torch_experts(x2d, data, spec, n, k, expert_bytes, ids, x_group, bias).view(out_shape)
     out = new_output((pairs, n), x.dtype, x.device)
+    if kernel == "auto":
+        kernel = "gemv" if layout else select_experts_kernel(pairs, num_experts)
+    if kernel == "gemm":
+        block_experts, block_rows = sort_pairs_by_expert(ids, num_experts, expert_gemm_block_m(pairs, num_experts))
+        expert_gemm(x2d, data, spec.name, n, k, spec.row_bytes(k), expert_bytes, num_experts, block_experts,
+                    block_rows, x_group, bias, out, split_k=split_k or None)
+        return out.view(out_shape)
     block_m = experts_block_m(pairs, num_experts)
     if block_m > 1:
         block_experts, block_rows = sort_pairs_by_expert(ids, num_experts, block_m)
@@ -164,8 +187,8 @@ def sort_pairs_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> t
 
 
 @_qmatmul_experts_op.register_fake
-def _qmatmul_experts_fake(x, data, qtype, num_experts, n, k, expert_bytes, expert_ids, bias, backend, split_k,
-                          layout):
+def _qmatmul_experts_fake(x, data, qtype, num_experts, n, k, expert_bytes, expert_ids, bias, backend, kernel,
+                          split_k, layout):
     return x.new_empty((*expert_ids.shape, n))
 
 
@@ -207,7 +230,7 @@ def _torch_experts(x2d: torch.Tensor, data: torch.Tensor, spec, n: int, k: int, 
 # bias of expert e gets the sum of its pairs' dL/dy. One dequantize per distinct expert (a host read of the
 # ids: training is not the path this op is built for, inference is).
 def _setup_context(ctx, inputs, output):
-    x, data, qtype, num_experts, n, k, expert_bytes, expert_ids, bias, backend, split_k, layout = inputs
+    x, data, qtype, num_experts, n, k, expert_bytes, expert_ids, bias, backend, kernel, split_k, layout = inputs
     ctx.save_for_backward(data, expert_ids)
     ctx.meta = (qtype, num_experts, n, k, expert_bytes, backend, bias is not None, tuple(x.shape))
 
@@ -235,7 +258,7 @@ def _backward(ctx, grad):
         grad_bias = torch.zeros(num_experts, n, dtype=torch.float32, device=grad.device)
         grad_bias.index_add_(0, ids.long(), g.float())
         grad_bias = grad_bias.view(-1).to(grad.dtype)
-    return grad_x, None, None, None, None, None, None, None, grad_bias, None, None, None
+    return grad_x, None, None, None, None, None, None, None, grad_bias, None, None, None, None
 
 
 _qmatmul_experts_op.register_autograd(_backward, setup_context=_setup_context)
@@ -250,7 +273,7 @@ def qmatmul_expert_buffer(x: torch.Tensor, data: torch.Tensor, qtype: str, n: in
     if backend == "auto":
         backend = "triton" if x.device.type == "cuda" else "torch"
     return torch.ops.offload_kernels.qmatmul_experts(x, data, qtype, num_experts, n, k, expert_bytes, expert_ids,
-                                                     None, backend, 0, 0)
+                                                     None, backend, "auto", 0, 0)
 
 
 __all__ = ["count_out_of_range", "qmatmul_expert_buffer", "qmatmul_experts", "sort_pairs_by_expert"]

@@ -37,9 +37,11 @@ AUTOTUNE: bool = os.environ.get("OFFLOAD_KERNELS_AUTOTUNE", "1").strip().lower()
 
 #: Launch counters, by kernel variant. "gemv"/"gemm" count launches with split_k == 1,
 #: "gemv_splitk"/"gemm_splitk" those with split_k > 1, "dequant" the standalone dequantize kernel,
-#: "expert_gemv"/"expert_gemv_splitk" the grouped expert GEMV (qmatmul_experts).
+#: "expert_gemv"/"expert_gemv_splitk" the grouped expert GEMV and "expert_gemm"/"expert_gemm_splitk" the
+#: grouped expert GEMM (qmatmul_experts).
 #: Python-side counts: a CUDA graph replay does not count again.
-KERNEL_VARIANTS = ("gemv", "gemv_splitk", "gemm", "gemm_splitk", "dequant", "expert_gemv", "expert_gemv_splitk")
+KERNEL_VARIANTS = ("gemv", "gemv_splitk", "gemm", "gemm_splitk", "dequant", "expert_gemv", "expert_gemv_splitk",
+                   "expert_gemm", "expert_gemm_splitk")
 _counts = dict.fromkeys(KERNEL_VARIANTS, 0)
 _counts_lock = threading.Lock()
 

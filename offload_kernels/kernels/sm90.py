@@ -30,6 +30,9 @@ GEMV_SIGNATURE = {"x_ptr": "*{x}", "w_ptr": "*u8", "bias_ptr": "*{x}", "out_ptr"
 #: The grouped expert GEMV's runtime arguments (expert_gemv.py): the GEMV's and the routing's.
 EXPERT_GEMV_SIGNATURE = {**GEMV_SIGNATURE, "ids_ptr": "*i64", "rows_ptr": "*i32", "expert_bytes": "i32",
                          "num_experts": "i32", "X_GROUP": "i32"}
+#: The grouped expert GEMM's (expert_gemm.py): the GEMM's and the sorted blocks' (their experts as int32).
+EXPERT_GEMM_SIGNATURE = {**GEMV_SIGNATURE, "ids_ptr": "*i32", "rows_ptr": "*i32", "expert_bytes": "i32",
+                         "num_experts": "i32", "num_blocks": "i32", "X_GROUP": "i32"}
 
 
 def compile_kernel(fn, signature: dict, constexprs: dict, aligned: "list[str]" = ALIGNED, **options):

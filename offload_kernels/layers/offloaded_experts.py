@@ -17,8 +17,11 @@ linear: resident, or streamed with their transformer block through the transfer 
 The forward computes what transformers' expert implementations compute: for each expert that any token
 chose, up (and gate) projection, the class's own gating (``_apply_gate``: SwiGLU for most, gpt-oss's clamped
 variant, interleaved or concatenated gate/up rows) or activation, down projection, the optional
-post-expert norm, then the routing weight; the contributions are summed per token in fp32. One device to
-host synchronization per call reads how many tokens each expert got (transformers' eager path does the same).
+post-expert norm, then the routing weight; the contributions are summed per token in fp32. Up to
+GROUPED_MAX_PAIRS_PER_EXPERT tokens per expert each projection is one grouped launch over all the (token,
+expert) pairs, with the routing read on the device only (a resident layer traces whole under torch.compile
+and CUDA graphs); beyond, and when gradients are needed, one device-to-host read of how many tokens each
+expert got (as transformers' eager path does) and a qmatmul per chosen expert.
 """
 
 from __future__ import annotations
@@ -34,13 +37,15 @@ from ..formats.quantize import validate_weight
 from .offloaded_linear import _FLOAT_DTYPES, OffloadedLinear, check_activations
 
 #: Most (token, chosen expert) pairs per expert, on average, for which the layer runs each projection as one
-#: grouped launch (qmatmul_experts: the grouped expert GEMV, with the pairs sorted by expert on the device
-#: when experts repeat; no host read of the routing) rather than grouping the tokens by expert on the host
-#: (one read of the counts, then a qmatmul per chosen expert and projection: GEMV or tensor-core GEMM by
-#: its tokens). 4 is the GEMV's range in the crossover table (kernels.configs.KERNEL_BY_M): Qwen3-30B-A3B
-#: (8 of 128 experts) is grouped up to 64 tokens, two launches per layer instead of ~2 per chosen expert plus
-#: the gathers; Mixtral (2 of 8) up to 16. Not measured on a GPU yet (`bench experts` times both paths).
-GROUPED_MAX_PAIRS_PER_EXPERT = 4
+#: grouped launch (qmatmul_experts, pairs sorted by expert on the device where experts repeat: the grouped
+#: expert GEMV up to 4 pairs per expert, the grouped tensor-core GEMM above; no host read of the routing)
+#: rather than grouping the tokens by expert on the host (one read of the counts, then a qmatmul per chosen
+#: expert and projection, each picking its kernel by its tokens). 64 is where the dense crossover table
+#: (kernels.configs.KERNEL_BY_M, measured on an H100) leaves the fused GEMM for dequantize + cuBLAS, whose
+#: tensor-core rate is ~3x the fused kernel's: from there an expert's tokens are enough work to pay for its own
+#: launches. Qwen3-30B-A3B (8 of 128 experts) is grouped up to 1024 tokens, Mixtral (2 of 8) up to 256. Not
+#: measured for experts on a GPU yet (`bench experts` times both paths).
+GROUPED_MAX_PAIRS_PER_EXPERT = 64
 
 #: The flags transformers' ``use_experts_implementation`` sets on an experts module.
 _EXPERT_FLAGS = ("has_gate", "has_bias", "is_transposed")

@@ -163,6 +163,7 @@ def test_experts_benchmark_logic_on_cpu(tmp_path, one_thread, monkeypatch):
 
     from offload_kernels.benchmarks import experts
     from offload_kernels.benchmarks.results import Deadline
+    from offload_kernels.kernels import configs
     from offload_kernels.layers import offloaded_experts
 
     if not hasattr(__import__("transformers.integrations.moe", fromlist=["x"]), "use_experts_implementation"):
@@ -178,12 +179,14 @@ def test_experts_benchmark_logic_on_cpu(tmp_path, one_thread, monkeypatch):
     run = RunInfo.collect("cpu")
     rec, table = Recorder(run), {}
     limit = offloaded_experts.GROUPED_MAX_PAIRS_PER_EXPERT
+    gemv_limit = configs.EXPERTS_GEMV_MAX_PAIRS_PER_EXPERT
     experts.bench_shape(rec, "tiny-moe", experts.moe_shapes()["tiny-moe"], "q4_k", [1, 3], 1, 1000.0, table,
                         Deadline(None), device="cpu")
-    assert offloaded_experts.GROUPED_MAX_PAIRS_PER_EXPERT == limit          # the crossover is restored
+    assert offloaded_experts.GROUPED_MAX_PAIRS_PER_EXPERT == limit          # the crossovers are restored
+    assert configs.EXPERTS_GEMV_MAX_PAIRS_PER_EXPERT == gemv_limit
     got = {(r["kernel"], r["provider"], r["x"]) for r in rec.rows}
     for t in (1, 3):
-        for provider in ("grouped", "grouped_graph", "by_expert", "fp16_transformers"):
+        for provider in ("grouped", "grouped_graph", "grouped_gemv", "grouped_gemm", "by_expert", "fp16_transformers"):
             assert ("time", provider, t) in got and ("hbm_ideal_fraction", provider, t) in got
         assert ("speedup_vs_fp16", "grouped", t) in got and ("speedup_vs_fp16", "fp16_transformers", t) not in got
     assert set(table) == {("tiny-moe", 1), ("tiny-moe", 3)}

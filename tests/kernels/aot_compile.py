@@ -17,8 +17,10 @@ import triton
 from offload_kernels.kernels import configs
 from offload_kernels.kernels.decode import QTYPE_CODES, SUB_BLOCK
 from offload_kernels.kernels.dequant import _dequant_kernel
+from offload_kernels.kernels.expert_gemm import _expert_gemm_kernel
 from offload_kernels.kernels.gemm import GROUP_M, _gemm_kernel, dot_precision, f16_decode_default
-from offload_kernels.kernels.sm90 import ALIGNED, GEMV_SIGNATURE, compile_kernel, gemv_loop_report, loop_body, sass_of
+from offload_kernels.kernels.sm90 import (ALIGNED, EXPERT_GEMM_SIGNATURE, GEMV_SIGNATURE, compile_kernel, gemv_loop_report,
+                                          loop_body, resources_of, sass_of)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -29,7 +31,7 @@ SYNC_OPS = ("BAR", "LDS", "STS", "SHFL")
 
 def main() -> int:
     report = {"compiled": [], "dequant_ffma": {}, "gemv_layout2_loop_sync": {}, "gemv_layout3_loop": {},
-              "expert_gemv_loop": {},
+              "expert_gemv_loop": {}, "expert_gemm_loop": {},
               "gemm_fp16_loop_instructions": {}, "gemm_loop_global_loads": {}, "triton": triton.__version__}
     for qtype, code in QTYPE_CODES.items():
         for x in ("fp32", "fp16", "bf16"):
@@ -85,6 +87,28 @@ def main() -> int:
                         report["gemm_fp16_loop_instructions"].setdefault(qtype, {})[tag] = len(body)
                         report["gemm_loop_global_loads"].setdefault(qtype, {})[tag] = sum(
                             op.startswith("LDG.") for op in body)      # synchronous loads (not LDGSTS)
+            if x == "fp16":
+                # the grouped expert GEMM in its heuristic config with blocks of 16 pairs: the dense GEMM's tile
+                # at 16 tokens (16 x 64 x 64, 4 warps, 3 stages), so its K loop should be the GEMM's. The expert
+                # stride is 16-byte aligned as Triton specializes it at a launch whenever it is (a stack of rows
+                # whose count is a multiple of 16, or the expert cache's 256-byte slots): without that, no
+                # asynchronous copy of the weight bytes can be proven aligned, and the loop waits on its loads.
+                c = configs.expert_gemm_heuristic_config(100, 16, 4096, 4096, qtype, 132)
+                sig = {name: t.format(x=x) for name, t in EXPERT_GEMM_SIGNATURE.items()}
+                k = compile_kernel(_expert_gemm_kernel, sig,
+                                   dict(QTYPE=code, HAS_BIAS=True, SUB=SUB_BLOCK[qtype], RN=True,
+                                        DOT_PRECISION=dot_precision(DTYPES[x]), GROUP_M=GROUP_M, F16_DECODE=default,
+                                        HEAD_WORDS=qtype in ("q4_k", "q5_k"), BLOCK_M=16,
+                                        **{key: c.kwargs[key] for key in ("BLOCK_N", "BLOCK_K", "SWAP_AB")}),
+                                   ALIGNED + ["expert_bytes"], num_warps=c.num_warps, num_stages=c.num_stages)
+                report["compiled"].append(f"expert_gemm/{qtype}/{x}/m16")
+                sass = sass_of(k)
+                if sass is not None:
+                    body = loop_body(sass) or []
+                    report["expert_gemm_loop"][qtype] = {
+                        "loop_instructions": len(body), "decode": "f16" if default else "f32",
+                        "global_loads": sum(op.startswith("LDG.") for op in body),
+                        **{key: (resources_of(k) or {}).get(key, -1) for key in ("registers", "stack_bytes")}}
             d = configs.dequant_heuristic_config()
             k = compile_kernel(_dequant_kernel, {"w_ptr": "*u8", "out_ptr": f"*{x}", "N": "i32", "K": "i32",
                                                  "row_bytes": "i32"},

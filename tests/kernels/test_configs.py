@@ -98,6 +98,40 @@ def test_gemm_pruner(qtype, m, dtype):
             assert swapped, "the tuner must get to time swapped operands for a few tokens"
 
 
+def test_expert_kernel_choice_and_gemm_block_sizes():
+    """The grouped expert GEMV up to EXPERTS_GEMV_MAX_PAIRS_PER_EXPERT pairs per expert, the GEMM above, whose
+    blocks are the mean pairs per expert rounded up to a power of two within 16..64."""
+    limit = configs.EXPERTS_GEMV_MAX_PAIRS_PER_EXPERT
+    assert configs.select_experts_kernel(limit * 128, 128) == "gemv"
+    assert configs.select_experts_kernel(limit * 128 + 1, 128) == "gemm"
+    assert configs.select_experts_kernel(1, 1) == "gemv"
+    for pairs, experts, block_m in [(600, 128, 16), (2048, 128, 16), (2049, 128, 32), (4096, 128, 32),
+                                    (5000, 128, 64), (16384, 128, 64), (10**6, 8, 64)]:
+        assert configs.expert_gemm_block_m(pairs, experts) == block_m, (pairs, experts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_expert_gemm_pruner(qtype, dtype):
+    """Legal BLOCK_K for the format, N tiles no wider than the matrix, no K split (not in the space), at most
+    MAX_TUNED_CONFIGS of which a third swapped; the heuristic config legal too."""
+    space = configs.expert_gemm_configs(interpreter=False)
+    for n, k in [(768, 2048), (2048, 768), (14336, 4096), (40, 256)]:
+        if k % get_spec(qtype).block_size:
+            continue
+        for block_m, blocks in [(16, 200), (64, 400)]:
+            kept = configs.prune_expert_gemm_configs(space, {}, **_args(dtype, N=n, K=k, QTYPE=QTYPE_CODES[qtype],
+                                                                        BLOCK_M=block_m, num_blocks=blocks))
+            assert 1 <= len(kept) <= configs.MAX_TUNED_CONFIGS
+            assert sum(c.kwargs["SWAP_AB"] for c in kept) <= configs.MAX_TUNED_CONFIGS // 3
+            for c in kept:
+                assert configs.gemm_block_k_ok(c.kwargs["BLOCK_K"], qtype) and c.kwargs["split_k"] == 1
+                assert c.kwargs["BLOCK_N"] <= max(32, configs.next_power_of_2(n))
+            c = configs.expert_gemm_heuristic_config(blocks, block_m, n, k, qtype, 132)
+            assert configs.gemm_block_k_ok(c.kwargs["BLOCK_K"], qtype) and c.kwargs["split_k"] == 1
+    assert configs.expert_gemm_heuristic_config(10, 16, 768, 2048, qtype, 132, split_k=3).kwargs["split_k"] == 3
+
+
 def test_gemm_block_k_constraint():
     assert configs.gemm_block_k_ok(64, "q4_k") and configs.gemm_block_k_ok(16, "q3_k")
     assert not configs.gemm_block_k_ok(16, "q4_k")          # half a sub-block: two scales in one tile row

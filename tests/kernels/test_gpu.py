@@ -179,11 +179,14 @@ def test_torch_compile_inductor(m):
         torch.testing.assert_close(cudagraphs(x).clone(), f(x), rtol=2e-2, atol=2e-2)
 
 
-# ------------------------------------------------------------------------------------ grouped expert GEMV
+# ------------------------------------------------------------------------------------ grouped expert GEMV and GEMM
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("qtype", ["q4_k", "q3_k", "q6_k"])
-@pytest.mark.parametrize("tokens,top_k", [(1, 8), (4, 2), (16, 8)])      # the last sorted into blocks
-def test_expert_gemv_on_model_shapes(qtype, dtype, tokens, top_k, poisoned):
+@pytest.mark.parametrize("qtype", ["q4_k", "q3_k", "q6_k", "q8_0"])
+# GEMV: one pair per program, pairs per program, sorted blocks of 4; GEMM: blocks of 16 and of 64 (8 and 64 pairs
+# per expert)
+@pytest.mark.parametrize("tokens,top_k,variant", [(1, 8, "expert_gemv"), (4, 2, "expert_gemv"), (16, 8, "expert_gemv"),
+                                                  (64, 8, "expert_gemm"), (512, 8, "expert_gemm")])
+def test_grouped_experts_on_model_shapes(qtype, dtype, tokens, top_k, variant, poisoned):
     """qmatmul_experts on a Qwen3-30B-A3B-like stack (64 experts of 768 x 2048 here), shared rows and rows
     per pair, against float64 on each pair's dequantized expert."""
     from offload_kernels.kernels import qmatmul_experts
@@ -193,16 +196,19 @@ def test_expert_gemv_on_model_shapes(qtype, dtype, tokens, top_k, poisoned):
     qt = random_qtensor(qtype, experts * n, k, g, device="cuda")
     w = dequantize(qt, torch.float32).double().view(experts, n, k)
     ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)]).cuda()
+    kernels.reset_launch_counts()
     for x in (activations((tokens, k), g).to(dtype).cuda(), activations((tokens, top_k, k), g).to(dtype).cuda()):
         y = qmatmul_experts(x, qt, ids, experts)
         xd = x.double() if x.dim() == 3 else x.double().unsqueeze(1).expand(tokens, top_k, k)
         ref = torch.einsum("tjk,tjnk->tjn", xd, w[ids])
         err = float((y.double() - ref).norm() / ref.norm())
         assert err <= (1e-3 if dtype == torch.float32 else 1e-2), err
+    ran = kernels.launch_counts()
+    assert ran[variant] + ran[f"{variant}_splitk"] == 2, ran
 
 
-@pytest.mark.parametrize("tokens,top_k", [(2, 2), (12, 4)])       # one pair per program; sorted on the device
-def test_expert_gemv_in_a_cuda_graph_follows_new_routing(tokens, top_k):
+@pytest.mark.parametrize("tokens,top_k", [(2, 2), (12, 4), (96, 4)])    # GEMV: per pair, sorted; GEMM (24 per expert)
+def test_grouped_experts_in_a_cuda_graph_follow_new_routing(tokens, top_k):
     """Captured once, replayed with other routing written into the same id tensor: the kernel (and the
     sort by expert, all device ops) reads the ids on the device, so each replay computes the experts chosen
     now."""
@@ -220,3 +226,25 @@ def test_expert_gemv_in_a_cuda_graph_follows_new_routing(tokens, top_k):
         ids.copy_(routing)
         graph.replay()
         torch.testing.assert_close(y, qmatmul_experts(x, qt, ids, 16), rtol=1e-3, atol=1e-3)
+
+
+def test_expert_gemm_autotuned(poisoned, monkeypatch):
+    """Autotuning on: every config the pruner keeps (other tiles, swapped operands, 8 warps) is timed and so run
+    on the real shape; the winner's result is checked, then reused."""
+    from offload_kernels.kernels import qmatmul_experts
+
+    monkeypatch.setattr(runtime, "AUTOTUNE", True)
+    runtime.forget_tuned_configs()
+    experts, n, k = 32, 1024, 2048
+    g = torch.Generator().manual_seed(12)
+    qt = random_qtensor("q4_k", experts * n, k, g, device="cuda")
+    w = dequantize(qt, torch.float32).double().view(experts, n, k)
+    for tokens in (128, 1024):
+        ids = torch.stack([torch.randperm(experts, generator=g)[:4] for _ in range(tokens)]).cuda()
+        x = activations((tokens, k), g).half().cuda()
+        for _ in range(2):
+            y = qmatmul_experts(x, qt, ids, experts)
+            ref = torch.einsum("tk,tjnk->tjn", x.double(), w[ids])
+            assert float((y.double() - ref).norm() / ref.norm()) <= 1e-2
+    assert len(runtime._tuned) == 2
+    runtime.forget_tuned_configs()

@@ -1,4 +1,5 @@
-"""qmatmul_experts (the grouped expert GEMV) against float64 math on each chosen expert's dequantized matrix.
+"""qmatmul_experts (the grouped expert GEMV and GEMM) against float64 math on each chosen expert's dequantized
+matrix.
 
 The Triton tests patch the op's torch reference to fail and count launches, so they pass only if the
 grouped kernel computed the result in one launch; outputs start as NaN (``poisoned``).
@@ -21,7 +22,7 @@ from .helpers import TOLERANCE, activations, random_qtensor, relative_error, see
 
 EXPERTS, ROWS = 5, 40          # 40 output rows per expert: not a multiple of any tile
 K_ODD = {q: 1280 if get_spec(q).block_size == 256 else 800 for q in QTYPES}
-VARIANTS = ("expert_gemv", "expert_gemv_splitk")
+VARIANTS = ("expert_gemv", "expert_gemv_splitk", "expert_gemm", "expert_gemm_splitk")
 
 
 @pytest.fixture
@@ -108,6 +109,98 @@ def test_one_pair_per_program_matches_float64(qtype, dtype, per_pair, device, gr
     assert sorted_runs == []
 
 
+@pytest.mark.parametrize("per_pair", [False, True], ids=["shared_rows", "row_per_pair"])
+@pytest.mark.parametrize("dtype", X_DTYPES, ids=str)
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_grouped_gemm_matches_float64(qtype, dtype, per_pair, device, grouped_only, poisoned, sorted_runs):
+    """13 tokens x 2 of 5 experts: more than 4 pairs per expert, so the tensor-core GEMM over blocks of 16
+    pairs sorted by expert (partial blocks everywhere, spare blocks of padding)."""
+    g = torch.Generator().manual_seed(seed_of("gemm", qtype, dtype, per_pair))
+    x, qt, ids, bias = _case(qtype, dtype, 13, 2, g, device, per_pair=per_pair)
+    y = qmatmul_experts(x, qt, ids, EXPERTS, bias, backend="triton")
+    assert y.shape == (13, 2, ROWS) and y.dtype == dtype
+    assert relative_error(y, _reference(x, qt, ids, bias)) <= TOLERANCE[dtype]
+    assert _one_launch() == "expert_gemm"
+    assert sorted_runs == [16]
+
+
+@pytest.mark.parametrize("tokens,block_m,split_k", [(40, 32, 1), (100, 64, 1), (40, 32, 3)])
+def test_grouped_gemm_block_sizes_and_k_split(tokens, block_m, split_k, device, grouped_only, poisoned, sorted_runs):
+    """Many tokens on 3 experts: blocks of 32 and 64 pairs (mean 27 and 67 pairs per expert), uneven
+    counts, and K cut in 3 uneven slices (3, 3 and 2 of 8 K tiles) finished by the tile's last program."""
+    g = torch.Generator().manual_seed(seed_of("gemm_blocks", tokens, split_k))
+    qt = random_qtensor("q4_k", 3 * ROWS, 512, g, device=device)
+    ids = torch.randint(0, 3, (tokens, 2), generator=g).to(device)
+    x = activations((tokens, 512), g).to(device)
+    bias = activations((3 * ROWS,), g).to(device)
+    y = qmatmul_experts(x, qt, ids, 3, bias, backend="triton", split_k=split_k)
+    assert relative_error(y, _reference(x, qt, ids, bias, num_experts=3)) <= TOLERANCE[torch.float32]
+    assert _one_launch() == ("expert_gemm_splitk" if split_k > 1 else "expert_gemm")
+    assert sorted_runs == [block_m]
+
+
+@pytest.mark.parametrize("kernel,tokens", [("gemm", 1), ("gemv", 13)])
+def test_forcing_the_other_kernel(kernel, tokens, device, grouped_only, poisoned):
+    """kernel= overrides the choice by pairs per expert: the GEMM for one token (one block of 16 per chosen
+    expert, mostly padding), the GEMV for 13 tokens; both still right."""
+    g = torch.Generator().manual_seed(seed_of("forced", kernel))
+    x, qt, ids, bias = _case("q3_k", torch.float16, tokens, 2, g, device)
+    y = qmatmul_experts(x, qt, ids, EXPERTS, bias, backend="triton", kernel=kernel)
+    assert relative_error(y, _reference(x, qt, ids, bias)) <= TOLERANCE[torch.float16]
+    assert _one_launch().startswith(f"expert_{kernel}")
+
+
+TILE_OPTIONS = [dict(BLOCK_N=32, BLOCK_K=32), dict(BLOCK_N=128, BLOCK_K=128), dict(SWAP_AB=True),
+                dict(BLOCK_K=128, SWAP_AB=True)]
+
+
+@pytest.mark.parametrize("option", TILE_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("qtype", ["q4_k", "q6_k", "q8_0", "q4_0"])
+def test_grouped_gemm_tuned_tile_options(qtype, option, device, grouped_only, poisoned, monkeypatch):
+    """Tile options only the GPU autotuner picks (other N/K tile sizes, swapped operands: the weight tile
+    as the MMA's first operand), forced through the heuristic config, fp16 and fp32 (tf32x3)."""
+    from offload_kernels.kernels import configs
+
+    heuristic = configs.expert_gemm_heuristic_config
+
+    def forced(*args, **kwargs):
+        c = heuristic(*args, **kwargs)
+        return configs._expert_gemm_config(option.get("BLOCK_N", c.kwargs["BLOCK_N"]),
+                                           option.get("BLOCK_K", c.kwargs["BLOCK_K"]), c.kwargs["split_k"],
+                                           c.num_warps, c.num_stages, option.get("SWAP_AB", False))
+
+    monkeypatch.setattr(configs, "expert_gemm_heuristic_config", forced)
+    for dtype in X_DTYPES:
+        g = torch.Generator().manual_seed(seed_of("tiles", qtype, dtype, *option))
+        x, qt, ids, bias = _case(qtype, dtype, 11, 2, g, device, per_pair=True)
+        y = qmatmul_experts(x, qt, ids, EXPERTS, bias, backend="triton")
+        assert relative_error(y, _reference(x, qt, ids, bias)) <= TOLERANCE[dtype]
+        assert _one_launch() == "expert_gemm"
+
+
+@pytest.mark.parametrize("qtype", ["q4_k", "q5_k", "q6_k", "q4_0"])
+def test_grouped_gemm_weight_decodes(qtype, device, poisoned):
+    """Both weight decodes of the GEMM for fp16 activations (exact fp32 then rounded; fp16 arithmetic), and
+    q4_k/q5_k block heads read as words or byte by byte (an expert stride that breaks 4-byte alignment)."""
+    from offload_kernels.kernels.expert_gemm import expert_gemm
+    from offload_kernels.kernels.qmatmul_experts import sort_pairs_by_expert
+
+    g = torch.Generator().manual_seed(seed_of("decodes", qtype))
+    spec = get_spec(qtype)
+    x, qt, ids, _ = _case(qtype, torch.float16, 9, 2, g, device, with_bias=False)
+    size = ROWS * spec.row_bytes(x.shape[-1])
+    for stride in (size, size + 2):
+        buf = torch.zeros(EXPERTS * stride, dtype=torch.uint8, device=device)
+        for e in range(EXPERTS):
+            buf[e * stride:e * stride + size] = qt.data[e * ROWS:(e + 1) * ROWS].reshape(-1)
+        block_experts, block_rows = sort_pairs_by_expert(ids, EXPERTS, 16)
+        for f16_decode in (False, True):
+            out = torch.full((ids.numel(), ROWS), float("nan"), dtype=torch.float16, device=device)
+            expert_gemm(x, buf, qtype, ROWS, x.shape[-1], spec.row_bytes(x.shape[-1]), stride, EXPERTS,
+                        block_experts, block_rows, 2, None, out, f16_decode=f16_decode)
+            assert relative_error(out.view(9, 2, ROWS), _reference(x, qt, ids, None)) <= TOLERANCE[torch.float16]
+
+
 @pytest.mark.parametrize("experts,tokens,top_k,block_m", [(5, 9, 2, 4), (16, 5, 2, 2), (3, 40, 2, 4), (7, 1, 7, 2)])
 def test_sorting_pairs_by_expert(experts, tokens, top_k, block_m):
     """Every pair in exactly one block, every block's pairs routed to its expert, at most block_m pairs per
@@ -130,14 +223,14 @@ def test_sorting_pairs_by_expert(experts, tokens, top_k, block_m):
 
 
 def test_sorted_blocks_with_repeats_and_padding(device, grouped_only, poisoned, sorted_runs):
-    """Many tokens on few experts (40 x 2 of 3: blocks of 4, most experts several blocks, partial last
-    blocks, spare padding blocks), rows per pair, split along K."""
+    """The GEMV (forced) with many tokens on few experts (40 x 2 of 3: blocks of 4, most experts several
+    blocks, partial last blocks, spare padding blocks), rows per pair, split along K."""
     g = torch.Generator().manual_seed(8)
     qt = random_qtensor("q4_k", 3 * ROWS, 512, g, device=device)
     ids = torch.randint(0, 3, (40, 2), generator=g).to(device)
     x = activations((40, 2, 512), g).to(device)
     bias = activations((3 * ROWS,), g).to(device)
-    y = qmatmul_experts(x, qt, ids, 3, bias, backend="triton", split_k=2)
+    y = qmatmul_experts(x, qt, ids, 3, bias, backend="triton", kernel="gemv", split_k=2)
     assert relative_error(y, _reference(x, qt, ids, bias, num_experts=3)) <= TOLERANCE[torch.float32]
     assert _one_launch() == "expert_gemv_splitk" and sorted_runs == [4]
 
@@ -279,6 +372,9 @@ BAD_ARGS = [
     (dict(bias=torch.zeros(EXPERTS * ROWS, dtype=torch.float16)), TypeError, "does not match x dtype"),
     (dict(backend="cuda"), ValueError, "unknown backend"),
     (dict(backend="torch", split_k=2), ValueError, "need backend='triton'"),
+    (dict(backend="torch", kernel="gemm"), ValueError, "need backend='triton'"),
+    (dict(backend="triton", kernel="gemm", layout=2), ValueError, "kernel='gemm' has none"),
+    (dict(kernel="dequant"), ValueError, "unknown kernel 'dequant'"),
     (dict(qt="q4_k"), TypeError, "QuantizedTensor"),
 ]
 
@@ -289,10 +385,12 @@ def test_bad_arguments_name_the_problem(override, exc, match):
     args = dict(x=torch.zeros(2, 512), qt=random_qtensor("q4_k", EXPERTS * ROWS, 512, g),
                 ids=torch.zeros(2, 2, dtype=torch.long), num_experts=EXPERTS, bias=None, backend="torch")
     args.update(override)
-    split_k = args.pop("split_k", None)
+    options = {key: args.pop(key) for key in ("split_k", "layout", "kernel") if key in args}
+    kernels.reset_launch_counts()
     with pytest.raises(exc, match=match):
         qmatmul_experts(args["x"], args["qt"], args["ids"], args["num_experts"], args["bias"], args["backend"],
-                        split_k=split_k)
+                        **options)
+    assert not any(kernels.launch_counts().values())
 
 
 def test_a_buffer_too_small_for_its_experts_is_refused():

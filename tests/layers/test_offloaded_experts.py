@@ -271,6 +271,31 @@ def test_a_few_tokens_run_one_grouped_launch_per_projection(kind, tokens, monkey
     assert _rel(y, batched_mm_experts_forward(ref, x.double(), index, weights.double())) < 1e-4
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+def test_many_tokens_run_one_grouped_gemm_launch_per_projection(kind, monkeypatch):
+    """More than 4 pairs per expert (9 tokens x 3 of 5 experts): the grouped tensor-core GEMM (interpreted
+    here) over the pairs sorted by expert, one launch per projection, within fp32 tolerance of float64 math;
+    above GROUPED_MAX_PAIRS_PER_EXPERT the tokens go by expert instead."""
+    original = _experts(kind)
+    oe = OffloadedExperts.from_experts(original, {projection_names(original)[0]: "q4_k", "down_proj": "q6_k"})
+    monkeypatch.setattr(oe, "kernel_backend", "triton")
+    ref = _dequantized(original, oe).double()
+    x = torch.randn(9, HIDDEN)
+    index, weights = _routing(9, original.num_experts, 3, seed=9)
+    expected = batched_mm_experts_forward(ref, x.double(), index, weights.double())
+    kernels.reset_launch_counts()
+    with kernels.poison_outputs():
+        y = oe(x, index, weights)
+    ran = {k: v for k, v in kernels.launch_counts().items() if v}
+    assert ran == {"expert_gemm": 2}, ran
+    assert _rel(y, expected) < 1e-4
+    monkeypatch.setattr(offloaded_experts, "GROUPED_MAX_PAIRS_PER_EXPERT", 5)        # 27 pairs > 5 per expert
+    kernels.reset_launch_counts()
+    y = oe(x, index, weights)
+    assert not any(v for k, v in kernels.launch_counts().items() if k.startswith("expert_"))
+    assert _rel(y, expected) < 1e-4
+
+
 def test_grouped_and_by_expert_paths_agree(monkeypatch):
     original = _experts("gpt_oss")
     oe = OffloadedExperts.from_experts(original, "q4_0")

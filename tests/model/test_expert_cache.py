@@ -114,13 +114,13 @@ def test_resident_places_every_expert_at_once_and_refuses_more_than_the_slots():
             pass
 
 
-@pytest.mark.parametrize("tokens,slots,grouped", [(1, 2, True), (3, 6, True), (3, 2, False), (7, 6, True),
-                                                  (13, 6, False)])
+@pytest.mark.parametrize("tokens,slots,grouped", [(1, 2, "expert_gemv"), (3, 6, "expert_gemv"), (3, 2, None),
+                                                  (7, 6, "expert_gemv"), (13, 6, "expert_gemm")])
 def test_on_demand_forward_matches_resident_experts(tokens, slots, grouped, monkeypatch):
-    """Up to 4 pairs per expert (12 tokens here), their experts all in the cache: one grouped launch per
-    projection over the cache's slots (Triton, interpreted); more experts than slots, or more tokens: expert
-    by expert. Same result as the
-    module with its experts resident, and the cache's hit and miss counts follow the routing."""
+    """The chosen experts all in the cache: one grouped launch per projection over the cache's slots (Triton,
+    interpreted), the GEMV up to 4 pairs per expert (12 tokens here), the GEMM beyond; more experts than
+    slots: expert by expert. Same result as the module with its experts resident, and the cache's hit and
+    miss counts follow the routing."""
     cached, resident = experts_module(), experts_module()
     cache = ExpertCache([cached], "cpu", num_slots=slots)
     monkeypatch.setattr(cached, "kernel_backend", "triton")
@@ -132,7 +132,10 @@ def test_on_demand_forward_matches_resident_experts(tokens, slots, grouped, monk
     kernels.reset_launch_counts()
     y = cached(x, index, weights)
     ran = kernels.launch_counts()
-    assert (ran["expert_gemv"] + ran["expert_gemv_splitk"] == 2) == grouped, ran
+    if grouped:
+        assert ran[grouped] + ran[f"{grouped}_splitk"] == 2, ran
+    else:
+        assert not any(ran[v] for v in kernels.KERNEL_VARIANTS if v.startswith("expert_")), ran
     distinct = len(set(index.flatten().tolist()))
     assert (cache.hits, cache.misses) == (0, distinct)
     torch.testing.assert_close(y, resident(x, index, weights), rtol=1e-5, atol=1e-6)
