@@ -1,7 +1,7 @@
 """Benchmark of one mixture-of-experts layer (OffloadedExperts, weights resident) from decode to prefill token counts.
 
 For each model shape (the experts of one MoE block: Qwen3-30B-A3B, 8 of 128 experts of 768 x 2048;
-Mixtral 8x7B, 2 of 8 of 14336 x 4096) and tokens T per call, with random routing (k distinct experts per
+Mixtral 8x7B, 2 of 8 of 14336 x 4096; on request GLM-4.5-Air, 8 of 128 of 1408 x 4096) and tokens T per call, with random routing (k distinct experts per
 token, uniform), it times (triton.testing.do_bench: median, p20/p80, L2 flushed between repetitions):
 
 * ``grouped``: OffloadedExperts' grouped path (two launches, one per projection, over every (token, expert)
@@ -45,7 +45,8 @@ QUICK = {"shapes": ("qwen3-30b-a3b",), "tokens": (1, 4, 16, 64, 256)}
 BASELINE = "fp16_transformers"
 #: The transformers experts class of each MoE architecture of model.shapes.
 EXPERTS_CLASS = {"qwen3_moe": ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeExperts"),
-                 "mixtral": ("transformers.models.mixtral.modeling_mixtral", "MixtralExperts")}
+                 "mixtral": ("transformers.models.mixtral.modeling_mixtral", "MixtralExperts"),
+                 "glm4_moe": ("transformers.models.glm4_moe.modeling_glm4_moe", "Glm4MoeExperts")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

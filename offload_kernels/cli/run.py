@@ -14,7 +14,11 @@ import torch
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="path to a .gguf file (architecture llama, mistral, qwen2, qwen3, phi3, gemma2, "
-                                      "gemma3, qwen2moe, qwen3moe, or a Mixtral: llama with experts)")
+                                      "gemma3, qwen2moe, qwen3moe, glm4moe, or a Mixtral: llama with experts)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="a transformers tokenizer (hub name or directory) to use instead of the file's own; "
+                             "needed for glm4moe files, whose tokenizer transformers' GGUF reader cannot build "
+                             "(e.g. zai-org/GLM-4.5-Air)")
     parser.add_argument("--prompt", default="Once upon a time", help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--gpu-budget", default=None, help="device bytes for weights + staging, e.g. 20GiB "
@@ -34,6 +38,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "copy them ahead (speculative; a wrong guess costs link bytes, not results)")
 
 
+#: GGUF architectures whose tokenizer transformers' GGUF reader cannot build: run needs --tokenizer for them.
+NO_GGUF_TOKENIZER = ("glm4moe",)
+
+
+def _check_tokenizer_source(path: str, tokenizer: "str | None") -> None:
+    """Before the (long) model load: a file whose tokenizer cannot be read needs --tokenizer."""
+    import os
+
+    from offload_kernels.formats.gguf_io import GGUFFile
+
+    if tokenizer is not None or not os.path.isfile(path):
+        return                  # a missing file: load_gguf_model says so
+    with GGUFFile(path) as f:
+        arch = f.architecture
+    if arch in NO_GGUF_TOKENIZER:
+        raise ValueError(f"{path}: transformers cannot build a tokenizer from {arch} GGUF metadata; pass "
+                         f"--tokenizer with the model's own (a hub name or a directory)")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -46,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise SystemExit("--max-new-tokens must be at least 1")
     device = check_device(args.device)
+    _check_tokenizer_source(args.model, args.tokenizer)
     dtype = getattr(torch, args.dtype)
     if device.type == "cpu" and dtype != torch.float32:
         dtype = torch.float32           # CPU matmuls in half precision are slow and not what a user wants
@@ -54,10 +78,16 @@ def run(args: argparse.Namespace) -> int:
                                     num_slots=args.slots, return_report=True, experts=args.experts,
                                     expert_cache_slots=args.expert_cache_slots, expert_prefetch=args.expert_prefetch)
     try:
-        tokenizer = load_gguf_tokenizer(args.model)
+        if args.tokenizer is not None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        else:
+            tokenizer = load_gguf_tokenizer(args.model)
     except Exception as exc:     # transformers supports only some GGUF tokenizers
-        raise ValueError(f"{args.model}: transformers cannot build a tokenizer from this file's metadata "
-                         f"({type(exc).__name__}: {exc})") from exc
+        source = args.tokenizer if args.tokenizer is not None else f"{args.model}'s metadata"
+        raise ValueError(f"transformers cannot build a tokenizer from {source} ({type(exc).__name__}: {exc}); "
+                         f"--tokenizer names another") from exc
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
     print(report)
     enc = tokenizer(args.prompt, return_tensors="pt").to(device)

@@ -1,5 +1,5 @@
-"""save_gguf: a transformers llama/mistral/qwen2/qwen3/phi3/gemma2/gemma3/qwen3_moe causal LM -> a llama.cpp GGUF
-file.
+"""save_gguf: a transformers llama/mistral/qwen2/qwen3/phi3/gemma2/gemma3/qwen2_moe/qwen3_moe/mixtral/glm4_moe causal
+LM -> a llama.cpp GGUF file.
 
 Linears are quantized with this package's ggml-exact quantizers (or, for OffloadedLinear layers, their
 bytes are written as they are), attn_q/attn_k rows (and their biases) are permuted the way llama.cpp's
@@ -22,8 +22,9 @@ from ..formats import LLAMA_QUANTIZE_FALLBACKS, QTYPES, QuantizedTensor, quantiz
 from ..layers import OffloadedExperts, OffloadedLinear
 from ..layers.offloaded_experts import is_experts_module, projection_shape
 from .gguf_model import permute_rows
-from .gguf_names import (GEMMA_ARCHITECTURES, HF_TO_GGUF_ARCHITECTURE, MOE_ARCHITECTURES, OUTPUT,
-                         PERMUTED_QK_ARCHITECTURES, SLIDING_WINDOW_ARCHITECTURES, hf_to_gguf_name, qk_side)
+from .glm4moe import glm4moe_metadata
+from .gguf_names import (GEMMA_ARCHITECTURES, GLM4MOE_ARCHITECTURES, HF_TO_GGUF_ARCHITECTURE, MOE_ARCHITECTURES,
+                         OUTPUT, PERMUTED_QK_ARCHITECTURES, SLIDING_WINDOW_ARCHITECTURES, hf_to_gguf_name, qk_side)
 from .gemma import gemma_metadata
 from .gguf_rope import config_rope_metadata
 from .offload import _format_for
@@ -102,16 +103,22 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
     if model_type not in HF_TO_GGUF_ARCHITECTURE:
         raise ValueError(f"save_gguf supports {', '.join(HF_TO_GGUF_ARCHITECTURE)} models, got {model_type!r}")
     arch = HF_TO_GGUF_ARCHITECTURE[model_type]
-    arch_md = gemma_metadata(config, arch) if arch in GEMMA_ARCHITECTURES else config_rope_metadata(config)
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
     default_head_dim = config.hidden_size // n_heads
     head_dim = getattr(config, "head_dim", None) or default_head_dim
+    if arch in GEMMA_ARCHITECTURES:
+        arch_md = gemma_metadata(config, arch)
+    elif arch in GLM4MOE_ARCHITECTURES:         # llama.cpp reads glm4moe's routing and rotary settings too
+        arch_md = {**config_rope_metadata(config, partial_rotary=True), **glm4moe_metadata(config, head_dim)}
+    else:
+        arch_md = config_rope_metadata(config)
     vocab = vocab or synthetic_spm_vocab(config.vocab_size, _ARCH_CONTROL_TOKENS.get(arch, ()))
     if len(vocab["tokens"]) != config.vocab_size:       # before quantizing the whole model
         raise ValueError(f"vocab has {len(vocab['tokens'])} tokens but the model's vocab_size is {config.vocab_size}")
 
     renormalizes = arch != "qwen2moe"          # llama.cpp's qwen2moe weights the chosen experts as routed
-    if arch in MOE_ARCHITECTURES and getattr(config, "norm_topk_prob", renormalizes) != renormalizes:
+    if (arch in MOE_ARCHITECTURES and arch not in GLM4MOE_ARCHITECTURES     # glm4moe: expert_weights_norm says
+            and getattr(config, "norm_topk_prob", renormalizes) != renormalizes):
         raise ValueError(f"llama.cpp's {arch} {'renormalizes' if renormalizes else 'does not renormalize'} the "
                          f"chosen experts' weights; this model has norm_topk_prob={config.norm_topk_prob}, which it "
                          f"would not reproduce")

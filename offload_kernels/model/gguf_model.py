@@ -20,9 +20,10 @@ from ..formats.gguf_io import GGUFError, GGUFFile, GGUFTensorInfo
 from ..layers import OffloadedExperts, OffloadedLinear
 from ..layers.offloaded_experts import is_experts_module, projection_shape
 from .gemma import configure_gemma
+from .glm4moe import glm4moe_config
 from .gguf_rope import read_rope_scaling, require_rope_parameters
-from .gguf_names import (GEMMA_ARCHITECTURES, SLIDING_WINDOW_ARCHITECTURES, SUPPORTED_ARCHITECTURES,
-                         Target, gguf_targets)
+from .gguf_names import (GEMMA_ARCHITECTURES, GLM4MOE_ARCHITECTURES, SLIDING_WINDOW_ARCHITECTURES,
+                         SUPPORTED_ARCHITECTURES, Target, gguf_targets)
 from .offload import _on_demand_modules, _report, apply_placement, check_device, check_experts, check_num_slots
 from .planner import (BudgetError, LinearSpec, Placement, default_budget, parse_bytes, plan_placement,
                       plan_with_expert_cache)
@@ -59,6 +60,12 @@ def _hf_config(f: GGUFFile):
     from transformers import AutoConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    if f.architecture in GLM4MOE_ARCHITECTURES:         # transformers' GGUF reader has no glm4moe entry
+        config = glm4moe_config(f)
+        _set_head_dim(f, config)
+        _set_pad_token(f, config)
+        _set_rope_scaling(f, config)
+        return config
     try:
         parsed = load_gguf_checkpoint(str(f.path), return_tensors=False)
         cfg = dict(parsed["config"])
@@ -161,7 +168,8 @@ def _set_head_dim(f: GGUFFile, config) -> None:
 
     transformers takes llama's head_dim from rope.dimension_count and ignores key_length; the two agree
     only when the whole head is rotated, which is all transformers' llama/mistral/qwen2/qwen3 implement
-    (a partially rotated head, as in Phi-4-mini, is refused).
+    (a partially rotated head, as in Phi-4-mini, is refused). GLM-4.5 rotates part of each head: its
+    partial_rotary_factor is set from rope.dimension_count.
     """
     arch = f.architecture
     heads, hidden = config.num_attention_heads, config.hidden_size
@@ -174,9 +182,15 @@ def _set_head_dim(f: GGUFFile, config) -> None:
     if key != value:
         raise GGUFError(f"{f.path}: attention.key_length {key} != attention.value_length {value}; transformers' "
                         f"{config.model_type} attention needs one head size")
-    if rope != key:
+    if rope != key and arch not in GLM4MOE_ARCHITECTURES:
         raise GGUFError(f"{f.path}: rope.dimension_count {rope} != head size {key}: partial rotary embeddings "
                         f"are not supported for {arch}")
+    if arch in GLM4MOE_ARCHITECTURES:
+        factor = rope / key
+        if rope > key or rope % 2 or int(key * factor) != rope:
+            raise GGUFError(f"{f.path}: rope.dimension_count {rope} is not an even number of dimensions of the "
+                            f"{key}-wide heads")
+        config.rope_parameters = {**config.rope_parameters, "partial_rotary_factor": factor}
     config.head_dim = key
 
 
@@ -218,6 +232,11 @@ def _validate(f: GGUFFile, targets: dict[str, Target], model: nn.Module, config)
             if target.hf_name not in params:
                 raise GGUFError(_no_such_module(f, name, target, config))
             expected = tuple(params[target.hf_name].shape)
+        elif target.kind == "router_bias":     # a buffer (GLM-4.5's expert selection bias)
+            buf = dict(model.named_buffers()).get(target.hf_name)
+            if buf is None:
+                raise GGUFError(_no_such_module(f, name, target, config))
+            expected = tuple(buf.shape)
         elif target.kind == "gate_vector":     # a one-row nn.Linear stored as a vector
             lin = modules.get(target.hf_name)
             if not isinstance(lin, nn.Linear) or lin.out_features != 1:
@@ -280,7 +299,8 @@ def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | Non
     """Build a transformers causal LM from a llama.cpp GGUF file, linears over the file's quantized bytes.
 
     Architectures: llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3 (text), and the mixture-of-experts
-    qwen2moe, qwen3moe and Mixtral (a llama file with ``llama.expert_count``), whose experts become
+    qwen2moe, qwen3moe, glm4moe (GLM-4.5, GLM-4.5-Air: model/glm4moe.py) and Mixtral (a llama file with
+    ``llama.expert_count``), whose experts become
     :class:`~offload_kernels.OffloadedExperts` over the file's expert stacks. Layers within ``gpu_budget``
     (bytes or "20GiB"; None: as for :func:`offload`, the free device memory less a margin) stay resident on
     the device, the rest stream through the transfer engine; ``experts="on_demand"`` copies a MoE file's
@@ -345,6 +365,7 @@ def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report,
                       and n.rpartition(".")[0] not in plan.experts]
     missing_bias = [n for n in params if n.endswith(".bias") and n.rpartition(".")[0] in expected_linears
                     and n.rpartition(".")[0] not in bias_sources]
+    missing_params += [n for n, _ in model.named_buffers() if n.endswith(".e_score_correction_bias") and n not in covered]
     if missing_params or missing_bias:
         raise GGUFError(f"{f.path}: missing tensors for {', '.join(sorted(missing_params + missing_bias)[:8])}")
 
@@ -405,6 +426,9 @@ def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report,
             _set_parameter(model, target.hf_name, _dense(f, name, dtype))
         elif target.kind == "gate_vector":
             _set_parameter(model, target.hf_name + ".weight", _dense(f, name, dtype).reshape(1, -1))
+        elif target.kind == "router_bias":     # kept in float32, as transformers keeps it
+            parent, _, attr = target.hf_name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, _dense(f, name, torch.float32))
         elif target.kind == "rope_freqs":
             _apply_rope_freqs(model, f.tensor(name).float())
     if plan.tied:

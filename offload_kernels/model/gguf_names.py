@@ -1,6 +1,6 @@
 """GGUF <-> transformers names for the llama-family architectures (llama, mistral, qwen2, qwen3, phi3), Gemma 2
-and 3 (gemma2, gemma3) and the mixture-of-experts Qwen2-MoE (qwen2moe), Qwen3-MoE (qwen3moe) and Mixtral (llama
-with experts): one table for loading and saving.
+and 3 (gemma2, gemma3) and the mixture-of-experts Qwen2-MoE (qwen2moe), Qwen3-MoE (qwen3moe), Mixtral (llama
+with experts) and GLM-4.5 (glm4moe): one table for loading and saving.
 
 llama.cpp names tensors ``blk.N.attn_q.weight``; transformers names the same weight
 ``model.layers.N.self_attn.q_proj.weight``. Both directions come from the tables below so the loader
@@ -16,12 +16,20 @@ from typing import Optional
 
 from ..formats.gguf_io import GGUFError, GGUFFile
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "qwen2moe", "qwen3moe")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "qwen2moe", "qwen3moe",
+                           "glm4moe")
 # Mixture-of-experts architectures: every block's feed-forward is a router (ffn_gate_inp) and three 3-D expert
 # stacks (ffn_gate_exps, ffn_up_exps, ffn_down_exps: experts x rows x columns), which become one transformers
 # experts module (gate and up rows concatenated per expert, as its gate_up_proj holds them). A llama file with
 # llama.expert_count > 0 is a Mixtral (transformers' mixtral).
-MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe", "llama")
+MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe", "llama", "glm4moe")
+# glm4moe (GLM-4.5, GLM-4.5-Air): the first leading_dense_block_count blocks keep a dense MLP; the others route
+# with a sigmoid score plus a per-expert selection bias (exp_probs_b, transformers' e_score_correction_bias) and
+# add a shared expert (ffn_*_shexp, transformers' shared_experts, no gate). The last nextn_predict_layers blocks
+# of the file are multi-token-prediction layers, which llama.cpp loads and never runs, and transformers' model has
+# no module for: they are skipped. q and k are rotated on their first rope.dimension_count dimensions only
+# (partial_rotary_factor), in the neox layout: no permutation.
+GLM4MOE_ARCHITECTURES = ("glm4moe",)
 # qwen2moe (Qwen1.5-MoE, Qwen2-57B-A14B) adds a shared expert to every MoE block: an MLP (ffn_*_shexp) whose
 # output a sigmoid gate (ffn_gate_inp_shexp, one row, stored 1-D) scales.
 # llama.cpp's converter permutes attn_q/attn_k rows (and the matching bias entries) for its rope layout
@@ -37,7 +45,7 @@ GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
 # text-only Gemma 3 is transformers' gemma3_text).
 HF_TO_GGUF_ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
                            "gemma2": "gemma2", "gemma3_text": "gemma3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
-                           "mixtral": "llama"}
+                           "mixtral": "llama", "glm4_moe": "glm4moe"}
 
 BLOCK_LINEARS = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -59,6 +67,9 @@ BLOCK_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layer
 GEMMA_BLOCK_NORMS = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
                      "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
                      "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+# GLM-4.5: the pre-FFN norm is llama.cpp's post_attention_norm (the norm after the attention's residual add).
+GLM4MOE_BLOCK_NORMS = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+                       "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 # GGUF expert tensor -> (transformers path relative to the block, kind, part of the experts module)
 MOE_BLOCK_TENSORS = {
     "ffn_gate_inp": ("mlp.gate.weight", "router", ""),
@@ -70,13 +81,24 @@ MOE_BLOCK_TENSORS = {
     "ffn_down_shexp": ("mlp.shared_expert.down_proj", "linear", ""),
     "ffn_gate_inp_shexp": ("mlp.shared_expert_gate", "gate_vector", ""),
 }
+# GLM-4.5's shared experts (one MLP, plural name, no gate) and its router's selection bias (a float32 buffer)
+GLM4MOE_BLOCK_TENSORS = {
+    "ffn_gate_shexp": ("mlp.shared_experts.gate_proj", "linear", ""),
+    "ffn_up_shexp": ("mlp.shared_experts.up_proj", "linear", ""),
+    "ffn_down_shexp": ("mlp.shared_experts.down_proj", "linear", ""),
+}
+GLM4MOE_SELECTION_BIAS = ("exp_probs_b", "mlp.gate.e_score_correction_bias")
 _HF_SHARED_EXPERT = {"mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
                      "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
+_HF_GLM4MOE_SHARED = {path: g for g, (path, _, _) in GLM4MOE_BLOCK_TENSORS.items()}
+_HF_GLM4MOE_BLOCK_NORMS = {hf: g for g, hf in GLM4MOE_BLOCK_NORMS.items()}
 _HF_BLOCK_LINEARS = {hf: g for table in (BLOCK_LINEARS, PHI3_BLOCK_LINEARS) for g, hf in table.items()}
 _HF_BLOCK_NORMS = {hf: g for g, hf in BLOCK_NORMS.items()}
 _HF_GEMMA_BLOCK_NORMS = {hf: g for g, hf in GEMMA_BLOCK_NORMS.items()}
 _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+_BLOCK_TENSOR_ANY = re.compile(r"^blk\.(\d+)\.")           # any block tensor, nextn.* included
 _HF_BLOCK_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_HF_SELECTION_BIAS = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.e_score_correction_bias$")
 
 EMBEDDING = "token_embd.weight"
 OUTPUT = "output.weight"                 # absent when lm_head is tied to the embedding
@@ -91,13 +113,15 @@ class Target:
     hf_name: str      # a module ("model.layers.3.self_attn.q_proj") for linears, their biases and expert
                       # stacks, else a parameter path
     kind: str         # "linear", "linear_bias", "embedding", "norm", "rope_freqs", "router", "experts",
-                      # "gate_vector" (a one-row linear stored 1-D)
+                      # "gate_vector" (a one-row linear stored 1-D), "router_bias" (a float32 buffer)
     qk: str = ""      # "q"/"k": rows (weight) or entries (bias) permuted by llama.cpp's converter for rope
     part: str = ""    # experts: which stack ("gate", "up", "down")
 
 
 def block_norms(arch: str) -> dict[str, str]:
     """GGUF block norm name -> transformers module path (relative to the block) for ``arch``."""
+    if arch in GLM4MOE_ARCHITECTURES:
+        return GLM4MOE_BLOCK_NORMS
     return GEMMA_BLOCK_NORMS if arch in GEMMA_ARCHITECTURES else BLOCK_NORMS
 
 
@@ -119,6 +143,12 @@ def gguf_target(name: str, arch: str) -> Optional[Target]:
     norms = block_norms(arch)
     if short in norms and what == "weight":
         return Target(prefix + norms[short] + ".weight", "norm")
+    if arch in GLM4MOE_ARCHITECTURES:
+        if short in GLM4MOE_BLOCK_TENSORS and what == "weight":
+            path, kind, part = GLM4MOE_BLOCK_TENSORS[short]
+            return Target(prefix + path, kind, part=part)
+        if short == GLM4MOE_SELECTION_BIAS[0] and what == "bias":
+            return Target(prefix + GLM4MOE_SELECTION_BIAS[1], "router_bias")
     if arch in MOE_ARCHITECTURES and short in MOE_BLOCK_TENSORS and what == "weight":
         path, kind, part = MOE_BLOCK_TENSORS[short]
         return Target(prefix + path, kind, part=part)
@@ -137,7 +167,11 @@ def gguf_targets(f: GGUFFile) -> dict[str, Target]:
                         f"{', '.join(SUPPORTED_ARCHITECTURES)})")
     out: dict[str, Target] = {}
     unknown = []
+    skipped = prediction_layers(f)
     for name in f:
+        m = _BLOCK_TENSOR_ANY.match(name)
+        if m and int(m.group(1)) in skipped:
+            continue
         target = gguf_target(name, arch)
         if target is None:
             unknown.append(name)
@@ -153,6 +187,21 @@ def gguf_targets(f: GGUFFile) -> dict[str, Target]:
     return out
 
 
+def prediction_layers(f: GGUFFile) -> range:
+    """The blocks of ``f`` that are multi-token-prediction layers (glm4moe's last nextn_predict_layers
+    blocks), which llama.cpp loads but never runs: their tensors are not loaded."""
+    arch = f.architecture
+    if arch not in GLM4MOE_ARCHITECTURES:
+        return range(0)
+    blocks, nextn = f.metadata.get(f"{arch}.block_count"), f.metadata.get(f"{arch}.nextn_predict_layers", 0)
+    for key, value in (("block_count", blocks), ("nextn_predict_layers", nextn)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise GGUFError(f"{f.path}: metadata {arch}.{key} must be a non-negative integer, got {value!r}")
+    if nextn >= blocks:
+        raise GGUFError(f"{f.path}: {arch}.nextn_predict_layers {nextn} leaves none of the {blocks} blocks to run")
+    return range(blocks - nextn, blocks)
+
+
 def hf_to_gguf_name(hf_name: str, arch: str = "llama") -> Optional[str]:
     """The GGUF name of a transformers state_dict entry of a model saved as GGUF architecture ``arch`` (None for
     entries GGUF does not store)."""
@@ -162,6 +211,9 @@ def hf_to_gguf_name(hf_name: str, arch: str = "llama") -> Optional[str]:
         return OUTPUT_NORM
     if hf_name == "lm_head.weight":
         return OUTPUT
+    m = _HF_SELECTION_BIAS.match(hf_name)
+    if m and arch in GLM4MOE_ARCHITECTURES:
+        return f"blk.{m.group(1)}.{GLM4MOE_SELECTION_BIAS[0]}.bias"
     m = _HF_BLOCK_TENSOR.match(hf_name)
     if not m:
         return None
@@ -172,7 +224,10 @@ def hf_to_gguf_name(hf_name: str, arch: str = "llama") -> Optional[str]:
         return f"blk.{i}.ffn_gate_inp.weight"
     if rest in _HF_SHARED_EXPERT and what == "weight" and arch == "qwen2moe":
         return f"blk.{i}.{_HF_SHARED_EXPERT[rest]}.weight"
-    hf_norms = _HF_GEMMA_BLOCK_NORMS if arch in GEMMA_ARCHITECTURES else _HF_BLOCK_NORMS
+    if arch in GLM4MOE_ARCHITECTURES and rest in _HF_GLM4MOE_SHARED and what == "weight":
+        return f"blk.{i}.{_HF_GLM4MOE_SHARED[rest]}.weight"
+    hf_norms = (_HF_GLM4MOE_BLOCK_NORMS if arch in GLM4MOE_ARCHITECTURES
+                else _HF_GEMMA_BLOCK_NORMS if arch in GEMMA_ARCHITECTURES else _HF_BLOCK_NORMS)
     if rest in hf_norms and what == "weight":
         return f"blk.{i}.{hf_norms[rest]}.weight"
     return None

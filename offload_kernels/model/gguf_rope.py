@@ -108,10 +108,12 @@ def rope_scaling_metadata(params: Mapping, what: str = "the") -> tuple[Optional[
     return (None if theta is None else float(theta)), md
 
 
-def config_rope_metadata(config) -> dict:
+def config_rope_metadata(config, partial_rotary: bool = False) -> dict:
     """The rope metadata of a model with one rope for every layer: rope.freq_base, and linear or YaRN scaling
     (:func:`rope_scaling_metadata`); anything llama.cpp would not reproduce is a ValueError. Keys without the
-    architecture prefix. Reads transformers 4's (rope_theta, rope_scaling) and 5's (rope_parameters) names."""
+    architecture prefix. Reads transformers 4's (rope_theta, rope_scaling) and 5's (rope_parameters) names.
+    ``partial_rotary``: the caller writes the rotated dimensions itself (GLM-4.5), so a partial_rotary_factor
+    is accepted."""
     params: dict = {}
     for attr in ("rope_scaling", "rope_parameters"):       # transformers 4 / 5 names
         value = getattr(config, attr, None)
@@ -121,7 +123,7 @@ def config_rope_metadata(config) -> dict:
             raise ValueError(f"save_gguf: config.{attr}={value!r} cannot be written to GGUF metadata")
     # transformers 5 keeps partial_rotary_factor (phi3) among the rope parameters, 4 on the config
     partial = params.pop("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
-    if partial not in (None, 1, 1.0):
+    if partial not in (None, 1, 1.0) and not partial_rotary:
         raise ValueError(f"save_gguf: partial_rotary_factor={partial} cannot be written (full rotary only)")
     theta, md = rope_scaling_metadata(params, "the config's")
     if theta is None:                                      # transformers 4 keeps it on the config

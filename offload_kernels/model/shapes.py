@@ -64,13 +64,18 @@ PRESETS: dict[str, LlamaShape] = {
                                 expert_intermediate=768, arch="qwen3_moe"),
     "qwen3-235b-a22b": LlamaShape(4096, 12288, 94, 64, 4, 151936, head_dim=128, experts=128, experts_per_token=8,
                                   expert_intermediate=1536, arch="qwen3_moe"),
+    # GLM-4.5: dense first block(s), a shared expert beside the routed ones in the others
+    "glm-4.5-air": LlamaShape(4096, 10944, 46, 96, 8, 151552, head_dim=128, experts=128, experts_per_token=8,
+                              expert_intermediate=1408, arch="glm4_moe", shared_intermediate=1408, dense_layers=1),
+    "glm-4.5": LlamaShape(5120, 12288, 92, 96, 8, 151552, head_dim=128, experts=160, experts_per_token=8,
+                          expert_intermediate=1536, arch="glm4_moe", shared_intermediate=1536, dense_layers=3),
 }
 
 
 def transformers_config(shape: LlamaShape, layers: "int | None" = None, vocab: "int | None" = None,
                         max_positions: int = 8192):
-    """The transformers config of a model of ``shape`` (its ``arch``: llama, mixtral or qwen3_moe), untied
-    embeddings, optionally fewer ``layers`` or another ``vocab``."""
+    """The transformers config of a model of ``shape`` (its ``arch``: llama, mixtral, qwen3_moe or glm4_moe),
+    untied embeddings, optionally fewer ``layers`` or another ``vocab``."""
     from transformers import AutoConfig
 
     extra = {"head_dim": shape.head_dim} if shape.head_dim else {}
@@ -79,6 +84,11 @@ def transformers_config(shape: LlamaShape, layers: "int | None" = None, vocab: "
     elif shape.arch == "qwen3_moe":
         extra.update(num_experts=shape.experts, num_experts_per_tok=shape.experts_per_token,
                      moe_intermediate_size=shape.expert_intermediate, norm_topk_prob=True)
+    elif shape.arch == "glm4_moe":
+        extra.update(n_routed_experts=shape.experts, num_experts_per_tok=shape.experts_per_token,
+                     moe_intermediate_size=shape.expert_intermediate, norm_topk_prob=True,
+                     n_shared_experts=max(1, shape.shared_intermediate // shape.expert_intermediate),
+                     first_k_dense_replace=shape.dense_layers)
     return AutoConfig.for_model(
         shape.arch, vocab_size=vocab or shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
         num_hidden_layers=layers or shape.layers, num_attention_heads=shape.heads,
@@ -112,9 +122,10 @@ def llama_inventory(shape: LlamaShape, qtype: str = "q4_k", lm_head_qtype: str |
             linears.append(LinearSpec(f"{g}.mlp.experts.gate_up_proj", e * 2 * w, h, qtype, g, **moe))
             linears.append(LinearSpec(f"{g}.mlp.experts.down_proj", e * h, w, qtype, g, **moe))
             sw = shape.shared_intermediate
+            shared = "shared_experts" if shape.arch == "glm4_moe" else "shared_expert"     # transformers' names
             if sw:
                 for short, n, k in (("gate_proj", sw, h), ("up_proj", sw, h), ("down_proj", h, sw)):
-                    linears.append(LinearSpec(f"{g}.mlp.shared_expert.{short}", n, k, qtype, g))
+                    linears.append(LinearSpec(f"{g}.mlp.{shared}.{short}", n, k, qtype, g))
             continue
         for short, n, k in (("mlp.gate_proj", f, h), ("mlp.up_proj", f, h), ("mlp.down_proj", h, f)):
             linears.append(LinearSpec(f"{g}.{short}", n, k, qtype, g))
@@ -163,7 +174,7 @@ def gguf_linear_plan(f: GGUFFile, targets: "Mapping[str, Target]", elem_bytes: i
         else:
             raise GGUFError(unsupported_type_message(f, info))
     fixed += sum(_numel(f.info(name).shape) * elem_bytes for name, t in targets.items()
-                 if t.kind in ("embedding", "norm", "linear_bias", "router", "gate_vector"))
+                 if t.kind in ("embedding", "norm", "linear_bias", "router", "gate_vector", "router_bias"))
     experts: dict[str, dict[str, str]] = {}
     for name, t in targets.items():
         if t.kind == "experts":

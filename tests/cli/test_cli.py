@@ -60,6 +60,26 @@ def test_run_generates_from_a_gguf_file(tmp_path, capsys):
     assert "tokens/s" in out and "generation: 4 tokens" in out
 
 
+def test_run_a_glm4moe_file_with_a_tokenizer_given(tmp_path, capsys):
+    """transformers' GGUF reader cannot build glm4moe tokenizers: without --tokenizer run says so before loading
+    the model; with one (here a directory holding a tokenizer of the same vocabulary) it generates."""
+    from offload_kernels.model.gguf_export import save_gguf
+    from offload_kernels.model.gguf_model import load_gguf_tokenizer
+
+    from ..model.test_gguf_glm4moe import tiny_glm4_moe
+
+    path = save_gguf(tiny_glm4_moe(), tmp_path / "glm.gguf", "q8_0")
+    assert main(["run", str(path), "--device", "cpu", "--max-new-tokens", "2"]) == 2
+    assert "pass --tokenizer" in capsys.readouterr().err
+    llama = save_gguf(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)),
+        tmp_path / "llama.gguf", "f32")
+    load_gguf_tokenizer(llama).save_pretrained(tmp_path / "tok")       # the same synthetic vocabulary
+    assert main(["run", str(path), "--device", "cpu", "--max-new-tokens", "3", "--prompt", "ab cd",
+                 "--tokenizer", str(tmp_path / "tok")]) == 0
+    assert "generation: 3 tokens" in capsys.readouterr().out
+
+
 def test_run_reports_bad_input_without_traceback(tmp_path, capsys):
     assert main(["run", str(tmp_path / "missing.gguf"), "--device", "cpu"]) == 2
     assert "error" in capsys.readouterr().err

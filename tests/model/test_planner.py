@@ -128,6 +128,21 @@ def test_gemma_inventories_match_published_sizes(preset, total):
     assert all(lin.in_features % 256 == 0 for lin in inv.linears)         # every linear takes the k-quants
 
 
+@pytest.mark.parametrize("preset, total, active", [("glm-4.5-air", 106e9, 12e9), ("glm-4.5", 355e9, 32e9)])
+def test_glm_inventories_match_published_sizes(preset, total, active):
+    """GLM-4.5(-Air): dense first blocks, 128/160 routed experts (8 used) and a shared expert per MoE block; the
+    published total (within 1%: the files' multi-token-prediction block is not part of the model) and active
+    parameters per token (embedding and lm_head left out, within 2%)."""
+    shape = PRESETS[preset]
+    inv = llama_inventory(shape, "q4_k")
+    params = sum(lin.params for lin in inv.linears) + shape.vocab * shape.hidden
+    used = sum(lin.params * lin.active_fraction for lin in inv.linears if lin.name != "lm_head")
+    assert abs(params / total - 1) < 0.01 and abs(used / active - 1) < 0.02
+    names = {lin.name for lin in inv.linears}
+    assert "model.layers.0.mlp.gate_proj" in names and "model.layers.0.mlp.experts.down_proj" not in names
+    assert f"model.layers.{shape.layers - 1}.mlp.shared_experts.down_proj" in names
+
+
 @pytest.mark.parametrize("budget, fixed", [(None, 0), (10**9, 100), (10, 1000)])
 def test_no_linears_to_place_is_a_clear_error(budget, fixed):
     with pytest.raises(ValueError, match="no linear layers to place"):
