@@ -1,8 +1,9 @@
 """Benchmark of one mixture-of-experts layer (OffloadedExperts, weights resident) from decode to prefill token counts.
 
-For each model shape (the experts of one MoE block: Qwen3-30B-A3B, 8 of 128 experts of 768 x 2048;
-Mixtral 8x7B, 2 of 8 of 14336 x 4096; on request GLM-4.5-Air, 8 of 128 of 1408 x 4096) and tokens T per call, with random routing (k distinct experts per
-token, uniform), it times (triton.testing.do_bench: median, p20/p80, L2 flushed between repetitions):
+For each model shape (the experts of one MoE block: Qwen3-30B-A3B, 8 of 128 experts of 768 x 2048; Mixtral 8x7B,
+2 of 8 of 14336 x 4096; on request GLM-4.5-Air, 8 of 128 of 1408 x 4096) and tokens T per call, with random
+routing (k distinct experts per token, uniform), it times (triton.testing.do_bench: median, p20/p80, L2 flushed
+between repetitions):
 
 * ``grouped``: OffloadedExperts' grouped path (two launches, one per projection, over every (token, expert)
   pair, sorted by expert on the device where experts repeat; no host read of the routing but the eager check

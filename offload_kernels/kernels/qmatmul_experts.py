@@ -16,8 +16,8 @@ chosen by the mean pairs per expert (configs.select_experts_kernel):
 * above, the grouped expert GEMM (expert_gemm.py, tensor cores): the pairs sorted by expert into blocks of
   16 to 64 (configs.expert_gemm_block_m), each block's expert decoded in the K loop of a tiled tl.dot.
 
-"torch" is the reference: for each distinct expert, the torch dequantizer and a matmul. The op has a fake implementation (torch.compile) and a backward for the
-input and the bias (the weight is frozen).
+"torch" is the reference: for each distinct expert, the torch dequantizer and a matmul. The op has a fake
+implementation (torch.compile) and a backward for the input and the bias (the weight is frozen).
 """
 
 from __future__ import annotations
