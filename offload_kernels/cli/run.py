@@ -57,19 +57,38 @@ def _check_tokenizer_source(path: str, tokenizer: "str | None") -> None:
                          f"--tokenizer with the model's own (a hub name or a directory)")
 
 
+def _load_tokenizer(name: "str | None", gguf_path: "str | None"):
+    """The transformers tokenizer ``name`` (a hub name or directory), else the one in the GGUF file's metadata."""
+    from offload_kernels.model.gguf_model import load_gguf_tokenizer
+
+    try:
+        if name is not None:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(name)
+        return load_gguf_tokenizer(gguf_path)
+    except Exception as exc:     # transformers supports only some GGUF tokenizers
+        source = name if name is not None else f"{gguf_path}'s metadata"
+        raise ValueError(f"transformers cannot build a tokenizer from {source} ({type(exc).__name__}: {exc}); "
+                         f"--tokenizer names another") from exc
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def run(args: argparse.Namespace) -> int:
-    from offload_kernels.model.gguf_model import load_gguf_model, load_gguf_tokenizer
+    from offload_kernels.model.gguf_model import load_gguf_model
     from offload_kernels.model.offload import check_device
 
     if args.max_new_tokens < 1:
         raise SystemExit("--max-new-tokens must be at least 1")
     device = check_device(args.device)
     _check_tokenizer_source(args.model, args.tokenizer)
+    # A tokenizer given by name is loaded before the (long) model load, so a wrong name fails at once; the
+    # file's own is read after the loader has checked the file.
+    tokenizer = _load_tokenizer(args.tokenizer, None) if args.tokenizer is not None else None
     dtype = getattr(torch, args.dtype)
     if device.type == "cpu" and dtype != torch.float32:
         dtype = torch.float32           # CPU matmuls in half precision are slow and not what a user wants
@@ -77,17 +96,8 @@ def run(args: argparse.Namespace) -> int:
     model, report = load_gguf_model(args.model, gpu_budget=args.gpu_budget, dtype=dtype, device=device,
                                     num_slots=args.slots, return_report=True, experts=args.experts,
                                     expert_cache_slots=args.expert_cache_slots, expert_prefetch=args.expert_prefetch)
-    try:
-        if args.tokenizer is not None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        else:
-            tokenizer = load_gguf_tokenizer(args.model)
-    except Exception as exc:     # transformers supports only some GGUF tokenizers
-        source = args.tokenizer if args.tokenizer is not None else f"{args.model}'s metadata"
-        raise ValueError(f"transformers cannot build a tokenizer from {source} ({type(exc).__name__}: {exc}); "
-                         f"--tokenizer names another") from exc
+    if tokenizer is None:
+        tokenizer = _load_tokenizer(None, args.model)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
     print(report)
     enc = tokenizer(args.prompt, return_tensors="pt").to(device)

@@ -147,7 +147,14 @@ def gemv_word_loads(qt) -> bool:
     """Whether layout 3 may read ``qt``'s bytes as words (the WORD_LOADS constexpr): whether they start
     GEMV3_ALIGNMENT-aligned (their blocks, rows and runs then are too: q4_k blocks are 144 bytes, q3_k's
     110). Part of the tuning key, so a config tuned on aligned bytes never runs on misaligned ones."""
-    return qt.data.data_ptr() % GEMV3_ALIGNMENT[qt.qtype] == 0
+    return word_loads_ok(qt.data, qt.qtype)
+
+
+def word_loads_ok(data, qtype: str, expert_bytes: int = 0) -> bool:
+    """gemv_word_loads for raw bytes ``data`` of ``qtype``, and for a buffer of experts ``expert_bytes`` apart
+    (the grouped expert GEMV): the start and the distance between experts both GEMV3_ALIGNMENT-aligned."""
+    align = GEMV3_ALIGNMENT[qtype]
+    return data.data_ptr() % align == 0 and expert_bytes % align == 0
 
 
 def gemv_layouts(qtype: str, word_loads: bool) -> tuple[int, ...]:
@@ -267,13 +274,6 @@ def gemv_heuristic_config(m: int, n: int, k: int, qtype: str, sms: int, split_k:
 
 
 # ----------------------------------------------------------------------------------------- grouped experts
-def expert_word_loads(data, qtype: str, expert_bytes: int) -> bool:
-    """Whether the grouped expert GEMV may read ``data``'s bytes as words (see gemv_word_loads): the buffer's
-    start and the distance between experts must both have layout 3's alignment."""
-    align = GEMV3_ALIGNMENT[qtype]
-    return data.data_ptr() % align == 0 and expert_bytes % align == 0
-
-
 def expert_gemv_heuristic_config(programs_m: int, block_m: int, n: int, k: int, qtype: str, sms: int,
                                  split_k: "int | None" = None, layout: "int | None" = None,
                                  word_loads: bool = True) -> triton.Config:
@@ -325,12 +325,6 @@ def expert_gemm_block_m(pairs: int, experts: int) -> int:
     to 64. Rounding up, a typical expert is one block (its bytes read once); rounding down pads as many rows
     (at a mean of 20: one block of 32, or 16 + 4 of two blocks of 16) and reads it twice."""
     return max(EXPERT_GEMM_BLOCK_MS[0], min(EXPERT_GEMM_BLOCK_MS[-1], next_power_of_2(cdiv(pairs, experts))))
-
-
-def expert_head_words(data, qtype: str, expert_bytes: int) -> bool:
-    """The GEMM's HEAD_WORDS (gemm._head_words) for a buffer of experts ``expert_bytes`` apart: q4_k/q5_k
-    bytes whose start and expert stride are both 4-byte aligned."""
-    return qtype in ("q4_k", "q5_k") and data.data_ptr() % 4 == 0 and expert_bytes % 4 == 0
 
 
 # ----------------------------------------------------------------------------------------- GEMM
@@ -453,14 +447,12 @@ def prune_expert_gemm_configs(configs: list[triton.Config], named_args: dict, **
     def programs(c):
         return blocks * cdiv(n, c.kwargs["BLOCK_N"]) * c.kwargs["split_k"]
 
-    return _plain_and_swapped(kept, programs, 2 * sms) or [
-        expert_gemm_heuristic_config(blocks, block_m, n, a["K"], qtype, sms, fp32=a["x_ptr"].element_size() == 4)]
+    return _plain_and_swapped(kept, programs, 2 * sms) or [expert_gemm_heuristic_config()]
 
 
-def expert_gemm_heuristic_config(blocks: int, block_m: int, n: int, k: int, qtype: str, sms: int,
-                                 split_k: "int | None" = None, fp32: bool = False) -> triton.Config:
-    """A grouped expert GEMM config without tuning: 64 x 64 weight tiles (BLOCK_N x BLOCK_K, legal for every
-    format), 4 warps, 3 stages; no K split unless forced."""
+def expert_gemm_heuristic_config(split_k: "int | None" = None) -> triton.Config:
+    """A grouped expert GEMM config without tuning, whatever the shape: 64 x 64 weight tiles (BLOCK_N x
+    BLOCK_K, legal for every format), 4 warps, 3 stages; no K split unless forced."""
     return _expert_gemm_config(64, 64, split_k or 1, 4, 3)
 
 

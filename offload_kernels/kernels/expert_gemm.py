@@ -26,8 +26,9 @@ import triton.language as tl
 from . import configs
 from .decode import QTYPE_CODES, SUB_BLOCK
 from .epilogue import store_output
-from .gemm import GROUP_M, dot_precision, f16_decode_default, gemm_k_slice, gemm_partial_tile, grouped_tile
-from .runtime import INTERPRETER, count_launch, launch_split_k, sm_count, tuning_key
+from .gemm import (GROUP_M, dot_precision, f16_decode_default, gemm_k_slice, gemm_partial_tile, grouped_tile,
+                   head_words)
+from .runtime import INTERPRETER, count_launch, launch_split_k, tuning_key
 
 
 @triton.jit
@@ -83,7 +84,6 @@ def expert_gemm(x2d: torch.Tensor, data: torch.Tensor, qtype: str, n: int, k: in
     num_blocks, block_m = block_rows.shape
     if block_m not in configs.EXPERT_GEMM_BLOCK_MS:
         raise ValueError(f"blocks of {block_m} pairs; the grouped expert GEMM takes {configs.EXPERT_GEMM_BLOCK_MS}")
-    fp32 = x2d.dtype == torch.float32
     args = dict(x_ptr=x2d, w_ptr=data, bias_ptr=bias if bias is not None else out, out_ptr=out,
                 ids_ptr=block_experts, rows_ptr=block_rows, M=pairs, N=n, K=k, stride_xm=x2d.stride(0),
                 row_bytes=row_bytes, expert_bytes=expert_bytes, num_experts=num_experts, num_blocks=num_blocks,
@@ -91,15 +91,13 @@ def expert_gemm(x2d: torch.Tensor, data: torch.Tensor, qtype: str, n: int, k: in
                 HAS_BIAS=bias is not None, SUB=SUB_BLOCK[qtype], RN=not INTERPRETER,
                 DOT_PRECISION=dot_precision(x2d.dtype), GROUP_M=GROUP_M,
                 F16_DECODE=f16_decode_default(x2d.dtype, qtype) if f16_decode is None else bool(f16_decode),
-                HEAD_WORDS=configs.expert_head_words(data, qtype, expert_bytes), BLOCK_M=block_m)
+                HEAD_WORDS=head_words(data, qtype, expert_bytes), BLOCK_M=block_m)
 
     def grid(meta):
         return (num_blocks * configs.cdiv(n, meta["BLOCK_N"]), meta["split_k"])
 
-    sms = sm_count(x2d.device)
     split = launch_split_k(_expert_gemm_tuned, grid, args, tuning_key("expert_gemm", args, _KEY),
-                           lambda: configs.expert_gemm_heuristic_config(num_blocks, block_m, n, k, qtype, sms,
-                                                                        split_k, fp32=fp32),
+                           lambda: configs.expert_gemm_heuristic_config(split_k),
                            tune=split_k is None and f16_decode is None, out=out)
     variant = "expert_gemm_splitk" if split > 1 else "expert_gemm"
     count_launch(variant)

@@ -94,7 +94,7 @@ def expert_gemv(x2d: torch.Tensor, data: torch.Tensor, qtype: str, n: int, k: in
     sorted_ = block_rows is not None
     programs_m, block_m = tuple(block_rows.shape) if sorted_ else (pairs, 1)
     tile_a, tile_b = configs.GEMV_TILE[qtype]
-    word_loads = configs.expert_word_loads(data, qtype, expert_bytes)
+    word_loads = configs.word_loads_ok(data, qtype, expert_bytes)
     args = dict(x_ptr=x2d, w_ptr=data, bias_ptr=bias if bias is not None else out, out_ptr=out, ids_ptr=expert_ids,
                 rows_ptr=block_rows if sorted_ else expert_ids, M=pairs, N=n, K=k, stride_xm=x2d.stride(0),
                 row_bytes=row_bytes, expert_bytes=expert_bytes, num_experts=num_experts, X_GROUP=x_group,

@@ -146,10 +146,11 @@ def f16_decode_default(x_dtype: torch.dtype, qtype: str) -> bool:
 _F16_DECODE_QTYPES = frozenset({"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q4_k", "q5_k"})
 
 
-def _head_words(qt) -> bool:
+def head_words(data: torch.Tensor, qtype: str, expert_bytes: int = 0) -> bool:
     """Whether the kernel may read q4_k/q5_k 16-byte block heads as int32 words (HEAD_WORDS): the blocks
-    (144, 176 bytes) keep 4-byte alignment when the first one has it."""
-    return qt.qtype in ("q4_k", "q5_k") and qt.data.data_ptr() % 4 == 0
+    (144, 176 bytes) keep 4-byte alignment when the first one has it, and, in a buffer of experts
+    ``expert_bytes`` apart (the grouped expert GEMM), when that distance keeps it too."""
+    return qtype in ("q4_k", "q5_k") and data.data_ptr() % 4 == 0 and expert_bytes % 4 == 0
 
 
 def gemm(x2d: torch.Tensor, qt, bias: "torch.Tensor | None", out: torch.Tensor, *,
@@ -170,7 +171,7 @@ def gemm(x2d: torch.Tensor, qt, bias: "torch.Tensor | None", out: torch.Tensor, 
                 SUB=SUB_BLOCK[qt.qtype], RN=not INTERPRETER, DOT_PRECISION=dot_precision(x2d.dtype),
                 GROUP_M=GROUP_M,
                 F16_DECODE=f16_decode_default(x2d.dtype, qt.qtype) if f16_decode is None else bool(f16_decode),
-                HEAD_WORDS=_head_words(qt))
+                HEAD_WORDS=head_words(qt.data, qt.qtype))
 
     def grid(meta):
         return (configs.cdiv(m, meta["BLOCK_M"]) * configs.cdiv(n, meta["BLOCK_N"]), meta["split_k"])

@@ -270,10 +270,8 @@ def qmatmul_expert_buffer(x: torch.Tensor, data: torch.Tensor, qtype: str, n: in
     """qmatmul_experts over a raw buffer in which expert i's (n, k) ``qtype`` rows start at byte
     i * expert_bytes of the flat uint8 ``data`` (an expert cache's slots, ids being slot numbers); no bias,
     ids not checked (the caller built them). backend as for qmatmul_experts."""
-    if backend == "auto":
-        backend = "triton" if x.device.type == "cuda" else "torch"
     return torch.ops.offload_kernels.qmatmul_experts(x, data, qtype, num_experts, n, k, expert_bytes, expert_ids,
-                                                     None, backend, "auto", 0, 0)
+                                                     None, resolve_backend(backend, x), "auto", 0, 0)
 
 
 __all__ = ["count_out_of_range", "qmatmul_expert_buffer", "qmatmul_experts", "sort_pairs_by_expert"]

@@ -243,14 +243,14 @@ class OffloadedExperts(nn.Module):
         """Few tokens per expert: each projection is one grouped launch over every (token, chosen expert) pair
         (qmatmul_experts), with no host read of the routing outside eager-mode checks of the ids."""
         from ..kernels.qmatmul_experts import count_out_of_range, qmatmul_experts
+        from ..kernels.runtime import capturing
 
         if self._expert_cache is not None:
             return self._forward_grouped_cached(x, index, weights)
         tokens, k = index.shape
         e_count = self.num_experts
         up_layer, down_layer = (self._modules[name] for name in self._expert_shapes)
-        capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if not capturing and not torch.compiler.is_compiling():
+        if not capturing(x.device) and not torch.compiler.is_compiling():
             self._check_id_counts(*count_out_of_range(index, e_count))
         if self._is_expert_parallel:            # other ranks' experts (ids >= num_experts) contribute nothing
             local = index < e_count

@@ -71,6 +71,8 @@ def test_run_a_glm4moe_file_with_a_tokenizer_given(tmp_path, capsys):
     path = save_gguf(tiny_glm4_moe(), tmp_path / "glm.gguf", "q8_0")
     assert main(["run", str(path), "--device", "cpu", "--max-new-tokens", "2"]) == 2
     assert "pass --tokenizer" in capsys.readouterr().err
+    assert main(["run", str(path), "--device", "cpu", "--tokenizer", str(tmp_path / "no_such_tokenizer")]) == 2
+    assert "cannot build a tokenizer from" in capsys.readouterr().err      # before the model is loaded
     llama = save_gguf(transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)),
         tmp_path / "llama.gguf", "f32")

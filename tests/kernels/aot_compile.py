@@ -93,7 +93,7 @@ def main() -> int:
                 # stride is 16-byte aligned as Triton specializes it at a launch whenever it is (a stack of rows
                 # whose count is a multiple of 16, or the expert cache's 256-byte slots): without that, no
                 # asynchronous copy of the weight bytes can be proven aligned, and the loop waits on its loads.
-                c = configs.expert_gemm_heuristic_config(100, 16, 4096, 4096, qtype, 132)
+                c = configs.expert_gemm_heuristic_config()
                 sig = {name: t.format(x=x) for name, t in EXPERT_GEMM_SIGNATURE.items()}
                 k = compile_kernel(_expert_gemm_kernel, sig,
                                    dict(QTYPE=code, HAS_BIAS=True, SUB=SUB_BLOCK[qtype], RN=True,

@@ -127,9 +127,9 @@ def test_expert_gemm_pruner(qtype, dtype):
             for c in kept:
                 assert configs.gemm_block_k_ok(c.kwargs["BLOCK_K"], qtype) and c.kwargs["split_k"] == 1
                 assert c.kwargs["BLOCK_N"] <= max(32, configs.next_power_of_2(n))
-            c = configs.expert_gemm_heuristic_config(blocks, block_m, n, k, qtype, 132)
+            c = configs.expert_gemm_heuristic_config()
             assert configs.gemm_block_k_ok(c.kwargs["BLOCK_K"], qtype) and c.kwargs["split_k"] == 1
-    assert configs.expert_gemm_heuristic_config(10, 16, 768, 2048, qtype, 132, split_k=3).kwargs["split_k"] == 3
+    assert configs.expert_gemm_heuristic_config(split_k=3).kwargs["split_k"] == 3
 
 
 def test_gemm_block_k_constraint():
