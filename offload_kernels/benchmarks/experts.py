@@ -1,7 +1,8 @@
 """Benchmark of one mixture-of-experts layer (OffloadedExperts, weights resident) from decode to prefill token counts.
 
 For each model shape (the experts of one MoE block: Qwen3-30B-A3B, 8 of 128 experts of 768 x 2048; Mixtral 8x7B,
-2 of 8 of 14336 x 4096; on request GLM-4.5-Air, 8 of 128 of 1408 x 4096) and tokens T per call, with random
+2 of 8 of 14336 x 4096; on request GLM-4.5-Air, 8 of 128 of 1408 x 4096, or gpt-oss-20b, 4 of 32 of 2880 x 2880,
+with a format whose blocks tile 2880: q5_0, q8_0, ...) and tokens T per call, with random
 routing (k distinct experts per token, uniform), it times (triton.testing.do_bench: median, p20/p80, L2 flushed
 between repetitions):
 
@@ -47,7 +48,8 @@ BASELINE = "fp16_transformers"
 #: The transformers experts class of each MoE architecture of model.shapes.
 EXPERTS_CLASS = {"qwen3_moe": ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeExperts"),
                  "mixtral": ("transformers.models.mixtral.modeling_mixtral", "MixtralExperts"),
-                 "glm4_moe": ("transformers.models.glm4_moe.modeling_glm4_moe", "Glm4MoeExperts")}
+                 "glm4_moe": ("transformers.models.glm4_moe.modeling_glm4_moe", "Glm4MoeExperts"),
+                 "gpt_oss": ("transformers.models.gpt_oss.modeling_gpt_oss", "GptOssExperts")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,7 +101,8 @@ def experts_modules(shape, qtype: str, device: str = "cuda"):
     projections = {}
     for proj in projection_names(dense):
         e, out, k = projection_shape(dense, proj)
-        projections[proj] = OffloadedLinear.from_quantized(random_weight(qtype, e * out, k, device))
+        bias = dense._parameters[f"{proj}_bias"].detach().reshape(-1) if dense.has_bias else None   # gpt-oss
+        projections[proj] = OffloadedLinear.from_quantized(random_weight(qtype, e * out, k, device), bias)
     return dense, OffloadedExperts(dense, projections)
 
 
@@ -212,6 +215,10 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         if name not in shapes:
             raise SystemExit(f"bench experts: {name!r} is not a MoE shape (one of {', '.join(sorted(shapes))})")
+        widths = {shapes[name].hidden, shapes[name].expert_intermediate}
+        if any(w % spec.block_size for w in widths):
+            raise SystemExit(f"bench experts: {name}'s rows ({' and '.join(map(str, sorted(widths)))} weights) are not "
+                             f"a whole number of {spec.name} blocks ({spec.block_size}); give --qtype q5_0, q8_0, ...")
     reason = cuda_unavailable_reason(triton=True)       # after the arguments: a typo is reported anywhere
     if reason is not None:
         print(f"bench experts: needs CUDA ({reason}); nothing measured.")

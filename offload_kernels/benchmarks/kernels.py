@@ -95,6 +95,8 @@ def random_weight(qtype: str, n: int, k: int, device: str = "cuda"):
     for off in spec.fp16_offsets:
         d = (torch.rand(blocks.shape[0], device=device) * 2e-3 + 1e-4).to(torch.float16)
         blocks[:, off:off + 2] = d.view(torch.uint8).view(-1, 2)
+    if spec.name == "mxfp4":        # exponent bytes for scales 2**-14 .. 2**-10, as the fp16 ones above
+        blocks[:, 0] = torch.randint(114, 119, (blocks.shape[0],), dtype=torch.uint8, device=device)
     return QuantizedTensor(raw, spec, (n, k))
 
 

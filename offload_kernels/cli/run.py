@@ -14,11 +14,11 @@ import torch
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="path to a .gguf file (architecture llama, mistral, qwen2, qwen3, phi3, gemma2, "
-                                      "gemma3, qwen2moe, qwen3moe, glm4moe, or a Mixtral: llama with experts)")
+                                      "gemma3, qwen2moe, qwen3moe, glm4moe, gpt-oss, or a Mixtral: llama with experts)")
     parser.add_argument("--tokenizer", default=None,
                         help="a transformers tokenizer (hub name or directory) to use instead of the file's own; "
-                             "needed for glm4moe files, whose tokenizer transformers' GGUF reader cannot build "
-                             "(e.g. zai-org/GLM-4.5-Air)")
+                             "needed for glm4moe and gpt-oss files, whose tokenizer transformers' GGUF reader "
+                             "cannot build (e.g. zai-org/GLM-4.5-Air, openai/gpt-oss-20b)")
     parser.add_argument("--prompt", default="Once upon a time", help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--gpu-budget", default=None, help="device bytes for weights + staging, e.g. 20GiB "
@@ -38,8 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "copy them ahead (speculative; a wrong guess costs link bytes, not results)")
 
 
-#: GGUF architectures whose tokenizer transformers' GGUF reader cannot build: run needs --tokenizer for them.
-NO_GGUF_TOKENIZER = ("glm4moe",)
+#: GGUF architectures whose tokenizer transformers' GGUF reader cannot build: run needs --tokenizer for them
+#: (glm4moe: no entry; gpt-oss: its reader fails on the rope.scaling keys every published file has, transformers 5.24).
+NO_GGUF_TOKENIZER = ("glm4moe", "gpt-oss")
 
 
 def _check_tokenizer_source(path: str, tokenizer: "str | None") -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .iq4_nl import dequantize_iq4_nl_blocks, dequantize_iq4_xs_blocks
+from .mxfp4 import dequantize_mxfp4_blocks
 from .qtypes import get_spec
 from .quantized_tensor import QuantizedTensor
 
@@ -185,7 +186,7 @@ _DEQUANTIZERS: dict[str, Callable[[torch.Tensor, torch.Tensor], None]] = {
     "q4_0": _dq_q4_0, "q4_1": _dq_q4_1, "q5_0": _dq_q5_0, "q5_1": _dq_q5_1, "q8_0": _dq_q8_0, "q2_k": _dq_q2_k,
     "q3_k": _dq_q3_k,
     "q4_k": _dq_q4_k, "q5_k": _dq_q5_k, "q6_k": _dq_q6_k, "iq4_nl": dequantize_iq4_nl_blocks,
-    "iq4_xs": dequantize_iq4_xs_blocks,
+    "iq4_xs": dequantize_iq4_xs_blocks, "mxfp4": dequantize_mxfp4_blocks,
 }
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -19,7 +19,7 @@ class QTypeSpec:
     ggml_type: GGMLQuantizationType
     block_size: int                # weights per block (QK)
     block_bytes: int               # bytes per block
-    fp16_offsets: tuple[int, ...]  # byte offsets of the fp16 scale fields (d, dmin / m) in a block
+    fp16_offsets: tuple[int, ...]  # byte offsets of the fp16 scale fields (d, dmin / m) in a block (mxfp4: none)
 
     @property
     def bits_per_weight(self) -> float:
@@ -43,6 +43,8 @@ _SPECS = (
     QTypeSpec("q5_k", GGMLQuantizationType.Q5_K, 256, 176, (0, 2)),
     QTypeSpec("q6_k", GGMLQuantizationType.Q6_K, 256, 210, (208,)),
     QTypeSpec("iq4_xs", GGMLQuantizationType.IQ4_XS, 256, 136, (0,)),
+    # OCP MXFP4 (gpt-oss's experts): an E8M0 exponent byte, no fp16 field
+    QTypeSpec("mxfp4", GGMLQuantizationType.MXFP4, 32, 17, ()),
 )
 
 #: Names of the supported block formats.

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from .iq4_nl import quantize_iq4_nl_blocks, quantize_iq4_xs_blocks
+from .mxfp4 import quantize_mxfp4_blocks
 from .qtypes import QTypeSpec, get_spec
 from .quantized_tensor import QuantizedTensor
 from .quantize_kquants import (quantize_q2_k_blocks, quantize_q3_k_blocks, quantize_q4_k_blocks,
@@ -25,7 +26,7 @@ _BLOCK_QUANTIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "q5_1": quantize_q5_1_blocks, "q8_0": quantize_q8_0_blocks, "q2_k": quantize_q2_k_blocks,
     "q3_k": quantize_q3_k_blocks,
     "q4_k": quantize_q4_k_blocks, "q5_k": quantize_q5_k_blocks, "q6_k": quantize_q6_k_blocks,
-    "iq4_nl": quantize_iq4_nl_blocks, "iq4_xs": quantize_iq4_xs_blocks,
+    "iq4_nl": quantize_iq4_nl_blocks, "iq4_xs": quantize_iq4_xs_blocks, "mxfp4": quantize_mxfp4_blocks,
 }
 
 # Weights per call of a block quantizer (measured on a 2-core CPU). The k-quant quantizers split their

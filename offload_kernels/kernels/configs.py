@@ -139,8 +139,9 @@ def gemv_block_m(m: int) -> int:
 
 #: Alignment of the weight bytes' start that layout 3's word loads need (4-byte for the 84-, 144-, 176- and 136-byte
 #: blocks, read as int32 words; 2-byte for the 110-, 210- and 32-weight blocks (18 to 34 bytes), whose words
-#: are two 16-bit loads).
-GEMV3_ALIGNMENT = {**dict.fromkeys(QTYPE_CODES, 2), "q2_k": 4, "q4_k": 4, "q5_k": 4, "iq4_xs": 4}
+#: are two 16-bit loads). mxfp4 has none: its 17-byte blocks put every other block's quants at odd addresses.
+GEMV3_ALIGNMENT = {**{name: 2 for name in QTYPE_CODES if name != "mxfp4"}, "q2_k": 4, "q4_k": 4, "q5_k": 4,
+                   "iq4_xs": 4}
 
 
 def gemv_word_loads(qt) -> bool:
@@ -153,8 +154,8 @@ def gemv_word_loads(qt) -> bool:
 def word_loads_ok(data, qtype: str, expert_bytes: int = 0) -> bool:
     """gemv_word_loads for raw bytes ``data`` of ``qtype``, and for a buffer of experts ``expert_bytes`` apart
     (the grouped expert GEMV): the start and the distance between experts both GEMV3_ALIGNMENT-aligned."""
-    align = GEMV3_ALIGNMENT[qtype]
-    return data.data_ptr() % align == 0 and expert_bytes % align == 0
+    align = GEMV3_ALIGNMENT.get(qtype)
+    return align is not None and data.data_ptr() % align == 0 and expert_bytes % align == 0
 
 
 def gemv_layouts(qtype: str, word_loads: bool) -> tuple[int, ...]:

@@ -34,10 +34,12 @@ from triton.language.extra import libdevice
 
 from ..formats import get_spec
 from ..formats.iq4_nl import IQ4_NL_VALUES
+from ..formats.mxfp4 import MXFP4_VALUES
 
 #: Format names in code order: a format's code (the QTYPE constexpr passed to kernels) is its index. Formats are
 #: appended, never reordered, so a code stays what tuning keys and compiled kernels were made with.
-_NAMES_BY_CODE = ("q4_0", "q8_0", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs", "q4_1", "q5_0", "q5_1", "iq4_nl", "q2_k")
+_NAMES_BY_CODE = ("q4_0", "q8_0", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs", "q4_1", "q5_0", "q5_1", "iq4_nl", "q2_k",
+                  "mxfp4")
 QTYPE_CODES = {name: code for code, name in enumerate(_NAMES_BY_CODE)}
 
 # The codes by name for the kernels' branches (``BLOCK32[QTYPE]`` tells the 32-weight block formats from the
@@ -54,6 +56,7 @@ Q5_0 = tl.constexpr(QTYPE_CODES["q5_0"])
 Q5_1 = tl.constexpr(QTYPE_CODES["q5_1"])
 IQ4_NL = tl.constexpr(QTYPE_CODES["iq4_nl"])
 Q2_K = tl.constexpr(QTYPE_CODES["q2_k"])
+MXFP4 = tl.constexpr(QTYPE_CODES["mxfp4"])
 
 #: The formats of 32-weight blocks (all but the super-block formats).
 BLOCK32_QTYPES = frozenset(name for name in QTYPE_CODES if get_spec(name).block_size == 32)
@@ -94,6 +97,8 @@ def table_words(values, bias: int = 0) -> tuple[int, ...]:
 
 #: iq4_nl's 16 int8 quant values (ggml's kvalues_iq4nl) as four int32 words, for iq4_nl_value.
 _IQ4_NL_WORDS: tl.constexpr = tl.constexpr(table_words(IQ4_NL_VALUES))
+#: mxfp4's 16 doubled E2M1 values (ggml's kvalues_mxfp4) as four int32 words, for mxfp4_value.
+_MXFP4_WORDS: tl.constexpr = tl.constexpr(table_words(MXFP4_VALUES))
 
 
 # ------------------------------------------------------------------------------------- scalar helpers
@@ -251,6 +256,41 @@ def iq4_nl_value(nib):
 
 
 @triton.jit
+def mxfp4_value(nib):
+    """mxfp4's doubled E2M1 value of code(s) ``nib`` (int32 0..15), looked up as iq4_nl_value does."""
+    word = tl.where(nib < 8, tl.where(nib < 4, _MXFP4_WORDS[0], _MXFP4_WORDS[1]),
+                    tl.where(nib < 12, _MXFP4_WORDS[2], _MXFP4_WORDS[3]))
+    return int8_from_byte((word >> (8 * (nib & 3))) & 255)
+
+
+@triton.jit
+def nl_value(nib, QTYPE: tl.constexpr):
+    """The table value of the nibble(s) ``nib`` of a non-linear 32-weight format (iq4_nl, mxfp4), int32."""
+    if QTYPE == MXFP4:
+        return mxfp4_value(nib)
+    else:
+        return iq4_nl_value(nib)
+
+
+@triton.jit
+def e8m0_half(e):
+    """2**(e - 128) as fp32 for exponent byte(s) ``e`` (int32 0..255): ggml's GGML_E8M0_TO_FP32_HALF, built from
+    its bits (subnormal for e = 0, 1)."""
+    bits = tl.where(e < 2, 0x00200000 << e, (e - 1) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def block32_scale(bp, mask, QTYPE: tl.constexpr):
+    """The scale d of the 32-weight block(s) at byte pointer(s) ``bp`` (masked-off lanes: 0 or mxfp4's 2**-128,
+    which only ever multiplies masked-off zeros), as fp32: the fp16 at byte 0, or mxfp4's exponent byte."""
+    if QTYPE == MXFP4:
+        return e8m0_half(tl.load(bp, mask=mask, other=0).to(tl.int32))
+    else:
+        return f16_field_masked(bp, mask)
+
+
+@triton.jit
 def iq4_xs_unpack_scale(low_byte, high_bits, s):
     """iq4_xs 6-bit sub-block scale(s) (still offset by 32) of sub-block(s) ``s`` (0..7) from the int32
     byte low_byte = scales_l[s // 2] (its nibble s % 2) and the 16-bit scales_h (its 2-bit field s)."""
@@ -299,9 +339,9 @@ def quant_value(u, OFFSET: tl.constexpr, F16: tl.constexpr):
 def _tile_parts(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, SUB: tl.constexpr,
                 RN: tl.constexpr, F16: tl.constexpr, HEAD_WORDS: tl.constexpr):
     """The pieces of a (BN, NSUB, SUB) weight tile, in ggml's arithmetic: the quants minus their offset
-    (``quant_value``: (BN, NSUB, SUB), fp32 or fp16; iq4_nl's table values), the fp32 scale of each sub-block
-    row ((BN, NSUB): d * sc with one rounding, or d), and the fp32 min term subtracted ((BN, NSUB): q2_k/q4_k/
-    q5_k dmin * m, q4_1/q5_1 -m; 0.0 for the other formats). See decode_tile for the tile's coordinates."""
+    (``quant_value``: (BN, NSUB, SUB), fp32 or fp16; iq4_nl's and mxfp4's table values), the fp32 scale of each
+    sub-block row ((BN, NSUB): d * sc with one rounding, or d; mxfp4's power of two), and the fp32 min term
+    subtracted ((BN, NSUB): q2_k/q4_k/q5_k dmin * m, q4_1/q5_1 -m; 0.0 for the other formats). See decode_tile for the tile's coordinates."""
     s = tl.arange(0, NSUB)
     l = tl.arange(0, SUB)
     min_term = 0.0
@@ -318,11 +358,11 @@ def _tile_parts(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, S
         scale = f16_field_masked(bp, valid[None, :])
         byte = tl.load(bp[:, :, None] + 2 + l[None, None, :], mask=valid[None, :, None], other=0)
         q = quant_value(byte.to(IT) ^ 0x80, 128, F16)                  # int8 = (b ^ 128) - 128
-    elif BLOCK32[QTYPE]:                    # q4_0, q4_1, q5_0, q5_1, iq4_nl: 16 nibble bytes per block
+    elif BLOCK32[QTYPE]:                    # q4_0, q4_1, q5_0, q5_1, iq4_nl, mxfp4: 16 nibble bytes per block
         blk = k0 // 32 + s
         valid = blk < n_blocks
         bp = w_rows[:, None] + blk[None, :] * BLOCK32_BYTES[QTYPE]           # (BN, NSUB) block starts
-        scale = f16_field_masked(bp, valid[None, :])
+        scale = block32_scale(bp, valid[None, :], QTYPE)
         # Each qs byte is loaded once and split into its two nibbles along a new dim: [n, s, half, j] is
         # weight 16 * half + j of block s, so merging (half, j) gives the natural order.
         j = tl.arange(0, 16)
@@ -333,11 +373,11 @@ def _tile_parts(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, S
         if BLOCK32_QH_AT[QTYPE] != 0:       # q5_0/q5_1: bit 16 * half + j of qh is the weight's fifth bit
             qh = u32_from_bytes(bp + BLOCK32_QH_AT[QTYPE], valid[None, :])[:, :, None, None]
             nib = nib | (((qh >> (16 * half + j[None, None, None, :])) & 1) << 4).to(IT)
-        if QTYPE == IQ4_NL:
+        if QTYPE == IQ4_NL or QTYPE == MXFP4:
             if F16:
-                q = iq4_nl_value(nib.to(tl.int32)).to(tl.float16)
+                q = nl_value(nib.to(tl.int32), QTYPE).to(tl.float16)
             else:
-                q = iq4_nl_value(nib).to(tl.float32)
+                q = nl_value(nib, QTYPE).to(tl.float32)
         else:
             q = quant_value(nib, BLOCK32_QUANT_OFFSET[QTYPE], F16)
         q = tl.reshape(q, (nib.shape[0], NSUB, SUB))
@@ -453,7 +493,12 @@ def decode_tile(w_rows, k0, n_blocks, QTYPE: tl.constexpr, NSUB: tl.constexpr, S
     32-weight block formats: each s is a whole block; blocks >= n_blocks (K tail) read as 0.
     """
     q, scale, min_term = _tile_parts(w_rows, k0, n_blocks, QTYPE, NSUB, SUB, RN, False, HEAD_WORDS)
-    w = fmul(scale[:, :, None], q, RN)
+    if QTYPE == MXFP4:
+        # a small integer times a power of two: exact, so no rounding to pin; a plain multiply also keeps the
+        # subnormal products of exponent bytes 0 and 1, which libdevice's flush-to-zero mul_rn would not
+        w = scale[:, :, None] * q
+    else:
+        w = fmul(scale[:, :, None], q, RN)
     if HAS_MIN[QTYPE]:
         w = fsub(w, min_term[:, :, None], RN)
     return w

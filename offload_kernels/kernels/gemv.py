@@ -53,10 +53,10 @@ import triton.language as tl
 from ..formats.iq4_nl import IQ4_NL_VALUES
 from . import configs
 from .decode import (BLOCK32, BLOCK32_BYTES, BLOCK32_QH_AT, BLOCK32_QS_AT, BLOCK32_QUANT_OFFSET, HAS_MIN, IQ4_NL,
-                     IQ4_XS, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, QTYPE_CODES, f16_field, f16_field_masked,
-                     f16_from_bytes, int8_from_byte, iq4_nl_value, iq4_xs_scale, iq4_xs_unpack_scale, k4_scale_min,
-                     k4_unpack_scale_min, q2_k_scale_min, q3_k_scale, q3_k_unpack_scale, q6_k_scale, scaled_quant,
-                     table_words, u32_from_bytes)
+                     IQ4_XS, MXFP4, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, QTYPE_CODES, block32_scale, f16_field,
+                     f16_field_masked, f16_from_bytes, int8_from_byte, iq4_nl_value, iq4_xs_scale, iq4_xs_unpack_scale,
+                     k4_scale_min, k4_unpack_scale_min, nl_value, q2_k_scale_min, q3_k_scale, q3_k_unpack_scale,
+                     q6_k_scale, scaled_quant, table_words, u32_from_bytes)
 from .epilogue import store_output
 from .runtime import INTERPRETER, count_launch, launch_split_k, sm_count, triton_version, tuning_key
 
@@ -181,9 +181,10 @@ def _step_q6_k(acc, bp, xp):
 
 @triton.jit
 def _step_nibble_blocks(acc, w_rows, xp, step, n_blocks, QTYPE: tl.constexpr):
-    """Eight blocks of a 32-weight nibble format (q4_0, q4_1, q5_0, q5_1, iq4_nl; decode.BLOCK32_*): qs[j]
+    """Eight blocks of a 32-weight nibble format (q4_0, q4_1, q5_0, q5_1, iq4_nl, mxfp4; decode.BLOCK32_*): qs[j]
     holds weights j (low nibble) and 16 + j (high); q5's fifth bits are bits j / 16 + j of qh; q4_1/q5_1 add
-    the fp16 m at byte 2. Blocks past n_blocks (K tail) read as zero. Accumulator tile: (8 [block], 16 [j])."""
+    the fp16 m at byte 2; mxfp4's scale is its exponent byte. Blocks past n_blocks (K tail) read as zero.
+    Accumulator tile: (8 [block], 16 [j])."""
     g = tl.arange(0, 8)
     j = tl.arange(0, 16)
     blk = step * 8 + g
@@ -191,10 +192,10 @@ def _step_nibble_blocks(acc, w_rows, xp, step, n_blocks, QTYPE: tl.constexpr):
     bp = w_rows[:, None] + blk[None, :] * BLOCK32_BYTES[QTYPE]                         # (BN, 8)
     qs = tl.load(bp[None, :, :, None] + BLOCK32_QS_AT[QTYPE] + j[None, None, None, :],
                  mask=valid[None, None, :, None], other=0).to(tl.int32)             # (1, BN, 8, 16)
-    d = f16_field_masked(bp, valid[None, :])[None, :, :, None]
-    if QTYPE == IQ4_NL:
-        w_lo = d * iq4_nl_value(qs & 15).to(tl.float32)
-        w_hi = d * iq4_nl_value(qs >> 4).to(tl.float32)
+    d = block32_scale(bp, valid[None, :], QTYPE)[None, :, :, None]
+    if QTYPE == IQ4_NL or QTYPE == MXFP4:         # d times a table value: exact
+        w_lo = d * nl_value(qs & 15, QTYPE).to(tl.float32)
+        w_hi = d * nl_value(qs >> 4, QTYPE).to(tl.float32)
     else:
         lo = qs & 15
         hi = qs & 0xF0      # 16 * high nibble: its scale is divided by 16 instead of shifting every byte
@@ -383,10 +384,10 @@ def _v2_nibble_blocks(acc, w_rows, x_rows, step, n_blocks, a, i, SHAPE: tl.const
     valid = blk < n_blocks
     bp = w_rows + blk * BLOCK32_BYTES[QTYPE]
     qs = _byte_masked(bp + BLOCK32_QS_AT[QTYPE] + i, valid, SHAPE)
-    d = _f16_full_masked(bp, valid, SHAPE)
-    if QTYPE == IQ4_NL:
-        w_lo = d * iq4_nl_value(qs & 15).to(tl.float32)
-        w_hi = d * iq4_nl_value(qs >> 4).to(tl.float32)
+    d = block32_scale(_full(bp, SHAPE), _full(valid, SHAPE), QTYPE)
+    if QTYPE == IQ4_NL or QTYPE == MXFP4:
+        w_lo = d * nl_value(qs & 15, QTYPE).to(tl.float32)
+        w_hi = d * nl_value(qs >> 4, QTYPE).to(tl.float32)
     else:
         lo = qs & 15
         hi = qs & 0xF0      # 16 * high nibble, its scale divided by 16
@@ -702,6 +703,7 @@ def _v3_blocks(acc, w_rows, x_rows, step, n_blocks, i, SHAPE: tl.constexpr, QTYP
     (32896 = 128 * 257: 20 significant bits with d's 11). TAIL: the step may run past the row's n_blocks
     blocks; those read the last block again (loads stay in bounds and unmasked: masked loads are not merged
     per word) and count as d = m = 0, x = 0."""
+    tl.static_assert(QTYPE != MXFP4, "mxfp4's 17-byte blocks have no word-aligned quants (configs.GEMV3_ALIGNMENT)")
     q = i & 3
     BLOCK_BYTES: tl.constexpr = BLOCK32_BYTES[QTYPE]
     QS: tl.constexpr = BLOCK32_QS_AT[QTYPE]

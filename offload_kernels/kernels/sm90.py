@@ -108,7 +108,8 @@ def gemv_loop_report(qtype: str, x: str, m: int, layout: "int | None" = None, n:
     from .expert_gemv import _expert_gemv_kernel
     from .gemv import _gemv_kernel
 
-    c = configs.gemv_heuristic_config(m, n, k, qtype, 132, layout=layout)
+    word_loads = qtype in configs.GEMV3_ALIGNMENT          # word-aligned bytes, wherever the format has them
+    c = configs.gemv_heuristic_config(m, n, k, qtype, 132, layout=layout, word_loads=word_loads)
     block_m, block_n = configs.gemv_block_m(m), c.kwargs["BLOCK_N"]
     stages = c.kwargs["STAGES"] if stages is None else stages
     tile_a, tile_b = configs.GEMV_TILE[qtype]
@@ -116,7 +117,7 @@ def gemv_loop_report(qtype: str, x: str, m: int, layout: "int | None" = None, n:
     if experts and block_m != 1 and not sorted_pairs:
         raise ValueError("the unsorted grouped expert GEMV runs one pair per program")
     constexprs = dict(QTYPE=QTYPE_CODES[qtype], HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, TILE_A=tile_a,
-                      TILE_B=tile_b, WORD_LOADS=True, LAYOUT=c.kwargs["LAYOUT"], STAGES=stages)
+                      TILE_B=tile_b, WORD_LOADS=word_loads, LAYOUT=c.kwargs["LAYOUT"], STAGES=stages)
     if experts:
         constexprs["SORTED"] = sorted_pairs
     kernel = compile_kernel(fn, {name: t.format(x=x) for name, t in signature.items()}, constexprs,

@@ -1,5 +1,5 @@
-"""save_gguf: a transformers llama/mistral/qwen2/qwen3/phi3/gemma2/gemma3/qwen2_moe/qwen3_moe/mixtral/glm4_moe causal
-LM -> a llama.cpp GGUF file.
+"""save_gguf: a transformers llama/mistral/qwen2/qwen3/phi3/gemma2/gemma3/qwen2_moe/qwen3_moe/mixtral/glm4_moe/gpt_oss
+causal LM -> a llama.cpp GGUF file.
 
 Linears are quantized with this package's ggml-exact quantizers (or, for OffloadedLinear layers, their
 bytes are written as they are), attn_q/attn_k rows (and their biases) are permuted the way llama.cpp's
@@ -20,11 +20,13 @@ from torch import nn
 
 from ..formats import LLAMA_QUANTIZE_FALLBACKS, QTYPES, QuantizedTensor, quantize, write_gguf
 from ..layers import OffloadedExperts, OffloadedLinear
-from ..layers.offloaded_experts import is_experts_module, projection_shape
+from ..layers.offloaded_experts import expert_weight, is_experts_module, projection_shape
 from .gguf_model import permute_rows
 from .glm4moe import glm4moe_metadata
-from .gguf_names import (GEMMA_ARCHITECTURES, GLM4MOE_ARCHITECTURES, HF_TO_GGUF_ARCHITECTURE, MOE_ARCHITECTURES,
-                         OUTPUT, PERMUTED_QK_ARCHITECTURES, SLIDING_WINDOW_ARCHITECTURES, hf_to_gguf_name, qk_side)
+from .gpt_oss import gpt_oss_metadata
+from .gguf_names import (GEMMA_ARCHITECTURES, GLM4MOE_ARCHITECTURES, GPT_OSS_ARCHITECTURES, HF_TO_GGUF_ARCHITECTURE,
+                         MOE_ARCHITECTURES, OUTPUT, PERMUTED_QK_ARCHITECTURES, SLIDING_WINDOW_ARCHITECTURES,
+                         hf_to_gguf_name, qk_side)
 from .gemma import gemma_metadata
 from .gguf_rope import config_rope_metadata
 from .offload import _format_for
@@ -84,9 +86,11 @@ def _choose_qtype(gguf_name: str, k: int, default: str, overrides: Mapping[str, 
 def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4_k", *,
               mix: Optional[str] = None, qtype_overrides: Optional[Mapping[str, str]] = None,
               vocab: Optional[dict] = None, name: Optional[str] = None) -> Path:
-    """Write ``model`` (a transformers llama/mistral/qwen2/qwen3/phi3/gemma2/gemma3 text CausalLM) as a GGUF file
-    llama.cpp can load. Settings llama.cpp would not reproduce (rope scaling it cannot read, a Gemma attention
-    scale or layer pattern other than the one it derives) raise ValueError before anything is written.
+    """Write ``model`` (a transformers llama/mistral/qwen2/qwen3/phi3/gemma2/gemma3 text CausalLM, or the MoE
+    qwen2_moe/qwen3_moe/mixtral/glm4_moe/gpt_oss) as a GGUF file llama.cpp can load. Settings llama.cpp would not
+    reproduce (rope scaling it cannot read, a Gemma attention scale or layer pattern other than the one it derives,
+    gpt-oss's YaRN without truncate or a sliding pattern it cannot express) raise ValueError before anything is
+    written.
 
     ``qtype`` is a GGUF block format, or "f32"/"f16" for unquantized matrices.
     ``mix`` picks per-tensor overrides ("q4_k_m", "q3_k_m", "q2_k": llama-quantize's presets of those names,
@@ -110,6 +114,8 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
         arch_md = gemma_metadata(config, arch)
     elif arch in GLM4MOE_ARCHITECTURES:         # llama.cpp reads glm4moe's routing and rotary settings too
         arch_md = {**config_rope_metadata(config, partial_rotary=True), **glm4moe_metadata(config, head_dim)}
+    elif arch in GPT_OSS_ARCHITECTURES:         # its sliding-window pattern, head size and YaRN
+        arch_md = gpt_oss_metadata(config)
     else:
         arch_md = config_rope_metadata(config)
     vocab = vocab or synthetic_spm_vocab(config.vocab_size, _ARCH_CONTROL_TOKENS.get(arch, ()))
@@ -117,7 +123,7 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
         raise ValueError(f"vocab has {len(vocab['tokens'])} tokens but the model's vocab_size is {config.vocab_size}")
 
     renormalizes = arch != "qwen2moe"          # llama.cpp's qwen2moe weights the chosen experts as routed
-    if (arch in MOE_ARCHITECTURES and arch not in GLM4MOE_ARCHITECTURES     # glm4moe: expert_weights_norm says
+    if (arch in MOE_ARCHITECTURES and arch not in GLM4MOE_ARCHITECTURES + GPT_OSS_ARCHITECTURES  # their own rule
             and getattr(config, "norm_topk_prob", renormalizes) != renormalizes):
         raise ValueError(f"llama.cpp's {arch} {'renormalizes' if renormalizes else 'does not renormalize'} the "
                          f"chosen experts' weights; this model has norm_topk_prob={config.norm_topk_prob}, which it "
@@ -141,8 +147,8 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
         gguf_name = hf_to_gguf_name(hf_name, arch)
         if gguf_name is None:
             continue
-        if getattr(config, "tie_word_embeddings", False) and gguf_name == OUTPUT:
-            continue
+        if getattr(config, "tie_word_embeddings", False) and gguf_name == OUTPUT and arch not in GPT_OSS_ARCHITECTURES:
+            continue                                           # (llama.cpp's gpt-oss always reads output.weight)
         # llama.cpp's rope layout: q/k weight rows and, along its length, a q/k bias are permuted alike.
         side = qk_side(gguf_name) if model_type in PERMUTED_QK_ARCHITECTURES else ""
         heads = n_heads if side == "q" else n_kv
@@ -209,41 +215,61 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
 
 def _add_expert_stacks(tensors: dict, shapes: dict, module_name: str, experts: nn.Module, qtype: str,
                        overrides: Mapping[str, Optional[str]]) -> None:
-    """An experts module's ffn_gate_exps, ffn_up_exps and ffn_down_exps (experts x rows x columns): an
-    OffloadedExperts' own bytes (each expert's gate_up rows split into its gate and up rows), or a float
-    module's stacks quantized like any matrix (in a block format even when ``qtype`` is a float type:
-    load_gguf_model reads expert stacks only quantized)."""
+    """An experts module's ffn_gate_exps, ffn_up_exps and ffn_down_exps (experts x rows x columns), and for one
+    with biases (gpt-oss) their .bias tensors (experts x rows, f32): an OffloadedExperts' own bytes (each expert's
+    gate_up rows split into its gate and up rows), or a float module's stacks quantized like any matrix (in a
+    block format even when ``qtype`` is a float type: load_gguf_model reads expert stacks only quantized)."""
     m = re.match(r"^model\.layers\.(\d+)\.mlp\.experts$", module_name)
-    if m is None or not experts.has_gate or experts.is_transposed:
-        raise ValueError(f"{module_name}: only model.layers.N.mlp.experts modules with concatenated gate and up "
-                         f"rows (E, 2 * I, H) can be written as GGUF expert stacks")
+    if m is None or not experts.has_gate:
+        raise ValueError(f"{module_name}: only model.layers.N.mlp.experts modules with gate and up rows can be "
+                         f"written as GGUF expert stacks")
     blk = f"blk.{m.group(1)}"
+    interleaved = not getattr(experts, "is_concatenated", True)      # gpt-oss: gate row i, then up row i
     if isinstance(experts, OffloadedExperts):
         gate_up = experts.gate_up_proj.quantized_weight()
         down = experts.down_proj.quantized_weight()
         e = experts.num_experts
-        half = gate_up.shape[0] // (2 * e)
-        rows = gate_up.data.view(e, 2, half, gate_up.row_bytes)
-        for part, j in (("gate", 0), ("up", 1)):
+        gate, up = _split_gate_up(gate_up.data.view(e, gate_up.shape[0] // e, gate_up.row_bytes), interleaved)
+        half = gate.shape[1]
+        for part, rows in (("gate", gate), ("up", up)):
             name = f"{blk}.ffn_{part}_exps.weight"
-            tensors[name] = QuantizedTensor(rows[:, j].contiguous().view(e * half, -1), gate_up.spec,
-                                            (e * half, gate_up.shape[1]))
+            tensors[name] = QuantizedTensor(rows.reshape(e * half, -1), gate_up.spec, (e * half, gate_up.shape[1]))
             shapes[name] = (e, half, gate_up.shape[1])
         tensors[f"{blk}.ffn_down_exps.weight"] = down
         shapes[f"{blk}.ffn_down_exps.weight"] = (e, down.shape[0] // e, down.shape[1])
-        return
-    e, two_i, h = projection_shape(experts, "gate_up_proj")
-    w = experts.gate_up_proj.detach().float().cpu().view(e, 2, two_i // 2, h)
-    stacks = {"gate": w[:, 0], "up": w[:, 1], "down": experts.down_proj.detach().float().cpu()}
-    for part, stack in stacks.items():
-        name = f"{blk}.ffn_{part}_exps.weight"
-        q = _choose_qtype(name, stack.shape[-1], qtype, overrides)
-        if q is None or q in _FLOAT_TYPES:
-            raise ValueError(f"{name}: expert stacks are written in a block format (load_gguf_model reads them "
-                             f"only quantized), got {q or 'f16'}; give a qtype_overrides entry for "
-                             f"'*_exps.weight'")
-        tensors[name] = quantize(stack.reshape(-1, stack.shape[-1]), q)
-        shapes[name] = tuple(stack.shape)
+        biases = {name: getattr(experts, name).bias for name in ("gate_up_proj", "down_proj")}
+    else:
+        e, two_i, h = projection_shape(experts, "gate_up_proj")
+        w = torch.stack([expert_weight(experts, "gate_up_proj", i) for i in range(e)]).float().cpu()
+        gate, up = _split_gate_up(w, interleaved)
+        down = torch.stack([expert_weight(experts, "down_proj", i) for i in range(e)]).float().cpu()
+        for part, stack in {"gate": gate, "up": up, "down": down}.items():
+            name = f"{blk}.ffn_{part}_exps.weight"
+            q = _choose_qtype(name, stack.shape[-1], qtype, overrides)
+            if q is None or q in _FLOAT_TYPES:
+                raise ValueError(f"{name}: expert stacks are written in a block format (load_gguf_model reads them "
+                                 f"only quantized), got {q or 'f16'}; give a qtype_overrides entry for "
+                                 f"'*_exps.weight'")
+            tensors[name] = quantize(stack.reshape(-1, stack.shape[-1]), q)
+            shapes[name] = tuple(stack.shape)
+        biases = {name: experts._parameters.get(f"{name}_bias") if experts.has_bias else None
+                  for name in ("gate_up_proj", "down_proj")}
+    if experts.has_bias:
+        gate_up_b, down_b = (biases[n].detach().float().cpu().reshape(e, -1) for n in ("gate_up_proj", "down_proj"))
+        gate_b, up_b = _split_gate_up(gate_up_b.unsqueeze(-1), interleaved)
+        for part, b in (("gate", gate_b.squeeze(-1)), ("up", up_b.squeeze(-1)), ("down", down_b)):
+            tensors[f"{blk}.ffn_{part}_exps.bias"] = b.contiguous()
+
+
+def _split_gate_up(rows: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up), each (experts, rows / 2, ...), from (experts, rows, ...) gate_up rows: all gate rows then all up
+    rows per expert, or, ``interleaved``, alternating (gguf_model._join_gate_up's inverse)."""
+    e, two_i = rows.shape[:2]
+    if interleaved:
+        pairs = rows.reshape(e, two_i // 2, 2, *rows.shape[2:])
+        return pairs[:, :, 0].contiguous(), pairs[:, :, 1].contiguous()
+    halves = rows.reshape(e, 2, two_i // 2, *rows.shape[2:])
+    return halves[:, 0].contiguous(), halves[:, 1].contiguous()
 
 
 def _check_qtypes(qtype, mix, qtype_overrides) -> dict[str, Optional[str]]:

@@ -21,9 +21,10 @@ from ..layers import OffloadedExperts, OffloadedLinear
 from ..layers.offloaded_experts import is_experts_module, projection_shape
 from .gemma import configure_gemma
 from .glm4moe import glm4moe_config
+from .gpt_oss import gpt_oss_config
 from .gguf_rope import read_rope_scaling, require_rope_parameters
-from .gguf_names import (GEMMA_ARCHITECTURES, GLM4MOE_ARCHITECTURES, SLIDING_WINDOW_ARCHITECTURES,
-                         SUPPORTED_ARCHITECTURES, Target, gguf_targets)
+from .gguf_names import (GEMMA_ARCHITECTURES, GLM4MOE_ARCHITECTURES, GPT_OSS_ARCHITECTURES,
+                         SLIDING_WINDOW_ARCHITECTURES, SUPPORTED_ARCHITECTURES, Target, gguf_targets)
 from .offload import _on_demand_modules, _report, apply_placement, check_device, check_experts, check_num_slots
 from .planner import (BudgetError, LinearSpec, Placement, default_budget, parse_bytes, plan_placement,
                       plan_with_expert_cache)
@@ -65,6 +66,11 @@ def _hf_config(f: GGUFFile):
         _set_head_dim(f, config)
         _set_pad_token(f, config)
         _set_rope_scaling(f, config)
+        return config
+    if f.architecture in GPT_OSS_ARCHITECTURES:         # its rope and layer pattern are read by gpt_oss_config
+        config = gpt_oss_config(f)
+        _set_head_dim(f, config)
+        _set_pad_token(f, config)
         return config
     try:
         parsed = load_gguf_checkpoint(str(f.path), return_tensors=False)
@@ -228,7 +234,7 @@ def _validate(f: GGUFFile, targets: dict[str, Target], model: nn.Module, config)
             if not isinstance(lin, nn.Linear):
                 raise GGUFError(_no_such_module(f, name, target, config))
             expected = (lin.out_features, lin.in_features) if target.kind == "linear" else (lin.out_features,)
-        elif target.kind in ("embedding", "norm", "router"):
+        elif target.kind in ("embedding", "norm", "router", "sinks"):
             if target.hf_name not in params:
                 raise GGUFError(_no_such_module(f, name, target, config))
             expected = tuple(params[target.hf_name].shape)
@@ -252,6 +258,13 @@ def _validate(f: GGUFFile, targets: dict[str, Target], model: nn.Module, config)
                                 f"transformers' use_experts_implementation flags (transformers 5 has them)")
             e, rows, cols = projection_shape(experts, "gate_up_proj" if target.part != "down" else "down_proj")
             expected = (e, rows // 2, cols) if target.part != "down" else (e, rows, cols)
+        elif target.kind == "experts_bias":    # gpt-oss: (experts, rows) biases of one stack
+            experts = modules.get(target.hf_name)
+            if experts is None or not is_experts_module(experts) or not experts.has_bias:
+                raise GGUFError(f"{f.path}: tensor {name!r} is an expert stack's bias, but {target.hf_name} is not "
+                                f"an experts module with biases")
+            e, rows, _ = projection_shape(experts, "gate_up_proj" if target.part != "down" else "down_proj")
+            expected = (e, rows // 2) if target.part != "down" else (e, rows)
         else:                                   # rope_freqs: one factor per rotary frequency
             inv = getattr(modules.get(target.hf_name), "inv_freq", None)
             if inv is None:
@@ -299,8 +312,8 @@ def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | Non
     """Build a transformers causal LM from a llama.cpp GGUF file, linears over the file's quantized bytes.
 
     Architectures: llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3 (text), and the mixture-of-experts
-    qwen2moe, qwen3moe, glm4moe (GLM-4.5, GLM-4.5-Air: model/glm4moe.py) and Mixtral (a llama file with
-    ``llama.expert_count``), whose experts become
+    qwen2moe, qwen3moe, glm4moe (GLM-4.5, GLM-4.5-Air: model/glm4moe.py), gpt-oss (gpt-oss-20b, gpt-oss-120b:
+    model/gpt_oss.py) and Mixtral (a llama file with ``llama.expert_count``), whose experts become
     :class:`~offload_kernels.OffloadedExperts` over the file's expert stacks. Layers within ``gpu_budget``
     (bytes or "20GiB"; None: as for :func:`offload`, the free device memory less a margin) stay resident on
     the device, the rest stream through the transfer engine; ``experts="on_demand"`` copies a MoE file's
@@ -361,6 +374,7 @@ def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report,
     missing_experts = [n for n, m in model.named_modules() if is_experts_module(m) and n not in plan.experts]
     if missing_experts:
         raise GGUFError(f"{f.path}: missing expert weights (ffn_*_exps) for {', '.join(missing_experts[:8])}")
+    _check_expert_biases(f, model, plan.experts)
     missing_params = [n for n in params if n not in covered and n.rpartition(".")[0] not in expected_linears
                       and n.rpartition(".")[0] not in plan.experts]
     missing_bias = [n for n in params if n.endswith(".bias") and n.rpartition(".")[0] in expected_linears
@@ -405,25 +419,17 @@ def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report,
         if isinstance(new, OffloadedLinear):
             layers[hf] = new
     for hf, parts in plan.experts.items():
-        # gate_up_proj: each expert's gate rows, then its up rows (one host copy of those two stacks);
-        # down_proj: a view of the file's bytes.
-        gate, up, down = (f.tensor(parts[p]) for p in ("gate", "up", "down"))
-        e = f.info(parts["gate"]).shape[0]
-        gate_up = torch.cat([gate.data.view(e, -1, gate.row_bytes), up.data.view(e, -1, up.row_bytes)], dim=1)
-        projections = {
-            "gate_up_proj": OffloadedLinear.from_quantized(QuantizedTensor(
-                gate_up.view(-1, gate.row_bytes), gate.spec, (2 * gate.shape[0], gate.shape[1]))),
-            "down_proj": OffloadedLinear.from_quantized(down),
-        }
+        original = model.get_submodule(hf)
+        projections = _expert_projections(f, parts, original)
         parent, _, attr = hf.rpartition(".")
-        setattr(model.get_submodule(parent), attr, OffloadedExperts(model.get_submodule(hf), projections))
+        setattr(model.get_submodule(parent), attr, OffloadedExperts(original, projections))
         for proj, layer in projections.items():
             layers[f"{hf}.{proj}"] = layer
     for name, target in targets.items():
         if target.kind == "norm" and arch in GEMMA_ARCHITECTURES:
             # the file holds 1 + w (gguf_names.GEMMA_ARCHITECTURES); exact when the gain lies in [0.5, 2]
             _set_parameter(model, target.hf_name, (_dense(f, name, torch.float32) - 1.0).to(dtype))
-        elif target.kind in ("embedding", "norm", "router"):
+        elif target.kind in ("embedding", "norm", "router", "sinks"):
             _set_parameter(model, target.hf_name, _dense(f, name, dtype))
         elif target.kind == "gate_vector":
             _set_parameter(model, target.hf_name + ".weight", _dense(f, name, dtype).reshape(1, -1))
@@ -447,6 +453,48 @@ def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report,
                      (1, 8, 64, 512))
     report.experts = list(plan.experts)
     return (model, report) if return_report else model
+
+
+def _check_expert_biases(f: GGUFFile, model: nn.Module, experts: dict[str, dict[str, str]]) -> None:
+    """Every stack's bias for experts modules that have biases (gpt-oss): without them the layer would be built
+    wrong, not fail."""
+    for hf, parts in experts.items():
+        if not getattr(model.get_submodule(hf), "has_bias", False):
+            continue
+        missing = [parts[p].replace(".weight", ".bias") for p in ("gate", "up", "down") if f"{p}_bias" not in parts]
+        if missing:
+            raise GGUFError(f"{f.path}: missing tensors for {hf}'s biases: {', '.join(missing)}")
+
+
+def _expert_projections(f: GGUFFile, parts: dict[str, str], original: nn.Module) -> dict[str, OffloadedLinear]:
+    """An experts module's gate_up_proj and down_proj over the file's stacks (and their biases, if it has them).
+
+    gate_up_proj joins each expert's gate and up rows as the module's class keeps them: concatenated (gate rows,
+    then up rows) or, where ``is_concatenated`` is False (gpt-oss), interleaved (gate row i, then up row i).
+    Whole rows move, so this is one host copy of the two stacks whatever their block format; down_proj is a
+    view of the file's bytes.
+    """
+    gate, up, down = (f.tensor(parts[p]) for p in ("gate", "up", "down"))
+    e = f.info(parts["gate"]).shape[0]
+    interleaved = not getattr(original, "is_concatenated", True)
+    gate_up = _join_gate_up(gate.data.view(e, -1, gate.row_bytes), up.data.view(e, -1, up.row_bytes), interleaved)
+    biases = {"gate_up_proj": None, "down_proj": None}
+    if original.has_bias:
+        dtype = original.gate_up_proj_bias.dtype
+        gate_b, up_b = (_dense(f, parts[f"{p}_bias"], dtype).unsqueeze(-1) for p in ("gate", "up"))
+        biases = {"gate_up_proj": _join_gate_up(gate_b, up_b, interleaved).reshape(-1),
+                  "down_proj": _dense(f, parts["down_bias"], dtype).reshape(-1)}
+    return {"gate_up_proj": OffloadedLinear.from_quantized(QuantizedTensor(
+                gate_up.reshape(-1, gate.row_bytes), gate.spec, (2 * gate.shape[0], gate.shape[1])),
+                biases["gate_up_proj"]),
+            "down_proj": OffloadedLinear.from_quantized(down, biases["down_proj"])}
+
+
+def _join_gate_up(gate: torch.Tensor, up: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """(experts, 2 * rows, ...) from two (experts, rows, ...) stacks: per expert all gate rows then all up rows,
+    or, ``interleaved``, gate row i then up row i."""
+    joined = torch.stack([gate, up], dim=2 if interleaved else 1)
+    return joined.reshape(gate.shape[0], 2 * gate.shape[1], *gate.shape[2:])
 
 
 def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:

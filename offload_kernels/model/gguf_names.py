@@ -1,6 +1,6 @@
 """GGUF <-> transformers names for the llama-family architectures (llama, mistral, qwen2, qwen3, phi3), Gemma 2
 and 3 (gemma2, gemma3) and the mixture-of-experts Qwen2-MoE (qwen2moe), Qwen3-MoE (qwen3moe), Mixtral (llama
-with experts) and GLM-4.5 (glm4moe): one table for loading and saving.
+with experts), GLM-4.5 (glm4moe) and OpenAI gpt-oss (gpt-oss): one table for loading and saving.
 
 llama.cpp names tensors ``blk.N.attn_q.weight``; transformers names the same weight
 ``model.layers.N.self_attn.q_proj.weight``. Both directions come from the tables below so the loader
@@ -17,12 +17,12 @@ from typing import Optional
 from ..formats.gguf_io import GGUFError, GGUFFile
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "qwen2moe", "qwen3moe",
-                           "glm4moe")
+                           "glm4moe", "gpt-oss")
 # Mixture-of-experts architectures: every block's feed-forward is a router (ffn_gate_inp) and three 3-D expert
 # stacks (ffn_gate_exps, ffn_up_exps, ffn_down_exps: experts x rows x columns), which become one transformers
 # experts module (gate and up rows concatenated per expert, as its gate_up_proj holds them). A llama file with
 # llama.expert_count > 0 is a Mixtral (transformers' mixtral).
-MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe", "llama", "glm4moe")
+MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe", "llama", "glm4moe", "gpt-oss")
 # glm4moe (GLM-4.5, GLM-4.5-Air): the first leading_dense_block_count blocks keep a dense MLP; the others route
 # with a sigmoid score plus a per-expert selection bias (exp_probs_b, transformers' e_score_correction_bias) and
 # add a shared expert (ffn_*_shexp, transformers' shared_experts, no gate). The last nextn_predict_layers blocks
@@ -30,6 +30,13 @@ MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe", "llama", "glm4moe")
 # no module for: they are skipped. q and k are rotated on their first rope.dimension_count dimensions only
 # (partial_rotary_factor), in the neox layout: no permutation.
 GLM4MOE_ARCHITECTURES = ("glm4moe",)
+# gpt-oss (gpt-oss-20b, gpt-oss-120b; llama.cpp's LLM_ARCH_OPENAI_MOE): every block is attention with biases and a
+# learned sink logit per head (attn_sinks, transformers' self_attn.sinks), then a MoE block whose router
+# (ffn_gate_inp) and three expert stacks all have biases (.bias tensors: (experts,), (experts, rows)). transformers
+# keeps gate and up rows interleaved in gate_up_proj (row 2i gate i, row 2i + 1 up i), llama.cpp separate stacks:
+# the loader interleaves rows of the file's bytes, the exporter splits them. The pre-FFN norm is llama.cpp's
+# post_attention_norm. The semantics both projects must share are in model/gpt_oss.py.
+GPT_OSS_ARCHITECTURES = ("gpt-oss",)
 # qwen2moe (Qwen1.5-MoE, Qwen2-57B-A14B) adds a shared expert to every MoE block: an MLP (ffn_*_shexp) whose
 # output a sigmoid gate (ffn_gate_inp_shexp, one row, stored 1-D) scales.
 # llama.cpp's converter permutes attn_q/attn_k rows (and the matching bias entries) for its rope layout
@@ -45,7 +52,7 @@ GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
 # text-only Gemma 3 is transformers' gemma3_text).
 HF_TO_GGUF_ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
                            "gemma2": "gemma2", "gemma3_text": "gemma3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
-                           "mixtral": "llama", "glm4_moe": "glm4moe"}
+                           "mixtral": "llama", "glm4_moe": "glm4moe", "gpt_oss": "gpt-oss"}
 
 BLOCK_LINEARS = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -88,6 +95,19 @@ GLM4MOE_BLOCK_TENSORS = {
     "ffn_down_shexp": ("mlp.shared_experts.down_proj", "linear", ""),
 }
 GLM4MOE_SELECTION_BIAS = ("exp_probs_b", "mlp.gate.e_score_correction_bias")
+GPT_OSS_BLOCK_NORMS = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm"}
+# gpt-oss block tensors beyond the attention linears: GGUF (name, weight|bias) -> (path, kind, part)
+GPT_OSS_BLOCK_TENSORS = {
+    ("attn_sinks", "weight"): ("self_attn.sinks", "sinks", ""),
+    ("ffn_gate_inp", "weight"): ("mlp.router.weight", "router", ""),
+    ("ffn_gate_inp", "bias"): ("mlp.router.bias", "router", ""),
+    **{(f"ffn_{part}_exps", what): ("mlp.experts", "experts" if what == "weight" else "experts_bias", part)
+       for part in ("gate", "up", "down") for what in ("weight", "bias")},
+}
+_GPT_OSS_ATTENTION = ("attn_q", "attn_k", "attn_v", "attn_output")
+_HF_GPT_OSS_TENSORS = {path: f"{short}.{what}" for (short, what), (path, kind, _) in GPT_OSS_BLOCK_TENSORS.items()
+                       if kind not in ("experts", "experts_bias")}
+_HF_GPT_OSS_BLOCK_NORMS = {hf: g for g, hf in GPT_OSS_BLOCK_NORMS.items()}
 _HF_SHARED_EXPERT = {"mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
                      "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
 _HF_GLM4MOE_SHARED = {path: g for g, (path, _, _) in GLM4MOE_BLOCK_TENSORS.items()}
@@ -99,6 +119,7 @@ _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 _BLOCK_TENSOR_ANY = re.compile(r"^blk\.(\d+)\.")           # any block tensor, nextn.* included
 _HF_BLOCK_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _HF_SELECTION_BIAS = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.e_score_correction_bias$")
+_HF_GPT_OSS_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.sinks|mlp\.router\.(?:weight|bias))$")
 
 EMBEDDING = "token_embd.weight"
 OUTPUT = "output.weight"                 # absent when lm_head is tied to the embedding
@@ -113,15 +134,18 @@ class Target:
     hf_name: str      # a module ("model.layers.3.self_attn.q_proj") for linears, their biases and expert
                       # stacks, else a parameter path
     kind: str         # "linear", "linear_bias", "embedding", "norm", "rope_freqs", "router", "experts",
-                      # "gate_vector" (a one-row linear stored 1-D), "router_bias" (a float32 buffer)
+                      # "gate_vector" (a one-row linear stored 1-D), "router_bias" (a float32 buffer),
+                      # "sinks" (gpt-oss's attention sink logits), "experts_bias" (an expert stack's biases)
     qk: str = ""      # "q"/"k": rows (weight) or entries (bias) permuted by llama.cpp's converter for rope
-    part: str = ""    # experts: which stack ("gate", "up", "down")
+    part: str = ""    # experts, experts_bias: which stack ("gate", "up", "down")
 
 
 def block_norms(arch: str) -> dict[str, str]:
     """GGUF block norm name -> transformers module path (relative to the block) for ``arch``."""
     if arch in GLM4MOE_ARCHITECTURES:
         return GLM4MOE_BLOCK_NORMS
+    if arch in GPT_OSS_ARCHITECTURES:
+        return GPT_OSS_BLOCK_NORMS
     return GEMMA_BLOCK_NORMS if arch in GEMMA_ARCHITECTURES else BLOCK_NORMS
 
 
@@ -143,6 +167,8 @@ def gguf_target(name: str, arch: str) -> Optional[Target]:
     norms = block_norms(arch)
     if short in norms and what == "weight":
         return Target(prefix + norms[short] + ".weight", "norm")
+    if arch in GPT_OSS_ARCHITECTURES:
+        return _gpt_oss_target(prefix, short, what)
     if arch in GLM4MOE_ARCHITECTURES:
         if short in GLM4MOE_BLOCK_TENSORS and what == "weight":
             path, kind, part = GLM4MOE_BLOCK_TENSORS[short]
@@ -156,6 +182,17 @@ def gguf_target(name: str, arch: str) -> Optional[Target]:
     if short in linears:
         qk = short[-1] if arch in PERMUTED_QK_ARCHITECTURES and short in ("attn_q", "attn_k") else ""
         return Target(prefix + linears[short], "linear" if what == "weight" else "linear_bias", qk)
+    return None
+
+
+def _gpt_oss_target(prefix: str, short: str, what: str) -> Optional[Target]:
+    """A gpt-oss block tensor's destination: the attention linears (no rope permutation: llama.cpp computes
+    gpt-oss in the neox layout) and GPT_OSS_BLOCK_TENSORS; anything else is not one of its tensors."""
+    if short in _GPT_OSS_ATTENTION:
+        return Target(prefix + BLOCK_LINEARS[short], "linear" if what == "weight" else "linear_bias")
+    if (short, what) in GPT_OSS_BLOCK_TENSORS:
+        path, kind, part = GPT_OSS_BLOCK_TENSORS[short, what]
+        return Target(prefix + path, kind, part=part)
     return None
 
 
@@ -214,6 +251,9 @@ def hf_to_gguf_name(hf_name: str, arch: str = "llama") -> Optional[str]:
     m = _HF_SELECTION_BIAS.match(hf_name)
     if m and arch in GLM4MOE_ARCHITECTURES:
         return f"blk.{m.group(1)}.{GLM4MOE_SELECTION_BIAS[0]}.bias"
+    m = _HF_GPT_OSS_TENSOR.match(hf_name)
+    if m and arch in GPT_OSS_ARCHITECTURES:
+        return f"blk.{m.group(1)}.{_HF_GPT_OSS_TENSORS[m.group(2)]}"
     m = _HF_BLOCK_TENSOR.match(hf_name)
     if not m:
         return None
@@ -227,6 +267,7 @@ def hf_to_gguf_name(hf_name: str, arch: str = "llama") -> Optional[str]:
     if arch in GLM4MOE_ARCHITECTURES and rest in _HF_GLM4MOE_SHARED and what == "weight":
         return f"blk.{i}.{_HF_GLM4MOE_SHARED[rest]}.weight"
     hf_norms = (_HF_GLM4MOE_BLOCK_NORMS if arch in GLM4MOE_ARCHITECTURES
+                else _HF_GPT_OSS_BLOCK_NORMS if arch in GPT_OSS_ARCHITECTURES
                 else _HF_GEMMA_BLOCK_NORMS if arch in GEMMA_ARCHITECTURES else _HF_BLOCK_NORMS)
     if rest in hf_norms and what == "weight":
         return f"blk.{i}.{hf_norms[rest]}.weight"

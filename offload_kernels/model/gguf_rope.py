@@ -35,6 +35,14 @@ def metadata_number(f: GGUFFile, key: str, nonnegative: bool = False) -> Optiona
     return float(value)
 
 
+def metadata_positive_int(f: GGUFFile, key: str, default: Optional[int] = None) -> int:
+    """Metadata ``key`` of ``f`` (``default`` when absent), a GGUFError naming it unless a positive integer."""
+    value = f.metadata.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise GGUFError(f"{f.path}: metadata {key} must be a positive integer, got {value!r}")
+    return value
+
+
 def read_rope_scaling(f: GGUFFile) -> Optional[dict]:
     """The transformers rope parameters (without rope_theta) for the scaling ``f`` declares; None for none."""
     arch = f.architecture

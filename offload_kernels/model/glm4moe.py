@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from ..formats.gguf_io import GGUFError, GGUFFile
 from .gguf_names import EMBEDDING, prediction_layers
+from .gguf_rope import metadata_positive_int
 from .shapes import expert_used_count
 
 ARCH = "glm4moe"
@@ -37,10 +38,7 @@ def glm4moe_config(f: GGUFFile):
     md = f.metadata
 
     def positive(key: str, default=None) -> int:
-        value = md.get(f"{ARCH}.{key}", default)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise GGUFError(f"{f.path}: metadata {ARCH}.{key} must be a positive integer, got {value!r}")
-        return value
+        return metadata_positive_int(f, f"{ARCH}.{key}", default)
 
     def number(key: str, default: float) -> float:
         value = md.get(f"{ARCH}.{key}", default)

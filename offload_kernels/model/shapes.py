@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
-from ..formats import QTYPES, get_spec
+from ..formats import LLAMA_QUANTIZE_FALLBACKS, QTYPES, get_spec
 from ..formats.gguf_io import GGUFError, GGUFFile
 from .gguf_names import EMBEDDING, Target, gguf_targets
 from .planner import LinearSpec
@@ -69,13 +69,19 @@ PRESETS: dict[str, LlamaShape] = {
                               expert_intermediate=1408, arch="glm4_moe", shared_intermediate=1408, dense_layers=1),
     "glm-4.5": LlamaShape(5120, 12288, 92, 96, 8, 151552, head_dim=128, experts=160, experts_per_token=8,
                           expert_intermediate=1536, arch="glm4_moe", shared_intermediate=1536, dense_layers=3),
+    # gpt-oss: every block MoE, 4 experts of 2880 x 2880 per token; 2880 is no multiple of 256, so k-quant
+    # formats fall back as llama-quantize's do (q4_k -> q5_0, ...; the published files keep the experts in MXFP4)
+    "gpt-oss-20b": LlamaShape(2880, 2880, 24, 64, 8, 201088, head_dim=64, experts=32, experts_per_token=4,
+                              expert_intermediate=2880, arch="gpt_oss"),
+    "gpt-oss-120b": LlamaShape(2880, 2880, 36, 64, 8, 201088, head_dim=64, experts=128, experts_per_token=4,
+                               expert_intermediate=2880, arch="gpt_oss"),
 }
 
 
 def transformers_config(shape: LlamaShape, layers: "int | None" = None, vocab: "int | None" = None,
                         max_positions: int = 8192):
-    """The transformers config of a model of ``shape`` (its ``arch``: llama, mixtral, qwen3_moe or glm4_moe),
-    untied embeddings, optionally fewer ``layers`` or another ``vocab``."""
+    """The transformers config of a model of ``shape`` (its ``arch``: llama, mixtral, qwen3_moe, glm4_moe or
+    gpt_oss), untied embeddings, optionally fewer ``layers`` or another ``vocab``."""
     from transformers import AutoConfig
 
     extra = {"head_dim": shape.head_dim} if shape.head_dim else {}
@@ -89,6 +95,8 @@ def transformers_config(shape: LlamaShape, layers: "int | None" = None, vocab: "
                      moe_intermediate_size=shape.expert_intermediate, norm_topk_prob=True,
                      n_shared_experts=max(1, shape.shared_intermediate // shape.expert_intermediate),
                      first_k_dense_replace=shape.dense_layers)
+    elif shape.arch == "gpt_oss":          # its experts' width is intermediate_size
+        extra.update(num_local_experts=shape.experts, num_experts_per_tok=shape.experts_per_token)
     return AutoConfig.for_model(
         shape.arch, vocab_size=vocab or shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
         num_hidden_layers=layers or shape.layers, num_attention_heads=shape.heads,
@@ -105,7 +113,9 @@ class ModelInventory:
 
 def llama_inventory(shape: LlamaShape, qtype: str = "q4_k", lm_head_qtype: str | None = "q6_k",
                     name: str = "model") -> ModelInventory:
-    """Linears of a llama-family model quantized to ``qtype`` (lm_head to ``lm_head_qtype``, None = fp16)."""
+    """Linears of a llama-family model quantized to ``qtype`` (lm_head to ``lm_head_qtype``, None = fp16); a
+    linear whose rows that format's blocks cannot tile takes llama-quantize's fallback (LLAMA_QUANTIZE_FALLBACKS,
+    as save_gguf does), else stays fp16."""
     get_spec(qtype)
     h, q, kv, f = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
     e, k_used, w = shape.experts, shape.experts_per_token, shape.expert_intermediate
@@ -130,9 +140,19 @@ def llama_inventory(shape: LlamaShape, qtype: str = "q4_k", lm_head_qtype: str |
         for short, n, k in (("mlp.gate_proj", f, h), ("mlp.up_proj", f, h), ("mlp.down_proj", h, f)):
             linears.append(LinearSpec(f"{g}.{short}", n, k, qtype, g))
     linears.append(LinearSpec("lm_head", shape.vocab, h, lm_head_qtype, ""))
+    linears = [replace(lin, qtype=_tiling_format(lin.qtype, lin.in_features)) for lin in linears]
     moe_layers = shape.layers - shape.dense_layers if e else 0
     fixed = 2 * (shape.vocab * h + (2 * shape.layers + 1) * h + moe_layers * e * h)    # routers: E x H each
     return ModelInventory(name, linears, fixed)
+
+
+def _tiling_format(qtype: str | None, in_features: int) -> str | None:
+    """``qtype`` if its blocks tile rows of ``in_features`` weights, else llama-quantize's fallback if that does,
+    else None (kept fp16)."""
+    for q in (qtype, LLAMA_QUANTIZE_FALLBACKS.get(qtype or "")):
+        if q is not None and in_features % get_spec(q).block_size == 0:
+            return q
+    return None
 
 
 @dataclass(frozen=True)
@@ -144,6 +164,7 @@ class GGUFLinearPlan:
     fixed_bytes: int              # always on the device: embeddings, norms, biases, float linears
     tied: bool                    # no output.weight: lm_head is a linear over token_embd.weight
     experts: dict[str, dict[str, str]] = field(default_factory=dict)  # experts module -> {part: GGUF tensor}
+    #                                     (parts "gate", "up", "down", and "gate_bias", ... where the file has them)
 
 
 _FLOAT_LINEAR_TYPES = ("F32", "F16", "BF16")
@@ -174,11 +195,15 @@ def gguf_linear_plan(f: GGUFFile, targets: "Mapping[str, Target]", elem_bytes: i
         else:
             raise GGUFError(unsupported_type_message(f, info))
     fixed += sum(_numel(f.info(name).shape) * elem_bytes for name, t in targets.items()
-                 if t.kind in ("embedding", "norm", "linear_bias", "router", "gate_vector", "router_bias"))
+                 if t.kind in ("embedding", "norm", "linear_bias", "router", "gate_vector", "router_bias", "sinks",
+                               "experts_bias"))
     experts: dict[str, dict[str, str]] = {}
     for name, t in targets.items():
         if t.kind == "experts":
             experts.setdefault(t.hf_name, {})[t.part] = name
+    for name, t in targets.items():        # gpt-oss: each stack's biases, as "gate_bias", "up_bias", "down_bias"
+        if t.kind == "experts_bias" and t.hf_name in experts:
+            experts[t.hf_name][f"{t.part}_bias"] = name
     for hf, parts in experts.items():
         specs.extend(_expert_specs(f, hf, parts))
     return GGUFLinearPlan(sources, specs, fixed, tied, experts)
@@ -186,7 +211,7 @@ def gguf_linear_plan(f: GGUFFile, targets: "Mapping[str, Target]", elem_bytes: i
 
 def _expert_specs(f: GGUFFile, hf: str, parts: Mapping[str, str]) -> list[LinearSpec]:
     """The two stacked projections an experts module's GGUF tensors become: gate_up_proj (each expert's gate
-    rows, then its up rows, so gate and up must share a format) and down_proj."""
+    and up rows, so gate and up must share a format) and down_proj."""
     missing = [p for p in ("gate", "up", "down") if p not in parts]
     if missing:
         raise GGUFError(f"{f.path}: {hf} has no ffn_{missing[0]}_exps tensor (an experts module needs gate, up "

@@ -60,15 +60,19 @@ def test_run_generates_from_a_gguf_file(tmp_path, capsys):
     assert "tokens/s" in out and "generation: 4 tokens" in out
 
 
-def test_run_a_glm4moe_file_with_a_tokenizer_given(tmp_path, capsys):
-    """transformers' GGUF reader cannot build glm4moe tokenizers: without --tokenizer run says so before loading
-    the model; with one (here a directory holding a tokenizer of the same vocabulary) it generates."""
+@pytest.mark.parametrize("arch", ["glm4moe", "gpt-oss"])
+def test_run_a_moe_file_with_a_tokenizer_given(tmp_path, capsys, arch):
+    """transformers' GGUF reader cannot build glm4moe or gpt-oss tokenizers: without --tokenizer run says so before
+    loading the model; with one (here a directory holding a tokenizer of the same vocabulary) it generates."""
     from offload_kernels.model.gguf_export import save_gguf
     from offload_kernels.model.gguf_model import load_gguf_tokenizer
 
-    from ..model.test_gguf_glm4moe import tiny_glm4_moe
+    if arch == "glm4moe":
+        from ..model.test_gguf_glm4moe import tiny_glm4_moe as tiny
+    else:
+        from ..model.test_gguf_gpt_oss import tiny_gpt_oss as tiny
 
-    path = save_gguf(tiny_glm4_moe(), tmp_path / "glm.gguf", "q8_0")
+    path = save_gguf(tiny(), tmp_path / "moe.gguf", "q8_0")
     assert main(["run", str(path), "--device", "cpu", "--max-new-tokens", "2"]) == 2
     assert "pass --tokenizer" in capsys.readouterr().err
     assert main(["run", str(path), "--device", "cpu", "--tokenizer", str(tmp_path / "no_such_tokenizer")]) == 2

@@ -25,7 +25,7 @@ def test_properties_and_repr(qtype):
 
 def test_bits_per_weight_table():
     expected = {"q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5, "q5_1": 6.0, "q8_0": 8.5, "q2_k": 2.625, "q3_k": 3.4375,
-                "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625, "iq4_nl": 4.5, "iq4_xs": 4.25}
+                "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625, "iq4_nl": 4.5, "iq4_xs": 4.25, "mxfp4": 4.25}
     assert {q: get_spec(q).bits_per_weight for q in QTYPES} == expected
 
 

@@ -3,6 +3,8 @@ distributions, and the float64 reference y = x @ W.T + b on the dequantized weig
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from offload_kernels.formats import QuantizedTensor, dequantize, get_spec, quantize
@@ -14,7 +16,8 @@ TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 def random_qtensor(qtype: str, n: int, k: int, gen: torch.Generator, *, scale: float = 2e-3,
                    device: "torch.device | str" = "cpu") -> QuantizedTensor:
     """Uniformly random quant bytes (every bit pattern a block can hold) with the fp16 scale fields (d,
-    dmin) replaced by random values in [scale/10, scale] with random signs, so products stay in fp16 range."""
+    dmin) replaced by random values in [scale/10, scale] with random signs (mxfp4's exponent byte by powers of
+    two from scale/16 to scale), so products stay in fp16 range."""
     spec = get_spec(qtype)
     raw = torch.randint(0, 256, (n, spec.row_bytes(k)), dtype=torch.uint8, generator=gen)
     blocks = raw.view(-1, spec.block_bytes)
@@ -22,6 +25,9 @@ def random_qtensor(qtype: str, n: int, k: int, gen: torch.Generator, *, scale: f
         mag = scale * (0.1 + 0.9 * torch.rand(blocks.shape[0], generator=gen))
         sign = torch.where(torch.rand(blocks.shape[0], generator=gen) < 0.5, -1.0, 1.0)
         blocks[:, off:off + 2] = (mag * sign).to(torch.float16).view(torch.uint8).view(-1, 2)
+    if spec.name == "mxfp4":
+        top = 128 + math.floor(math.log2(scale))                 # d = 2**(e - 128) <= scale
+        blocks[:, 0] = torch.randint(top - 4, top + 1, (blocks.shape[0],), dtype=torch.uint8, generator=gen)
     return QuantizedTensor(raw.to(device), spec, (n, k))
 
 

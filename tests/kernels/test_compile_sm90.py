@@ -37,14 +37,19 @@ def test_kernels_compile_for_sm90_without_fma_in_dequant():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"      # Triton 3.9 warns when unset; the kernels do not depend on it
     proc = subprocess.run([sys.executable, "-m", "tests.kernels.aot_compile"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 and ("GPUTarget" in proc.stderr or "ASTSource" in proc.stderr):
-        pytest.skip(f"this Triton's ahead-of-time compile API differs: {proc.stderr.strip().splitlines()[-1]}")
+    last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+    # Only an API mismatch is a skip (the exception itself names the class); a kernel that fails to compile,
+    # whose traceback passes through the same call, is a failure.
+    if proc.returncode != 0 and last.startswith(("ImportError", "TypeError", "AttributeError")) and (
+            "GPUTarget" in last or "ASTSource" in last):
+        pytest.skip(f"this Triton's ahead-of-time compile API differs: {last}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     # gemv, gemm, dequant x 3 dtypes; fp16 gemv also for 4 tokens, in layout 1 and unpipelined layout 2;
     # fp16 gemm with both weight decodes at two tile sizes (4 builds instead of 1); every dtype's gemm also
     # with swapped operands; the fp16 grouped expert GEMV, unsorted and sorted; the fp16 grouped expert GEMM
-    assert len(report["compiled"]) == len(QTYPES) * (3 * 3 + 3 + 3 + 3 + 1 + 2 + 1)
+    # (layout 3 for every format but mxfp4, which has no word-aligned blocks)
+    assert len(report["compiled"]) == len(QTYPES) * (3 * 3 + 3 + 3 + 3 + 1 + 2 + 1) - 1
     if report["dequant_ffma"]:
         assert set(report["dequant_ffma"].values()) == {0}, report["dequant_ffma"]
     # GEMV layout 2's point: no layout conversion in its loop, i.e. no barrier, shared memory or shuffle.
@@ -57,7 +62,7 @@ def test_kernels_compile_for_sm90_without_fma_in_dequant():
     # no extra moves), few instructions per weight, and no layout conversion in the loop on every Triton
     # version (gemv._WEIGHT_AXIS_FIRST).
     if report["gemv_layout2_loop_sync"]:        # the SASS could be read
-        assert set(report["gemv_layout3_loop"]) == set(QTYPES)
+        assert set(report["gemv_layout3_loop"]) == set(configs.GEMV3_ALIGNMENT) == set(QTYPES) - {"mxfp4"}
     for qtype, loop in report["gemv_layout3_loop"].items():
         assert loop["PRMT"] >= loop["weights_per_thread"], (qtype, loop)
         assert {k: loop[k] for k in ("BAR", "LDS", "STS", "SHFL")} == dict.fromkeys(("BAR", "LDS", "STS", "SHFL"), 0)

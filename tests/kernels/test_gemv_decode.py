@@ -221,8 +221,11 @@ def test_iq4_nl_word_lookup_matches_the_table():
 def test_word_loads_need_aligned_bytes(device):
     g = torch.Generator().manual_seed(3)
     for qtype in QTYPES:
-        align = 4 if qtype in ("q2_k", "q4_k", "q5_k", "iq4_xs") else 2
         qt = random_qtensor(qtype, 8, 256, g, device=device)
+        if qtype == "mxfp4":    # 17-byte blocks: every other block's quants are odd-aligned wherever it starts
+            assert not configs.gemv_word_loads(qt)
+            continue
+        align = 4 if qtype in ("q2_k", "q4_k", "q5_k", "iq4_xs") else 2
         assert configs.gemv_word_loads(qt)
         flat = torch.empty(qt.nbytes + 16, dtype=torch.uint8, device=device)
         for offset in range(1, 4):

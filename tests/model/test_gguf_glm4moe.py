@@ -4,8 +4,6 @@ the file that llama.cpp loads and never runs. transformers has no GGUF reader fo
 references are the transformers model itself (its expert stacks set to the file's dequantized bytes) and, when
 installed, llama.cpp."""
 
-import copy
-
 import pytest
 import torch
 
@@ -16,6 +14,7 @@ from offload_kernels.model.gguf_export import save_gguf
 from offload_kernels.model.gguf_model import load_gguf_model
 from offload_kernels.model.shapes import gguf_inventory
 
+from .moe_files import assert_on_demand_equals_resident, resaved, save_test_files, with_file_experts
 from .test_gguf_model import IDS, _rewrite, needs_llama_cpp, parity_quantized_and_dequantized
 
 transformers = pytest.importorskip("transformers")
@@ -61,24 +60,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def files(model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("gguf_glm4moe")
-    return {"q8_0": save_gguf(model, root / "q8_0.gguf", "q8_0"),
-            "q4_k_m": save_gguf(model, root / "q4_k_m.gguf", "q4_k", mix="q4_k_m"),
-            # everything f32 but the expert stacks (read only quantized): isolates the architecture
-            "f32": save_gguf(model, root / "f32.gguf", "f32", qtype_overrides={"*_exps.weight": "q8_0"})}
-
-
-def _with_file_experts(model, loaded):
-    """A copy of ``model`` whose expert stacks are ``loaded``'s dequantized ones (the file's bytes)."""
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for layer, ours in zip(ref.model.layers, loaded.model.layers):
-            experts = getattr(ours.mlp, "experts", None)
-            if isinstance(experts, OffloadedExperts):
-                for name in ("gate_up_proj", "down_proj"):
-                    w = torch.stack([experts.expert_weights(name, e) for e in range(EXPERTS)])
-                    getattr(layer.mlp.experts, name).copy_(w)
-    return ref
+    return save_test_files(model, tmp_path_factory.mktemp("gguf_glm4moe"))
 
 
 def test_an_f32_file_gives_the_transformers_models_logits(model, files):
@@ -99,7 +81,7 @@ def test_an_f32_file_gives_the_transformers_models_logits(model, files):
                                model.model.layers[1].mlp.gate.e_score_correction_bias, rtol=0, atol=0)
     assert loaded.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
     with torch.no_grad():
-        ours, expected = loaded(IDS).logits, _with_file_experts(model, loaded)(IDS).logits
+        ours, expected = loaded(IDS).logits, with_file_experts(model, loaded)(IDS).logits
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
@@ -117,7 +99,7 @@ def test_quantized_files_load_as_offloaded_experts(model, files, name):
     assert torch.equal(experts.gate_up_proj.weight.view(EXPERTS, 2, WIDTH, -1)[:, 0].reshape(gate.data.shape),
                        gate.data)
     with torch.no_grad():
-        ours, expected = loaded(IDS).logits, _with_file_experts(model, loaded)(IDS).logits
+        ours, expected = loaded(IDS).logits, with_file_experts(model, loaded)(IDS).logits
     # the other linears are quantized in the file: within what their formats cost
     assert float((ours - expected).abs().max()) <= 0.05 * float(expected.max() - expected.min())
     inventory = gguf_inventory(path)
@@ -126,11 +108,7 @@ def test_quantized_files_load_as_offloaded_experts(model, files, name):
 
 
 def test_saving_a_loaded_model_writes_the_same_bytes(files, tmp_path):
-    path = files["q4_k_m"]
-    loaded = load_gguf_model(path, dtype=torch.float32, device="cpu")
-    again = save_gguf(loaded, tmp_path / "again.gguf", "q4_k", mix="q4_k_m")
-    a, b = GGUFFile(path), GGUFFile(again)
-    assert set(a) == set(b)
+    a, b = resaved(files["q4_k_m"], tmp_path)
     for name in a:
         if a.info(name).is_quantized or "exp_probs_b" in name:
             assert torch.equal(b.raw_bytes(name), a.raw_bytes(name)), name
@@ -186,17 +164,12 @@ def test_qk_norm_variant(tmp_path):
     loaded = load_gguf_model(path, dtype=torch.float32, device="cpu")
     assert loaded.config.use_qk_norm
     with torch.no_grad():
-        ours, expected = loaded(IDS).logits, _with_file_experts(model, loaded)(IDS).logits
+        ours, expected = loaded(IDS).logits, with_file_experts(model, loaded)(IDS).logits
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
 def test_experts_on_demand_from_a_file(files):
-    path = files["q4_k_m"]
-    resident = load_gguf_model(path, dtype=torch.float32, device="cpu")
-    on_demand = load_gguf_model(path, dtype=torch.float32, device="cpu", gpu_budget="4MiB", experts="on_demand",
-                                expert_cache_slots=3)
-    with torch.no_grad():
-        torch.testing.assert_close(on_demand(IDS).logits, resident(IDS).logits, rtol=1e-5, atol=1e-5)
+    assert_on_demand_equals_resident(files["q4_k_m"], "4MiB", 3, IDS)
 
 
 @needs_llama_cpp

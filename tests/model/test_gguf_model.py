@@ -514,7 +514,7 @@ def test_save_gguf_checks_type_and_mix_names_first(tmp_path):
     for kwargs, match in (
             ({"mix": "q5_k_m"}, "unknown mix 'q5_k_m'; valid mixes: q4_k_m, q3_k_m, q2_k"),
             ({"mix": "f16"}, "unknown mix 'f16'; valid mixes: q4_k_m, q3_k_m, q2_k \\(plain types go in qtype: "),
-            ({"qtype": "iq2_xxs"}, "unknown qtype 'iq2_xxs'; valid: q4_0, .*q6_k, iq4_xs, f32, f16"),
+            ({"qtype": "iq2_xxs"}, "unknown qtype 'iq2_xxs'; valid: q4_0, .*q6_k, iq4_xs, mxfp4, f32, f16"),
             ({"qtype_overrides": {"*.attn_v.weight": "q7"}}, r"qtype_overrides\['\*.attn_v.weight'\]: unknown")):
         with pytest.raises(ValueError, match=match):
             save_gguf(None, tmp_path / "m.gguf", **kwargs)

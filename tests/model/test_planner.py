@@ -296,3 +296,18 @@ def test_impossible_moe_shapes_are_refused(moe, match):
 
     with pytest.raises(ValueError, match=match):
         llama_inventory(LlamaShape(512, 1024, 2, 8, 4, 1000, **moe), "q4_k")
+
+
+@pytest.mark.parametrize("preset, total, active", [("gpt-oss-20b", 21e9, 3.6e9), ("gpt-oss-120b", 117e9, 5.1e9)])
+def test_gpt_oss_inventories_match_published_sizes(preset, total, active):
+    """gpt-oss: every block MoE (32 / 128 experts of 2880 x 2880, 4 used); the published totals and active parameters
+    per token (which count lm_head but not the embedding) within 1%. Its 2880-wide rows are no multiple of 256: a
+    q4_k inventory takes llama-quantize's fallback there (q5_0), as save_gguf does, and q6_k's lm_head takes q8_0."""
+    shape = PRESETS[preset]
+    inv = llama_inventory(shape, "q4_k")
+    params = sum(lin.params for lin in inv.linears) + shape.vocab * shape.hidden
+    used = sum(lin.params * lin.active_fraction for lin in inv.linears)
+    assert abs(params / total - 1) < 0.01 and abs(used / active - 1) < 0.01
+    formats = {lin.name: lin.qtype for lin in inv.linears}
+    assert formats["model.layers.0.mlp.experts.gate_up_proj"] == formats["model.layers.0.self_attn.q_proj"] == "q5_0"
+    assert formats["model.layers.0.self_attn.o_proj"] == "q4_k" and formats["lm_head"] == "q8_0"   # o: 64 x 64 wide

@@ -28,6 +28,23 @@ from ggml_ref import GGML_TYPES, LIB_ENV, GgmlRef, find_library  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 
+def signed_zero_blocks(g: np.random.Generator, n: int) -> np.ndarray:
+    """(n, 32) all-zero blocks of +-0.0 (first half), and zeros of both signs beside a few nonzeros (second half)."""
+    x = np.where(g.random((n, 32)) < 0.5, -0.0, 0.0)
+    some = g.random((n, 32)) < 0.1
+    x[n // 2:][some[n // 2:]] = g.standard_normal(some[n // 2:].sum())
+    return x
+
+
+def non_finite_blocks(g: np.random.Generator, n: int) -> np.ndarray:
+    """(n, 32) standard-normal blocks with one to three NaN / +-Inf weights each."""
+    x = g.standard_normal((n, 32))
+    for b in range(n):
+        k = int(g.integers(1, 4))
+        x[b, g.choice(32, size=k, replace=False)] = g.choice([np.nan, np.inf, -np.inf], k)
+    return x
+
+
 class BlockRef:
     """ggml's quantizer and dequantizer of one type in one libggml-base.so, on (n, block_size) blocks."""
 

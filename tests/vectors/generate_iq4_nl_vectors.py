@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from block_vectors import BlockVectors  # noqa: E402
+from block_vectors import BlockVectors, non_finite_blocks, signed_zero_blocks  # noqa: E402
 
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
 
@@ -38,14 +38,6 @@ def _outliers(g, n):
 def _constant(g, n):
     v = g.standard_normal(n) * 10.0 ** g.uniform(-6, 4, n)
     return np.repeat(v[:, None], 32, axis=1)
-
-
-def _signed_zeros(g, n):
-    """All-zero blocks of +-0.0, and zeros of both signs beside a few nonzeros."""
-    x = np.where(g.random((n, 32)) < 0.5, -0.0, 0.0)
-    some = g.random((n, 32)) < 0.1
-    x[n // 2:][some[n // 2:]] = g.standard_normal(some[n // 2:].sum())
-    return x
 
 
 def _symmetric_max(g, n):
@@ -74,15 +66,6 @@ def _eps_boundary(g, n):
     return x
 
 
-def _non_finite(g, n):
-    """NaN and +-Inf among normal weights: ggml's NaN guards and best_index_int8(NaN) = 15 show here."""
-    x = g.standard_normal((n, 32))
-    for b in range(n):
-        k = int(g.integers(1, 4))
-        x[b, g.choice(32, size=k, replace=False)] = g.choice([np.nan, np.inf, -np.inf], k)
-    return x
-
-
 CASES = {
     "normal": lambda g, n: g.standard_normal((n, 32)),
     "realistic": lambda g, n: g.standard_normal((n, 32)) * np.exp(g.uniform(-6, 1, (n, 1))) * 0.02,
@@ -91,7 +74,7 @@ CASES = {
     "outliers": _outliers,
     "sparse": lambda g, n: g.standard_normal((n, 32)) * (g.random((n, 32)) < 0.1),
     "zeros": lambda g, n: np.zeros((n, 32)),
-    "signed_zeros": _signed_zeros,
+    "signed_zeros": signed_zero_blocks,
     "constant": _constant,
     "symmetric_max": _symmetric_max,
     "ties": _ties,
@@ -102,7 +85,7 @@ CASES = {
     "large_1e4": lambda g, n: g.standard_normal((n, 32)) * 1e4 * g.uniform(0.5, 2, (n, 1)),
     "fp16_scale_overflow": lambda g, n: g.standard_normal((n, 32)) * 10.0 ** g.uniform(5, 8, (n, 1)),
     "fp32_overflow_1e30": lambda g, n: g.standard_normal((n, 32)) * 1e30,
-    "non_finite": _non_finite,
+    "non_finite": non_finite_blocks,     # ggml's NaN guards and best_index_int8(NaN) = 15 show here
 }
 NON_FINITE_CASES = ("non_finite",)
 VECTORS = BlockVectors("iq4_nl", CASES, NON_FINITE_CASES, blocks_per_case=48, seed=20240620)

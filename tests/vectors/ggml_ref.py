@@ -30,6 +30,7 @@ GGML_TYPES = {
     "q6_k": (14, 256, 210),
     "iq4_nl": (20, 32, 18),
     "iq4_xs": (23, 256, 136),
+    "mxfp4": (39, 32, 17),
 }
 
 _DEQUANTIZE_SYMBOLS = {
@@ -37,7 +38,7 @@ _DEQUANTIZE_SYMBOLS = {
     "q5_1": "dequantize_row_q5_1", "q8_0": "dequantize_row_q8_0", "q2_k": "dequantize_row_q2_K",
     "q3_k": "dequantize_row_q3_K",
     "q4_k": "dequantize_row_q4_K", "q5_k": "dequantize_row_q5_K", "q6_k": "dequantize_row_q6_K",
-    "iq4_nl": "dequantize_row_iq4_nl", "iq4_xs": "dequantize_row_iq4_xs",
+    "iq4_nl": "dequantize_row_iq4_nl", "iq4_xs": "dequantize_row_iq4_xs", "mxfp4": "dequantize_row_mxfp4",
 }
 
 
