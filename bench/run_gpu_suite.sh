@@ -27,7 +27,7 @@
 #   profile             bench/profile_qmatmul.py --cprofile: host launch time vs kernel time per call  ~1-2 min
 #   bench-kernels       offload-kernels bench kernels --quick (autotuned)                         ~3-6 min
 #   bench-kernels-full  every qtype on the Llama-3-8B shapes, heuristic configs, in the time left
-#   bench-formats       the formats added after the six (q2_k, iq4_xs, iq4_nl, q4_1, q5_0, q5_1) on
+#   bench-formats       the formats added after the six (q2_k, iq4_xs, iq4_nl, q4_1, q5_0, q5_1, mxfp4) on
 #                       8192x8192 at M = 1, 2, 4, 16, 256, 4096, heuristic configs                  ~3-5 min
 #   bench-transfer      offload-kernels bench transfer                                            ~2 min
 #   bench-quantize      offload-kernels bench quantize (CPU and CUDA)                             ~1-2 min
@@ -79,7 +79,7 @@ mkdir -p "$work/logs"
 touch "$work/start-stamp"
 declare -A LIMIT=([build]=360 [test]=480 [test-all]=560 [sanitize]=480 [profile]=240 [bench-kernels]=420
                   [bench-kernels-full]=560 [bench-formats]=420 [bench-transfer]=300 [bench-quantize]=300
-                  [bench-offload]=560 [bench-offload-moe]=480 [bench-experts]=360)
+                  [bench-offload]=560 [bench-offload-moe]=480 [bench-experts]=540)
 STAGES=(build test test-all sanitize profile bench-kernels bench-kernels-full bench-formats bench-transfer bench-quantize
         bench-offload bench-offload-moe bench-experts)
 ALL=(build test sanitize profile bench-kernels bench-transfer bench-quantize bench-offload bench-offload-moe bench-experts)
@@ -192,7 +192,7 @@ run_stage() {
         --time-budget-s $(( limit > 120 ? limit - 60 : 60 )) --out "$RESULTS" ;;
     bench-formats)
       guarded "$limit" "$PY" -m offload_kernels.cli.main bench kernels --no-autotune \
-        --qtypes q2_k,iq4_xs,iq4_nl,q4_1,q5_0,q5_1 --shapes 8192x8192 --m 1,2,4,16,256,4096 \
+        --qtypes q2_k,iq4_xs,iq4_nl,q4_1,q5_0,q5_1,mxfp4 --shapes 8192x8192 --m 1,2,4,16,256,4096 \
         --time-budget-s $(( limit > 120 ? limit - 60 : 60 )) --out "$RESULTS" ;;
     bench-transfer)
       guarded "$limit" "$PY" -m offload_kernels.cli.main bench transfer --out "$RESULTS" ;;
@@ -205,8 +205,11 @@ run_stage() {
       guarded "$limit" "$PY" -m offload_kernels.cli.main bench offload --shape qwen3-30b-a3b --layers 12 --quick \
         --fractions 1,0.2 --experts-on-demand --expert-prefetch --time-budget-s $(( limit > 200 ? limit - 100 : 100 )) --out "$RESULTS" ${OFFLOAD_ARGS:-} ;;
     bench-experts)
-      guarded "$limit" "$PY" -m offload_kernels.cli.main bench experts --time-budget-s $(( limit > 200 ? limit - 100 : 100 )) \
-        --out "$RESULTS" ;;
+      # the default MoE shapes in q4_k, then gpt-oss-20b's experts in the format its files ship (mxfp4)
+      guarded $(( limit * 2 / 3 )) "$PY" -m offload_kernels.cli.main bench experts \
+        --time-budget-s $(( limit > 300 ? limit * 2 / 3 - 100 : 100 )) --out "$RESULTS"
+      guarded $(( limit / 3 )) "$PY" -m offload_kernels.cli.main bench experts --shapes gpt-oss-20b --qtype mxfp4 \
+        --time-budget-s $(( limit > 300 ? limit / 3 - 60 : 60 )) --out "$RESULTS" ;;
   esac
 }
 
