@@ -26,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from offload_kernels.model.shapes import PRESETS
 
     parser.add_argument("model", help=f"a preset ({', '.join(PRESETS)}), a .gguf file, or a config.json")
-    parser.add_argument("--qtype", default="q4_k", help="format of the linears (presets/config only)")
+    parser.add_argument("--qtype", default=None,
+                        help="format of the linears (presets/config only; default q4_k, and a preset's experts in "
+                             "their published format: gpt-oss's mxfp4)")
     parser.add_argument("--vram", default=None, help="VRAM budget for weights + staging, e.g. 24GiB")
     parser.add_argument("--hardware", choices=sorted(HARDWARE_PRESETS), default=None,
                         help="spec-sheet ceilings of a GPU (not measured)")

@@ -34,6 +34,7 @@ class LlamaShape:
     arch: str = "llama"           # the transformers model_type the benchmark builds for this shape
     shared_intermediate: int = 0  # MoE: the width of a shared expert beside the routed ones (0: none)
     dense_layers: int = 0         # MoE: the first blocks keep a dense MLP of width ``intermediate``
+    expert_qtype: str | None = None   # MoE: the format the published files keep the routed experts in, if fixed
 
     @property
     def kv_dim(self) -> int:
@@ -72,9 +73,9 @@ PRESETS: dict[str, LlamaShape] = {
     # gpt-oss: every block MoE, 4 experts of 2880 x 2880 per token; 2880 is no multiple of 256, so k-quant
     # formats fall back as llama-quantize's do (q4_k -> q5_0, ...; the published files keep the experts in MXFP4)
     "gpt-oss-20b": LlamaShape(2880, 2880, 24, 64, 8, 201088, head_dim=64, experts=32, experts_per_token=4,
-                              expert_intermediate=2880, arch="gpt_oss"),
+                              expert_intermediate=2880, arch="gpt_oss", expert_qtype="mxfp4"),
     "gpt-oss-120b": LlamaShape(2880, 2880, 36, 64, 8, 201088, head_dim=64, experts=128, experts_per_token=4,
-                               expert_intermediate=2880, arch="gpt_oss"),
+                               expert_intermediate=2880, arch="gpt_oss", expert_qtype="mxfp4"),
 }
 
 
@@ -112,11 +113,12 @@ class ModelInventory:
 
 
 def llama_inventory(shape: LlamaShape, qtype: str = "q4_k", lm_head_qtype: str | None = "q6_k",
-                    name: str = "model") -> ModelInventory:
-    """Linears of a llama-family model quantized to ``qtype`` (lm_head to ``lm_head_qtype``, None = fp16); a
-    linear whose rows that format's blocks cannot tile takes llama-quantize's fallback (LLAMA_QUANTIZE_FALLBACKS,
-    as save_gguf does), else stays fp16."""
+                    name: str = "model", expert_qtype: str | None = None) -> ModelInventory:
+    """Linears of a llama-family model quantized to ``qtype`` (lm_head to ``lm_head_qtype``, None = fp16; a MoE
+    model's routed experts to ``expert_qtype`` if given); a linear whose rows that format's blocks cannot tile
+    takes llama-quantize's fallback (LLAMA_QUANTIZE_FALLBACKS, as save_gguf does), else stays fp16."""
     get_spec(qtype)
+    expert_qtype = get_spec(expert_qtype).name if expert_qtype is not None else qtype
     h, q, kv, f = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
     e, k_used, w = shape.experts, shape.experts_per_token, shape.expert_intermediate
     if e and not (1 <= k_used <= e and w > 0):
@@ -129,8 +131,8 @@ def llama_inventory(shape: LlamaShape, qtype: str = "q4_k", lm_head_qtype: str |
             linears.append(LinearSpec(f"{g}.{short}", n, k, qtype, g))
         if e and i >= shape.dense_layers:
             moe = dict(num_experts=e, experts_per_token=k_used)
-            linears.append(LinearSpec(f"{g}.mlp.experts.gate_up_proj", e * 2 * w, h, qtype, g, **moe))
-            linears.append(LinearSpec(f"{g}.mlp.experts.down_proj", e * h, w, qtype, g, **moe))
+            linears.append(LinearSpec(f"{g}.mlp.experts.gate_up_proj", e * 2 * w, h, expert_qtype, g, **moe))
+            linears.append(LinearSpec(f"{g}.mlp.experts.down_proj", e * h, w, expert_qtype, g, **moe))
             sw = shape.shared_intermediate
             shared = "shared_experts" if shape.arch == "glm4_moe" else "shared_expert"     # transformers' names
             if sw:
@@ -302,15 +304,18 @@ def config_inventory(path: "str | os.PathLike[str]", qtype: str = "q4_k") -> Mod
     return llama_inventory(shape, qtype, name=Path(path).parent.name or "config")
 
 
-def resolve_inventory(model: str, qtype: str = "q4_k") -> ModelInventory:
-    """A preset name, a .gguf file or a config.json -> inventory."""
+def resolve_inventory(model: str, qtype: str | None = None) -> ModelInventory:
+    """A preset name, a .gguf file or a config.json -> inventory: linears in ``qtype``, by default q4_k with a
+    preset's routed experts in the format its published files keep them in (gpt-oss: mxfp4)."""
     if model in PRESETS:
-        return llama_inventory(PRESETS[model], qtype, name=model)
+        shape = PRESETS[model]
+        return llama_inventory(shape, qtype or "q4_k", name=model,
+                               expert_qtype=shape.expert_qtype if qtype is None else None)
     p = Path(model)
     if p.suffix == ".gguf":
         return gguf_inventory(p)
     if p.is_dir() and (p / "config.json").exists():
         p = p / "config.json"
     if p.suffix == ".json":
-        return config_inventory(p, qtype)
+        return config_inventory(p, qtype or "q4_k")
     raise ValueError(f"unknown model {model!r}: give a preset ({', '.join(PRESETS)}), a .gguf file or a config.json")

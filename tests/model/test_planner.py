@@ -5,7 +5,7 @@ import pytest
 from offload_kernels.model.bandwidth import Hardware
 from offload_kernels.model.planner import (BudgetError, LinearSpec, budget_for_resident_fraction, parse_bytes,
                                            plan_placement, predict_throughput)
-from offload_kernels.model.shapes import PRESETS, llama_inventory
+from offload_kernels.model.shapes import PRESETS, llama_inventory, resolve_inventory
 
 
 def blocks(n_blocks=4, layers_per_block=3, n=256, k=256, qtype="q8_0"):
@@ -311,3 +311,17 @@ def test_gpt_oss_inventories_match_published_sizes(preset, total, active):
     formats = {lin.name: lin.qtype for lin in inv.linears}
     assert formats["model.layers.0.mlp.experts.gate_up_proj"] == formats["model.layers.0.self_attn.q_proj"] == "q5_0"
     assert formats["model.layers.0.self_attn.o_proj"] == "q4_k" and formats["lm_head"] == "q8_0"   # o: 64 x 64 wide
+
+
+def test_gpt_oss_presets_plan_their_experts_in_mxfp4_unless_told_otherwise():
+    """resolve_inventory (what `plan` reads): a preset's experts in the format its published files keep them in
+    (gpt-oss: mxfp4, 17 bytes per 32 weights) unless a qtype is given, which then applies to every linear."""
+    default, told = resolve_inventory("gpt-oss-120b"), resolve_inventory("gpt-oss-120b", "q8_0")
+    experts = "model.layers.0.mlp.experts.gate_up_proj"
+    by_name = {lin.name: lin for lin in default.linears}
+    assert by_name[experts].qtype == "mxfp4" and by_name["model.layers.0.self_attn.q_proj"].qtype == "q5_0"
+    assert by_name[experts].nbytes == 128 * 2 * 2880 * (2880 // 32) * 17
+    assert {lin.name: lin.qtype for lin in told.linears}[experts] == "q8_0"
+    assert {lin.name: lin.qtype for lin in resolve_inventory("qwen3-30b-a3b").linears}[experts] == "q4_k"
+    with pytest.raises(ValueError, match="unknown qtype"):
+        llama_inventory(PRESETS["gpt-oss-20b"], "q4_k", expert_qtype="q7")
