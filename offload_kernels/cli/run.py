@@ -16,10 +16,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="path to a .gguf file (architecture llama, mistral, qwen2, qwen3, phi3, gemma2, "
                                       "gemma3, qwen2moe, qwen3moe, glm4moe, gpt-oss, or a Mixtral: llama with experts)")
     parser.add_argument("--tokenizer", default=None,
-                        help="a transformers tokenizer (hub name or directory) to use instead of the file's own; "
-                             "needed for glm4moe and gpt-oss files, whose tokenizer transformers' GGUF reader "
-                             "cannot build (e.g. zai-org/GLM-4.5-Air, openai/gpt-oss-20b)")
+                        help="a transformers tokenizer (hub name or directory) to use instead of the file's own "
+                             "(default: the one the file's metadata describes)")
     parser.add_argument("--prompt", default="Once upon a time", help="text to continue")
+    parser.add_argument("--chat", action="store_true",
+                        help="send the prompt as a user message through the tokenizer's chat template (the file's "
+                             "tokenizer.chat_template) and print only the reply")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--gpu-budget", default=None, help="device bytes for weights + staging, e.g. 20GiB "
                                                            "(default on CUDA: the free device memory less 10%% "
@@ -38,26 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "copy them ahead (speculative; a wrong guess costs link bytes, not results)")
 
 
-#: GGUF architectures whose tokenizer transformers' GGUF reader cannot build: run needs --tokenizer for them
-#: (glm4moe: no entry; gpt-oss: its reader fails on the rope.scaling keys every published file has, transformers 5.24).
-NO_GGUF_TOKENIZER = ("glm4moe", "gpt-oss")
-
-
-def _check_tokenizer_source(path: str, tokenizer: "str | None") -> None:
-    """Before the (long) model load: a file whose tokenizer cannot be read needs --tokenizer."""
-    import os
-
-    from offload_kernels.formats.gguf_io import GGUFFile
-
-    if tokenizer is not None or not os.path.isfile(path):
-        return                  # a missing file: load_gguf_model says so
-    with GGUFFile(path) as f:
-        arch = f.architecture
-    if arch in NO_GGUF_TOKENIZER:
-        raise ValueError(f"{path}: transformers cannot build a tokenizer from {arch} GGUF metadata; pass "
-                         f"--tokenizer with the model's own (a hub name or a directory)")
-
-
 def _load_tokenizer(name: "str | None", gguf_path: "str | None"):
     """The transformers tokenizer ``name`` (a hub name or directory), else the one in the GGUF file's metadata."""
     from offload_kernels.model.gguf_model import load_gguf_tokenizer
@@ -74,6 +56,34 @@ def _load_tokenizer(name: "str | None", gguf_path: "str | None"):
                          f"--tokenizer names another") from exc
 
 
+def _check_chat_template(tokenizer, gguf_path: str) -> None:
+    """Before the (long) model load: --chat needs a chat template, in the given tokenizer or in the file."""
+    import os
+
+    from offload_kernels.formats.gguf_io import GGUFFile
+
+    if tokenizer is not None:
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+    elif os.path.isfile(gguf_path):
+        with GGUFFile(gguf_path) as f:
+            has_template = bool(f.metadata.get("tokenizer.chat_template"))
+    else:
+        return                  # a missing file: load_gguf_model says so
+    if not has_template:
+        source = "the tokenizer" if tokenizer is not None else f"{gguf_path} (no tokenizer.chat_template)"
+        raise ValueError(f"--chat: {source} has no chat template; run without --chat, or pass a --tokenizer "
+                         f"that has one")
+
+
+def _encode_prompt(tokenizer, prompt: str, chat: bool):
+    """input_ids and attention_mask of ``prompt``: as text, or (``chat``) as one user message in the chat template."""
+    if not chat:
+        return tokenizer(prompt, return_tensors="pt")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False)   # the template writes any BOS itself
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -86,10 +96,11 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise SystemExit("--max-new-tokens must be at least 1")
     device = check_device(args.device)
-    _check_tokenizer_source(args.model, args.tokenizer)
     # A tokenizer given by name is loaded before the (long) model load, so a wrong name fails at once; the
     # file's own is read after the loader has checked the file.
     tokenizer = _load_tokenizer(args.tokenizer, None) if args.tokenizer is not None else None
+    if args.chat:
+        _check_chat_template(tokenizer, args.model)
     dtype = getattr(torch, args.dtype)
     if device.type == "cpu" and dtype != torch.float32:
         dtype = torch.float32           # CPU matmuls in half precision are slow and not what a user wants
@@ -101,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = _load_tokenizer(None, args.model)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
     print(report)
-    enc = tokenizer(args.prompt, return_tensors="pt").to(device)
+    enc = _encode_prompt(tokenizer, args.prompt, args.chat).to(device)
     n_prompt = enc["input_ids"].shape[1]
     with torch.no_grad():
         model(**enc)                                         # warm-up: learns the streaming order
@@ -116,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
         _sync(device)
         total = time.perf_counter() - t0
     new = out.shape[1] - n_prompt
-    print("\n" + tokenizer.decode(out[0], skip_special_tokens=True) + "\n")
+    shown = out[0, n_prompt:] if args.chat else out[0]
+    print("\n" + tokenizer.decode(shown, skip_special_tokens=True) + "\n")
     decode = max(total - prefill, 1e-9)
     print(f"prompt: {n_prompt} tokens, {n_prompt / prefill:.1f} tokens/s; generation: {new} tokens, "
           f"{max(new - 1, 1) / decode:.2f} tokens/s on {device}")

@@ -29,6 +29,7 @@ from .gguf_names import (GEMMA_ARCHITECTURES, GLM4MOE_ARCHITECTURES, GPT_OSS_ARC
                          hf_to_gguf_name, qk_side)
 from .gemma import gemma_metadata
 from .gguf_rope import config_rope_metadata
+from .gguf_vocab import synthetic_spm_vocab, vocab_metadata
 from .offload import _format_for
 
 # Per-tensor overrides approximating llama.cpp's mixed presets (GGUF-name glob -> qtype).
@@ -43,35 +44,9 @@ MIXES: dict[str, dict[str, str]] = {
 
 _FLOAT_TYPES = {"f32": torch.float32, "f16": torch.float16}
 
-# llama.cpp token types
-_NORMAL, _UNKNOWN, _CONTROL, _BYTE = 1, 2, 3, 6
-
-
 # Control tokens llama.cpp's vocabulary loader looks up by their text for an architecture (and fails to load
 # the file without): phi3's end-of-text.
 _ARCH_CONTROL_TOKENS = {"phi3": ("<|endoftext|>",)}
-
-
-def synthetic_spm_vocab(vocab_size: int, control_tokens: "tuple[str, ...]" = ()) -> dict:
-    """A SentencePiece-style vocabulary of ``vocab_size`` tokens (specials, ``control_tokens``, 256 byte
-    tokens, word pieces)."""
-    if vocab_size < 260 + len(control_tokens):
-        raise ValueError(f"a synthetic llama vocabulary needs at least {260 + len(control_tokens)} tokens, "
-                         f"got {vocab_size}")
-    tokens = ["<unk>", "<s>", "</s>", *control_tokens] + [f"<0x{b:02X}>" for b in range(256)]
-    types = [_UNKNOWN, _CONTROL, _CONTROL] + [_CONTROL] * len(control_tokens) + [_BYTE] * 256
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    n_fixed = len(tokens)
-    i = 0
-    while len(tokens) < vocab_size:
-        word = letters[i % 26] + (letters[(i // 26) % 26] if i >= 26 else "")
-        piece = ("\u2581" + word) if i % 2 == 0 else word
-        if piece not in tokens:
-            tokens.append(piece)
-            types.append(_NORMAL)
-        i += 1
-    scores = [0.0] * n_fixed + [-float(j) for j in range(len(tokens) - n_fixed)]
-    return {"tokens": tokens, "scores": scores, "token_type": types, "bos": 1, "eos": 2, "unk": 0}
 
 
 def _choose_qtype(gguf_name: str, k: int, default: str, overrides: Mapping[str, str]) -> Optional[str]:
@@ -95,8 +70,10 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
     ``qtype`` is a GGUF block format, or "f32"/"f16" for unquantized matrices.
     ``mix`` picks per-tensor overrides ("q4_k_m", "q3_k_m", "q2_k": llama-quantize's presets of those names,
     approximately); ``qtype_overrides`` adds GGUF-name globs.
-    ``vocab`` is {"tokens", "scores", "token_type", "bos", "eos", "unk"}; a synthetic SentencePiece-style
-    vocabulary of the model's vocab_size is written when it is None.
+    ``vocab`` is a vocabulary dict (``gguf_vocab``): SentencePiece-style {"tokens", "scores", "token_type", "bos",
+    "eos", "unk"}, or a byte-level BPE one from ``gguf_vocab.byte_level_vocab(tokenizer, pre)`` (llama.cpp then
+    tokenizes as the model's own tokenizer does); a synthetic SentencePiece-style vocabulary of the model's
+    vocab_size is written when it is None.
     """
     overrides = _check_qtypes(qtype, mix, qtype_overrides)   # before anything is looked up or computed
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
@@ -119,8 +96,7 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
     else:
         arch_md = config_rope_metadata(config)
     vocab = vocab or synthetic_spm_vocab(config.vocab_size, _ARCH_CONTROL_TOKENS.get(arch, ()))
-    if len(vocab["tokens"]) != config.vocab_size:       # before quantizing the whole model
-        raise ValueError(f"vocab has {len(vocab['tokens'])} tokens but the model's vocab_size is {config.vocab_size}")
+    vocab_md = vocab_metadata(vocab, config.vocab_size)       # checked before quantizing the whole model
 
     renormalizes = arch != "qwen2moe"          # llama.cpp's qwen2moe weights the chosen experts as routed
     if (arch in MOE_ARCHITECTURES and arch not in GLM4MOE_ARCHITECTURES + GPT_OSS_ARCHITECTURES  # their own rule
@@ -184,14 +160,7 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
         f"{arch}.attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
         f"{arch}.rope.dimension_count": int(head_dim),
         f"{arch}.vocab_size": int(config.vocab_size),
-        "tokenizer.ggml.model": "llama",
-        "tokenizer.ggml.tokens": list(vocab["tokens"]),
-        "tokenizer.ggml.scores": [float(s) for s in vocab["scores"]],
-        "tokenizer.ggml.token_type": [int(t) for t in vocab["token_type"]],
-        "tokenizer.ggml.bos_token_id": int(vocab["bos"]),
-        "tokenizer.ggml.eos_token_id": int(vocab["eos"]),
-        "tokenizer.ggml.unknown_token_id": int(vocab["unk"]),
-        "tokenizer.ggml.add_bos_token": True,
+        **vocab_md,
     }
     window = getattr(config, "sliding_window", None) if arch in SLIDING_WINDOW_ARCHITECTURES else None
     if window:

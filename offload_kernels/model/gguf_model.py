@@ -23,6 +23,7 @@ from .gemma import configure_gemma
 from .glm4moe import glm4moe_config
 from .gpt_oss import gpt_oss_config
 from .gguf_rope import read_rope_scaling, require_rope_parameters
+from .gguf_vocab import set_pre_tokenizer
 from .gguf_names import (GEMMA_ARCHITECTURES, GLM4MOE_ARCHITECTURES, GPT_OSS_ARCHITECTURES,
                          SLIDING_WINDOW_ARCHITECTURES, SUPPORTED_ARCHITECTURES, Target, gguf_targets)
 from .offload import _on_demand_modules, _report, apply_placement, check_device, check_experts, check_num_slots
@@ -514,8 +515,25 @@ def _apply_rope_freqs(model: nn.Module, freqs: torch.Tensor) -> None:
 
 
 def load_gguf_tokenizer(path: "str | os.PathLike[str]"):
-    """A transformers tokenizer built from the GGUF file's tokenizer metadata."""
-    from transformers import AutoTokenizer
+    """A transformers tokenizer built from the GGUF file's tokenizer metadata, tokenizing as llama.cpp does.
+
+    transformers' AutoTokenizer reads the model's config from the file first, which it cannot for some
+    architectures (glm4moe, gpt-oss); their tokenizer is built from the tokenizer metadata alone (a
+    ``PreTrainedTokenizerFast``). A byte-level vocabulary whose pre-tokenizer is one of
+    ``gguf_vocab.PRE_TOKENIZER_SPLITS`` gets llama.cpp's split for it (transformers has no "glm4" split and
+    would fall back to GPT-2's)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(path)
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    with GGUFFile(path) as f:                 # a missing or unreadable file fails here, naming itself
+        kind = f.metadata.get("tokenizer.ggml.model")
+        pre = f.metadata.get("tokenizer.ggml.pre")
+    if kind is None:
+        raise GGUFError(f"{path}: no tokenizer metadata (tokenizer.ggml.model)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception:        # its config step, for architectures transformers does not read (a failure here chains it)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
+    if kind == "gpt2" and pre is not None:
+        set_pre_tokenizer(tokenizer, str(pre))
+    return tokenizer

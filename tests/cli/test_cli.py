@@ -61,9 +61,9 @@ def test_run_generates_from_a_gguf_file(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("arch", ["glm4moe", "gpt-oss"])
-def test_run_a_moe_file_with_a_tokenizer_given(tmp_path, capsys, arch):
-    """transformers' GGUF reader cannot build glm4moe or gpt-oss tokenizers: without --tokenizer run says so before
-    loading the model; with one (here a directory holding a tokenizer of the same vocabulary) it generates."""
+def test_run_a_moe_file_with_its_own_or_a_given_tokenizer(tmp_path, capsys, arch):
+    """glm4moe and gpt-oss files, whose config transformers' GGUF reader cannot build, run with the tokenizer their
+    metadata describes; --tokenizer names another (a wrong name fails before the model is loaded)."""
     from offload_kernels.model.gguf_export import save_gguf
     from offload_kernels.model.gguf_model import load_gguf_tokenizer
 
@@ -73,17 +73,35 @@ def test_run_a_moe_file_with_a_tokenizer_given(tmp_path, capsys, arch):
         from ..model.test_gguf_gpt_oss import tiny_gpt_oss as tiny
 
     path = save_gguf(tiny(), tmp_path / "moe.gguf", "q8_0")
-    assert main(["run", str(path), "--device", "cpu", "--max-new-tokens", "2"]) == 2
-    assert "pass --tokenizer" in capsys.readouterr().err
+    assert main(["run", str(path), "--device", "cpu", "--max-new-tokens", "2", "--prompt", "ab cd"]) == 0
+    assert "generation: 2 tokens" in capsys.readouterr().out
     assert main(["run", str(path), "--device", "cpu", "--tokenizer", str(tmp_path / "no_such_tokenizer")]) == 2
     assert "cannot build a tokenizer from" in capsys.readouterr().err      # before the model is loaded
-    llama = save_gguf(transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)),
-        tmp_path / "llama.gguf", "f32")
-    load_gguf_tokenizer(llama).save_pretrained(tmp_path / "tok")       # the same synthetic vocabulary
+    load_gguf_tokenizer(path).save_pretrained(tmp_path / "tok")
     assert main(["run", str(path), "--device", "cpu", "--max-new-tokens", "3", "--prompt", "ab cd",
                  "--tokenizer", str(tmp_path / "tok")]) == 0
     assert "generation: 3 tokens" in capsys.readouterr().out
+
+
+def test_run_chat_uses_the_files_chat_template(tmp_path, capsys):
+    """--chat sends the prompt through the file's chat template and prints only the reply; a file without one is
+    refused before the model is loaded."""
+    from offload_kernels.model.gguf_export import save_gguf
+    from offload_kernels.model.gguf_vocab import byte_level_vocab
+
+    from ..model.test_gguf_gpt_oss import tiny_gpt_oss
+    from ..model.test_gguf_tokenizer import CHAT_TEMPLATE, trained_bpe
+
+    vocab = {**byte_level_vocab(trained_bpe(), "gpt-4o", eos="<|return|>"), "chat_template": CHAT_TEMPLATE}
+    model = tiny_gpt_oss(vocab_size=len(vocab["tokens"]), num_hidden_layers=2)
+    path = save_gguf(model, tmp_path / "chat.gguf", "q8_0", vocab=vocab)
+    assert main(["run", str(path), "--device", "cpu", "--max-new-tokens", "2", "--chat", "--prompt", "hi"]) == 0
+    out = capsys.readouterr().out
+    assert "generation: 2 tokens" in out and "user: hi" not in out           # the reply alone
+    bare = save_gguf(model, tmp_path / "bare.gguf", "q8_0", vocab={k: v for k, v in vocab.items()
+                                                                   if k != "chat_template"})
+    assert main(["run", str(bare), "--device", "cpu", "--chat"]) == 2
+    assert "bare.gguf (no tokenizer.chat_template) has no chat template" in capsys.readouterr().err
 
 
 def test_run_reports_bad_input_without_traceback(tmp_path, capsys):

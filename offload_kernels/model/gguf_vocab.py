@@ -1,0 +1,167 @@
+"""The tokenizer part of a GGUF file: the vocabulary dicts ``save_gguf`` writes and their metadata keys.
+
+Two kinds, as llama.cpp names them in ``tokenizer.ggml.model``:
+- "llama": SentencePiece-style, tokens with scores (``synthetic_spm_vocab`` makes one for tests and tiny models);
+- "gpt2": byte-level BPE, tokens spelled in GPT-2's byte alphabet plus merges, and the pre-tokenizer's name
+  (``tokenizer.ggml.pre``: "gpt-4o" for gpt-oss, "llama-bpe" for Llama 3, ...), which picks the split regex
+  llama.cpp applies before merging (``byte_level_vocab`` builds one from a transformers/tokenizers BPE tokenizer).
+Either may carry a chat template; ``vocab_from_gguf`` reads a file's back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+# llama.cpp token types
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
+
+VOCAB_MODELS = ("llama", "gpt2")
+
+
+def synthetic_spm_vocab(vocab_size: int, control_tokens: "tuple[str, ...]" = ()) -> dict:
+    """A SentencePiece-style vocabulary of ``vocab_size`` tokens (specials, ``control_tokens``, 256 byte
+    tokens, word pieces)."""
+    if vocab_size < 260 + len(control_tokens):
+        raise ValueError(f"a synthetic llama vocabulary needs at least {260 + len(control_tokens)} tokens, "
+                         f"got {vocab_size}")
+    tokens = ["<unk>", "<s>", "</s>", *control_tokens] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [UNKNOWN, CONTROL, CONTROL] + [CONTROL] * len(control_tokens) + [BYTE] * 256
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    n_fixed = len(tokens)
+    i = 0
+    while len(tokens) < vocab_size:
+        word = letters[i % 26] + (letters[(i // 26) % 26] if i >= 26 else "")
+        piece = ("\u2581" + word) if i % 2 == 0 else word
+        if piece not in tokens:
+            tokens.append(piece)
+            types.append(NORMAL)
+        i += 1
+    scores = [0.0] * n_fixed + [-float(j) for j in range(len(tokens) - n_fixed)]
+    return {"tokens": tokens, "scores": scores, "token_type": types, "bos": 1, "eos": 2, "unk": 0}
+
+
+def byte_level_vocab(tokenizer: Any, pre: str, *, bos: "str | None" = None, eos: "str | None" = None) -> dict:
+    """The "gpt2" vocabulary dict of a byte-level BPE ``tokenizer`` (a transformers fast tokenizer or a
+    ``tokenizers.Tokenizer``): its tokens in id order, its merges, special added tokens as CONTROL and the other
+    added tokens as USER_DEFINED (llama.cpp matches both whole in the text). ``pre`` is llama.cpp's pre-tokenizer
+    name for the model's split regex; it is not derivable from the tokenizer's own description here, so it is
+    asked for. ``bos``/``eos`` name tokens (default: the transformers tokenizer's own, if any); a transformers
+    tokenizer's chat template comes along (``tokenizer.chat_template`` in the file)."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    if not hasattr(backend, "to_str"):
+        raise TypeError(f"byte_level_vocab expects a transformers fast tokenizer or a tokenizers.Tokenizer, got "
+                        f"{type(tokenizer).__name__}")
+    if not isinstance(pre, str) or not pre:
+        raise ValueError(f"pre must name llama.cpp's pre-tokenizer (e.g. 'gpt-4o', 'llama-bpe'), got {pre!r}")
+    spec = json.loads(backend.to_str())
+    model = spec["model"]
+    if model.get("type") != "BPE":
+        raise ValueError(f"byte_level_vocab needs a BPE tokenizer, got a {model.get('type')} model")
+    ids = dict(model["vocab"])
+    added = {t["content"]: t for t in spec.get("added_tokens", [])}
+    ids.update({content: t["id"] for content, t in added.items()})
+    by_id = sorted(ids.items(), key=lambda item: item[1])
+    if [i for _, i in by_id] != list(range(len(by_id))):
+        raise ValueError("the tokenizer's ids are not 0..n-1 without gaps; a GGUF vocabulary lists tokens by position")
+    tokens = [t for t, _ in by_id]
+    types = [(CONTROL if added[t]["special"] else USER_DEFINED) if t in added else NORMAL for t in tokens]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    vocab = {"model": "gpt2", "pre": pre, "tokens": tokens, "token_type": types, "merges": merges}
+    if isinstance(getattr(tokenizer, "chat_template", None), str):
+        vocab["chat_template"] = tokenizer.chat_template
+    for key, name in (("bos", bos if bos is not None else getattr(tokenizer, "bos_token", None)),
+                      ("eos", eos if eos is not None else getattr(tokenizer, "eos_token", None))):
+        if name is not None:
+            if name not in ids:
+                raise ValueError(f"{key} token {name!r} is not in the tokenizer's vocabulary")
+            vocab[key] = ids[name]
+    return vocab
+
+
+def vocab_from_gguf(path: "str | os.PathLike[str]") -> dict:
+    """The vocabulary dict of a GGUF file's tokenizer metadata, for ``save_gguf(..., vocab=...)``: re-saving a
+    loaded file (in another format, say) keeps its tokenizer."""
+    from ..formats.gguf_io import GGUFError, GGUFFile
+
+    with GGUFFile(path) as f:
+        md = f.metadata
+    kind = md.get("tokenizer.ggml.model")
+    if kind not in VOCAB_MODELS:
+        raise GGUFError(f"{path}: tokenizer.ggml.model is {kind!r}; save_gguf writes {' or '.join(VOCAB_MODELS)} "
+                        f"vocabularies")
+    keys = {"tokens": "tokenizer.ggml.tokens", "token_type": "tokenizer.ggml.token_type",
+            "scores": "tokenizer.ggml.scores", "merges": "tokenizer.ggml.merges", "pre": "tokenizer.ggml.pre",
+            "bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
+            "unk": "tokenizer.ggml.unknown_token_id", "add_bos": "tokenizer.ggml.add_bos_token",
+            "chat_template": "tokenizer.chat_template"}
+    vocab = {"model": kind, **{name: md[key] for name, key in keys.items() if key in md}}
+    for name in ("tokens", "token_type", "scores", "merges"):
+        if name in vocab:
+            vocab[name] = list(vocab[name])
+    return vocab
+
+
+def vocab_metadata(vocab: dict, vocab_size: int) -> dict:
+    """The ``tokenizer.ggml.*`` metadata of a vocabulary dict, checked against the model's ``vocab_size``."""
+    kind = vocab.get("model", "llama")
+    if kind not in VOCAB_MODELS:
+        raise ValueError(f"vocab model {kind!r} is not one of {VOCAB_MODELS}")
+    needed = ("tokens", "scores", "token_type") if kind == "llama" else ("tokens", "token_type", "merges", "pre")
+    missing = [key for key in needed if key not in vocab]
+    if missing:
+        raise ValueError(f"a {kind!r} vocab needs {', '.join(needed)}; missing {', '.join(missing)}")
+    n = len(vocab["tokens"])
+    if n != vocab_size:
+        raise ValueError(f"vocab has {n} tokens but the model's vocab_size is {vocab_size}")
+    for key in ("scores", "token_type"):
+        if key in vocab and len(vocab[key]) != n:
+            raise ValueError(f"vocab has {n} tokens but {len(vocab[key])} {key}")
+    md = {"tokenizer.ggml.model": kind,
+          "tokenizer.ggml.tokens": list(vocab["tokens"]),
+          "tokenizer.ggml.token_type": [int(t) for t in vocab["token_type"]]}
+    if "scores" in vocab:
+        md["tokenizer.ggml.scores"] = [float(s) for s in vocab["scores"]]
+    if kind == "gpt2":
+        md["tokenizer.ggml.pre"] = str(vocab["pre"])
+        md["tokenizer.ggml.merges"] = list(vocab["merges"])
+    for key, gguf_key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id")):
+        if vocab.get(key) is not None:
+            if not 0 <= int(vocab[key]) < n:
+                raise ValueError(f"vocab {key} id {vocab[key]} is outside the {n} tokens")
+            md[f"tokenizer.ggml.{gguf_key}"] = int(vocab[key])
+    md["tokenizer.ggml.add_bos_token"] = bool(vocab.get("add_bos", kind == "llama"))
+    if vocab.get("chat_template") is not None:
+        if not isinstance(vocab["chat_template"], str):
+            raise ValueError(f"vocab chat_template must be a Jinja template string, got "
+                             f"{type(vocab['chat_template']).__name__}")
+        md["tokenizer.chat_template"] = vocab["chat_template"]
+    return md
+
+
+# The split each llama.cpp pre-tokenizer name applies before byte-level BPE merges, for the architectures this
+# package loads (llama.cpp's regexes; checked against llama.cpp's own tokenizer in tests/model/test_gguf_tokenizer.py).
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_LLAMA3 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_UPPER, _LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+_GPT4O = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTIONS}?"
+          rf"|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTIONS}?"
+          r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZER_SPLITS = {"llama-bpe": _LLAMA3, "llama3": _LLAMA3, "glm4": _LLAMA3, "qwen2": _QWEN2,
+                        "gpt-4o": _GPT4O}
+
+
+def set_pre_tokenizer(tokenizer: Any, pre: str) -> bool:
+    """Give a transformers fast tokenizer of a byte-level vocabulary llama.cpp's split for ``pre``; False (and
+    the tokenizer unchanged) when ``pre`` is not one of PRE_TOKENIZER_SPLITS."""
+    from tokenizers import Regex, pre_tokenizers
+
+    split = PRE_TOKENIZER_SPLITS.get(pre)
+    if split is None:
+        return False
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(split), behavior="isolated"),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return True
