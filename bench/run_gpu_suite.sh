@@ -208,7 +208,7 @@ run_stage() {
       # the default MoE shapes in q4_k, then gpt-oss-20b's experts in the format its files ship (mxfp4)
       guarded $(( limit * 2 / 3 )) "$PY" -m offload_kernels.cli.main bench experts \
         --time-budget-s $(( limit > 300 ? limit * 2 / 3 - 100 : 100 )) --out "$RESULTS"
-      guarded $(( limit / 3 )) "$PY" -m offload_kernels.cli.main bench experts --shapes gpt-oss-20b --qtype mxfp4 \
+      guarded $(( limit / 3 )) "$PY" -m offload_kernels.cli.main bench experts --shapes gpt-oss-20b \
         --time-budget-s $(( limit > 300 ? limit / 3 - 60 : 60 )) --out "$RESULTS" ;;
   esac
 }

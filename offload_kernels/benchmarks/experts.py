@@ -43,6 +43,7 @@ from .results import (GB, Deadline, Recorder, RunInfo, Stats, add_output_argumen
 
 DEFAULT_SHAPES = ("qwen3-30b-a3b", "mixtral-8x7b")
 DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+DEFAULT_QTYPE = "q4_k"          # for presets whose published files have no one expert format
 QUICK = {"shapes": ("qwen3-30b-a3b",), "tokens": (1, 4, 16, 64, 256)}
 BASELINE = "fp16_transformers"
 #: The transformers experts class of each MoE architecture of model.shapes.
@@ -56,7 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
                         help="MoE presets of model.shapes, or tiny-moe (a 256-wide smoke test)")
     parser.add_argument("--tokens", default=",".join(map(str, DEFAULT_TOKENS)), help="tokens per call")
-    parser.add_argument("--qtype", default="q4_k", help="format of both projections")
+    parser.add_argument("--qtype", default=None,
+                        help="format of both projections (default: the one the preset's published files keep "
+                             "their experts in, mxfp4 for gpt-oss, else q4_k)")
     parser.add_argument("--rep-ms", type=int, default=60, help="do_bench repetition time per measurement")
     parser.add_argument("--no-autotune", action="store_true", help="heuristic kernel configs only")
     parser.add_argument("--quick", action="store_true", help="Qwen3-30B-A3B at 1, 4, 16, 64 and 256 tokens")
@@ -201,10 +204,22 @@ def summary_body(table: dict) -> list[str]:
     return lines + markdown_table(["shape", "tokens", "distinct experts", "ideal us", *providers], rows)
 
 
-def run(args: argparse.Namespace) -> int:
+def shape_formats(names, qtype: "str | None", shapes: dict) -> dict:
+    """{shape name: the FormatSpec its experts are timed in}: ``qtype`` if given, else the format the preset's
+    published files keep their experts in (``expert_qtype``), else DEFAULT_QTYPE; SystemExit where the experts'
+    rows are no whole number of that format's blocks."""
     from offload_kernels.formats import get_spec
 
-    spec = get_spec(args.qtype)
+    formats = {name: get_spec(qtype or shapes[name].expert_qtype or DEFAULT_QTYPE) for name in names}
+    for name, spec in formats.items():
+        widths = {shapes[name].hidden, shapes[name].expert_intermediate}
+        if any(w % spec.block_size for w in widths):
+            raise SystemExit(f"bench experts: {name}'s rows ({' and '.join(map(str, sorted(widths)))} weights) are not "
+                             f"a whole number of {spec.name} blocks ({spec.block_size}); give --qtype q5_0, q8_0, ...")
+    return formats
+
+
+def run(args: argparse.Namespace) -> int:
     names = QUICK["shapes"] if args.quick else tuple(parse_list(args.shapes))
     tokens = QUICK["tokens"] if args.quick else tuple(parse_list(args.tokens, int))
     if not tokens or any(t < 1 for t in tokens):
@@ -215,10 +230,7 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         if name not in shapes:
             raise SystemExit(f"bench experts: {name!r} is not a MoE shape (one of {', '.join(sorted(shapes))})")
-        widths = {shapes[name].hidden, shapes[name].expert_intermediate}
-        if any(w % spec.block_size for w in widths):
-            raise SystemExit(f"bench experts: {name}'s rows ({' and '.join(map(str, sorted(widths)))} weights) are not "
-                             f"a whole number of {spec.name} blocks ({spec.block_size}); give --qtype q5_0, q8_0, ...")
+    formats = shape_formats(names, args.qtype, shapes)
     reason = cuda_unavailable_reason(triton=True)       # after the arguments: a typo is reported anywhere
     if reason is not None:
         print(f"bench experts: needs CUDA ({reason}); nothing measured.")
@@ -231,10 +243,11 @@ def run(args: argparse.Namespace) -> int:
     copy = rec.add("copy_bandwidth", "torch_copy", 0, copy_bandwidth(args.rep_ms), "GB/s", dtype="uint8")
     print(f"device-to-device copy: {copy.median:.0f} GB/s")
     table: dict = {}
-    notes = [f"weights {spec.name}, autotuning {'off' if args.no_autotune else 'on'}, routing uniform random"]
+    weights = ", ".join(f"{name} {spec.name}" for name, spec in formats.items())
+    notes = [f"weights {weights}, autotuning {'off' if args.no_autotune else 'on'}, routing uniform random"]
     try:
         for name in names:
-            bench_shape(rec, name, shapes[name], spec.name, tokens, args.rep_ms, copy.median, table, deadline)
+            bench_shape(rec, name, shapes[name], formats[name].name, tokens, args.rep_ms, copy.median, table, deadline)
     except KeyboardInterrupt:
         notes.append("interrupted: the results below are partial")
     if deadline.expired():

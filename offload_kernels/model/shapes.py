@@ -199,13 +199,10 @@ def gguf_linear_plan(f: GGUFFile, targets: "Mapping[str, Target]", elem_bytes: i
     fixed += sum(_numel(f.info(name).shape) * elem_bytes for name, t in targets.items()
                  if t.kind in ("embedding", "norm", "linear_bias", "router", "gate_vector", "router_bias", "sinks",
                                "experts_bias"))
-    experts: dict[str, dict[str, str]] = {}
+    experts: dict[str, dict[str, str]] = {}     # per experts module: "gate"/"up"/"down" and (gpt-oss) "<part>_bias"
     for name, t in targets.items():
-        if t.kind == "experts":
-            experts.setdefault(t.hf_name, {})[t.part] = name
-    for name, t in targets.items():        # gpt-oss: each stack's biases, as "gate_bias", "up_bias", "down_bias"
-        if t.kind == "experts_bias" and t.hf_name in experts:
-            experts[t.hf_name][f"{t.part}_bias"] = name
+        if t.kind in ("experts", "experts_bias"):
+            experts.setdefault(t.hf_name, {})[t.part if t.kind == "experts" else f"{t.part}_bias"] = name
     for hf, parts in experts.items():
         specs.extend(_expert_specs(f, hf, parts))
     return GGUFLinearPlan(sources, specs, fixed, tied, experts)

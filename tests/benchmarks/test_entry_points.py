@@ -81,8 +81,19 @@ def test_profile_qmatmul_rejects_bad_arguments(argv, message, monkeypatch, capsy
 
 @pytest.mark.parametrize("args, match", [(["--tokens", "0,4"], "--tokens must be positive"),
                                          (["--shapes", "llama-3-8b"], "not a MoE shape"),
-                                         (["--rep-ms", "0"], "--rep-ms must be at least 1")])
+                                         (["--rep-ms", "0"], "--rep-ms must be at least 1"),
+                                         (["--shapes", "gpt-oss-20b", "--qtype", "q4_k"],
+                                          "rows .2880 weights. are not a whole number of q4_k blocks")])
 def test_experts_benchmark_names_bad_arguments_anywhere(args, match, tmp_path):
     with pytest.raises(SystemExit, match=match):
         cli_main(["bench", "experts", *args, "--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())
+
+
+def test_experts_benchmark_times_each_preset_in_its_files_format_unless_told():
+    from offload_kernels.benchmarks.experts import moe_shapes, shape_formats
+
+    names = ("qwen3-30b-a3b", "gpt-oss-20b")
+    assert {n: s.name for n, s in shape_formats(names, None, moe_shapes()).items()} == {
+        "qwen3-30b-a3b": "q4_k", "gpt-oss-20b": "mxfp4"}
+    assert {s.name for s in shape_formats(names, "q8_0", moe_shapes()).values()} == {"q8_0"}
