@@ -139,9 +139,9 @@ def gemv_block_m(m: int) -> int:
 
 #: Alignment of the weight bytes' start that layout 3's word loads need (4-byte for the 84-, 144-, 176- and 136-byte
 #: blocks, read as int32 words; 2-byte for the 110-, 210- and 32-weight blocks (18 to 34 bytes), whose words
-#: are two 16-bit loads). mxfp4 has none: its 17-byte blocks put every other block's quants at odd addresses.
-GEMV3_ALIGNMENT = {**{name: 2 for name in QTYPE_CODES if name != "mxfp4"}, "q2_k": 4, "q4_k": 4, "q5_k": 4,
-                   "iq4_xs": 4}
+#: are two 16-bit loads). mxfp4's 17-byte blocks put every other block's quants at odd addresses, so its words are
+#: two aligned 32-bit loads joined by a byte permute (gemv._u8_word): any alignment.
+GEMV3_ALIGNMENT = {**{name: 2 for name in QTYPE_CODES}, "q2_k": 4, "q4_k": 4, "q5_k": 4, "iq4_xs": 4, "mxfp4": 1}
 
 
 def gemv_word_loads(qt) -> bool:

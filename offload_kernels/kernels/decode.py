@@ -95,9 +95,9 @@ def table_words(values, bias: int = 0) -> tuple[int, ...]:
     return tuple(words)
 
 
-#: iq4_nl's 16 int8 quant values (ggml's kvalues_iq4nl) as four int32 words, for iq4_nl_value.
+#: iq4_nl's 16 int8 quant values (ggml's kvalues_iq4nl) as four int32 words, for nl_value.
 _IQ4_NL_WORDS: tl.constexpr = tl.constexpr(table_words(IQ4_NL_VALUES))
-#: mxfp4's 16 doubled E2M1 values (ggml's kvalues_mxfp4) as four int32 words, for mxfp4_value.
+#: mxfp4's 16 doubled E2M1 values (ggml's kvalues_mxfp4) as four int32 words, for nl_value.
 _MXFP4_WORDS: tl.constexpr = tl.constexpr(table_words(MXFP4_VALUES))
 
 
@@ -247,29 +247,22 @@ def int8_from_byte(b):
 
 
 @triton.jit
-def iq4_nl_value(nib):
-    """iq4_nl's int8 quant value of nibble(s) ``nib`` (int32 0..15): byte nib & 3 of table word nib >> 2 (three
-    selects, a shift and a sign extension; no table in memory)."""
-    word = tl.where(nib < 8, tl.where(nib < 4, _IQ4_NL_WORDS[0], _IQ4_NL_WORDS[1]),
-                    tl.where(nib < 12, _IQ4_NL_WORDS[2], _IQ4_NL_WORDS[3]))
-    return int8_from_byte((word >> (8 * (nib & 3))) & 255)
-
-
-@triton.jit
-def mxfp4_value(nib):
-    """mxfp4's doubled E2M1 value of code(s) ``nib`` (int32 0..15), looked up as iq4_nl_value does."""
-    word = tl.where(nib < 8, tl.where(nib < 4, _MXFP4_WORDS[0], _MXFP4_WORDS[1]),
-                    tl.where(nib < 12, _MXFP4_WORDS[2], _MXFP4_WORDS[3]))
-    return int8_from_byte((word >> (8 * (nib & 3))) & 255)
-
-
-@triton.jit
 def nl_value(nib, QTYPE: tl.constexpr):
-    """The table value of the nibble(s) ``nib`` of a non-linear 32-weight format (iq4_nl, mxfp4), int32."""
+    """The table value of the nibble(s) ``nib`` (int32 0..15) of a non-linear 32-weight format, int32: iq4_nl's
+    int8 quant, or mxfp4's doubled E2M1 value. Byte nib & 3 of table word nib >> 2: three selects, a shift and a
+    sign extension, no table in memory (the format picks the words at compile time)."""
     if QTYPE == MXFP4:
-        return mxfp4_value(nib)
+        words: tl.constexpr = _MXFP4_WORDS
     else:
-        return iq4_nl_value(nib)
+        words: tl.constexpr = _IQ4_NL_WORDS
+    word = tl.where(nib < 8, tl.where(nib < 4, words[0], words[1]), tl.where(nib < 12, words[2], words[3]))
+    return int8_from_byte((word >> (8 * (nib & 3))) & 255)
+
+
+@triton.jit
+def iq4_nl_value(nib):
+    """iq4_nl's int8 quant value of nibble(s) ``nib`` (iq4_xs shares the table)."""
+    return nl_value(nib, IQ4_NL)
 
 
 @triton.jit

@@ -37,10 +37,12 @@ Three loop layouts, all in the autotune space (configs.GEMV_LAYOUTS):
   whole bytes, and iq4_nl/iq4_xs's table values that two more permutes per word look up, go into bits 8-15
   of 1.0), and one FFMA scales it. 5.3-6.3 sm_90 instructions per weight in the loop at
   M = 1 for the six main formats (3.4-4.0 per weight and token at M = 2), against 6.1-11.8 in layout 1 and
-  more in layout 2; 5.7-7.3 for q4_1/q5_0/q5_1, 5.8 for q2_k, 8.1-8.4 for iq4_nl/iq4_xs; no conversion in the loop with
+  more in layout 2; 5.7-7.3 for q4_1/q5_0/q5_1, 5.8 for q2_k, 8.1-8.4 for iq4_nl/iq4_xs, 10.5 for mxfp4 (whose
+  17-byte blocks leave its quants at any alignment: each word is the two aligned words around it joined by one
+  more byte permute, and the exponent byte's power of two scales exactly); no conversion in the loop with
   Triton 3.6 to 3.9 (heuristic configs, bench/results/static-sm90/; not yet timed on a GPU). Needs
   word-aligned weight bytes (WORD_LOADS: 4-byte alignment of the data pointer for q2_k/q4_k/q5_k/iq4_xs, 2-byte
-  for the others, whose blocks are 18 to 34, 110 and 210 bytes) and at most 4 tokens per
+  for the others, whose blocks are 18 to 34, 110 and 210 bytes, but mxfp4: any) and at most 4 tokens per
   program (GEMV3_MAX_BLOCK_M), else the heuristic falls back (configs.GEMV_DEFAULT_LAYOUT).
 """
 
@@ -51,12 +53,13 @@ import triton
 import triton.language as tl
 
 from ..formats.iq4_nl import IQ4_NL_VALUES
+from ..formats.mxfp4 import MXFP4_VALUES
 from . import configs
 from .decode import (BLOCK32, BLOCK32_BYTES, BLOCK32_QH_AT, BLOCK32_QS_AT, BLOCK32_QUANT_OFFSET, HAS_MIN, IQ4_NL,
-                     IQ4_XS, MXFP4, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, QTYPE_CODES, block32_scale, f16_field,
-                     f16_field_masked, f16_from_bytes, int8_from_byte, iq4_nl_value, iq4_xs_scale, iq4_xs_unpack_scale,
-                     k4_scale_min, k4_unpack_scale_min, nl_value, q2_k_scale_min, q3_k_scale, q3_k_unpack_scale,
-                     q6_k_scale, scaled_quant, table_words, u32_from_bytes)
+                     IQ4_XS, MXFP4, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, QTYPE_CODES, block32_scale, e8m0_half,
+                     f16_field, f16_field_masked, f16_from_bytes, int8_from_byte, iq4_nl_value, iq4_xs_scale,
+                     iq4_xs_unpack_scale, k4_scale_min, k4_unpack_scale_min, nl_value, q2_k_scale_min, q3_k_scale,
+                     q3_k_unpack_scale, q6_k_scale, scaled_quant, table_words, u32_from_bytes)
 from .epilogue import store_output
 from .runtime import INTERPRETER, count_launch, launch_split_k, sm_count, triton_version, tuning_key
 
@@ -459,9 +462,12 @@ _HI_BITS_OF_1_5: tl.constexpr = tl.constexpr(-0x3F3F3F40)
 _SIGN_BITS: tl.constexpr = tl.constexpr(-0x7F7F7F80)
 
 
-#: iq4_nl's values 0-7 and 8-15 (ggml's kvalues_iq4nl) plus 128, as the word pairs _iq4_nl_bytes permutes.
+#: iq4_nl's values 0-7 and 8-15 (ggml's kvalues_iq4nl) plus 128, as the word pairs _nl_bytes permutes.
 _IQ4_NL_UNSIGNED_LO: tl.constexpr = tl.constexpr(table_words(IQ4_NL_VALUES[:8], 128))
 _IQ4_NL_UNSIGNED_HI: tl.constexpr = tl.constexpr(table_words(IQ4_NL_VALUES[8:], 128))
+#: mxfp4's doubled E2M1 values (ggml's kvalues_mxfp4) plus 128, likewise.
+_MXFP4_UNSIGNED_LO: tl.constexpr = tl.constexpr(table_words(MXFP4_VALUES[:8], 128))
+_MXFP4_UNSIGNED_HI: tl.constexpr = tl.constexpr(table_words(MXFP4_VALUES[8:], 128))
 
 
 @triton.jit
@@ -508,17 +514,30 @@ def _signed_byte_times(v, q, d):
 
 
 @triton.jit
-def _iq4_nl_bytes(n):
-    """iq4_nl's quant values plus 128 (0..255) of the four nibbles ``n`` (one in the low half of each byte of
-    the int32 word), one per byte: two table permutes select among values 0-7 and 8-15 by the nibble's low
-    three bits (gathered into a 16-bit selector), and the nibble's bit 3 picks which per byte."""
+def _signed_byte_times_pow2(v, q, d):
+    """(ub - 128) * d for byte ub = byte ``q`` of int32 ``v`` and a power-of-two fp32 scale d of any exponent
+    (mxfp4's): fma(1 + ub/32768, 32768, -32896) is ub - 128 exactly, and the product with d is exact, or the
+    +-Inf (or 0 for ub = 128) ggml's fp32 product also gives at the top exponent, where 32768 d would overflow."""
+    return tl.fma(_f32_with_byte(v, q, _ONE_BITS, 8), 32768.0, -32896.0) * d
+
+
+@triton.jit
+def _nl_bytes(n, QTYPE: tl.constexpr):
+    """The table values plus 128 (0..255) of the four nibbles ``n`` (one in the low half of each byte of the
+    int32 word) of a non-linear format (iq4_nl and iq4_xs: int8 quants; mxfp4: doubled E2M1 values), one per
+    byte: two table permutes select among values 0-7 and 8-15 by the nibble's low three bits (gathered into a
+    16-bit selector), and the nibble's bit 3 picks which per byte."""
+    if QTYPE == MXFP4:
+        lo_words: tl.constexpr = _MXFP4_UNSIGNED_LO
+        hi_words: tl.constexpr = _MXFP4_UNSIGNED_HI
+    else:
+        lo_words: tl.constexpr = _IQ4_NL_UNSIGNED_LO
+        hi_words: tl.constexpr = _IQ4_NL_UNSIGNED_HI
     c = n & 0x07070707
     sel = c | (c >> 4)                                   # byte 0: c0 | c1 << 4; byte 2: c2 | c3 << 4
     sel = (sel & 0xFF) | ((sel >> 8) & 0xFF00)
-    lo = _byte_permute(tl.full(sel.shape, _IQ4_NL_UNSIGNED_LO[0], tl.int32),
-                       tl.full(sel.shape, _IQ4_NL_UNSIGNED_LO[1], tl.int32), sel)
-    hi = _byte_permute(tl.full(sel.shape, _IQ4_NL_UNSIGNED_HI[0], tl.int32),
-                       tl.full(sel.shape, _IQ4_NL_UNSIGNED_HI[1], tl.int32), sel)
+    lo = _byte_permute(tl.full(sel.shape, lo_words[0], tl.int32), tl.full(sel.shape, lo_words[1], tl.int32), sel)
+    hi = _byte_permute(tl.full(sel.shape, hi_words[0], tl.int32), tl.full(sel.shape, hi_words[1], tl.int32), sel)
     upper = ((n >> 3) & 0x01010101) * 0xFF               # 0xFF in the bytes whose nibble is 8..15
     return (hi & upper) | (lo & ~upper)
 
@@ -530,6 +549,20 @@ def _u16_word(p, i, SHAPE: tl.constexpr):
     alignment holds)."""
     h = _full(p.to(tl.pointer_type(tl.uint16)) + 2 * (i >> 2), SHAPE)
     return tl.load(h).to(tl.int32) | (tl.load(h + 1).to(tl.int32) << 16)
+
+
+@triton.jit
+def _u8_word(p, i, SHAPE: tl.constexpr):
+    """For every element i, the little-endian int32 word of bytes 4 (i >> 2) .. 4 (i >> 2) + 3 of the run at
+    byte pointer(s) ``p`` of any alignment (mxfp4's 17-byte blocks): the aligned words holding its first and
+    last byte, joined by one byte permute. Each load holds a byte of the run (an aligned word reads the same
+    word twice), so no load reaches past the buffer's 4-byte word that holds its last byte."""
+    a = _full(p + 4 * (i >> 2), SHAPE)
+    mis = (a.to(tl.int64) & 3).to(tl.int32)
+    lo_word = (a - mis).to(tl.pointer_type(tl.int32))
+    lo = tl.load(lo_word)
+    hi = tl.load(lo_word + (mis != 0).to(tl.int32))
+    return _byte_permute(lo, hi, 0x3210 + 0x1111 * mis)     # bytes mis .. mis + 3 of hi:lo
 
 
 @triton.jit
@@ -662,7 +695,7 @@ def _v3_q6_k(acc, bp, xp, i, SHAPE: tl.constexpr):
 @triton.jit
 def _v3_iq4_xs(acc, bp, xp, i, SHAPE: tl.constexpr):
     """iq4_xs super-block (136 B; see _step_iq4_xs). Per sub-block g and word of its 16 qs bytes (at 8 + 16g):
-    the table values of both nibble halves looked up word-wide (_iq4_nl_bytes), value * d made exactly as
+    the table values of both nibble halves looked up word-wide (_nl_bytes), value * d made exactly as
     q8_0's weights (fma(1 + ub/32768, 32768 d, -32896 d)); the two products with x are summed, then scaled by
     the integer ls - 32 into the accumulator (one FFMA per two weights instead of a multiply per weight). One
     FFMA with the scale d * (ls - 32) folded in would round its addend (26 significant bits); this way each
@@ -675,7 +708,7 @@ def _v3_iq4_xs(acc, bp, xp, i, SHAPE: tl.constexpr):
         word = _i32_word(bp + 8 + 16 * g, i, SHAPE)
         part = tl.zeros(SHAPE, dtype=tl.float32)
         for b in tl.static_range(2):
-            ub = _iq4_nl_bytes((word >> (4 * b)) & 0x0F0F0F0F)
+            ub = _nl_bytes((word >> (4 * b)) & 0x0F0F0F0F, IQ4_NL)
             w = _signed_byte_times(ub, q, d)
             part = _accumulate(part, w, _x_full(xp + 32 * g + 16 * b + i, SHAPE))
         acc = _accumulate(acc, part, sc)
@@ -697,13 +730,13 @@ def _v3_blocks(acc, w_rows, x_rows, step, n_blocks, i, SHAPE: tl.constexpr, QTYP
     to bit 4 of each byte. (u - o) * d is then exactly fma(1.5 + u/128, 128 d, -(192 + o) d) (q4_0: o = 8,
     -200 d; q5_0: o = 16, -208 d; both 3-bit multipliers of d's 11 bits); q4_1/q5_1's u * d + m is
     fma(1.5 + u/128, 128 d, m - 192 d), exact but for one rounding of the addend (ggml rounds u * d + m once);
-    iq4_nl: the nibbles' table values plus 128 are looked up word-wide by byte permutes (_iq4_nl_bytes), then
-    scaled as q8_0's bytes. q8_0: qs[j] (at 2) is the int8 weight j,
+    iq4_nl: the nibbles' table values plus 128 are looked up word-wide by byte permutes (_nl_bytes), then
+    scaled as q8_0's bytes; mxfp4 likewise, its quants read at any alignment (_u8_word) and its scale a power of
+    two (_signed_byte_times_pow2). q8_0: qs[j] (at 2) is the int8 weight j,
     made 0..255 word-wide (XOR 0x80); (ub - 128) * d is exactly fma(1 + ub/32768, 32768 d, -32896 d)
     (32896 = 128 * 257: 20 significant bits with d's 11). TAIL: the step may run past the row's n_blocks
     blocks; those read the last block again (loads stay in bounds and unmasked: masked loads are not merged
     per word) and count as d = m = 0, x = 0."""
-    tl.static_assert(QTYPE != MXFP4, "mxfp4's 17-byte blocks have no word-aligned quants (configs.GEMV3_ALIGNMENT)")
     q = i & 3
     BLOCK_BYTES: tl.constexpr = BLOCK32_BYTES[QTYPE]
     QS: tl.constexpr = BLOCK32_QS_AT[QTYPE]
@@ -714,7 +747,10 @@ def _v3_blocks(acc, w_rows, x_rows, step, n_blocks, i, SHAPE: tl.constexpr, QTYP
             valid = blk < n_blocks
             blk = tl.minimum(blk, n_blocks - 1)
         bp = w_rows + blk * BLOCK_BYTES
-        d = _f16_full(bp, SHAPE)
+        if QTYPE == MXFP4:
+            d = e8m0_half(_byte(bp, SHAPE))
+        else:
+            d = _f16_full(bp, SHAPE)
         if TAIL:
             d = tl.where(valid, d, 0.0)
         if HAS_MIN[QTYPE]:
@@ -722,7 +758,7 @@ def _v3_blocks(acc, w_rows, x_rows, step, n_blocks, i, SHAPE: tl.constexpr, QTYP
             if TAIL:
                 m = tl.where(valid, m, 0.0)
             addend = m - d * 192.0
-        else:
+        elif QTYPE != MXFP4:        # (mxfp4's d may be as large as 2**127: no addend, which would overflow)
             addend = d * -(192.0 + BLOCK32_QUANT_OFFSET[QTYPE])
         if QH != 0:
             h = _full((bp + QH).to(tl.pointer_type(tl.uint16)), SHAPE)
@@ -733,10 +769,16 @@ def _v3_blocks(acc, w_rows, x_rows, step, n_blocks, i, SHAPE: tl.constexpr, QTYP
                 w = _signed_byte_times(word, q, d)
             else:
                 if b == 0:
-                    word = _u16_word(bp + QS, i, SHAPE)
+                    if QTYPE == MXFP4:
+                        word = _u8_word(bp + QS, i, SHAPE)
+                    else:
+                        word = _u16_word(bp + QS, i, SHAPE)
                 if QTYPE == IQ4_NL:     # (value + 128) * d, less 128 d: as q8_0's bytes
-                    ub = _iq4_nl_bytes((word >> (4 * b)) & 0x0F0F0F0F)
+                    ub = _nl_bytes((word >> (4 * b)) & 0x0F0F0F0F, IQ4_NL)
                     w = _signed_byte_times(ub, q, d)
+                elif QTYPE == MXFP4:    # value * d for a power of two d of any exponent
+                    ub = _nl_bytes((word >> (4 * b)) & 0x0F0F0F0F, MXFP4)
+                    w = _signed_byte_times_pow2(ub, q, d)
                 else:
                     v = ((word >> (4 * b)) & 0x0F0F0F0F) | _HI_BITS_OF_1_5
                     if QH != 0:

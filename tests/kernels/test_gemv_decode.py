@@ -4,7 +4,9 @@ exactly, so each call returns whole columns of the weight as the kernel decoded 
 
 * q4_0, q5_0, q8_0, q3_k and q6_k: every weight (u - offset) * scale is exact (so is the FFMA's addend), so
   the columns equal the gguf package's dequantized fp32 weight (llama.cpp's formulas) bit for bit; so do
-  iq4_nl's and iq4_xs's (d times a table value, times iq4_xs's integer sub-block scale: exact);
+  iq4_nl's and iq4_xs's (d times a table value, times iq4_xs's integer sub-block scale: exact) and mxfp4's
+  (a table value times a power of two, over every exponent byte whose weights stay finite, the subnormal
+  scales of bytes 0 and 1 included; its 17-byte blocks start at every alignment, read as unaligned words);
 * q2_k, q4_k and q5_k: the min is folded into the FFMA's addend -(192 s + dmin m), rounded once: within
   2**-24 of that addend (plus the weight's own rounding) of gguf's dequantized weight; q4_1 and q5_1 likewise
   with the addend m - 192 d.
@@ -25,6 +27,7 @@ from gguf import quants
 
 from offload_kernels.formats import QTYPES, QuantizedTensor, get_spec
 from offload_kernels.formats.iq4_nl import IQ4_NL_VALUES
+from offload_kernels.formats.mxfp4 import MXFP4_VALUES
 from offload_kernels.kernels import configs, poison_outputs
 from offload_kernels.kernels.decode import BLOCK32_QTYPES
 from offload_kernels.kernels.gemv import gemv
@@ -33,7 +36,7 @@ from offload_kernels.kernels.runtime import INTERPRETER
 from .helpers import random_qtensor, seed_of
 
 TOKENS = 4      # columns read back per call: layout 3 runs up to GEMV3_MAX_BLOCK_M tokens
-EXACT = ("q4_0", "q5_0", "q8_0", "iq4_nl", "q3_k", "q6_k", "iq4_xs")
+EXACT = ("q4_0", "q5_0", "q8_0", "iq4_nl", "q3_k", "q6_k", "iq4_xs", "mxfp4")
 #: Columns read back: one 256-weight step, and for the 32-weight block formats a block past it (the step that
 #: runs past the end of the row).
 K_READ = dict.fromkeys(BLOCK32_QTYPES, 288)
@@ -107,6 +110,11 @@ def _gguf_weight(qt: QuantizedTensor) -> torch.Tensor:
 def _check_exact(qtype, device):
     g = torch.Generator().manual_seed(seed_of("gemv3", qtype))
     qt = random_qtensor(qtype, 40, K_READ.get(qtype, 256), g, device=device)
+    if qtype == "mxfp4":        # every exponent byte up to 252: 12 * 2**(252 - 128) is finite, 253's 6 is not
+        raw = qt.data.cpu().clone()
+        raw.view(-1, qt.spec.block_bytes)[:, 0] = torch.randint(0, 253, (raw.numel() // qt.spec.block_bytes,),
+                                                                dtype=torch.uint8, generator=g)
+        qt = QuantizedTensor(raw.to(device), qtype, qt.shape)
     got = _decoded_by_gemv(qt, device)
     assert torch.equal(got, _gguf_weight(qt))
 
@@ -197,13 +205,16 @@ def _prmt_any(a: int, b: int, selector: np.ndarray) -> np.ndarray:
     return out
 
 
-def test_iq4_nl_word_lookup_matches_the_table():
-    """gemv._iq4_nl_bytes's selector arithmetic, run through prmt as the PTX ISA defines it, looks up every
-    combination of four nibbles as IQ4_NL_VALUES + 128 (the interpreter runs the same arithmetic with
-    gemv._byte_permute's shifts, which the read-back tests above check)."""
+@pytest.mark.parametrize("qtype", ["iq4_nl", "mxfp4"])
+def test_table_word_lookup_matches_the_table(qtype):
+    """gemv._nl_bytes's selector arithmetic, run through prmt as the PTX ISA defines it, looks up every
+    combination of four nibbles as the format's table values + 128 (IQ4_NL_VALUES; MXFP4_VALUES, its doubled
+    E2M1 values) (the interpreter runs the same arithmetic with gemv._byte_permute's shifts, which the
+    read-back tests above check)."""
     gemv_module = importlib.import_module("offload_kernels.kernels.gemv")
-    lo_words = [w & 0xFFFFFFFF for w in gemv_module._IQ4_NL_UNSIGNED_LO]
-    hi_words = [w & 0xFFFFFFFF for w in gemv_module._IQ4_NL_UNSIGNED_HI]
+    prefix, values = {"iq4_nl": ("_IQ4_NL", IQ4_NL_VALUES), "mxfp4": ("_MXFP4", MXFP4_VALUES)}[qtype]
+    lo_words = [w & 0xFFFFFFFF for w in getattr(gemv_module, f"{prefix}_UNSIGNED_LO")]
+    hi_words = [w & 0xFFFFFFFF for w in getattr(gemv_module, f"{prefix}_UNSIGNED_HI")]
     nibbles = np.arange(1 << 16, dtype=np.int64)
     n = sum(((nibbles >> (4 * k)) & 0xF) << (8 * k) for k in range(4))          # one nibble per byte
     c = n & 0x07070707
@@ -213,7 +224,7 @@ def test_iq4_nl_word_lookup_matches_the_table():
     hi = _prmt_any(*hi_words, sel)
     upper = ((n >> 3) & 0x01010101) * 0xFF
     got = (hi & upper) | (lo & ~upper & 0xFFFFFFFF)
-    table = np.asarray(IQ4_NL_VALUES) + 128
+    table = np.asarray(values) + 128
     want = sum(table[(nibbles >> (4 * k)) & 0xF] << (8 * k) for k in range(4))
     assert np.array_equal(got, want)
 
@@ -222,10 +233,7 @@ def test_word_loads_need_aligned_bytes(device):
     g = torch.Generator().manual_seed(3)
     for qtype in QTYPES:
         qt = random_qtensor(qtype, 8, 256, g, device=device)
-        if qtype == "mxfp4":    # 17-byte blocks: every other block's quants are odd-aligned wherever it starts
-            assert not configs.gemv_word_loads(qt)
-            continue
-        align = 4 if qtype in ("q2_k", "q4_k", "q5_k", "iq4_xs") else 2
+        align = 4 if qtype in ("q2_k", "q4_k", "q5_k", "iq4_xs") else 1 if qtype == "mxfp4" else 2
         assert configs.gemv_word_loads(qt)
         flat = torch.empty(qt.nbytes + 16, dtype=torch.uint8, device=device)
         for offset in range(1, 4):

@@ -90,11 +90,11 @@ def test_k_shapes(qtype, k_kind, kernel, device, triton_only, poisoned):
 
 def _layout_that_runs(layout: int, qtype: str, m: int, aligned: bool) -> int:
     """The layout the GEMV heuristic runs when asked for ``layout`` (configs.gemv_heuristic_config): layout
-    3 needs word-aligned bytes (never mxfp4's) and at most 4 tokens, else q4_k/q5_k run layout 2 and the others
+    3 needs word-aligned bytes (any, for mxfp4) and at most 4 tokens, else q4_k/q5_k run layout 2 and the others
     layout 1; layout 2 needs at most 4 tokens (its accumulator would spill), else layout 1."""
     from offload_kernels.kernels import configs
 
-    if layout == 3 and not (aligned and m <= 4 and qtype in configs.GEMV3_ALIGNMENT):
+    if layout == 3 and not ((aligned or configs.GEMV3_ALIGNMENT[qtype] == 1) and m <= 4):
         layout = 2 if qtype in ("q4_k", "q5_k") else 1
     if layout == 2 and m > 4:
         layout = 1
