@@ -26,6 +26,7 @@ _LAZY = {
     "offload": "offload_kernels.model",
     "OffloadReport": "offload_kernels.model",
     "load_gguf_model": "offload_kernels.model",
+    "load_gguf_tokenizer": "offload_kernels.model",
 }
 
 __all__ = ["LLAMA_QUANTIZE_FALLBACKS", "QTYPES", "QuantizedTensor", "dequantize", "info", "quantize", "__version__", *_LAZY]
