@@ -515,13 +515,14 @@ def _apply_rope_freqs(model: nn.Module, freqs: torch.Tensor) -> None:
 
 
 def load_gguf_tokenizer(path: "str | os.PathLike[str]"):
-    """A transformers tokenizer built from the GGUF file's tokenizer metadata, tokenizing as llama.cpp does.
+    """A transformers tokenizer built from the GGUF file's tokenizer metadata, tokenizing as llama.cpp does (but
+    for gpt-4o's pre-tokenizer: the model's own regex, which llama.cpp approximates with ASCII case classes).
 
     transformers' AutoTokenizer reads the model's config from the file first, which it cannot for some
     architectures (glm4moe, gpt-oss); their tokenizer is built from the tokenizer metadata alone (a
     ``PreTrainedTokenizerFast``). A byte-level vocabulary whose pre-tokenizer is one of
-    ``gguf_vocab.PRE_TOKENIZER_SPLITS`` gets llama.cpp's split for it (transformers has no "glm4" split and
-    would fall back to GPT-2's)."""
+    ``gguf_vocab.PRE_TOKENIZER_SPLITS`` gets that split (transformers has no "glm4" split and would fall back to
+    GPT-2's)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(path)

@@ -141,7 +141,8 @@ def vocab_metadata(vocab: dict, vocab_size: int) -> dict:
 
 
 # The split each llama.cpp pre-tokenizer name applies before byte-level BPE merges, for the architectures this
-# package loads (llama.cpp's regexes; checked against llama.cpp's own tokenizer in tests/model/test_gguf_tokenizer.py).
+# package loads: llama.cpp's regexes, but for gpt-4o o200k's own (tiktoken's, with Unicode case classes and
+# marks, which llama.cpp approximates by ASCII ones). Checked against llama.cpp: tests/model/test_gguf_tokenizer.py.
 _CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 _LLAMA3 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
