@@ -13,7 +13,7 @@ import fnmatch
 import os
 import re
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from .gguf_names import (GEMMA_ARCHITECTURES, GLM4MOE_ARCHITECTURES, GPT_OSS_ARC
                          hf_to_gguf_name, qk_side)
 from .gemma import gemma_metadata
 from .gguf_rope import config_rope_metadata
-from .gguf_vocab import synthetic_spm_vocab, vocab_metadata
+from .gguf_vocab import byte_level_vocab, synthetic_spm_vocab, vocab_metadata
 from .offload import _format_for
 
 # Per-tensor overrides approximating llama.cpp's mixed presets (GGUF-name glob -> qtype).
@@ -47,6 +47,9 @@ _FLOAT_TYPES = {"f32": torch.float32, "f16": torch.float16}
 # Control tokens llama.cpp's vocabulary loader looks up by their text for an architecture (and fails to load
 # the file without): phi3's end-of-text.
 _ARCH_CONTROL_TOKENS = {"phi3": ("<|endoftext|>",)}
+# The pre-tokenizer name llama.cpp's converter writes for an architecture, where several names share its split.
+PREFERRED_PRE_TOKENIZERS = {"glm4moe": ("glm4",), "gpt-oss": ("gpt-4o",), "qwen2": ("qwen2",), "qwen3": ("qwen2",),
+                            "qwen2moe": ("qwen2",), "qwen3moe": ("qwen2",)}
 
 
 def _choose_qtype(gguf_name: str, k: int, default: str, overrides: Mapping[str, str]) -> Optional[str]:
@@ -60,7 +63,7 @@ def _choose_qtype(gguf_name: str, k: int, default: str, overrides: Mapping[str, 
 
 def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4_k", *,
               mix: Optional[str] = None, qtype_overrides: Optional[Mapping[str, str]] = None,
-              vocab: Optional[dict] = None, name: Optional[str] = None) -> Path:
+              vocab: Optional[dict] = None, tokenizer: Any = None, name: Optional[str] = None) -> Path:
     """Write ``model`` (a transformers llama/mistral/qwen2/qwen3/phi3/gemma2/gemma3 text CausalLM, or the MoE
     qwen2_moe/qwen3_moe/mixtral/glm4_moe/gpt_oss) as a GGUF file llama.cpp can load. Settings llama.cpp would not
     reproduce (rope scaling it cannot read, a Gemma attention scale or layer pattern other than the one it derives,
@@ -72,8 +75,10 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
     approximately); ``qtype_overrides`` adds GGUF-name globs.
     ``vocab`` is a vocabulary dict (``gguf_vocab``): SentencePiece-style {"tokens", "scores", "token_type", "bos",
     "eos", "unk"}, or a byte-level BPE one from ``gguf_vocab.byte_level_vocab(tokenizer, pre)`` (llama.cpp then
-    tokenizes as the model's own tokenizer does); a synthetic SentencePiece-style vocabulary of the model's
-    vocab_size is written when it is None.
+    tokenizes as the model's own tokenizer does); or ``tokenizer``, the model's byte-level BPE tokenizer (a
+    transformers fast tokenizer), from which that dict is built with the llama.cpp pre-tokenizer whose split matches
+    its own (``gguf_vocab.pre_tokenizer_name``; a SentencePiece tokenizer needs ``vocab``). With neither, a
+    synthetic SentencePiece-style vocabulary of the model's vocab_size is written.
     """
     overrides = _check_qtypes(qtype, mix, qtype_overrides)   # before anything is looked up or computed
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
@@ -95,6 +100,10 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
         arch_md = gpt_oss_metadata(config)
     else:
         arch_md = config_rope_metadata(config)
+    if tokenizer is not None:
+        if vocab is not None:
+            raise ValueError("save_gguf takes vocab or tokenizer, not both")
+        vocab = byte_level_vocab(tokenizer, prefer=PREFERRED_PRE_TOKENIZERS.get(arch, ()))
     vocab = vocab or synthetic_spm_vocab(config.vocab_size, _ARCH_CONTROL_TOKENS.get(arch, ()))
     vocab_md = vocab_metadata(vocab, config.vocab_size)       # checked before quantizing the whole model
 

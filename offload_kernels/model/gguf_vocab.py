@@ -42,17 +42,21 @@ def synthetic_spm_vocab(vocab_size: int, control_tokens: "tuple[str, ...]" = ())
     return {"tokens": tokens, "scores": scores, "token_type": types, "bos": 1, "eos": 2, "unk": 0}
 
 
-def byte_level_vocab(tokenizer: Any, pre: str, *, bos: "str | None" = None, eos: "str | None" = None) -> dict:
+def byte_level_vocab(tokenizer: Any, pre: "str | None" = None, *, bos: "str | None" = None,
+                     eos: "str | None" = None, prefer: "tuple[str, ...]" = ()) -> dict:
     """The "gpt2" vocabulary dict of a byte-level BPE ``tokenizer`` (a transformers fast tokenizer or a
     ``tokenizers.Tokenizer``): its tokens in id order, its merges, special added tokens as CONTROL and the other
     added tokens as USER_DEFINED (llama.cpp matches both whole in the text). ``pre`` is llama.cpp's pre-tokenizer
-    name for the model's split regex; it is not derivable from the tokenizer's own description here, so it is
-    asked for. ``bos``/``eos`` name tokens (default: the transformers tokenizer's own, if any); a transformers
-    tokenizer's chat template comes along (``tokenizer.chat_template`` in the file)."""
+    name for the model's split regex; None finds it from the tokenizer's own split (``pre_tokenizer_name``,
+    ``prefer`` breaking ties between names of one split). ``bos``/``eos`` name tokens (default: the transformers
+    tokenizer's own, if any); a transformers tokenizer's chat template comes along (``tokenizer.chat_template`` in
+    the file)."""
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     if not hasattr(backend, "to_str"):
         raise TypeError(f"byte_level_vocab expects a transformers fast tokenizer or a tokenizers.Tokenizer, got "
                         f"{type(tokenizer).__name__}")
+    if pre is None:
+        pre = pre_tokenizer_name(tokenizer, prefer)
     if not isinstance(pre, str) or not pre:
         raise ValueError(f"pre must name llama.cpp's pre-tokenizer (e.g. 'gpt-4o', 'llama-bpe'), got {pre!r}")
     spec = json.loads(backend.to_str())
@@ -166,3 +170,32 @@ def set_pre_tokenizer(tokenizer: Any, pre: str) -> bool:
         [pre_tokenizers.Split(Regex(split), behavior="isolated"),
          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     return True
+
+
+#: Text on which the splits of PRE_TOKENIZER_SPLITS all differ (CamelCase, contractions in capitals, digit runs,
+#: punctuation before a line break and a slash, whitespace runs, a non-ASCII capital word, combining marks).
+_PROBE = "HTTPServer's CamelCase THEY'LL go 12345678 x=1;\n\n  ÇAĞRI e\u0301te\u0301 日本語 ):/ end"
+
+
+def _split_pieces(pre_tokenizer: Any) -> list[str]:
+    return [piece for piece, _ in pre_tokenizer.pre_tokenize_str(_PROBE)]
+
+
+def pre_tokenizer_name(tokenizer: Any, prefer: "tuple[str, ...]" = ()) -> str:
+    """The PRE_TOKENIZER_SPLITS name whose split cuts a probe text into exactly the pieces ``tokenizer``'s own
+    pre-tokenizer does (the first of ``prefer`` where several names share one split, e.g. "glm4" for GLM-4.5);
+    ValueError when none does, rather than a guess that would tokenize differently in llama.cpp."""
+    from tokenizers import Regex, pre_tokenizers
+
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    own = getattr(backend, "pre_tokenizer", None)
+    if own is None:
+        raise ValueError("the tokenizer has no pre-tokenizer to match against llama.cpp's; pass pre=")
+    pieces = _split_pieces(own)
+    matches = [name for name, split in PRE_TOKENIZER_SPLITS.items() if _split_pieces(pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(split), behavior="isolated"),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])) == pieces]
+    if not matches:
+        raise ValueError(f"the tokenizer splits text as none of {', '.join(PRE_TOKENIZER_SPLITS)} does (its pieces of "
+                         f"{_PROBE!r}: {pieces}); pass pre= with llama.cpp's name for it")
+    return next((name for name in prefer if name in matches), matches[0])

@@ -20,8 +20,8 @@ import pytest
 from offload_kernels.formats.gguf_io import GGUFError, GGUFFile
 from offload_kernels.model.gguf_export import save_gguf
 from offload_kernels.model.gguf_model import load_gguf_tokenizer
-from offload_kernels.model.gguf_vocab import (PRE_TOKENIZER_SPLITS, byte_level_vocab, set_pre_tokenizer,
-                                              vocab_from_gguf, vocab_metadata)
+from offload_kernels.model.gguf_vocab import (PRE_TOKENIZER_SPLITS, byte_level_vocab, pre_tokenizer_name,
+                                              set_pre_tokenizer, vocab_from_gguf, vocab_metadata)
 
 from .test_gguf_model import _llama_cpp_python, needs_llama_cpp, tiny_model
 
@@ -233,6 +233,40 @@ def test_resaving_a_file_with_its_vocabulary_keeps_the_tokenizer(files, tmp_path
         from offload_kernels.formats import write_gguf
 
         vocab_from_gguf(write_gguf(tmp_path / "bare.gguf", {"x": __import__("torch").zeros(4)}, {}))
+
+
+def test_pre_tokenizer_name_is_found_from_the_tokenizers_own_split(bpe):
+    """Each split of the table is recognized from a tokenizer that applies it (names sharing one split: the
+    preferred one, else the table's first); a split none of them makes is refused, not guessed."""
+    from tokenizers import pre_tokenizers
+
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe)
+    for name in PRE_TOKENIZER_SPLITS:
+        set_pre_tokenizer(fast, name)
+        found = pre_tokenizer_name(fast, prefer=(name,))
+        assert found == name
+        assert byte_level_vocab(fast, bos=SPECIAL[0])["pre"] == (
+            "llama-bpe" if PRE_TOKENIZER_SPLITS[name] == PRE_TOKENIZER_SPLITS["llama-bpe"] else name)
+    fast.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)      # GPT-2's own
+    with pytest.raises(ValueError, match="splits text as none of llama-bpe, llama3, glm4, qwen2, gpt-4o"):
+        byte_level_vocab(fast)
+
+
+def test_save_gguf_takes_the_models_tokenizer(bpe, tmp_path):
+    """save_gguf(tokenizer=...) writes the tokenizer with the pre-tokenizer name llama.cpp's converter gives the
+    architecture (glm4moe: "glm4", whose split is Llama 3's), and loads back splitting the same way."""
+    from .test_gguf_glm4moe import tiny_glm4_moe
+
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=SPECIAL[1])
+    set_pre_tokenizer(fast, "llama-bpe")
+    model = tiny_glm4_moe(vocab_size=bpe.get_vocab_size())
+    path = save_gguf(model, tmp_path / "glm.gguf", "q8_0", tokenizer=fast)
+    md = GGUFFile(path).metadata
+    assert md["tokenizer.ggml.pre"] == "glm4" and md["tokenizer.ggml.eos_token_id"] == bpe.token_to_id(SPECIAL[1])
+    assert load_gguf_tokenizer(path)(TEXTS[:5])["input_ids"] == fast(TEXTS[:5])["input_ids"]
+    with pytest.raises(ValueError, match="save_gguf takes vocab or tokenizer, not both"):
+        save_gguf(model, tmp_path / "both.gguf", "q8_0", tokenizer=fast, vocab=byte_level_vocab(bpe, "glm4"))
+    assert not (tmp_path / "both.gguf").exists()
 
 
 def test_byte_level_vocab_refuses_what_a_gguf_cannot_hold(bpe):
