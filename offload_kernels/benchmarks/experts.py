@@ -43,7 +43,6 @@ from .results import (GB, Deadline, Recorder, RunInfo, Stats, add_output_argumen
 
 DEFAULT_SHAPES = ("qwen3-30b-a3b", "mixtral-8x7b")
 DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-DEFAULT_QTYPE = "q4_k"          # for presets whose published files have no one expert format
 QUICK = {"shapes": ("qwen3-30b-a3b",), "tokens": (1, 4, 16, 64, 256)}
 BASELINE = "fp16_transformers"
 #: The transformers experts class of each MoE architecture of model.shapes.
@@ -205,12 +204,13 @@ def summary_body(table: dict) -> list[str]:
 
 
 def shape_formats(names, qtype: "str | None", shapes: dict) -> dict:
-    """{shape name: the FormatSpec its experts are timed in}: ``qtype`` if given, else the format the preset's
-    published files keep their experts in (``expert_qtype``), else DEFAULT_QTYPE; SystemExit where the experts'
-    rows are no whole number of that format's blocks."""
+    """{shape name: the FormatSpec its experts are timed in (model.shapes.expert_format: ``qtype`` if given, else
+    the preset's published one, else q4_k)}; SystemExit where the experts' rows are no whole number of that
+    format's blocks."""
     from offload_kernels.formats import get_spec
+    from offload_kernels.model.shapes import expert_format
 
-    formats = {name: get_spec(qtype or shapes[name].expert_qtype or DEFAULT_QTYPE) for name in names}
+    formats = {name: get_spec(expert_format(shapes[name], qtype)) for name in names}
     for name, spec in formats.items():
         widths = {shapes[name].hidden, shapes[name].expert_intermediate}
         if any(w % spec.block_size for w in widths):

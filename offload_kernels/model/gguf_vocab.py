@@ -84,6 +84,14 @@ def byte_level_vocab(tokenizer: Any, pre: "str | None" = None, *, bos: "str | No
     return vocab
 
 
+#: The GGUF metadata key of each entry of a vocabulary dict ("model" is tokenizer.ggml.model).
+GGUF_KEYS = {"tokens": "tokenizer.ggml.tokens", "token_type": "tokenizer.ggml.token_type",
+             "scores": "tokenizer.ggml.scores", "merges": "tokenizer.ggml.merges", "pre": "tokenizer.ggml.pre",
+             "bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
+             "unk": "tokenizer.ggml.unknown_token_id", "add_bos": "tokenizer.ggml.add_bos_token",
+             "chat_template": "tokenizer.chat_template"}
+
+
 def vocab_from_gguf(path: "str | os.PathLike[str]") -> dict:
     """The vocabulary dict of a GGUF file's tokenizer metadata, for ``save_gguf(..., vocab=...)``: re-saving a
     loaded file (in another format, say) keeps its tokenizer."""
@@ -95,12 +103,7 @@ def vocab_from_gguf(path: "str | os.PathLike[str]") -> dict:
     if kind not in VOCAB_MODELS:
         raise GGUFError(f"{path}: tokenizer.ggml.model is {kind!r}; save_gguf writes {' or '.join(VOCAB_MODELS)} "
                         f"vocabularies")
-    keys = {"tokens": "tokenizer.ggml.tokens", "token_type": "tokenizer.ggml.token_type",
-            "scores": "tokenizer.ggml.scores", "merges": "tokenizer.ggml.merges", "pre": "tokenizer.ggml.pre",
-            "bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
-            "unk": "tokenizer.ggml.unknown_token_id", "add_bos": "tokenizer.ggml.add_bos_token",
-            "chat_template": "tokenizer.chat_template"}
-    vocab = {"model": kind, **{name: md[key] for name, key in keys.items() if key in md}}
+    vocab = {"model": kind, **{name: md[key] for name, key in GGUF_KEYS.items() if key in md}}
     for name in ("tokens", "token_type", "scores", "merges"):
         if name in vocab:
             vocab[name] = list(vocab[name])
@@ -122,26 +125,23 @@ def vocab_metadata(vocab: dict, vocab_size: int) -> dict:
     for key in ("scores", "token_type"):
         if key in vocab and len(vocab[key]) != n:
             raise ValueError(f"vocab has {n} tokens but {len(vocab[key])} {key}")
-    md = {"tokenizer.ggml.model": kind,
-          "tokenizer.ggml.tokens": list(vocab["tokens"]),
-          "tokenizer.ggml.token_type": [int(t) for t in vocab["token_type"]]}
+    entries = {"tokens": list(vocab["tokens"]), "token_type": [int(t) for t in vocab["token_type"]]}
     if "scores" in vocab:
-        md["tokenizer.ggml.scores"] = [float(s) for s in vocab["scores"]]
+        entries["scores"] = [float(s) for s in vocab["scores"]]
     if kind == "gpt2":
-        md["tokenizer.ggml.pre"] = str(vocab["pre"])
-        md["tokenizer.ggml.merges"] = list(vocab["merges"])
-    for key, gguf_key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id")):
+        entries.update(pre=str(vocab["pre"]), merges=list(vocab["merges"]))
+    for key in ("bos", "eos", "unk"):
         if vocab.get(key) is not None:
             if not 0 <= int(vocab[key]) < n:
                 raise ValueError(f"vocab {key} id {vocab[key]} is outside the {n} tokens")
-            md[f"tokenizer.ggml.{gguf_key}"] = int(vocab[key])
-    md["tokenizer.ggml.add_bos_token"] = bool(vocab.get("add_bos", kind == "llama"))
+            entries[key] = int(vocab[key])
+    entries["add_bos"] = bool(vocab.get("add_bos", kind == "llama"))
     if vocab.get("chat_template") is not None:
         if not isinstance(vocab["chat_template"], str):
             raise ValueError(f"vocab chat_template must be a Jinja template string, got "
                              f"{type(vocab['chat_template']).__name__}")
-        md["tokenizer.chat_template"] = vocab["chat_template"]
-    return md
+        entries["chat_template"] = vocab["chat_template"]
+    return {"tokenizer.ggml.model": kind, **{GGUF_KEYS[name]: value for name, value in entries.items()}}
 
 
 # The split each llama.cpp pre-tokenizer name applies before byte-level BPE merges, for the architectures this
@@ -161,15 +161,20 @@ PRE_TOKENIZER_SPLITS = {"llama-bpe": _LLAMA3, "llama3": _LLAMA3, "glm4": _LLAMA3
 def set_pre_tokenizer(tokenizer: Any, pre: str) -> bool:
     """Give a transformers fast tokenizer of a byte-level vocabulary llama.cpp's split for ``pre``; False (and
     the tokenizer unchanged) when ``pre`` is not one of PRE_TOKENIZER_SPLITS."""
-    from tokenizers import Regex, pre_tokenizers
-
     split = PRE_TOKENIZER_SPLITS.get(pre)
     if split is None:
         return False
-    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(split), behavior="isolated"),
-         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.backend_tokenizer.pre_tokenizer = _split_then_bytes(split)
     return True
+
+
+def _split_then_bytes(split: str) -> Any:
+    """The tokenizers pre-tokenizer that cuts text by the regex ``split`` and spells each piece in GPT-2's byte
+    alphabet (what a byte-level BPE's tokenizer.json says, and what llama.cpp does before merging)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
 #: Text on which the splits of PRE_TOKENIZER_SPLITS all differ (CamelCase, contractions in capitals, digit runs,
@@ -185,16 +190,13 @@ def pre_tokenizer_name(tokenizer: Any, prefer: "tuple[str, ...]" = ()) -> str:
     """The PRE_TOKENIZER_SPLITS name whose split cuts a probe text into exactly the pieces ``tokenizer``'s own
     pre-tokenizer does (the first of ``prefer`` where several names share one split, e.g. "glm4" for GLM-4.5);
     ValueError when none does, rather than a guess that would tokenize differently in llama.cpp."""
-    from tokenizers import Regex, pre_tokenizers
-
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     own = getattr(backend, "pre_tokenizer", None)
     if own is None:
         raise ValueError("the tokenizer has no pre-tokenizer to match against llama.cpp's; pass pre=")
     pieces = _split_pieces(own)
-    matches = [name for name, split in PRE_TOKENIZER_SPLITS.items() if _split_pieces(pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(split), behavior="isolated"),
-         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])) == pieces]
+    matches = [name for name, split in PRE_TOKENIZER_SPLITS.items()
+               if _split_pieces(_split_then_bytes(split)) == pieces]
     if not matches:
         raise ValueError(f"the tokenizer splits text as none of {', '.join(PRE_TOKENIZER_SPLITS)} does (its pieces of "
                          f"{_PROBE!r}: {pieces}); pass pre= with llama.cpp's name for it")

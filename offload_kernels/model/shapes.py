@@ -45,6 +45,9 @@ class LlamaShape:
         return (self.head_dim or self.hidden // self.heads) * self.heads
 
 
+#: The format of a preset's or config's linears unless one is asked for (the common Q4_K_M files' main one).
+DEFAULT_QTYPE = "q4_k"
+
 PRESETS: dict[str, LlamaShape] = {
     "llama-3-8b": LlamaShape(4096, 14336, 32, 32, 8, 128256),
     "llama-3-70b": LlamaShape(8192, 28672, 80, 64, 8, 128256),
@@ -112,7 +115,7 @@ class ModelInventory:
     fixed_bytes: int              # embeddings and norms at fp16 (always resident)
 
 
-def llama_inventory(shape: LlamaShape, qtype: str = "q4_k", lm_head_qtype: str | None = "q6_k",
+def llama_inventory(shape: LlamaShape, qtype: str = DEFAULT_QTYPE, lm_head_qtype: str | None = "q6_k",
                     name: str = "model", expert_qtype: str | None = None) -> ModelInventory:
     """Linears of a llama-family model quantized to ``qtype`` (lm_head to ``lm_head_qtype``, None = fp16; a MoE
     model's routed experts to ``expert_qtype`` if given); a linear whose rows that format's blocks cannot tile
@@ -275,7 +278,7 @@ def gguf_inventory(path: "str | os.PathLike[str]") -> ModelInventory:
 _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 
-def config_inventory(path: "str | os.PathLike[str]", qtype: str = "q4_k") -> ModelInventory:
+def config_inventory(path: "str | os.PathLike[str]", qtype: str = DEFAULT_QTYPE) -> ModelInventory:
     """From a transformers config.json of a llama-family model, or of a MoE model (Mixtral, Qwen2/3-MoE,
     GLM-4.5: routed experts, a shared expert, dense first blocks); what the shape cannot describe (latent
     attention, dense blocks between MoE ones) is refused by name."""
@@ -301,18 +304,23 @@ def config_inventory(path: "str | os.PathLike[str]", qtype: str = "q4_k") -> Mod
     return llama_inventory(shape, qtype, name=Path(path).parent.name or "config")
 
 
+def expert_format(shape: LlamaShape, qtype: str | None = None) -> str:
+    """The format a preset's routed experts are taken in: ``qtype`` if given, else the one its published files
+    keep them in (``expert_qtype``: gpt-oss's mxfp4), else DEFAULT_QTYPE."""
+    return qtype or shape.expert_qtype or DEFAULT_QTYPE
+
+
 def resolve_inventory(model: str, qtype: str | None = None) -> ModelInventory:
-    """A preset name, a .gguf file or a config.json -> inventory: linears in ``qtype``, by default q4_k with a
-    preset's routed experts in the format its published files keep them in (gpt-oss: mxfp4)."""
+    """A preset name, a .gguf file or a config.json -> inventory: linears in ``qtype`` (default DEFAULT_QTYPE), a
+    preset's routed experts by default in the format its published files keep them in (expert_format)."""
     if model in PRESETS:
         shape = PRESETS[model]
-        return llama_inventory(shape, qtype or "q4_k", name=model,
-                               expert_qtype=shape.expert_qtype if qtype is None else None)
+        return llama_inventory(shape, qtype or DEFAULT_QTYPE, name=model, expert_qtype=expert_format(shape, qtype))
     p = Path(model)
     if p.suffix == ".gguf":
         return gguf_inventory(p)
     if p.is_dir() and (p / "config.json").exists():
         p = p / "config.json"
     if p.suffix == ".json":
-        return config_inventory(p, qtype or "q4_k")
+        return config_inventory(p, qtype or DEFAULT_QTYPE)
     raise ValueError(f"unknown model {model!r}: give a preset ({', '.join(PRESETS)}), a .gguf file or a config.json")
