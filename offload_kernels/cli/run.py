@@ -14,7 +14,8 @@ import torch
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="path to a .gguf file (architecture llama, mistral, qwen2, qwen3, phi3, gemma2, "
-                                      "gemma3, qwen2moe, qwen3moe, glm4moe, gpt-oss, or a Mixtral: llama with experts)")
+                                      "gemma3, qwen2moe, qwen3moe, glm4moe, gpt-oss, deepseek2, or a Mixtral: llama "
+                                      "with experts)")
     parser.add_argument("--tokenizer", default=None,
                         help="a transformers tokenizer (hub name or directory) to use instead of the file's own "
                              "(default: the one the file's metadata describes)")

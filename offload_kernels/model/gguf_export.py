@@ -1,5 +1,5 @@
-"""save_gguf: a transformers llama/mistral/qwen2/qwen3/phi3/gemma2/gemma3/qwen2_moe/qwen3_moe/mixtral/glm4_moe/gpt_oss
-causal LM -> a llama.cpp GGUF file.
+"""save_gguf: a transformers llama/mistral/qwen2/qwen3/phi3/gemma2/gemma3/qwen2_moe/qwen3_moe/mixtral/glm4_moe/gpt_oss/
+deepseek_v3 causal LM -> a llama.cpp GGUF file.
 
 Linears are quantized with this package's ggml-exact quantizers (or, for OffloadedLinear layers, their
 bytes are written as they are), attn_q/attn_k rows (and their biases) are permuted the way llama.cpp's
@@ -21,12 +21,13 @@ from torch import nn
 from ..formats import LLAMA_QUANTIZE_FALLBACKS, QTYPES, QuantizedTensor, quantize, write_gguf
 from ..layers import OffloadedExperts, OffloadedLinear
 from ..layers.offloaded_experts import expert_weight, is_experts_module, projection_shape
+from .deepseek2 import LatentKVProjection, deepseek2_metadata, split_kv_b
 from .gguf_model import permute_rows
 from .glm4moe import glm4moe_metadata
 from .gpt_oss import gpt_oss_metadata
-from .gguf_names import (GEMMA_ARCHITECTURES, GLM4MOE_ARCHITECTURES, GPT_OSS_ARCHITECTURES, HF_TO_GGUF_ARCHITECTURE,
-                         MOE_ARCHITECTURES, OUTPUT, PERMUTED_QK_ARCHITECTURES, SLIDING_WINDOW_ARCHITECTURES,
-                         hf_to_gguf_name, qk_side)
+from .gguf_names import (DEEPSEEK2_ARCHITECTURES, GEMMA_ARCHITECTURES, GLM4MOE_ARCHITECTURES, GPT_OSS_ARCHITECTURES,
+                         HF_TO_GGUF_ARCHITECTURE, LATENT_KV_MODULE, MOE_ARCHITECTURES, OUTPUT,
+                         PERMUTED_QK_ARCHITECTURES, SLIDING_WINDOW_ARCHITECTURES, hf_to_gguf_name, qk_side)
 from .gemma import gemma_metadata
 from .gguf_rope import config_rope_metadata
 from .gguf_vocab import byte_level_vocab, synthetic_spm_vocab, vocab_metadata
@@ -65,7 +66,8 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
               mix: Optional[str] = None, qtype_overrides: Optional[Mapping[str, str]] = None,
               vocab: Optional[dict] = None, tokenizer: Any = None, name: Optional[str] = None) -> Path:
     """Write ``model`` (a transformers llama/mistral/qwen2/qwen3/phi3/gemma2/gemma3 text CausalLM, or the MoE
-    qwen2_moe/qwen3_moe/mixtral/glm4_moe/gpt_oss) as a GGUF file llama.cpp can load. Settings llama.cpp would not
+    qwen2_moe/qwen3_moe/mixtral/glm4_moe/gpt_oss/deepseek_v3, the last as an MLA file: kv_b_proj split into
+    attn_k_b and attn_v_b) as a GGUF file llama.cpp can load. Settings llama.cpp would not
     reproduce (rope scaling it cannot read, a Gemma attention scale or layer pattern other than the one it derives,
     gpt-oss's YaRN without truncate or a sliding pattern it cannot express) raise ValueError before anything is
     written.
@@ -98,6 +100,8 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
         arch_md = {**config_rope_metadata(config, partial_rotary=True), **glm4moe_metadata(config, head_dim)}
     elif arch in GPT_OSS_ARCHITECTURES:         # its sliding-window pattern, head size and YaRN
         arch_md = gpt_oss_metadata(config)
+    elif arch in DEEPSEEK2_ARCHITECTURES:       # latent ranks, per-head sizes, routing groups, YaRN's mscale
+        arch_md = deepseek2_metadata(config)
     else:
         arch_md = config_rope_metadata(config)
     if tokenizer is not None:
@@ -108,7 +112,8 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
     vocab_md = vocab_metadata(vocab, config.vocab_size)       # checked before quantizing the whole model
 
     renormalizes = arch != "qwen2moe"          # llama.cpp's qwen2moe weights the chosen experts as routed
-    if (arch in MOE_ARCHITECTURES and arch not in GLM4MOE_ARCHITECTURES + GPT_OSS_ARCHITECTURES  # their own rule
+    own_rule = GLM4MOE_ARCHITECTURES + GPT_OSS_ARCHITECTURES + DEEPSEEK2_ARCHITECTURES
+    if (arch in MOE_ARCHITECTURES and arch not in own_rule
             and getattr(config, "norm_topk_prob", renormalizes) != renormalizes):
         raise ValueError(f"llama.cpp's {arch} {'renormalizes' if renormalizes else 'does not renormalize'} the "
                          f"chosen experts' weights; this model has norm_topk_prob={config.norm_topk_prob}, which it "
@@ -124,6 +129,9 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
         _add_expert_stacks(tensors, shapes, module_name, experts, qtype, overrides)
     for hf_name, value in list(model.state_dict(keep_vars=False).items()):
         module_name = hf_name.rpartition(".")[0]
+        if arch in DEEPSEEK2_ARCHITECTURES and LATENT_KV_MODULE in module_name:
+            _add_latent_kv(tensors, shapes, hf_name, modules, value, config, qtype, overrides)
+            continue
         if isinstance(modules.get(module_name), OffloadedLinear):
             if hf_name.endswith(".weight"):
                 value = modules[module_name].quantized_weight()
@@ -174,7 +182,6 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
     window = getattr(config, "sliding_window", None) if arch in SLIDING_WINDOW_ARCHITECTURES else None
     if window:
         md[f"{arch}.attention.sliding_window"] = int(window)
-    md.update({f"{arch}.{key}": value for key, value in arch_md.items()})
     if arch == "qwen2moe":
         md[f"{arch}.expert_shared_feed_forward_length"] = int(config.shared_expert_intermediate_size)
     if expert_modules:
@@ -188,7 +195,47 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
         # as llama.cpp's converter does (transformers' reader would otherwise take Gemma's default head_dim, 256).
         md[f"{arch}.attention.key_length"] = int(head_dim)
         md[f"{arch}.attention.value_length"] = int(head_dim)
+    md.update({f"{arch}.{key}": value for key, value in arch_md.items()})   # the architecture's own word is last
     return write_gguf(path, tensors, md, architecture=arch, shapes=shapes)
+
+
+def _add_latent_kv(tensors: dict, shapes: dict, hf_name: str, modules: Mapping[str, nn.Module],
+                   value: torch.Tensor, config, qtype: str, overrides: Mapping[str, Optional[str]]) -> None:
+    """One state_dict entry of a deepseek_v3 block's kv_b_proj, written as llama.cpp's MLA files hold it: attn_k_b
+    (heads x kv_lora_rank x qk_nope, each head's k rows transposed) and attn_v_b (heads x v_head x kv_lora_rank).
+    A LatentKVProjection (a loaded MLA file) gives k_proj's rows and v_proj's own bytes; an nn.Linear is split."""
+    module_name, _, what = hf_name.rpartition(".")
+    m = re.match(rf"^model\.layers\.(\d+)\.{re.escape(LATENT_KV_MODULE)}(?:\.(k_proj|v_proj))?$", module_name)
+    if m is None or what not in ("weight", "weight_format"):
+        raise ValueError(f"{hf_name}: not a weight of a block's {LATENT_KV_MODULE}")
+    blk, part = f"blk.{m.group(1)}", m.group(2)
+    heads, nope, v_head = config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim
+    module = modules[module_name]
+    if part == "v_proj" and isinstance(module, OffloadedLinear):
+        if not isinstance(modules[module_name.rpartition(".")[0]], LatentKVProjection):
+            raise ValueError(f"{module_name}: expected a LatentKVProjection's v_proj")
+        if what == "weight":                # the bytes; weight_format is encoded in the GGUF type
+            w = module.quantized_weight()
+            tensors[f"{blk}.attn_v_b.weight"] = w
+            shapes[f"{blk}.attn_v_b.weight"] = (heads, v_head, w.shape[1])
+        return
+    w = value.detach().float().cpu()
+    if part is None:                        # transformers' kv_b_proj: split as llama.cpp's converter does
+        k_b, v_b = split_kv_b(w, heads, nope, v_head)
+        parts = {"attn_k_b": k_b, "attn_v_b": v_b}
+    elif part == "k_proj":
+        parts = {"attn_k_b": w.reshape(heads, nope, -1).transpose(1, 2).contiguous()}
+    else:
+        parts = {"attn_v_b": w.reshape(heads, v_head, -1)}
+    for short, t in parts.items():
+        name = f"{blk}.{short}.weight"
+        q = _choose_qtype(name, t.shape[-1], qtype, overrides)
+        flat = t.reshape(-1, t.shape[-1])
+        if q and q not in _FLOAT_TYPES:
+            tensors[name] = quantize(flat, q)
+            shapes[name] = tuple(t.shape)
+        else:
+            tensors[name] = t.to(_FLOAT_TYPES.get(q, torch.float16)).contiguous()
 
 
 def _add_expert_stacks(tensors: dict, shapes: dict, module_name: str, experts: nn.Module, qtype: str,

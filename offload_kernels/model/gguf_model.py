@@ -19,12 +19,13 @@ from ..formats import QuantizedTensor, dequantize
 from ..formats.gguf_io import GGUFError, GGUFFile, GGUFTensorInfo
 from ..layers import OffloadedExperts, OffloadedLinear
 from ..layers.offloaded_experts import is_experts_module, projection_shape
+from .deepseek2 import LatentKVProjection, deepseek2_config, k_b_to_rows
 from .gemma import configure_gemma
 from .glm4moe import glm4moe_config
 from .gpt_oss import gpt_oss_config
 from .gguf_rope import read_rope_scaling, require_rope_parameters
 from .gguf_vocab import set_pre_tokenizer
-from .gguf_names import (GEMMA_ARCHITECTURES, GLM4MOE_ARCHITECTURES, GPT_OSS_ARCHITECTURES,
+from .gguf_names import (DEEPSEEK2_ARCHITECTURES, GEMMA_ARCHITECTURES, GLM4MOE_ARCHITECTURES, GPT_OSS_ARCHITECTURES,
                          SLIDING_WINDOW_ARCHITECTURES, SUPPORTED_ARCHITECTURES, Target, gguf_targets)
 from .offload import _on_demand_modules, _report, apply_placement, check_device, check_experts, check_num_slots
 from .planner import (BudgetError, LinearSpec, Placement, default_budget, parse_bytes, plan_placement,
@@ -67,6 +68,10 @@ def _hf_config(f: GGUFFile):
         _set_head_dim(f, config)
         _set_pad_token(f, config)
         _set_rope_scaling(f, config)
+        return config
+    if f.architecture in DEEPSEEK2_ARCHITECTURES:       # no transformers reader either; its YaRN is its own
+        config = deepseek2_config(f)
+        _set_pad_token(f, config)
         return config
     if f.architecture in GPT_OSS_ARCHITECTURES:         # its rope and layer pattern are read by gpt_oss_config
         config = gpt_oss_config(f)
@@ -249,6 +254,12 @@ def _validate(f: GGUFFile, targets: dict[str, Target], model: nn.Module, config)
             if not isinstance(lin, nn.Linear) or lin.out_features != 1:
                 raise GGUFError(_no_such_module(f, name, target, config))
             expected = (lin.in_features,)
+        elif target.kind in ("latent_k", "latent_v"):
+            kv = modules.get(target.hf_name)
+            if not isinstance(kv, LatentKVProjection):
+                raise GGUFError(_no_such_module(f, name, target, config))
+            expected = ((kv.heads, kv.in_features, kv.qk_nope) if target.kind == "latent_k"
+                        else (kv.heads, kv.v_head, kv.in_features))
         elif target.kind == "experts":
             experts = modules.get(target.hf_name)
             if experts is None:
@@ -314,7 +325,8 @@ def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | Non
 
     Architectures: llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3 (text), and the mixture-of-experts
     qwen2moe, qwen3moe, glm4moe (GLM-4.5, GLM-4.5-Air: model/glm4moe.py), gpt-oss (gpt-oss-20b, gpt-oss-120b:
-    model/gpt_oss.py) and Mixtral (a llama file with ``llama.expert_count``), whose experts become
+    model/gpt_oss.py), deepseek2 with sigmoid routing (DeepSeek-V3, R1, Kimi K2: model/deepseek2.py; latent attention)
+    and Mixtral (a llama file with ``llama.expert_count``), whose experts become
     :class:`~offload_kernels.OffloadedExperts` over the file's expert stacks. Layers within ``gpu_budget``
     (bytes or "20GiB"; None: as for :func:`offload`, the free device memory less a margin) stay resident on
     the device, the rest stream through the transfer engine; ``experts="on_demand"`` copies a MoE file's
@@ -360,14 +372,17 @@ def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report,
         raise GGUFError(f"{f.path}: cannot build the transformers model the metadata describes "
                         f"({type(exc).__name__}: {exc})") from exc
 
+    _use_latent_kv(model, targets, config)
+
     # ---------------------------------------------------------------- validate every tensor first
     _validate(f, targets, model, config)
     elem = torch.tensor([], dtype=dtype).element_size()
     plan = gguf_linear_plan(f, targets, elem)      # the same function gives the planner's inventory
     params = dict(model.named_parameters())
     gate_vectors = {t.hf_name: n for n, t in targets.items() if t.kind == "gate_vector"}
+    latent_k = {f"{t.hf_name}.k_proj": n for n, t in targets.items() if t.kind == "latent_k"}
     expected_linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    missing = expected_linears - set(plan.sources) - set(gate_vectors)
+    missing = expected_linears - set(plan.sources) - set(gate_vectors) - set(latent_k)
     if missing:
         raise GGUFError(f"{f.path}: missing weights for {', '.join(sorted(missing)[:8])}")
     bias_sources = {t.hf_name: n for n, t in targets.items() if t.kind == "linear_bias"}
@@ -410,6 +425,7 @@ def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report,
                 unpermute[hf] = unpermute_rows(new.out_features, heads)
         else:                                   # float linear in the file: kept as nn.Linear in dtype
             w = f.tensor(src)
+            w = w.reshape(-1, w.shape[-1])      # (an MLA file's attn_v_b is heads x rows x columns)
             w = w[unpermute_rows(w.shape[0], heads)].to(dtype) if heads else w.to(dtype, copy=True)
             new = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=dtype)
             new.weight = nn.Parameter(w, requires_grad=False)
@@ -434,6 +450,9 @@ def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report,
             _set_parameter(model, target.hf_name, _dense(f, name, dtype))
         elif target.kind == "gate_vector":
             _set_parameter(model, target.hf_name + ".weight", _dense(f, name, dtype).reshape(1, -1))
+        elif target.kind == "latent_k":         # dequantized once: its quantized rows run along the wrong axis
+            _set_parameter(model, target.hf_name + ".k_proj.weight", k_b_to_rows(_dense(f, name, torch.float32))
+                           .to(dtype))
         elif target.kind == "router_bias":     # kept in float32, as transformers keeps it
             parent, _, attr = target.hf_name.rpartition(".")
             setattr(model.get_submodule(parent), attr, _dense(f, name, torch.float32))
@@ -454,6 +473,16 @@ def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report,
                      (1, 8, 64, 512))
     report.experts = list(plan.experts)
     return (model, report) if return_report else model
+
+
+def _use_latent_kv(model: nn.Module, targets: dict[str, Target], config) -> None:
+    """An MLA file's split attn_k_b/attn_v_b: the blocks' kv_b_proj become LatentKVProjection modules (on the meta
+    device, like the rest of the model until its tensors are set)."""
+    for hf in {t.hf_name for t in targets.values() if t.kind in ("latent_k", "latent_v")}:
+        parent, _, attr = hf.rpartition(".")
+        setattr(model.get_submodule(parent), attr, LatentKVProjection(
+            config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim, config.kv_lora_rank,
+            dtype=model.dtype, device="meta"))
 
 
 def _check_expert_biases(f: GGUFFile, model: nn.Module, experts: dict[str, dict[str, str]]) -> None:

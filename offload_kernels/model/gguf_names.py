@@ -1,6 +1,7 @@
 """GGUF <-> transformers names for the llama-family architectures (llama, mistral, qwen2, qwen3, phi3), Gemma 2
 and 3 (gemma2, gemma3) and the mixture-of-experts Qwen2-MoE (qwen2moe), Qwen3-MoE (qwen3moe), Mixtral (llama
-with experts), GLM-4.5 (glm4moe) and OpenAI gpt-oss (gpt-oss): one table for loading and saving.
+with experts), GLM-4.5 (glm4moe), OpenAI gpt-oss (gpt-oss) and DeepSeek-V3 (deepseek2): one table for loading and
+saving.
 
 llama.cpp names tensors ``blk.N.attn_q.weight``; transformers names the same weight
 ``model.layers.N.self_attn.q_proj.weight``. Both directions come from the tables below so the loader
@@ -17,12 +18,12 @@ from typing import Optional
 from ..formats.gguf_io import GGUFError, GGUFFile
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "qwen2moe", "qwen3moe",
-                           "glm4moe", "gpt-oss")
+                           "glm4moe", "gpt-oss", "deepseek2")
 # Mixture-of-experts architectures: every block's feed-forward is a router (ffn_gate_inp) and three 3-D expert
 # stacks (ffn_gate_exps, ffn_up_exps, ffn_down_exps: experts x rows x columns), which become one transformers
 # experts module (gate and up rows concatenated per expert, as its gate_up_proj holds them). A llama file with
 # llama.expert_count > 0 is a Mixtral (transformers' mixtral).
-MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe", "llama", "glm4moe", "gpt-oss")
+MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe", "llama", "glm4moe", "gpt-oss", "deepseek2")
 # glm4moe (GLM-4.5, GLM-4.5-Air): the first leading_dense_block_count blocks keep a dense MLP; the others route
 # with a sigmoid score plus a per-expert selection bias (exp_probs_b, transformers' e_score_correction_bias) and
 # add a shared expert (ffn_*_shexp, transformers' shared_experts, no gate). The last nextn_predict_layers blocks
@@ -30,6 +31,14 @@ MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe", "llama", "glm4moe", "gpt-oss")
 # no module for: they are skipped. q and k are rotated on their first rope.dimension_count dimensions only
 # (partial_rotary_factor), in the neox layout: no permutation.
 GLM4MOE_ARCHITECTURES = ("glm4moe",)
+# deepseek2 (DeepSeek-V3, R1, Kimi K2: model/deepseek2.py): multi-head latent attention (q and kv compressed to
+# latents, each RMS-normalized, then expanded per head), then a dense MLP in the first leading_dense_block_count
+# blocks and GLM-4.5's routed experts (selection bias, shared experts) in the others; multi-token-prediction blocks
+# at the end are skipped as for glm4moe. MLA files store kv_b_proj split per head (attn_k_b transposed, attn_v_b):
+# both go to one module, gguf_model's LatentKVProjection, as "latent_k"/"latent_v" targets.
+DEEPSEEK2_ARCHITECTURES = ("deepseek2",)
+# Architectures routing as GLM-4.5 does: sigmoid scores, a selection bias (exp_probs_b) and shared experts.
+SELECTION_BIAS_ARCHITECTURES = GLM4MOE_ARCHITECTURES + DEEPSEEK2_ARCHITECTURES
 # gpt-oss (gpt-oss-20b, gpt-oss-120b; llama.cpp's LLM_ARCH_OPENAI_MOE): every block is attention with biases and a
 # learned sink logit per head (attn_sinks, transformers' self_attn.sinks), then a MoE block whose router
 # (ffn_gate_inp) and three expert stacks all have biases (.bias tensors: (experts,), (experts, rows)). transformers
@@ -52,7 +61,8 @@ GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
 # text-only Gemma 3 is transformers' gemma3_text).
 HF_TO_GGUF_ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
                            "gemma2": "gemma2", "gemma3_text": "gemma3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
-                           "mixtral": "llama", "glm4_moe": "glm4moe", "gpt_oss": "gpt-oss"}
+                           "mixtral": "llama", "glm4_moe": "glm4moe", "gpt_oss": "gpt-oss",
+                           "deepseek_v3": "deepseek2"}
 
 BLOCK_LINEARS = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -96,6 +106,17 @@ GLM4MOE_BLOCK_TENSORS = {
 }
 GLM4MOE_SELECTION_BIAS = ("exp_probs_b", "mlp.gate.e_score_correction_bias")
 GPT_OSS_BLOCK_NORMS = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm"}
+DEEPSEEK2_BLOCK_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                         "attn_q_a_norm": "self_attn.q_a_layernorm", "attn_kv_a_norm": "self_attn.kv_a_layernorm"}
+DEEPSEEK2_BLOCK_LINEARS = {
+    "attn_q": "self_attn.q_proj", "attn_q_a": "self_attn.q_a_proj", "attn_q_b": "self_attn.q_b_proj",
+    "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_kv_b": "self_attn.kv_b_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# An MLA file's split kv_b_proj: GGUF name -> target kind (both target the self_attn.kv_b_proj module)
+DEEPSEEK2_LATENT_KV = {"attn_k_b": "latent_k", "attn_v_b": "latent_v"}
+LATENT_KV_MODULE = "self_attn.kv_b_proj"
 # gpt-oss block tensors beyond the attention linears: GGUF (name, weight|bias) -> (path, kind, part)
 GPT_OSS_BLOCK_TENSORS = {
     ("attn_sinks", "weight"): ("self_attn.sinks", "sinks", ""),
@@ -112,6 +133,8 @@ _HF_SHARED_EXPERT = {"mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.share
                      "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
 _HF_GLM4MOE_SHARED = {path: g for g, (path, _, _) in GLM4MOE_BLOCK_TENSORS.items()}
 _HF_GLM4MOE_BLOCK_NORMS = {hf: g for g, hf in GLM4MOE_BLOCK_NORMS.items()}
+_HF_DEEPSEEK2_BLOCK_NORMS = {hf: g for g, hf in DEEPSEEK2_BLOCK_NORMS.items()}
+_HF_DEEPSEEK2_BLOCK_LINEARS = {hf: g for g, hf in DEEPSEEK2_BLOCK_LINEARS.items()}
 _HF_BLOCK_LINEARS = {hf: g for table in (BLOCK_LINEARS, PHI3_BLOCK_LINEARS) for g, hf in table.items()}
 _HF_BLOCK_NORMS = {hf: g for g, hf in BLOCK_NORMS.items()}
 _HF_GEMMA_BLOCK_NORMS = {hf: g for g, hf in GEMMA_BLOCK_NORMS.items()}
@@ -135,7 +158,8 @@ class Target:
                       # stacks, else a parameter path
     kind: str         # "linear", "linear_bias", "embedding", "norm", "rope_freqs", "router", "experts",
                       # "gate_vector" (a one-row linear stored 1-D), "router_bias" (a float32 buffer),
-                      # "sinks" (gpt-oss's attention sink logits), "experts_bias" (an expert stack's biases)
+                      # "sinks" (gpt-oss's attention sink logits), "experts_bias" (an expert stack's biases),
+                      # "latent_k"/"latent_v" (an MLA file's split kv_b_proj: deepseek2.LatentKVProjection)
     qk: str = ""      # "q"/"k": rows (weight) or entries (bias) permuted by llama.cpp's converter for rope
     part: str = ""    # experts, experts_bias: which stack ("gate", "up", "down")
 
@@ -144,6 +168,8 @@ def block_norms(arch: str) -> dict[str, str]:
     """GGUF block norm name -> transformers module path (relative to the block) for ``arch``."""
     if arch in GLM4MOE_ARCHITECTURES:
         return GLM4MOE_BLOCK_NORMS
+    if arch in DEEPSEEK2_ARCHITECTURES:
+        return DEEPSEEK2_BLOCK_NORMS
     if arch in GPT_OSS_ARCHITECTURES:
         return GPT_OSS_BLOCK_NORMS
     return GEMMA_BLOCK_NORMS if arch in GEMMA_ARCHITECTURES else BLOCK_NORMS
@@ -169,7 +195,12 @@ def gguf_target(name: str, arch: str) -> Optional[Target]:
         return Target(prefix + norms[short] + ".weight", "norm")
     if arch in GPT_OSS_ARCHITECTURES:
         return _gpt_oss_target(prefix, short, what)
-    if arch in GLM4MOE_ARCHITECTURES:
+    if arch in DEEPSEEK2_ARCHITECTURES and what == "weight":
+        if short in DEEPSEEK2_BLOCK_LINEARS:
+            return Target(prefix + DEEPSEEK2_BLOCK_LINEARS[short], "linear")
+        if short in DEEPSEEK2_LATENT_KV:
+            return Target(prefix + LATENT_KV_MODULE, DEEPSEEK2_LATENT_KV[short])
+    if arch in SELECTION_BIAS_ARCHITECTURES:
         if short in GLM4MOE_BLOCK_TENSORS and what == "weight":
             path, kind, part = GLM4MOE_BLOCK_TENSORS[short]
             return Target(prefix + path, kind, part=part)
@@ -178,6 +209,8 @@ def gguf_target(name: str, arch: str) -> Optional[Target]:
     if arch in MOE_ARCHITECTURES and short in MOE_BLOCK_TENSORS and what == "weight":
         path, kind, part = MOE_BLOCK_TENSORS[short]
         return Target(prefix + path, kind, part=part)
+    if arch in DEEPSEEK2_ARCHITECTURES:
+        return None
     linears = PHI3_BLOCK_LINEARS if arch == "phi3" else BLOCK_LINEARS
     if short in linears:
         qk = short[-1] if arch in PERMUTED_QK_ARCHITECTURES and short in ("attn_q", "attn_k") else ""
@@ -225,10 +258,10 @@ def gguf_targets(f: GGUFFile) -> dict[str, Target]:
 
 
 def prediction_layers(f: GGUFFile) -> range:
-    """The blocks of ``f`` that are multi-token-prediction layers (glm4moe's last nextn_predict_layers
-    blocks), which llama.cpp loads but never runs: their tensors are not loaded."""
+    """The blocks of ``f`` that are multi-token-prediction layers (glm4moe's and deepseek2's last
+    nextn_predict_layers blocks), which llama.cpp loads but never runs: their tensors are not loaded."""
     arch = f.architecture
-    if arch not in GLM4MOE_ARCHITECTURES:
+    if arch not in SELECTION_BIAS_ARCHITECTURES:
         return range(0)
     blocks, nextn = f.metadata.get(f"{arch}.block_count"), f.metadata.get(f"{arch}.nextn_predict_layers", 0)
     for key, value in (("block_count", blocks), ("nextn_predict_layers", nextn)):
@@ -249,7 +282,7 @@ def hf_to_gguf_name(hf_name: str, arch: str = "llama") -> Optional[str]:
     if hf_name == "lm_head.weight":
         return OUTPUT
     m = _HF_SELECTION_BIAS.match(hf_name)
-    if m and arch in GLM4MOE_ARCHITECTURES:
+    if m and arch in SELECTION_BIAS_ARCHITECTURES:
         return f"blk.{m.group(1)}.{GLM4MOE_SELECTION_BIAS[0]}.bias"
     m = _HF_GPT_OSS_TENSOR.match(hf_name)
     if m and arch in GPT_OSS_ARCHITECTURES:
@@ -258,15 +291,18 @@ def hf_to_gguf_name(hf_name: str, arch: str = "llama") -> Optional[str]:
     if not m:
         return None
     i, rest, what = m.groups()
+    if arch in DEEPSEEK2_ARCHITECTURES and rest in _HF_DEEPSEEK2_BLOCK_LINEARS and what == "weight":
+        return f"blk.{i}.{_HF_DEEPSEEK2_BLOCK_LINEARS[rest]}.weight"
     if rest in _HF_BLOCK_LINEARS:
         return f"blk.{i}.{_HF_BLOCK_LINEARS[rest]}.{what}"
     if rest == "mlp.gate" and what == "weight" and arch in MOE_ARCHITECTURES:
         return f"blk.{i}.ffn_gate_inp.weight"
     if rest in _HF_SHARED_EXPERT and what == "weight" and arch == "qwen2moe":
         return f"blk.{i}.{_HF_SHARED_EXPERT[rest]}.weight"
-    if arch in GLM4MOE_ARCHITECTURES and rest in _HF_GLM4MOE_SHARED and what == "weight":
+    if arch in SELECTION_BIAS_ARCHITECTURES and rest in _HF_GLM4MOE_SHARED and what == "weight":
         return f"blk.{i}.{_HF_GLM4MOE_SHARED[rest]}.weight"
     hf_norms = (_HF_GLM4MOE_BLOCK_NORMS if arch in GLM4MOE_ARCHITECTURES
+                else _HF_DEEPSEEK2_BLOCK_NORMS if arch in DEEPSEEK2_ARCHITECTURES
                 else _HF_GPT_OSS_BLOCK_NORMS if arch in GPT_OSS_ARCHITECTURES
                 else _HF_GEMMA_BLOCK_NORMS if arch in GEMMA_ARCHITECTURES else _HF_BLOCK_NORMS)
     if rest in hf_norms and what == "weight":

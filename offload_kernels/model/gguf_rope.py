@@ -43,8 +43,9 @@ def metadata_positive_int(f: GGUFFile, key: str, default: Optional[int] = None) 
     return value
 
 
-def read_rope_scaling(f: GGUFFile) -> Optional[dict]:
-    """The transformers rope parameters (without rope_theta) for the scaling ``f`` declares; None for none."""
+def read_rope_scaling(f: GGUFFile, accept: tuple[str, ...] = ()) -> Optional[dict]:
+    """The transformers rope parameters (without rope_theta) for the scaling ``f`` declares; None for none.
+    ``accept``: YaRN keys the caller reads itself (deepseek2's yarn_log_multiplier), not refused here."""
     arch = f.architecture
     prefix = f"{arch}.rope.scaling."
     kind = f.metadata.get(prefix + "type")
@@ -68,7 +69,8 @@ def read_rope_scaling(f: GGUFFile) -> Optional[dict]:
         raise GGUFError(f"{f.path}: YaRN rope scaling needs a positive {prefix}original_context_length, "
                         f"got {original!r}")
     unusual = {key: value for key, neutral in _YARN_NEUTRAL.items()
-               if (value := metadata_number(f, prefix + key)) is not None and value not in neutral}
+               if key not in accept and (value := metadata_number(f, prefix + key)) is not None
+               and value not in neutral}
     if unusual:
         raise GGUFError(f"{f.path}: YaRN settings {unusual} are not supported (only beta_fast 32, beta_slow 1 "
                         f"and no extra attention factor)")

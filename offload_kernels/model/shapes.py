@@ -180,28 +180,34 @@ def gguf_linear_plan(f: GGUFFile, targets: "Mapping[str, Target]", elem_bytes: i
 
     Quantized linears (lm_head over a quantized token_embd when tied, too) become LinearSpecs with the
     file's own types; float linears are kept as nn.Linear in the model dtype, so like embeddings, norms
-    and biases they count toward ``fixed_bytes`` at ``elem_bytes`` per element.
+    and biases they count toward ``fixed_bytes`` at ``elem_bytes`` per element, as does an MLA file's attn_k_b
+    (dequantized: deepseek2.LatentKVProjection).
     """
     sources = {t.hf_name: name for name, t in targets.items() if t.kind == "linear"}
+    # an MLA file's attn_v_b (heads x v_head x latent): the rows of its LatentKVProjection's v_proj
+    sources.update({f"{t.hf_name}.v_proj": name for name, t in targets.items() if t.kind == "latent_v"})
     tied = "lm_head" not in sources and EMBEDDING in targets
     if tied:                       # llama.cpp then computes the logits with the embedding matrix
         sources["lm_head"] = EMBEDDING
     specs, fixed = [], 0
     for hf, src in sources.items():
         info = f.info(src)
-        if len(info.shape) != 2:
+        shape = info.shape
+        if targets.get(src) is not None and targets[src].kind == "latent_v" and len(shape) == 3:
+            shape = (shape[0] * shape[1], shape[2])
+        if len(shape) != 2:
             raise GGUFError(f"{f.path}: tensor {src!r} has shape {info.shape}, a linear weight must be 2-D")
         if info.is_quantized:
             if not info.is_supported:
                 raise GGUFError(unsupported_type_message(f, info))
-            specs.append(LinearSpec(hf, *info.shape, get_spec(info.ggml_type).name, block_of(hf)))
+            specs.append(LinearSpec(hf, *shape, get_spec(info.ggml_type).name, block_of(hf)))
         elif info.ggml_type.name in _FLOAT_LINEAR_TYPES:
             fixed += _numel(info.shape) * elem_bytes
         else:
             raise GGUFError(unsupported_type_message(f, info))
     fixed += sum(_numel(f.info(name).shape) * elem_bytes for name, t in targets.items()
                  if t.kind in ("embedding", "norm", "linear_bias", "router", "gate_vector", "router_bias", "sinks",
-                               "experts_bias"))
+                               "experts_bias", "latent_k"))
     experts: dict[str, dict[str, str]] = {}     # per experts module: "gate"/"up"/"down" and (gpt-oss) "<part>_bias"
     for name, t in targets.items():
         if t.kind in ("experts", "experts_bias"):

@@ -60,17 +60,19 @@ def test_run_generates_from_a_gguf_file(tmp_path, capsys):
     assert "tokens/s" in out and "generation: 4 tokens" in out
 
 
-@pytest.mark.parametrize("arch", ["glm4moe", "gpt-oss"])
+@pytest.mark.parametrize("arch", ["glm4moe", "gpt-oss", "deepseek2"])
 def test_run_a_moe_file_with_its_own_or_a_given_tokenizer(tmp_path, capsys, arch):
-    """glm4moe and gpt-oss files, whose config transformers' GGUF reader cannot build, run with the tokenizer their
-    metadata describes; --tokenizer names another (a wrong name fails before the model is loaded)."""
+    """glm4moe, gpt-oss and deepseek2 files, whose config transformers' GGUF reader cannot build, run with the
+    tokenizer their metadata describes; --tokenizer names another (a wrong name fails before the model is loaded)."""
     from offload_kernels.model.gguf_export import save_gguf
     from offload_kernels.model.gguf_model import load_gguf_tokenizer
 
     if arch == "glm4moe":
         from ..model.test_gguf_glm4moe import tiny_glm4_moe as tiny
-    else:
+    elif arch == "gpt-oss":
         from ..model.test_gguf_gpt_oss import tiny_gpt_oss as tiny
+    else:
+        from ..model.test_gguf_deepseek2 import tiny_deepseek_v3 as tiny
 
     path = save_gguf(tiny(), tmp_path / "moe.gguf", "q8_0")
     assert main(["run", str(path), "--device", "cpu", "--max-new-tokens", "2", "--prompt", "ab cd"]) == 0
