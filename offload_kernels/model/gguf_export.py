@@ -49,7 +49,8 @@ _FLOAT_TYPES = {"f32": torch.float32, "f16": torch.float16}
 # the file without): phi3's end-of-text.
 _ARCH_CONTROL_TOKENS = {"phi3": ("<|endoftext|>",)}
 # The pre-tokenizer name llama.cpp's converter writes for an architecture, where several names share its split.
-PREFERRED_PRE_TOKENIZERS = {"glm4moe": ("glm4",), "gpt-oss": ("gpt-4o",), "qwen2": ("qwen2",), "qwen3": ("qwen2",),
+PREFERRED_PRE_TOKENIZERS = {"glm4moe": ("glm4",), "gpt-oss": ("gpt-4o",), "deepseek2": ("deepseek-v3",),
+                            "qwen2": ("qwen2",), "qwen3": ("qwen2",),
                             "qwen2moe": ("qwen2",), "qwen3moe": ("qwen2",)}
 
 

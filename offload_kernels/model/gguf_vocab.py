@@ -146,7 +146,9 @@ def vocab_metadata(vocab: dict, vocab_size: int) -> dict:
 
 # The split each llama.cpp pre-tokenizer name applies before byte-level BPE merges, for the architectures this
 # package loads: llama.cpp's regexes, but for gpt-4o o200k's own (tiktoken's, with Unicode case classes and
-# marks, which llama.cpp approximates by ASCII ones). Checked against llama.cpp: tests/model/test_gguf_tokenizer.py.
+# marks, which llama.cpp approximates by ASCII ones). A tuple is a sequence of splits, each cutting the pieces of
+# the one before (DeepSeek-V3's: digit runs, then CJK runs, then words). Checked against llama.cpp:
+# tests/model/test_gguf_tokenizer.py.
 _CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 _LLAMA3 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -154,8 +156,12 @@ _UPPER, _LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]
 _GPT4O = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTIONS}?"
           rf"|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTIONS}?"
           r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZER_SPLITS = {"llama-bpe": _LLAMA3, "llama3": _LLAMA3, "glm4": _LLAMA3, "qwen2": _QWEN2,
-                        "gpt-4o": _GPT4O}
+_DEEPSEEK_V3 = (r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+                r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+                r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZER_SPLITS: "dict[str, str | tuple[str, ...]]" = {
+    "llama-bpe": _LLAMA3, "llama3": _LLAMA3, "glm4": _LLAMA3, "qwen2": _QWEN2, "gpt-4o": _GPT4O,
+    "deepseek-v3": _DEEPSEEK_V3}
 
 
 def set_pre_tokenizer(tokenizer: Any, pre: str) -> bool:
@@ -168,12 +174,14 @@ def set_pre_tokenizer(tokenizer: Any, pre: str) -> bool:
     return True
 
 
-def _split_then_bytes(split: str) -> Any:
-    """The tokenizers pre-tokenizer that cuts text by the regex ``split`` and spells each piece in GPT-2's byte
-    alphabet (what a byte-level BPE's tokenizer.json says, and what llama.cpp does before merging)."""
+def _split_then_bytes(split: "str | tuple[str, ...]") -> Any:
+    """The tokenizers pre-tokenizer that cuts text by the regex ``split`` (or each of a tuple's in turn) and spells
+    each piece in GPT-2's byte alphabet (what a byte-level BPE's tokenizer.json says, and what llama.cpp does
+    before merging)."""
     from tokenizers import Regex, pre_tokenizers
 
-    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+    regexes = (split,) if isinstance(split, str) else split
+    return pre_tokenizers.Sequence([*(pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes),
                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 

@@ -86,7 +86,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{%
 
 # What each pre-tokenizer is tested on: the architecture whose files carry it (gpt-oss and glm4moe are the ones
 # transformers' AutoTokenizer cannot read).
-PRE_ARCHITECTURES = {"llama-bpe": "llama", "qwen2": "qwen2", "gpt-4o": "gpt-oss", "glm4": "glm4moe"}
+PRE_ARCHITECTURES = {"llama-bpe": "llama", "qwen2": "qwen2", "gpt-4o": "gpt-oss", "glm4": "glm4moe",
+                     "deepseek-v3": "deepseek2"}
 
 
 def _tiny(arch: str, vocab_size: int):
@@ -98,6 +99,10 @@ def _tiny(arch: str, vocab_size: int):
         from .test_gguf_glm4moe import tiny_glm4_moe
 
         return tiny_glm4_moe(vocab_size=vocab_size)
+    if arch == "deepseek2":
+        from .test_gguf_deepseek2 import tiny_deepseek_v3
+
+        return tiny_deepseek_v3(vocab_size=vocab_size, num_hidden_layers=2)
     return tiny_model(arch, layers=1, vocab_size=vocab_size)
 
 
@@ -186,7 +191,7 @@ def test_file_tokenizer_round_trips_and_keeps_added_tokens_whole(files, bpe, pre
     expected = {"llama-bpe": ["123", "45", "ĠCamelCase", "ĠÃĩAÄŀRI"],
                 "qwen2": ["1", "2", "3", "4", "5", "ĠCamelCase", "ĠÃĩAÄŀRI"],
                 "gpt-4o": ["123", "45", "ĠCamel", "Case", "ĠÃĩAÄŀRI"]}     # o200k's Unicode case classes
-    assert pieces == expected["llama-bpe" if pre == "glm4" else pre]
+    assert pieces == expected["llama-bpe" if pre in ("glm4", "deepseek-v3") else pre]
 
 
 def test_save_gguf_writes_the_byte_level_vocabulary(files, bpe):
@@ -248,7 +253,7 @@ def test_pre_tokenizer_name_is_found_from_the_tokenizers_own_split(bpe):
         assert byte_level_vocab(fast, bos=SPECIAL[0])["pre"] == (
             "llama-bpe" if PRE_TOKENIZER_SPLITS[name] == PRE_TOKENIZER_SPLITS["llama-bpe"] else name)
     fast.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)      # GPT-2's own
-    with pytest.raises(ValueError, match="splits text as none of llama-bpe, llama3, glm4, qwen2, gpt-4o"):
+    with pytest.raises(ValueError, match="splits text as none of llama-bpe, llama3, glm4, qwen2, gpt-4o, deepseek-v3"):
         byte_level_vocab(fast)
 
 
