@@ -1,10 +1,11 @@
-"""DeepSeek-V3/R1, Kimi K2 and other multi-head latent attention (MLA) models (llama.cpp's deepseek2, transformers'
-deepseek_v3): the config from a GGUF file's metadata, the metadata from a config, and the split key/value
-up-projection MLA files store.
+"""DeepSeek-V3/R1, Kimi K2, DeepSeek-V2-Lite and other multi-head latent attention (MLA) models (llama.cpp's deepseek2,
+transformers' deepseek_v3 and deepseek_v2): the config from a GGUF file's metadata, the metadata from a config, and
+the split key/value up-projection MLA files store.
 
 transformers' GGUF reader has no deepseek2 entry, so :func:`deepseek2_config` reads the keys llama.cpp's loader reads
-(llama_model_deepseek2::load_arch_hparams) into a ``DeepseekV3Config`` and :func:`deepseek2_metadata` writes them back
-for save_gguf. What llama.cpp computes and transformers' classes must agree on:
+(llama_model_deepseek2::load_arch_hparams) into a ``DeepseekV3Config`` (or ``DeepseekV2Config``) and
+:func:`deepseek2_metadata` writes them back for save_gguf. What llama.cpp computes and transformers' classes must
+agree on:
 
 * attention compresses the hidden state to a ``kv_lora_rank`` latent (plus one shared ``qk_rope_head_dim`` key part)
   and, with ``q_lora_rank``, q to a ``q_lora_rank`` latent, each RMS-normalized, then expands them per head; heads
@@ -15,10 +16,12 @@ for save_gguf. What llama.cpp computes and transformers' classes must agree on:
   (heads x kv_lora_rank x qk_nope) and ``attn_v_b`` (heads x v_head x kv_lora_rank); older files store the one
   ``attn_kv_b`` matrix transformers' ``kv_b_proj`` is. In MLA files ``attention.key_length``/``value_length`` are
   the latent widths llama.cpp attends over, the per-head sizes are the ``_mla`` keys, and ``head_count_kv`` is 1;
-* routing as in GLM-4.5 (sigmoid scores, the top k of score + ``exp_probs_b`` chosen, weighted by their scores,
-  renormalized when ``expert_weights_norm``, scaled by ``expert_weights_scale``), limited to the experts of the
-  ``expert_group_used_count`` best of ``expert_group_count`` groups (a group scored by its two best experts), as
-  DeepSeek-V3's router does. DeepSeek-V2's softmax routing is another computation: refused;
+* routing (``expert_gating_func`` 2) as in GLM-4.5 (sigmoid scores, the top k of score + ``exp_probs_b`` chosen,
+  weighted by their scores, renormalized when ``expert_weights_norm``, scaled by ``expert_weights_scale``), limited
+  to the experts of the ``expert_group_used_count`` best of ``expert_group_count`` groups (a group scored by its two
+  best experts), as DeepSeek-V3's router does: transformers' deepseek_v3. DeepSeek-V2's (1, or unset): the top k
+  softmax probabilities, not renormalized, scaled: transformers' deepseek_v2 with ``topk_method="greedy"``; its
+  group-limited variant (V2, V2.5) scores a group by its best expert where llama.cpp takes the two best: refused;
 * YaRN: llama.cpp leaves cos/sin unscaled and multiplies the attention scale by mscale^2, mscale =
   1 + 0.1 ``mscale_all_dim`` ln(factor), with ``rope.scaling.yarn_log_multiplier`` = 0.1 ``mscale_all_dim`` (its loader
   divides the 0.1 back out); transformers computes the same with ``mscale`` = ``mscale_all_dim``;
@@ -38,8 +41,9 @@ from .gguf_rope import config_rope_metadata, metadata_number, metadata_positive_
 from .shapes import expert_used_count
 
 ARCH = "deepseek2"
-#: llama.cpp's expert_gating_func for sigmoid routing (1 is softmax; 0, unset, means softmax for deepseek2 files).
-SIGMOID_GATING = 2
+#: llama.cpp's expert_gating_func values: softmax (DeepSeek-V2) and sigmoid (V3); 0, unset, means softmax for
+#: deepseek2 files.
+SOFTMAX_GATING, SIGMOID_GATING = 1, 2
 #: The one model family whose deepseek2 files leave expert_gating_func unset yet route by sigmoid (llama.cpp's
 #: loader recognises GLM-4.7-Flash by its block count and vocabulary).
 _SIGMOID_WITHOUT_KEY = ({47, 48}, 154880)
@@ -87,16 +91,21 @@ def is_mla_file(f: GGUFFile) -> bool:
     return bool(md.get(f"{ARCH}.attention.key_length_mla")) and bool(md.get(f"{ARCH}.attention.value_length_mla"))
 
 
-def _gating_is_sigmoid(f: GGUFFile, layers: int, vocab: int) -> bool:
+def _gating(f: GGUFFile, layers: int, vocab: int) -> int:
+    """The routing llama.cpp applies to ``f``: SOFTMAX_GATING or SIGMOID_GATING (GGUFError for another value)."""
     gating = f.metadata.get(f"{ARCH}.expert_gating_func", 0)
     if gating == 0:
-        return layers in _SIGMOID_WITHOUT_KEY[0] and vocab == _SIGMOID_WITHOUT_KEY[1]
-    return gating == SIGMOID_GATING
+        sigmoid = layers in _SIGMOID_WITHOUT_KEY[0] and vocab == _SIGMOID_WITHOUT_KEY[1]
+        return SIGMOID_GATING if sigmoid else SOFTMAX_GATING
+    if gating not in (SOFTMAX_GATING, SIGMOID_GATING):
+        raise GGUFError(f"{f.path}: {ARCH}.expert_gating_func={gating!r} is neither softmax (1) nor sigmoid (2)")
+    return gating
 
 
 def deepseek2_config(f: GGUFFile):
-    """The ``DeepseekV3Config`` a deepseek2 file's metadata describes, rope scaling included."""
-    from transformers import DeepseekV3Config
+    """The transformers config a deepseek2 file's metadata describes, rope scaling included: a ``DeepseekV3Config``
+    for sigmoid routing, a ``DeepseekV2Config`` for softmax routing (DeepSeek-V2-Lite, DeepSeek-Coder-V2-Lite)."""
+    from transformers import DeepseekV2Config, DeepseekV3Config
 
     md = f.metadata
 
@@ -119,10 +128,7 @@ def deepseek2_config(f: GGUFFile):
     vocab = md.get(f"{ARCH}.vocab_size") or (f.info(EMBEDDING).shape[0] if EMBEDDING in f else None)
     if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab <= 0:
         raise GGUFError(f"{f.path}: no vocabulary size ({ARCH}.vocab_size or the {EMBEDDING} tensor)")
-    if not _gating_is_sigmoid(f, blocks, vocab):
-        raise GGUFError(f"{f.path}: {ARCH}.expert_gating_func={md.get(f'{ARCH}.expert_gating_func', 0)!r}: softmax "
-                        f"routing (DeepSeek-V2, V2.5, V2-Lite) is not supported; sigmoid routing (2: DeepSeek-V3, R1, "
-                        f"Kimi K2) is what transformers' deepseek_v3 computes")
+    gating = _gating(f, blocks, vocab)
     rope = positive("rope.dimension_count")
     kv_lora = positive("attention.kv_lora_rank")
     if is_mla_file(f):
@@ -140,29 +146,41 @@ def deepseek2_config(f: GGUFFile):
     used_groups = count("expert_group_used_count", 1) or 1
     if groups > 1 and (experts % groups or not 1 <= used_groups <= groups):
         raise GGUFError(f"{f.path}: {groups} expert groups ({used_groups} used) do not divide {experts} experts")
+    norm = bool(md.get(f"{ARCH}.expert_weights_norm", False))
+    if gating == SIGMOID_GATING:
+        cls = DeepseekV3Config
+        routing = dict(norm_topk_prob=norm, n_group=groups, topk_group=used_groups if groups > 1 else 1,
+                       rope_interleave=True, num_nextn_predict_layers=0)
+    else:
+        # transformers' DeepSeek-V2 router: softmax, the top k probabilities, unnormalized, times the scale
+        if groups > 1:
+            raise GGUFError(f"{f.path}: softmax routing limited to {used_groups} of {groups} expert groups "
+                            f"(DeepSeek-V2, V2.5) is not supported: llama.cpp scores a group by its two best experts, transformers' "
+                            f"DeepSeek-V2 by its best")
+        if norm:
+            raise GGUFError(f"{f.path}: softmax routing with {ARCH}.expert_weights_norm: transformers' DeepSeek-V2 "
+                            f"does not renormalize the chosen experts' weights")
+        cls, routing = DeepseekV2Config, dict(topk_method="greedy", n_group=1, topk_group=1)
     try:
-        config = DeepseekV3Config(
+        config = cls(
             vocab_size=vocab, hidden_size=positive("embedding_length"),
             intermediate_size=positive("feed_forward_length"),
             moe_intermediate_size=positive("expert_feed_forward_length"),
             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
             n_shared_experts=positive("expert_shared_count"), n_routed_experts=experts,
             num_experts_per_tok=expert_used_count(f, experts),
-            routed_scaling_factor=number("expert_weights_scale", 1.0),
-            norm_topk_prob=bool(md.get(f"{ARCH}.expert_weights_norm", False)),
-            n_group=groups if groups > 1 else 1, topk_group=used_groups if groups > 1 else 1,
+            routed_scaling_factor=number("expert_weights_scale", 1.0), **routing,
             first_k_dense_replace=count("leading_dense_block_count"),
             kv_lora_rank=kv_lora, q_lora_rank=q_lora, qk_rope_head_dim=rope, qk_nope_head_dim=key - rope,
             v_head_dim=value, max_position_embeddings=positive("context_length", 4096),
             rms_norm_eps=number("attention.layer_norm_rms_epsilon", 1e-6),
             rope_parameters={"rope_type": "default", "rope_theta": number("rope.freq_base", 10000.0)},
-            rope_interleave=True, attention_bias=False, tie_word_embeddings=False,
-            bos_token_id=md.get("tokenizer.ggml.bos_token_id"), eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
-            num_nextn_predict_layers=0)
+            attention_bias=False, tie_word_embeddings=False,
+            bos_token_id=md.get("tokenizer.ggml.bos_token_id"), eos_token_id=md.get("tokenizer.ggml.eos_token_id"))
     except GGUFError:
         raise
     except Exception as exc:            # the config class's own checks
-        raise GGUFError(f"{f.path}: cannot build a DeepSeek-V3 config from the file's metadata "
+        raise GGUFError(f"{f.path}: cannot build a {cls.__name__} from the file's metadata "
                         f"({type(exc).__name__}: {exc})") from exc
     scaling = _rope_scaling(f)
     if scaling is not None:
@@ -194,6 +212,13 @@ def deepseek2_metadata(config) -> dict:
                          "model rotates halves")
     if config.n_shared_experts < 1:
         raise ValueError("save_gguf: llama.cpp's deepseek2 needs at least one shared expert (n_shared_experts)")
+    softmax = config.model_type == "deepseek_v2"
+    if softmax and (getattr(config, "topk_method", "greedy") != "greedy" or (config.n_group or 1) > 1):
+        raise ValueError(f"save_gguf: DeepSeek-V2 routing {config.topk_method!r} over {config.n_group} groups: "
+                         f"llama.cpp scores a group by its two best experts, this model by its best")
+    if softmax and config.norm_topk_prob:
+        raise ValueError("save_gguf: transformers' DeepSeek-V2 ignores norm_topk_prob (it never renormalizes); "
+                         "llama.cpp would renormalize")
     params = dict(getattr(config, "rope_parameters", None) or {})
     mscale, mscale_all = params.pop("mscale", None), params.pop("mscale_all_dim", None)
     yarn = params.get("rope_type") == "yarn"
@@ -213,8 +238,9 @@ def deepseek2_metadata(config) -> dict:
           "leading_dense_block_count": int(config.first_k_dense_replace),
           "expert_shared_count": int(config.n_shared_experts),
           "expert_weights_scale": float(config.routed_scaling_factor),
-          "expert_weights_norm": bool(config.norm_topk_prob), "expert_gating_func": SIGMOID_GATING}
-    if groups > 1:
+          "expert_weights_norm": bool(config.norm_topk_prob),
+          "expert_gating_func": SOFTMAX_GATING if softmax else SIGMOID_GATING}
+    if groups > 1 and not softmax:
         md.update({"expert_group_count": groups, "expert_group_used_count": used_groups})
     if yarn:
         md["rope.scaling.yarn_log_multiplier"] = 0.1 * float(mscale_all)

@@ -65,7 +65,8 @@ def _choose_qtype(gguf_name: str, k: int, default: str, overrides: Mapping[str, 
 
 def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4_k", *,
               mix: Optional[str] = None, qtype_overrides: Optional[Mapping[str, str]] = None,
-              vocab: Optional[dict] = None, tokenizer: Any = None, name: Optional[str] = None) -> Path:
+              vocab: Optional[dict] = None, tokenizer: Any = None, name: Optional[str] = None,
+              fuse_gate_up_exps: bool = False) -> Path:
     """Write ``model`` (a transformers llama/mistral/qwen2/qwen3/phi3/gemma2/gemma3 text CausalLM, or the MoE
     qwen2_moe/qwen3_moe/mixtral/glm4_moe/gpt_oss/deepseek_v3, the last as an MLA file: kv_b_proj split into
     attn_k_b and attn_v_b) as a GGUF file llama.cpp can load. Settings llama.cpp would not
@@ -82,6 +83,8 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
     transformers fast tokenizer), from which that dict is built with the llama.cpp pre-tokenizer whose split matches
     its own (``gguf_vocab.pre_tokenizer_name``; a SentencePiece tokenizer needs ``vocab``). With neither, a
     synthetic SentencePiece-style vocabulary of the model's vocab_size is written.
+    ``fuse_gate_up_exps`` writes each MoE block's gate and up expert stacks as one ffn_gate_up_exps (each expert's
+    gate rows, then its up rows), as llama.cpp's converter does with ``--fuse-gate-up-exps``.
     """
     overrides = _check_qtypes(qtype, mix, qtype_overrides)   # before anything is looked up or computed
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
@@ -128,6 +131,8 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
                          f"tensors for")
     for module_name, experts in expert_modules.items():
         _add_expert_stacks(tensors, shapes, module_name, experts, qtype, overrides)
+        if fuse_gate_up_exps:
+            _fuse_gate_up(tensors, shapes, module_name)
     for hf_name, value in list(model.state_dict(keep_vars=False).items()):
         module_name = hf_name.rpartition(".")[0]
         if arch in DEEPSEEK2_ARCHITECTURES and LATENT_KV_MODULE in module_name:
@@ -285,6 +290,25 @@ def _add_expert_stacks(tensors: dict, shapes: dict, module_name: str, experts: n
         gate_b, up_b = _split_gate_up(gate_up_b.unsqueeze(-1), interleaved)
         for part, b in (("gate", gate_b.squeeze(-1)), ("up", up_b.squeeze(-1)), ("down", down_b)):
             tensors[f"{blk}.ffn_{part}_exps.bias"] = b.contiguous()
+
+
+def _fuse_gate_up(tensors: dict, shapes: dict, module_name: str) -> None:
+    """Replace a block's ffn_gate_exps and ffn_up_exps (and their biases) by one ffn_gate_up_exps: per expert the
+    gate rows, then the up rows (llama.cpp's converter's torch.cat along the rows). Rows are quantized one by one,
+    so the fused stack holds exactly the bytes of the two."""
+    blk = "blk." + module_name.split(".")[2]
+    gate, up = tensors.pop(f"{blk}.ffn_gate_exps.weight"), tensors.pop(f"{blk}.ffn_up_exps.weight")
+    e, i, h = shapes.pop(f"{blk}.ffn_gate_exps.weight")
+    shapes.pop(f"{blk}.ffn_up_exps.weight")
+    if gate.spec.name != up.spec.name:
+        raise ValueError(f"{blk}: ffn_gate_exps is {gate.spec.name} and ffn_up_exps {up.spec.name}; a fused "
+                         f"ffn_gate_up_exps has one format")
+    rows = torch.cat([gate.data.view(e, i, -1), up.data.view(e, i, -1)], dim=1).reshape(2 * e * i, -1)
+    tensors[f"{blk}.ffn_gate_up_exps.weight"] = QuantizedTensor(rows, gate.spec, (2 * e * i, h))
+    shapes[f"{blk}.ffn_gate_up_exps.weight"] = (e, 2 * i, h)
+    if f"{blk}.ffn_gate_exps.bias" in tensors:
+        gate_b, up_b = tensors.pop(f"{blk}.ffn_gate_exps.bias"), tensors.pop(f"{blk}.ffn_up_exps.bias")
+        tensors[f"{blk}.ffn_gate_up_exps.bias"] = torch.cat([gate_b, up_b], dim=1).contiguous()
 
 
 def _split_gate_up(rows: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ from .gguf_names import (DEEPSEEK2_ARCHITECTURES, GEMMA_ARCHITECTURES, GLM4MOE_A
 from .offload import _on_demand_modules, _report, apply_placement, check_device, check_experts, check_num_slots
 from .planner import (BudgetError, LinearSpec, Placement, default_budget, parse_bytes, plan_placement,
                       plan_with_expert_cache)
-from .shapes import expert_used_count, gguf_linear_plan, unsupported_type_message
+from .shapes import expert_stack_parts, expert_used_count, gguf_linear_plan, unsupported_type_message
 
 log = logging.getLogger("offload_kernels")
 
@@ -269,14 +269,14 @@ def _validate(f: GGUFFile, targets: dict[str, Target], model: nn.Module, config)
                                 f"{type(experts).__name__}, not an experts module holding 3-D stacks with "
                                 f"transformers' use_experts_implementation flags (transformers 5 has them)")
             e, rows, cols = projection_shape(experts, "gate_up_proj" if target.part != "down" else "down_proj")
-            expected = (e, rows // 2, cols) if target.part != "down" else (e, rows, cols)
+            expected = (e, rows // 2, cols) if target.part in ("gate", "up") else (e, rows, cols)
         elif target.kind == "experts_bias":    # gpt-oss: (experts, rows) biases of one stack
             experts = modules.get(target.hf_name)
             if experts is None or not is_experts_module(experts) or not experts.has_bias:
                 raise GGUFError(f"{f.path}: tensor {name!r} is an expert stack's bias, but {target.hf_name} is not "
                                 f"an experts module with biases")
             e, rows, _ = projection_shape(experts, "gate_up_proj" if target.part != "down" else "down_proj")
-            expected = (e, rows // 2) if target.part != "down" else (e, rows)
+            expected = (e, rows // 2) if target.part in ("gate", "up") else (e, rows)
         else:                                   # rope_freqs: one factor per rotary frequency
             inv = getattr(modules.get(target.hf_name), "inv_freq", None)
             if inv is None:
@@ -325,7 +325,7 @@ def load_gguf_model(path: "str | os.PathLike[str]", gpu_budget: "int | str | Non
 
     Architectures: llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3 (text), and the mixture-of-experts
     qwen2moe, qwen3moe, glm4moe (GLM-4.5, GLM-4.5-Air: model/glm4moe.py), gpt-oss (gpt-oss-20b, gpt-oss-120b:
-    model/gpt_oss.py), deepseek2 with sigmoid routing (DeepSeek-V3, R1, Kimi K2: model/deepseek2.py; latent attention)
+    model/gpt_oss.py), deepseek2 (DeepSeek-V3, R1, Kimi K2, DeepSeek-V2-Lite: model/deepseek2.py; latent attention)
     and Mixtral (a llama file with ``llama.expert_count``), whose experts become
     :class:`~offload_kernels.OffloadedExperts` over the file's expert stacks. Layers within ``gpu_budget``
     (bytes or "20GiB"; None: as for :func:`offload`, the free device memory less a margin) stay resident on
@@ -491,7 +491,8 @@ def _check_expert_biases(f: GGUFFile, model: nn.Module, experts: dict[str, dict[
     for hf, parts in experts.items():
         if not getattr(model.get_submodule(hf), "has_bias", False):
             continue
-        missing = [parts[p].replace(".weight", ".bias") for p in ("gate", "up", "down") if f"{p}_bias" not in parts]
+        missing = [parts[p].replace(".weight", ".bias") for p in expert_stack_parts(f, hf, parts)
+                   if f"{p}_bias" not in parts]
         if missing:
             raise GGUFError(f"{f.path}: missing tensors for {hf}'s biases: {', '.join(missing)}")
 
@@ -501,22 +502,34 @@ def _expert_projections(f: GGUFFile, parts: dict[str, str], original: nn.Module)
 
     gate_up_proj joins each expert's gate and up rows as the module's class keeps them: concatenated (gate rows,
     then up rows) or, where ``is_concatenated`` is False (gpt-oss), interleaved (gate row i, then up row i).
-    Whole rows move, so this is one host copy of the two stacks whatever their block format; down_proj is a
-    view of the file's bytes.
+    Whole rows move, so this is one host copy of the two stacks whatever their block format; a fused
+    ffn_gate_up_exps (gate rows then up rows) is already the concatenated layout, a view of the file's bytes as
+    down_proj is.
     """
-    gate, up, down = (f.tensor(parts[p]) for p in ("gate", "up", "down"))
-    e = f.info(parts["gate"]).shape[0]
+    down = f.tensor(parts["down"])
+    e = f.info(parts["down"]).shape[0]
     interleaved = not getattr(original, "is_concatenated", True)
-    gate_up = _join_gate_up(gate.data.view(e, -1, gate.row_bytes), up.data.view(e, -1, up.row_bytes), interleaved)
+    if "gate_up" in parts:
+        first = f.tensor(parts["gate_up"])
+        gate_rows, up_rows = first.data.view(e, 2, -1, first.row_bytes).unbind(1)
+    else:
+        first, up = f.tensor(parts["gate"]), f.tensor(parts["up"])
+        gate_rows, up_rows = first.data.view(e, -1, first.row_bytes), up.data.view(e, -1, up.row_bytes)
+    if "gate_up" in parts and not interleaved:
+        gate_up = first                                             # the file's bytes as they are
+    else:
+        joined = _join_gate_up(gate_rows, up_rows, interleaved).reshape(-1, first.row_bytes)
+        gate_up = QuantizedTensor(joined, first.spec, (joined.shape[0], first.shape[1]))
     biases = {"gate_up_proj": None, "down_proj": None}
     if original.has_bias:
         dtype = original.gate_up_proj_bias.dtype
-        gate_b, up_b = (_dense(f, parts[f"{p}_bias"], dtype).unsqueeze(-1) for p in ("gate", "up"))
+        if "gate_up" in parts:
+            gate_b, up_b = _dense(f, parts["gate_up_bias"], dtype).view(e, 2, -1, 1).unbind(1)
+        else:
+            gate_b, up_b = (_dense(f, parts[f"{p}_bias"], dtype).unsqueeze(-1) for p in ("gate", "up"))
         biases = {"gate_up_proj": _join_gate_up(gate_b, up_b, interleaved).reshape(-1),
                   "down_proj": _dense(f, parts["down_bias"], dtype).reshape(-1)}
-    return {"gate_up_proj": OffloadedLinear.from_quantized(QuantizedTensor(
-                gate_up.reshape(-1, gate.row_bytes), gate.spec, (2 * gate.shape[0], gate.shape[1])),
-                biases["gate_up_proj"]),
+    return {"gate_up_proj": OffloadedLinear.from_quantized(gate_up, biases["gate_up_proj"]),
             "down_proj": OffloadedLinear.from_quantized(down, biases["down_proj"])}
 
 

@@ -62,7 +62,7 @@ GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
 HF_TO_GGUF_ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
                            "gemma2": "gemma2", "gemma3_text": "gemma3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
                            "mixtral": "llama", "glm4_moe": "glm4moe", "gpt_oss": "gpt-oss",
-                           "deepseek_v3": "deepseek2"}
+                           "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2"}
 
 BLOCK_LINEARS = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -92,6 +92,8 @@ MOE_BLOCK_TENSORS = {
     "ffn_gate_inp": ("mlp.gate.weight", "router", ""),
     "ffn_gate_exps": ("mlp.experts", "experts", "gate"),
     "ffn_up_exps": ("mlp.experts", "experts", "up"),
+    # llama.cpp's converter with --fuse-gate-up-exps: one stack, each expert's gate rows then its up rows
+    "ffn_gate_up_exps": ("mlp.experts", "experts", "gate_up"),
     "ffn_down_exps": ("mlp.experts", "experts", "down"),
     "ffn_gate_shexp": ("mlp.shared_expert.gate_proj", "linear", ""),
     "ffn_up_shexp": ("mlp.shared_expert.up_proj", "linear", ""),
@@ -123,7 +125,7 @@ GPT_OSS_BLOCK_TENSORS = {
     ("ffn_gate_inp", "weight"): ("mlp.router.weight", "router", ""),
     ("ffn_gate_inp", "bias"): ("mlp.router.bias", "router", ""),
     **{(f"ffn_{part}_exps", what): ("mlp.experts", "experts" if what == "weight" else "experts_bias", part)
-       for part in ("gate", "up", "down") for what in ("weight", "bias")},
+       for part in ("gate", "up", "gate_up", "down") for what in ("weight", "bias")},
 }
 _GPT_OSS_ATTENTION = ("attn_q", "attn_k", "attn_v", "attn_output")
 _HF_GPT_OSS_TENSORS = {path: f"{short}.{what}" for (short, what), (path, kind, _) in GPT_OSS_BLOCK_TENSORS.items()
@@ -161,7 +163,7 @@ class Target:
                       # "sinks" (gpt-oss's attention sink logits), "experts_bias" (an expert stack's biases),
                       # "latent_k"/"latent_v" (an MLA file's split kv_b_proj: deepseek2.LatentKVProjection)
     qk: str = ""      # "q"/"k": rows (weight) or entries (bias) permuted by llama.cpp's converter for rope
-    part: str = ""    # experts, experts_bias: which stack ("gate", "up", "down")
+    part: str = ""    # experts, experts_bias: which stack ("gate", "up", "gate_up": both fused, "down")
 
 
 def block_norms(arch: str) -> dict[str, str]:

@@ -217,26 +217,45 @@ def gguf_linear_plan(f: GGUFFile, targets: "Mapping[str, Target]", elem_bytes: i
     return GGUFLinearPlan(sources, specs, fixed, tied, experts)
 
 
+def expert_stack_parts(f: GGUFFile, hf: str, parts: Mapping[str, str]) -> tuple[str, ...]:
+    """The stacks an experts module's file tensors come in: ("gate", "up", "down"), or ("gate_up", "down") where
+    llama.cpp's converter fused gate and up (``--fuse-gate-up-exps``); GGUFError for a missing or doubled one."""
+    wanted = ("gate_up", "down") if "gate_up" in parts else ("gate", "up", "down")
+    missing = [p for p in wanted if p not in parts]
+    if missing:
+        raise GGUFError(f"{f.path}: {hf} has no ffn_{missing[0]}_exps tensor (an experts module needs gate, up "
+                        f"and down, or gate_up and down)")
+    doubled = [p for p in ("gate", "up") if p in parts and "gate_up" in parts]
+    if doubled:
+        raise GGUFError(f"{f.path}: {hf} has both ffn_gate_up_exps and ffn_{doubled[0]}_exps")
+    return wanted
+
+
 def _expert_specs(f: GGUFFile, hf: str, parts: Mapping[str, str]) -> list[LinearSpec]:
     """The two stacked projections an experts module's GGUF tensors become: gate_up_proj (each expert's gate
     and up rows, so gate and up must share a format) and down_proj."""
-    missing = [p for p in ("gate", "up", "down") if p not in parts]
-    if missing:
-        raise GGUFError(f"{f.path}: {hf} has no ffn_{missing[0]}_exps tensor (an experts module needs gate, up "
-                        f"and down)")
-    infos = {p: f.info(parts[p]) for p in ("gate", "up", "down")}
+    infos = {p: f.info(parts[p]) for p in expert_stack_parts(f, hf, parts)}
     for p, info in infos.items():
         if len(info.shape) != 3:
             raise GGUFError(f"{f.path}: tensor {info.name!r} has shape {info.shape}, expert weights must be 3-D "
                             f"(experts, rows, columns)")
         if not info.is_quantized or not info.is_supported:
             raise GGUFError(unsupported_type_message(f, info) + "; expert stacks must be quantized")
-    gate, up, down = infos["gate"], infos["up"], infos["down"]
-    if gate.shape != up.shape or gate.ggml_type != up.ggml_type:
-        raise GGUFError(f"{f.path}: {gate.name!r} ({gate.ggml_type.name} {gate.shape}) and {up.name!r} "
-                        f"({up.ggml_type.name} {up.shape}) must have one type and shape: they become one "
-                        f"gate_up_proj")
-    e, i, h = gate.shape
+    down = infos["down"]
+    if "gate_up" in infos:
+        gate = infos["gate_up"]
+        e, two_i, h = gate.shape
+        if two_i % 2:
+            raise GGUFError(f"{f.path}: tensor {gate.name!r} has shape {gate.shape}: an odd number of rows cannot be "
+                            f"gate rows then as many up rows")
+        i = two_i // 2
+    else:
+        gate, up = infos["gate"], infos["up"]
+        if gate.shape != up.shape or gate.ggml_type != up.ggml_type:
+            raise GGUFError(f"{f.path}: {gate.name!r} ({gate.ggml_type.name} {gate.shape}) and {up.name!r} "
+                            f"({up.ggml_type.name} {up.shape}) must have one type and shape: they become one "
+                            f"gate_up_proj")
+        e, i, h = gate.shape
     if down.shape != (e, h, i):
         raise GGUFError(f"{f.path}: tensor {down.name!r} has shape {down.shape}, expected {(e, h, i)} for {hf}")
     k = expert_used_count(f, e)

@@ -1,8 +1,9 @@
 """DeepSeek-V3-style GGUF files (llama.cpp's deepseek2): multi-head latent attention, whose key/value expansion MLA
 files store split per head (attn_k_b transposed, attn_v_b), a dense first block, then MoE blocks with group-limited
-sigmoid routing, a selection bias and a shared expert; YaRN with DeepSeek's attention-scale correction. transformers
-has no GGUF reader for the architecture, so the references are the transformers model itself (its expert stacks set
-to the file's dequantized bytes) and, when installed, llama.cpp."""
+sigmoid routing, a selection bias and a shared expert; YaRN with DeepSeek's attention-scale correction;
+DeepSeek-V2-Lite's softmax routing (transformers' deepseek_v2). transformers has no GGUF reader for the
+architecture, so the references are the transformers model itself (its expert stacks set to the file's dequantized
+bytes) and, when installed, llama.cpp."""
 
 import pytest
 import torch
@@ -241,8 +242,7 @@ def test_prediction_layers_at_the_end_of_the_file_are_skipped(files, tmp_path):
 def test_what_transformers_would_compute_differently_is_refused(files, tmp_path):
     path = files["q8_0"]
     for i, (md, drop, match) in enumerate((
-            ({"deepseek2.expert_gating_func": 1}, (), "softmax routing .* is not supported"),
-            ({}, ("deepseek2.expert_gating_func",), "expert_gating_func=0: softmax routing"),
+            ({"deepseek2.expert_gating_func": 1}, (), "softmax routing limited to 2 of 4 expert groups"),
             ({"deepseek2.expert_group_count": 3}, (), "3 expert groups .* do not divide 8 experts"),
             ({"deepseek2.attention.q_lora_rank": 0}, (), "q_lora_rank is None but the file has no uncompressed"),
             ({"deepseek2.attention.key_length_mla": ROPE}, (), "leaves no unrotated dimensions"),
@@ -280,14 +280,77 @@ def test_parity_with_llama_cpp(files, name, tmp_path):
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("variant", ["yarn", "no_q_latent", "pre_mla"])
+@pytest.mark.parametrize("variant", ["yarn", "no_q_latent", "pre_mla", "fused_gate_up"])
 def test_variants_parity_with_llama_cpp(files, variant, tmp_path):
     if variant == "yarn":
         path = save_gguf(_yarn_model(), tmp_path / "q8_0.gguf", "q8_0")
     elif variant == "no_q_latent":
         path = save_gguf(tiny_deepseek_v3(seed=4, q_lora_rank=None), tmp_path / "q8_0.gguf", "q8_0")
+    elif variant == "fused_gate_up":        # one ffn_gate_up_exps per block, as --fuse-gate-up-exps converts
+        path = save_gguf(tiny_deepseek_v3(), tmp_path / "q8_0.gguf", "q8_0", fuse_gate_up_exps=True)
+        assert "blk.1.ffn_gate_up_exps.weight" in GGUFFile(path) and "blk.1.ffn_up_exps.weight" not in GGUFFile(path)
     else:                                   # llama.cpp's non-MLA path: attention over expanded heads
         path = _legacy_file(tmp_path, files["q8_0"], "pre_mla.gguf")
     f32_diff, span, f32_top1, max_diff, top1 = parity_quantized_and_dequantized(path, tmp_path, f"deepseek2 {variant}")
+    assert f32_diff <= 5e-4 * span and f32_top1 == 1.0
+    assert max_diff <= 0.05 * span and round(top1 * IDS.shape[1]) >= 8
+
+
+def tiny_deepseek_v2(seed=5, **config):
+    """DeepSeek-V2-Lite-style: no q latent, softmax routing over all experts (greedy), unnormalized, scaled."""
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=320, hidden_size=256, intermediate_size=512, moe_intermediate_size=WIDTH,
+              num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=HEADS, q_lora_rank=None,
+              kv_lora_rank=KV_LORA, qk_nope_head_dim=NOPE, qk_rope_head_dim=ROPE, v_head_dim=V_HEAD,
+              n_routed_experts=EXPERTS, num_experts_per_tok=USED, n_shared_experts=2, first_k_dense_replace=1,
+              routed_scaling_factor=1.5, topk_method="greedy", max_position_embeddings=128)
+    kw.update(config)
+    model = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**kw)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4)
+            layer.self_attn.kv_b_proj.weight.mul_(4)
+            layer.self_attn.kv_a_layernorm.weight.uniform_(0.5, 1.5)
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.weight.normal_(0, 0.3)
+    return model
+
+
+def test_softmax_routing_loads_as_deepseek_v2(tmp_path):
+    """DeepSeek-V2-Lite and Coder-V2-Lite files route by softmax (expert_gating_func 1, or unset in older files):
+    transformers' DeepSeek-V2 model, greedy top k, unnormalized, scaled."""
+    model = tiny_deepseek_v2()
+    path = save_gguf(model, tmp_path / "f32.gguf", "f32", qtype_overrides={"*_exps.weight": "q8_0"})
+    md = GGUFFile(path).metadata
+    assert (md["deepseek2.expert_gating_func"], md["deepseek2.expert_weights_norm"]) == (1, False)
+    assert "deepseek2.expert_group_count" not in md and "blk.1.exp_probs_b.bias" not in GGUFFile(path)
+    loaded = load_gguf_model(path, dtype=torch.float32, device="cpu")
+    assert loaded.config.model_type == "deepseek_v2" and loaded.config.routed_scaling_factor == 1.5
+    _assert_same_logits(loaded, model)
+    unset = load_gguf_model(_rewrite(tmp_path, path, "unset.gguf", drop=("deepseek2.expert_gating_func",)),
+                            dtype=torch.float32, device="cpu")
+    assert unset.config.model_type == "deepseek_v2"
+    for i, (md_change, match) in enumerate((
+            ({"deepseek2.expert_weights_norm": True}, "does not renormalize"),
+            ({"deepseek2.expert_group_count": 4, "deepseek2.expert_group_used_count": 2},
+             "scores a group by its two best experts"),
+            ({"deepseek2.expert_gating_func": 3}, "neither softmax"))):
+        with pytest.raises(GGUFError, match=match):
+            load_gguf_model(_rewrite(tmp_path, path, f"bad_v2_{i}.gguf", md_change), device="cpu")
+    for bad, match in (({"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2}, "its best"),
+                       ({"norm_topk_prob": True}, "ignores norm_topk_prob")):
+        with pytest.raises(ValueError, match=match):
+            save_gguf(tiny_deepseek_v2(**bad), tmp_path / "m.gguf", "q8_0")
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("yarn", [False, True])
+def test_softmax_routing_parity_with_llama_cpp(tmp_path, yarn):
+    rope = ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                 "original_max_position_embeddings": 4, "mscale": 0.707, "mscale_all_dim": 0.707}}
+            if yarn else {})
+    path = save_gguf(tiny_deepseek_v2(**rope), tmp_path / "q8_0.gguf", "q8_0")
+    f32_diff, span, f32_top1, max_diff, top1 = parity_quantized_and_dequantized(path, tmp_path,
+                                                                                f"deepseek2 softmax yarn={yarn}")
     assert f32_diff <= 5e-4 * span and f32_top1 == 1.0
     assert max_diff <= 0.05 * span and round(top1 * IDS.shape[1]) >= 8

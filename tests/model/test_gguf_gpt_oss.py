@@ -169,6 +169,27 @@ def test_saving_a_loaded_model_writes_the_same_bytes(files, tmp_path):
         {k: v for k, v in b.metadata.items() if k.startswith("gpt-oss.")}
 
 
+def test_fused_gate_up_stacks_and_biases(model, files, tmp_path):
+    """A file with fused ffn_gate_up_exps weights and biases (gate rows, then up rows, as llama.cpp's converter
+    fuses them) loads into transformers' interleaved gate_up_proj exactly as the split file does; saved again with
+    fuse_gate_up_exps it is the same file."""
+    fused = save_gguf(model, tmp_path / "fused.gguf", "q4_k", mix="q4_k_m", fuse_gate_up_exps=True)
+    f = GGUFFile(fused)
+    assert f.info("blk.0.ffn_gate_up_exps.bias").shape == (EXPERTS, 2 * WIDTH)
+    assert "blk.0.ffn_gate_exps.bias" not in f and "blk.0.ffn_up_exps.weight" not in f
+    loaded = load_gguf_model(fused, dtype=torch.float32, device="cpu")
+    split = load_gguf_model(files["q4_k_m"], dtype=torch.float32, device="cpu")
+    for a, b in zip(loaded.model.layers, split.model.layers):
+        assert torch.equal(a.mlp.experts.gate_up_proj.weight, b.mlp.experts.gate_up_proj.weight)
+        assert torch.equal(a.mlp.experts.gate_up_proj.bias, b.mlp.experts.gate_up_proj.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, split(IDS).logits, rtol=0, atol=0)
+    again = GGUFFile(save_gguf(loaded, tmp_path / "again.gguf", "q4_k", mix="q4_k_m", fuse_gate_up_exps=True))
+    assert set(again) == set(f)
+    for name in f:
+        assert torch.equal(again.raw_bytes(name), f.raw_bytes(name)), name
+
+
 def test_a_sliding_window_period_other_than_two(tmp_path):
     """attention.sliding_window_pattern p: layer i slides unless i % p == p - 1 (llama.cpp's set_swa_pattern);
     written only when p is not 2, read back into layer_types; patterns no period gives are refused."""

@@ -109,6 +109,32 @@ def test_saving_a_loaded_model_writes_the_same_bytes(files, tmp_path):
             assert torch.equal(b.raw_bytes(name), a.raw_bytes(name)), name
 
 
+def test_fused_gate_up_stacks(files, tmp_path):
+    """llama.cpp's converter with --fuse-gate-up-exps writes one ffn_gate_up_exps per block (each expert's gate
+    rows, then its up rows): exactly the bytes of the two stacks, which the loader takes as gate_up_proj as they
+    are; the logits are those of the split file. A block with both fused and split stacks is refused. (llama.cpp
+    0.3.36 reads fused stacks for deepseek2 only: the parity check is test_gguf_deepseek2's.)"""
+    fused = save_gguf(tiny_qwen3_moe(), tmp_path / "fused.gguf", "q4_k", mix="q4_k_m", fuse_gate_up_exps=True)
+    f, split = GGUFFile(fused), GGUFFile(files["q4_k_m"])
+    assert "blk.0.ffn_gate_exps.weight" not in f and "blk.0.ffn_up_exps.weight" not in f
+    assert f.info("blk.0.ffn_gate_up_exps.weight").shape == (EXPERTS, 2 * WIDTH, 256)
+    loaded = load_gguf_model(fused, dtype=torch.float32, device="cpu")
+    for i, layer in enumerate(loaded.model.layers):
+        gate, up = (split.tensor(f"blk.{i}.ffn_{p}_exps.weight").data.view(EXPERTS, WIDTH, -1) for p in ("gate", "up"))
+        stack = f.tensor(f"blk.{i}.ffn_gate_up_exps.weight").data
+        assert torch.equal(stack.view(EXPERTS, 2 * WIDTH, -1), torch.cat([gate, up], dim=1))
+        assert torch.equal(layer.mlp.experts.gate_up_proj.weight.reshape(-1), stack.reshape(-1))
+    assert {s.name for s in gguf_inventory(fused).linears} == {s.name for s in gguf_inventory(files["q4_k_m"]).linears}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits,
+                                   load_gguf_model(files["q4_k_m"], dtype=torch.float32, device="cpu")(IDS).logits,
+                                   rtol=0, atol=0)
+    both = _rewrite(tmp_path, fused, "both.gguf", tensors={"blk.0.ffn_gate_exps.weight": split.tensor(
+        "blk.0.ffn_gate_exps.weight")}, shapes={"blk.0.ffn_gate_exps.weight": (EXPERTS, WIDTH, 256)})
+    with pytest.raises(GGUFError, match="has both ffn_gate_up_exps and ffn_gate_exps"):
+        load_gguf_model(both, device="cpu")
+
+
 def _one_block_budget(path):
     """A budget (fp32 model) with one staging slot for a block and 64 KiB more: nearly everything streams."""
     inventory = gguf_inventory(path)
