@@ -3,11 +3,17 @@
 Reading never dequantizes and never loads the file into RAM: every tensor is a torch view of the
 file's pages (numpy memmap in copy-on-write mode, so a stray write changes a private page, never the
 file, and never faults). Quantized tensors come back as :class:`QuantizedTensor` over the file bytes.
+
+Models split by llama.cpp's gguf-split (``name-00001-of-00003.gguf`` ...: the first part holds the metadata,
+every part some tensors, each its ``split.no``, ``split.count`` and ``split.tensors.count``) open as one file
+from the path of their first part, as llama.cpp opens them.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import struct
 import uuid
 from dataclasses import dataclass
@@ -52,6 +58,7 @@ class GGUFTensorInfo:
     shape: tuple[int, ...]
     nbytes: int
     offset: int
+    part: int = 0          # which file of a split model holds it (0: the first, or the only one)
 
     @property
     def type_name(self) -> str:
@@ -75,24 +82,34 @@ class GGUFFile:
 
     def __init__(self, path: "str | os.PathLike[str]"):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {self.path}")
-        size = self.path.stat().st_size
-        try:
-            reader = GGUFReader(self.path, mode="c")
-        except Exception as exc:  # the gguf package raises many kinds on malformed input
-            raise GGUFError(f"{self.path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
-        self._reader = reader
+        first = _open_reader_at(self.path)
         self._infos: dict[str, GGUFTensorInfo] = {}
+        self.parts: list[Path] = _split_parts(self.path, first)      # [path] unless split
+        self._readers = [first] + [_open_reader_at(p) for p in self.parts[1:]]
+        for i, (part, reader) in enumerate(zip(self.parts, self._readers)):
+            if i:
+                _check_split_part(part, reader, i, len(self.parts))
+            self._add_tensors(part, reader, i)
+        if len(self.parts) > 1:
+            expected = _split_field(first, SPLIT_TENSORS_COUNT)
+            if expected is not None and expected != len(self._infos):
+                raise GGUFError(f"{self.path}: split.tensors.count is {expected} but the {len(self.parts)} parts hold "
+                                f"{len(self._infos)} tensors")
+        self._reader = first
+        self._metadata: dict[str, Any] | None = None
+
+    def _add_tensors(self, part: Path, reader: GGUFReader, index: int) -> None:
+        size = part.stat().st_size
         for t in reader.tensors:
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
             info = GGUFTensorInfo(t.name, GGMLQuantizationType(t.tensor_type), shape, int(t.n_bytes),
-                                  int(t.data_offset))
+                                  int(t.data_offset), index)
             if info.offset + info.nbytes > size or t.data.nbytes != info.nbytes:
-                raise GGUFError(f"{self.path}: truncated file: tensor {t.name!r} needs bytes "
+                raise GGUFError(f"{part}: truncated file: tensor {t.name!r} needs bytes "
                                 f"[{info.offset}, {info.offset + info.nbytes}) but the file has {size}")
+            if t.name in self._infos:
+                raise GGUFError(f"{part}: tensor {t.name!r} is also in {self.parts[self._infos[t.name].part]}")
             self._infos[t.name] = info
-        self._metadata: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -112,7 +129,7 @@ class GGUFFile:
         if self._metadata is None:
             md = {}
             for name, field in reader.fields.items():
-                if name.startswith("GGUF."):
+                if name.startswith("GGUF.") or name in SPLIT_KEYS:     # the split is this object's business
                     continue
                 try:
                     md[name] = field.contents()
@@ -146,10 +163,10 @@ class GGUFFile:
         return len(self._infos)
 
     def raw_bytes(self, name: str) -> torch.Tensor:
-        """The tensor's bytes as a 1-D uint8 view of the file."""
-        reader = self._open_reader()
+        """The tensor's bytes as a 1-D uint8 view of the file (of the part holding it)."""
+        self._open_reader()
         info = self.info(name)
-        arr = reader.data[info.offset:info.offset + info.nbytes]
+        arr = self._readers[info.part].data[info.offset:info.offset + info.nbytes]
         return torch.from_numpy(arr.view(np.uint8))
 
     def tensor(self, name: str) -> "QuantizedTensor | torch.Tensor":
@@ -175,6 +192,7 @@ class GGUFFile:
         Afterwards metadata and tensor reads raise ValueError; tensor infos stay available.
         """
         self._reader = None  # type: ignore[assignment]
+        self._readers = []
         self._metadata = None
 
     def __enter__(self) -> "GGUFFile":
@@ -187,6 +205,54 @@ class GGUFFile:
         if self.closed:
             return f"GGUFFile({str(self.path)!r}, closed)"
         return f"GGUFFile({str(self.path)!r}, architecture={self.architecture!r}, tensors={len(self._infos)})"
+
+
+SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS_COUNT = "split.no", "split.count", "split.tensors.count"
+SPLIT_KEYS = (SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS_COUNT)
+#: gguf-split's part names: <prefix>-00001-of-00003.gguf
+_SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def _open_reader_at(path: Path) -> GGUFReader:
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    try:
+        return GGUFReader(path, mode="c")
+    except Exception as exc:  # the gguf package raises many kinds on malformed input
+        raise GGUFError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
+
+
+def _split_field(reader: GGUFReader, key: str) -> "int | None":
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    value = field.contents()
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise GGUFError(f"{reader.path}: metadata {key} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _split_parts(path: Path, first: GGUFReader) -> list[Path]:
+    """The files of the model whose first part (or only file) is ``path``, in order."""
+    count, no = _split_field(first, SPLIT_COUNT), _split_field(first, SPLIT_NO)
+    if not count or count == 1:
+        return [path]
+    m = _SPLIT_NAME.match(path.name)
+    if no != 0:
+        first_name = f"{m.group('prefix')}-00001-of-{count:05d}.gguf" if m else "its first part"
+        raise GGUFError(f"{path}: this is part {(no or 0) + 1} of a model split in {count}; open the first part "
+                        f"({first_name})")
+    if m is None or int(m.group("no")) != 1 or int(m.group("count")) != count:
+        raise GGUFError(f"{path}: the first of {count} split parts must be named <prefix>-00001-of-{count:05d}.gguf "
+                        f"(gguf-split's names), so that the other parts can be found")
+    return [path.with_name(f"{m.group('prefix')}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
+def _check_split_part(path: Path, reader: GGUFReader, index: int, count: int) -> None:
+    no, n = _split_field(reader, SPLIT_NO), _split_field(reader, SPLIT_COUNT)
+    if (no, n) != (index, count):
+        raise GGUFError(f"{path}: expected split part {index + 1} of {count}, but its metadata says split.no={no}, "
+                        f"split.count={n}")
 
 
 def read_gguf(path: "str | os.PathLike[str]") -> tuple[dict[str, Any], dict[str, "QuantizedTensor | torch.Tensor"]]:
@@ -362,8 +428,12 @@ def _prepare_tensor(name: Any, t: Any, shape: "Sequence[int] | None" = None,
 
 def write_gguf(path: "str | os.PathLike[str]", tensors: Mapping[str, "QuantizedTensor | torch.Tensor"],
                metadata: Mapping[str, Any] | None = None, architecture: str | None = None,
-               shapes: "Mapping[str, Sequence[int]] | None" = None) -> Path:
+               shapes: "Mapping[str, Sequence[int]] | None" = None, split_max_tensors: int = 0) -> Path:
     """Write tensors (QuantizedTensors keep their exact bytes; plain tensors their dtype) and metadata.
+
+    ``split_max_tensors`` > 0 splits the model as llama.cpp's gguf-split does, at most that many tensors per part:
+    ``<stem>-00001-of-0000N.gguf`` ... beside ``path`` (the metadata in the first); the first part's path is
+    returned, which GGUFFile and llama.cpp open as the whole model.
 
     ``shapes`` gives quantized tensors of more than two dimensions their torch-order shape: the rows of the
     (rows, K) QuantizedTensor split into leading dimensions, e.g. an expert stack's (experts, rows, K).
@@ -402,6 +472,10 @@ def write_gguf(path: "str | os.PathLike[str]", tensors: Mapping[str, "QuantizedT
         if not _is_int(alignment) or alignment <= 0 or alignment & (alignment - 1) or alignment >= 2**32:
             raise ValueError(f"metadata 'general.alignment' must be a power of two below 2**32, got {alignment!r}")
     kv = [(k, *_metadata_value(k, v)) for k, v in metadata.items()]
+    if isinstance(split_max_tensors, bool) or not isinstance(split_max_tensors, int) or split_max_tensors < 0:
+        raise ValueError(f"split_max_tensors must be a non-negative int, got {split_max_tensors!r}")
+    if split_max_tensors and len(prepared) > split_max_tensors:
+        return _write_split(path, architecture, alignment, kv, prepared, split_max_tensors)
 
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     writer = GGUFWriter(tmp, architecture)
@@ -424,3 +498,30 @@ def write_gguf(path: "str | os.PathLike[str]", tensors: Mapping[str, "QuantizedT
         if not done:
             tmp.unlink(missing_ok=True)
     return path
+
+
+def _write_split(path: Path, architecture: str, alignment, kv: list, prepared: list, max_tensors: int) -> Path:
+    """write_gguf's split parts: written by gguf's writer into a temporary directory beside ``path``, then moved
+    into place (a failure leaves no part behind)."""
+    tmpdir = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.parts")
+    tmpdir.mkdir()
+    try:
+        writer = GGUFWriter(tmpdir / path.name, architecture, split_max_tensors=max_tensors)
+        try:
+            if alignment is not None:
+                writer.add_custom_alignment(alignment)
+            for key, value, vtype, sub in kv:
+                writer.add_key_value(key, value, vtype, sub_type=sub)
+            for name, arr, raw_dtype in prepared:
+                writer.add_tensor(name, arr, raw_dtype=raw_dtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+        parts = sorted(tmpdir.iterdir())
+        for part in parts:
+            os.replace(part, path.with_name(part.name))
+        return path.with_name(parts[0].name)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)

@@ -66,7 +66,7 @@ def _choose_qtype(gguf_name: str, k: int, default: str, overrides: Mapping[str, 
 def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4_k", *,
               mix: Optional[str] = None, qtype_overrides: Optional[Mapping[str, str]] = None,
               vocab: Optional[dict] = None, tokenizer: Any = None, name: Optional[str] = None,
-              fuse_gate_up_exps: bool = False) -> Path:
+              fuse_gate_up_exps: bool = False, split_max_tensors: int = 0) -> Path:
     """Write ``model`` (a transformers llama/mistral/qwen2/qwen3/phi3/gemma2/gemma3 text CausalLM, or the MoE
     qwen2_moe/qwen3_moe/mixtral/glm4_moe/gpt_oss/deepseek_v3, the last as an MLA file: kv_b_proj split into
     attn_k_b and attn_v_b) as a GGUF file llama.cpp can load. Settings llama.cpp would not
@@ -85,6 +85,8 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
     synthetic SentencePiece-style vocabulary of the model's vocab_size is written.
     ``fuse_gate_up_exps`` writes each MoE block's gate and up expert stacks as one ffn_gate_up_exps (each expert's
     gate rows, then its up rows), as llama.cpp's converter does with ``--fuse-gate-up-exps``.
+    ``split_max_tensors`` > 0 splits the file as llama.cpp's gguf-split does (``<stem>-00001-of-0000N.gguf``, ...,
+    at most that many tensors each); the first part's path is returned.
     """
     overrides = _check_qtypes(qtype, mix, qtype_overrides)   # before anything is looked up or computed
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
@@ -202,7 +204,7 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
         md[f"{arch}.attention.key_length"] = int(head_dim)
         md[f"{arch}.attention.value_length"] = int(head_dim)
     md.update({f"{arch}.{key}": value for key, value in arch_md.items()})   # the architecture's own word is last
-    return write_gguf(path, tensors, md, architecture=arch, shapes=shapes)
+    return write_gguf(path, tensors, md, architecture=arch, shapes=shapes, split_max_tensors=split_max_tensors)
 
 
 def _add_latent_kv(tensors: dict, shapes: dict, hf_name: str, modules: Mapping[str, nn.Module],

@@ -326,3 +326,64 @@ def test_bad_shapes_are_named_before_the_file_is_created(tmp_path, tensors, shap
     with pytest.raises(ValueError, match=match):
         write_gguf(tmp_path / "bad.gguf", made, shapes=shapes)
     assert not list(tmp_path.iterdir())
+
+
+def _split(tmp_path, tensors, per_part=4, name="model.gguf"):
+    return write_gguf(tmp_path / name, tensors, METADATA, architecture="llama", split_max_tensors=per_part)
+
+
+def test_split_model_opens_from_its_first_part(tmp_path, mixed_tensors):
+    """gguf-split's layout (the metadata in part 1, tensors spread over all, split.* keys in each): one GGUFFile
+    over every part, tensors read from the part holding them, the split keys kept out of the model's metadata."""
+    first = _split(tmp_path, mixed_tensors)
+    assert first.name == "model-00001-of-00004.gguf"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"model-0000{i}-of-00004.gguf" for i in range(1, 5)]
+    raw = [GGUFReader(p) for p in sorted(tmp_path.iterdir())]
+    assert [int(r.fields["split.no"].contents()) for r in raw] == [0, 1, 2, 3]
+    assert all(int(r.fields["split.tensors.count"].contents()) == len(mixed_tensors) for r in raw)
+    assert "general.name" in raw[0].fields and "general.name" not in raw[1].fields
+    f = GGUFFile(first)
+    assert f.parts == sorted(tmp_path.iterdir()) and len(f) == len(mixed_tensors)
+    assert {f.info(n).part for n in f} == {0, 1, 2, 3}
+    assert not any(k.startswith("split.") for k in f.metadata) and f.metadata["general.name"] == "round-trip test"
+    for name, original in mixed_tensors.items():
+        loaded = f.tensor(name)
+        assert loaded.equal(original) if isinstance(original, QuantizedTensor) else torch.equal(loaded, original)
+    # a model that fits in one part is written as one file, under the name given
+    assert write_gguf(tmp_path / "small.gguf", {"x": torch.zeros(4)}, split_max_tensors=4).name == "small.gguf"
+
+
+def test_broken_splits_are_named(tmp_path, mixed_tensors):
+    first = _split(tmp_path, mixed_tensors)
+    second = first.with_name("model-00002-of-00004.gguf")
+    with pytest.raises(GGUFError, match=r"part 2 of a model split in 4; open the first part \(model-00001-of-00004"):
+        GGUFFile(second)
+    renamed = first.rename(tmp_path / "renamed.gguf")
+    with pytest.raises(GGUFError, match="must be named <prefix>-00001-of-00004.gguf"):
+        GGUFFile(renamed)
+    renamed.rename(first)
+    second.rename(tmp_path / "elsewhere.gguf")
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00004.gguf"):
+        GGUFFile(first)
+    # a part from another split in its place
+    (tmp_path / "other").mkdir()
+    other = _split(tmp_path / "other", {f"t{i}": torch.zeros(2) for i in range(6)}, per_part=2)
+    other.with_name("model-00002-of-00003.gguf").rename(second)
+    with pytest.raises(GGUFError, match="expected split part 2 of 4, but its metadata says split.no=1, split.count=3"):
+        GGUFFile(first)
+
+
+def test_split_max_tensors_is_checked_and_a_failed_split_write_leaves_nothing(tmp_path, monkeypatch, mixed_tensors):
+    import gguf
+
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="split_max_tensors must be a non-negative int"):
+            write_gguf(tmp_path / "m.gguf", mixed_tensors, split_max_tensors=bad)
+
+    def fail(self, *args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail)
+    with pytest.raises(OSError, match="No space left"):
+        _split(tmp_path, mixed_tensors)
+    assert not list(tmp_path.iterdir())

@@ -135,6 +135,30 @@ def test_fused_gate_up_stacks(files, tmp_path):
         load_gguf_model(both, device="cpu")
 
 
+def test_a_split_file_loads_as_one(files, tmp_path):
+    """Big MoE models ship split by gguf-split (name-00001-of-0000N.gguf, ...): given the first part, the model
+    is the unsplit file's, every stack read from the part that holds it; the planner sees it whole."""
+    first = save_gguf(tiny_qwen3_moe(), tmp_path / "moe.gguf", "q4_k", mix="q4_k_m", split_max_tensors=4)
+    f, whole = GGUFFile(first), GGUFFile(files["q4_k_m"])
+    parts = -(-len(whole) // 4)
+    assert len(f.parts) == parts and first.name == f"moe-00001-of-{parts:05d}.gguf" and set(f) == set(whole)
+    assert len({f.info(f"blk.{i}.ffn_{p}_exps.weight").part for i in range(2) for p in ("gate", "up", "down")}) > 1
+    split = load_gguf_model(first, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(split(IDS).logits,
+                                   load_gguf_model(files["q4_k_m"], dtype=torch.float32, device="cpu")(IDS).logits,
+                                   rtol=0, atol=0)
+    assert gguf_inventory(first).linears == gguf_inventory(files["q4_k_m"]).linears
+
+
+@needs_llama_cpp
+def test_split_file_parity_with_llama_cpp(tmp_path):
+    first = save_gguf(tiny_qwen3_moe(seed=1), tmp_path / "moe.gguf", "q8_0", split_max_tensors=6)
+    f32_diff, span, f32_top1, max_diff, top1 = parity_quantized_and_dequantized(first, tmp_path, "qwen3moe split")
+    assert f32_diff <= 5e-4 * span and f32_top1 == 1.0
+    assert max_diff <= 0.05 * span and round(top1 * IDS.shape[1]) >= 8
+
+
 def _one_block_budget(path):
     """A budget (fp32 model) with one staging slot for a block and 64 KiB more: nearly everything streams."""
     inventory = gguf_inventory(path)
