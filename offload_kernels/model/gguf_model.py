@@ -24,7 +24,7 @@ from .gemma import configure_gemma
 from .glm4moe import glm4moe_config
 from .gpt_oss import gpt_oss_config
 from .gguf_rope import read_rope_scaling, require_rope_parameters
-from .gguf_vocab import set_pre_tokenizer
+from .gguf_vocab import PRE_TOKENIZER_SPLITS, set_pre_tokenizer
 from .gguf_names import (DEEPSEEK2_ARCHITECTURES, GEMMA_ARCHITECTURES, GLM4MOE_ARCHITECTURES, GPT_OSS_ARCHITECTURES,
                          SLIDING_WINDOW_ARCHITECTURES, SUPPORTED_ARCHITECTURES, Target, gguf_targets)
 from .offload import _on_demand_modules, _report, apply_placement, check_device, check_experts, check_num_slots
@@ -577,6 +577,8 @@ def load_gguf_tokenizer(path: "str | os.PathLike[str]"):
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception:        # its config step, for architectures transformers does not read (a failure here chains it)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
-    if kind == "gpt2" and pre is not None:
-        set_pre_tokenizer(tokenizer, str(pre))
+    if kind == "gpt2" and pre is not None and not set_pre_tokenizer(tokenizer, str(pre)) and pre != "gpt-2":
+        # transformers then splits as GPT-2 does, llama.cpp by the regexes it keeps for that name
+        log.warning("%s: pre-tokenizer %r is not one whose split this package knows (%s); text is split as GPT-2 "
+                    "splits it, and token ids may differ from llama.cpp's", path, pre, ", ".join(PRE_TOKENIZER_SPLITS))
     return tokenizer

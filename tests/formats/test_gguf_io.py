@@ -184,7 +184,7 @@ def test_metadata_is_validated_before_the_file_is_created(tmp_path, value, exc, 
     if exc is None:
         write_gguf(path, {"x": torch.zeros(4)}, md)
         return
-    with pytest.raises(exc, match=f"metadata 'k(\\[\\d+\\])?'") as info:
+    with pytest.raises(exc, match=r"metadata 'k(\[\d+\])?'") as info:
         write_gguf(path, {"x": torch.zeros(4)}, md)
     assert info.match(match)
     assert not list(tmp_path.iterdir())

@@ -23,7 +23,7 @@ from offload_kernels.model.gguf_model import load_gguf_tokenizer
 from offload_kernels.model.gguf_vocab import (PRE_TOKENIZER_SPLITS, byte_level_vocab, pre_tokenizer_name,
                                               set_pre_tokenizer, vocab_from_gguf, vocab_metadata)
 
-from .test_gguf_model import _llama_cpp_python, needs_llama_cpp, tiny_model
+from .test_gguf_model import _llama_cpp_python, _rewrite, needs_llama_cpp, tiny_model
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -310,3 +310,16 @@ def test_a_file_without_tokenizer_metadata_is_named(tmp_path):
     path = write_gguf(tmp_path / "bare.gguf", {"x": __import__("torch").zeros(4)}, {}, architecture="llama")
     with pytest.raises(GGUFError, match="bare.gguf: no tokenizer metadata"):
         load_gguf_tokenizer(path)
+
+
+def test_an_unknown_pre_tokenizer_is_warned_about(files, tmp_path, caplog):
+    """A byte-level vocabulary whose pre-tokenizer is none of the table's (DeepSeek-V2's "deepseek-llm", say) is
+    split as GPT-2 splits it, which llama.cpp does not: said, not silent."""
+    other = _rewrite(tmp_path, files["qwen2"], "other.gguf", {"tokenizer.ggml.pre": "deepseek-llm"})
+    with caplog.at_level("WARNING", logger="offload_kernels"):
+        load_gguf_tokenizer(other)
+    assert "pre-tokenizer 'deepseek-llm' is not one whose split this package knows" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="offload_kernels"):
+        load_gguf_tokenizer(files["qwen2"])
+    assert "pre-tokenizer" not in caplog.text
