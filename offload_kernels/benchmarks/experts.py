@@ -49,7 +49,9 @@ BASELINE = "fp16_transformers"
 EXPERTS_CLASS = {"qwen3_moe": ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeExperts"),
                  "mixtral": ("transformers.models.mixtral.modeling_mixtral", "MixtralExperts"),
                  "glm4_moe": ("transformers.models.glm4_moe.modeling_glm4_moe", "Glm4MoeExperts"),
-                 "gpt_oss": ("transformers.models.gpt_oss.modeling_gpt_oss", "GptOssExperts")}
+                 "gpt_oss": ("transformers.models.gpt_oss.modeling_gpt_oss", "GptOssExperts"),
+                 "deepseek_v3": ("transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3Experts"),
+                 "deepseek_v2": ("transformers.models.deepseek_v2.modeling_deepseek_v2", "DeepseekV2Experts")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

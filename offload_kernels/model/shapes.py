@@ -19,7 +19,8 @@ from .planner import LinearSpec
 class LlamaShape:
     """The sizes that determine a llama-family decoder's linear layers (and, for a mixture-of-experts model
     such as Mixtral or Qwen3-MoE, its experts: every block's feed-forward is ``experts`` experts of width
-    ``expert_intermediate``, ``experts_per_token`` of them used per token, instead of a dense MLP)."""
+    ``expert_intermediate``, ``experts_per_token`` of them used per token, instead of a dense MLP; for a
+    latent-attention model such as DeepSeek-V3, ``kv_lora_rank`` > 0 and the attention's latent sizes)."""
 
     hidden: int
     intermediate: int
@@ -35,6 +36,13 @@ class LlamaShape:
     shared_intermediate: int = 0  # MoE: the width of a shared expert beside the routed ones (0: none)
     dense_layers: int = 0         # MoE: the first blocks keep a dense MLP of width ``intermediate``
     expert_qtype: str | None = None   # MoE: the format the published files keep the routed experts in, if fixed
+    # multi-head latent attention (DeepSeek-V2/V3, Kimi K2): q (through a q_lora_rank latent unless 0) and k/v
+    # through a kv_lora_rank latent; heads of qk_nope_dim + qk_rope_dim key and v_head_dim value dimensions
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_dim: int = 0
+    qk_rope_dim: int = 0
+    v_head_dim: int = 0
 
     @property
     def kv_dim(self) -> int:
@@ -73,6 +81,16 @@ PRESETS: dict[str, LlamaShape] = {
                               expert_intermediate=1408, arch="glm4_moe", shared_intermediate=1408, dense_layers=1),
     "glm-4.5": LlamaShape(5120, 12288, 92, 96, 8, 151552, head_dim=128, experts=160, experts_per_token=8,
                           expert_intermediate=1536, arch="glm4_moe", shared_intermediate=1536, dense_layers=3),
+    # latent attention (q and kv through latents) and DeepSeek's routed + shared experts after dense first blocks
+    "deepseek-v3": LlamaShape(7168, 18432, 61, 128, 128, 129280, experts=256, experts_per_token=8,
+                              expert_intermediate=2048, arch="deepseek_v3", shared_intermediate=2048, dense_layers=3,
+                              q_lora_rank=1536, kv_lora_rank=512, qk_nope_dim=128, qk_rope_dim=64, v_head_dim=128),
+    "kimi-k2": LlamaShape(7168, 18432, 61, 64, 64, 163840, experts=384, experts_per_token=8, expert_intermediate=2048,
+                          arch="deepseek_v3", shared_intermediate=2048, dense_layers=1, q_lora_rank=1536,
+                          kv_lora_rank=512, qk_nope_dim=128, qk_rope_dim=64, v_head_dim=128),
+    "deepseek-v2-lite": LlamaShape(2048, 10944, 27, 16, 16, 102400, experts=64, experts_per_token=6,
+                                   expert_intermediate=1408, arch="deepseek_v2", shared_intermediate=2816,
+                                   dense_layers=1, kv_lora_rank=512, qk_nope_dim=128, qk_rope_dim=64, v_head_dim=128),
     # gpt-oss: every block MoE, 4 experts of 2880 x 2880 per token; 2880 is no multiple of 256, so k-quant
     # formats fall back as llama-quantize's do (q4_k -> q5_0, ...; the published files keep the experts in MXFP4)
     "gpt-oss-20b": LlamaShape(2880, 2880, 24, 64, 8, 201088, head_dim=64, experts=32, experts_per_token=4,
@@ -84,8 +102,8 @@ PRESETS: dict[str, LlamaShape] = {
 
 def transformers_config(shape: LlamaShape, layers: "int | None" = None, vocab: "int | None" = None,
                         max_positions: int = 8192):
-    """The transformers config of a model of ``shape`` (its ``arch``: llama, mixtral, qwen3_moe, glm4_moe or
-    gpt_oss), untied embeddings, optionally fewer ``layers`` or another ``vocab``."""
+    """The transformers config of a model of ``shape`` (its ``arch``: llama, mixtral, qwen3_moe, glm4_moe, gpt_oss,
+    deepseek_v3 or deepseek_v2), untied embeddings, optionally fewer ``layers`` or another ``vocab``."""
     from transformers import AutoConfig
 
     extra = {"head_dim": shape.head_dim} if shape.head_dim else {}
@@ -101,6 +119,13 @@ def transformers_config(shape: LlamaShape, layers: "int | None" = None, vocab: "
                      first_k_dense_replace=shape.dense_layers)
     elif shape.arch == "gpt_oss":          # its experts' width is intermediate_size
         extra.update(num_local_experts=shape.experts, num_experts_per_tok=shape.experts_per_token)
+    elif shape.arch in ("deepseek_v3", "deepseek_v2"):
+        extra = dict(n_routed_experts=shape.experts, num_experts_per_tok=shape.experts_per_token,
+                     moe_intermediate_size=shape.expert_intermediate, first_k_dense_replace=shape.dense_layers,
+                     n_shared_experts=max(1, shape.shared_intermediate // shape.expert_intermediate),
+                     q_lora_rank=shape.q_lora_rank or None, kv_lora_rank=shape.kv_lora_rank,
+                     qk_nope_head_dim=shape.qk_nope_dim, qk_rope_head_dim=shape.qk_rope_dim,
+                     v_head_dim=shape.v_head_dim, n_group=1, topk_group=1)
     return AutoConfig.for_model(
         shape.arch, vocab_size=vocab or shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
         num_hidden_layers=layers or shape.layers, num_attention_heads=shape.heads,
@@ -127,17 +152,20 @@ def llama_inventory(shape: LlamaShape, qtype: str = DEFAULT_QTYPE, lm_head_qtype
     if e and not (1 <= k_used <= e and w > 0):
         raise ValueError(f"a MoE shape needs 1 <= experts_per_token <= experts and an expert width, got {shape}")
     linears = []
+    attention = _mla_linears(shape) if shape.kv_lora_rank else (
+        ("self_attn.q_proj", q, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h),
+        ("self_attn.o_proj", h, q))
     for i in range(shape.layers):
         g = f"model.layers.{i}"
-        for short, n, k in (("self_attn.q_proj", q, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h),
-                            ("self_attn.o_proj", h, q)):
+        for short, n, k in attention:
             linears.append(LinearSpec(f"{g}.{short}", n, k, qtype, g))
         if e and i >= shape.dense_layers:
             moe = dict(num_experts=e, experts_per_token=k_used)
             linears.append(LinearSpec(f"{g}.mlp.experts.gate_up_proj", e * 2 * w, h, expert_qtype, g, **moe))
             linears.append(LinearSpec(f"{g}.mlp.experts.down_proj", e * h, w, expert_qtype, g, **moe))
             sw = shape.shared_intermediate
-            shared = "shared_experts" if shape.arch == "glm4_moe" else "shared_expert"     # transformers' names
+            shared = ("shared_experts" if shape.arch in ("glm4_moe", "deepseek_v3", "deepseek_v2")   # transformers'
+                      else "shared_expert")                                                      # names
             if sw:
                 for short, n, k in (("gate_proj", sw, h), ("up_proj", sw, h), ("down_proj", h, sw)):
                     linears.append(LinearSpec(f"{g}.mlp.{shared}.{short}", n, k, qtype, g))
@@ -147,8 +175,24 @@ def llama_inventory(shape: LlamaShape, qtype: str = DEFAULT_QTYPE, lm_head_qtype
     linears.append(LinearSpec("lm_head", shape.vocab, h, lm_head_qtype, ""))
     linears = [replace(lin, qtype=_tiling_format(lin.qtype, lin.in_features)) for lin in linears]
     moe_layers = shape.layers - shape.dense_layers if e else 0
-    fixed = 2 * (shape.vocab * h + (2 * shape.layers + 1) * h + moe_layers * e * h)    # routers: E x H each
+    latent_norms = shape.layers * (shape.q_lora_rank + shape.kv_lora_rank)
+    fixed = 2 * (shape.vocab * h + (2 * shape.layers + 1) * h + moe_layers * e * h     # routers: E x H each
+                 + latent_norms)
     return ModelInventory(name, linears, fixed)
+
+
+def _mla_linears(shape: LlamaShape) -> tuple[tuple[str, int, int], ...]:
+    """A latent-attention block's linears (transformers' deepseek_v3 names), kv_b_proj whole, as offload() of the
+    transformers model quantizes it (an MLA GGUF file's k half is held dequantized instead: gguf_inventory)."""
+    h, heads, qk = shape.hidden, shape.heads, shape.qk_nope_dim + shape.qk_rope_dim
+    if not (shape.qk_nope_dim > 0 and shape.qk_rope_dim > 0 and shape.v_head_dim > 0):
+        raise ValueError(f"a latent-attention shape needs positive qk_nope_dim, qk_rope_dim and v_head_dim, "
+                         f"got {shape}")
+    q = ((("self_attn.q_a_proj", shape.q_lora_rank, h), ("self_attn.q_b_proj", heads * qk, shape.q_lora_rank))
+         if shape.q_lora_rank else (("self_attn.q_proj", heads * qk, h),))
+    return (*q, ("self_attn.kv_a_proj_with_mqa", shape.kv_lora_rank + shape.qk_rope_dim, h),
+            ("self_attn.kv_b_proj", heads * (shape.qk_nope_dim + shape.v_head_dim), shape.kv_lora_rank),
+            ("self_attn.o_proj", h, heads * shape.v_head_dim))
 
 
 def _tiling_format(qtype: str | None, in_features: int) -> str | None:
@@ -305,18 +349,25 @@ _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 def config_inventory(path: "str | os.PathLike[str]", qtype: str = DEFAULT_QTYPE) -> ModelInventory:
     """From a transformers config.json of a llama-family model, or of a MoE model (Mixtral, Qwen2/3-MoE,
-    GLM-4.5: routed experts, a shared expert, dense first blocks); what the shape cannot describe (latent
-    attention, dense blocks between MoE ones) is refused by name."""
+    GLM-4.5, DeepSeek-V2/V3, Kimi K2: routed experts, a shared expert, dense first blocks, latent attention); what
+    the shape cannot describe (dense blocks between MoE ones) is refused by name."""
     cfg = json.loads(Path(path).read_text())
     experts = next((cfg[k] for k in _EXPERT_COUNT_KEYS if cfg.get(k)), 0)
     moe = {}
+    mla = {}
+    if cfg.get("kv_lora_rank"):
+        missing = [k for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim") if not cfg.get(k)]
+        if missing:
+            raise ValueError(f"{path}: a latent-attention config (kv_lora_rank) needs {', '.join(missing)}")
+        mla = dict(q_lora_rank=cfg.get("q_lora_rank") or 0, kv_lora_rank=cfg["kv_lora_rank"],
+                   qk_nope_dim=cfg["qk_nope_head_dim"], qk_rope_dim=cfg["qk_rope_head_dim"],
+                   v_head_dim=cfg["v_head_dim"])
     if experts:
-        unsupported = ["kv_lora_rank"] if cfg.get("kv_lora_rank") else []
-        unsupported += ["mlp_only_layers"] if cfg.get("mlp_only_layers") else []
+        unsupported = ["mlp_only_layers"] if cfg.get("mlp_only_layers") else []
         unsupported += ["decoder_sparse_step"] if cfg.get("decoder_sparse_step", 1) != 1 else []
         if unsupported:
-            raise ValueError(f"{path}: a MoE config with {', '.join(unsupported)} (latent attention, dense layers "
-                             f"between MoE ones) is not one plan can describe; plan the model's GGUF file instead")
+            raise ValueError(f"{path}: a MoE config with {', '.join(unsupported)} (dense layers between MoE ones) is "
+                             f"not one plan can describe; plan the model's GGUF file instead")
         width = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
         # a shared expert: Qwen2-MoE gives its width, DeepSeek/GLM a count of expert-wide ones
         shared = cfg.get("shared_expert_intermediate_size") or (cfg.get("n_shared_experts") or 0) * width
@@ -325,7 +376,8 @@ def config_inventory(path: "str | os.PathLike[str]", qtype: str = DEFAULT_QTYPE)
                    dense_layers=cfg.get("first_k_dense_replace") or 0)
     shape = LlamaShape(cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"],
                        cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-                       cfg["vocab_size"], cfg.get("head_dim"), **moe)
+                       cfg["vocab_size"], None if mla else cfg.get("head_dim"), **moe, **mla,
+                       arch=cfg.get("model_type") or "llama")          # transformers' module names follow it
     return llama_inventory(shape, qtype, name=Path(path).parent.name or "config")
 
 

@@ -282,8 +282,9 @@ def test_moe_config_inventories(tmp_path):
     inv = config_inventory(_config_json(tmp_path, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
                                         shared_expert_intermediate_size=1024), "q4_k")
     assert {s.name: s for s in inv.linears}["model.layers.0.mlp.shared_expert.up_proj"].out_features == 1024
-    # latent attention cannot be described by this shape
-    with pytest.raises(ValueError, match="kv_lora_rank"):
+    # latent attention needs its head sizes (test_latent_attention_inventories_... plans whole configs)
+    with pytest.raises(ValueError, match=r"latent-attention config \(kv_lora_rank\) needs qk_nope_head_dim, "
+                                         r"qk_rope_head_dim, v_head_dim"):
         config_inventory(_config_json(tmp_path, n_routed_experts=16, kv_lora_rank=512), "q4_k")
 
 
@@ -325,3 +326,31 @@ def test_gpt_oss_presets_plan_their_experts_in_mxfp4_unless_told_otherwise():
     assert {lin.name: lin.qtype for lin in resolve_inventory("qwen3-30b-a3b").linears}[experts] == "q4_k"
     with pytest.raises(ValueError, match="unknown qtype"):
         llama_inventory(PRESETS["gpt-oss-20b"], "q4_k", expert_qtype="q7")
+
+
+@pytest.mark.parametrize("preset, total, active", [("deepseek-v3", 671e9, 37e9), ("kimi-k2", 1.03e12, 32.5e9),
+                                                   ("deepseek-v2-lite", 15.7e9, 2.66e9)])
+def test_latent_attention_inventories_match_published_sizes(preset, total, active, tmp_path):
+    """DeepSeek-V3 (R1), Kimi K2 and DeepSeek-V2-Lite: latent attention (q through a 1536-wide latent, or directly
+    for V2-Lite; k and v through a 512-wide one), dense first blocks, then routed and shared experts. Published
+    totals (without the multi-token-prediction block) and active parameters per token (embedding included) within
+    2%; a config.json of the same model plans the same linears."""
+    import json
+
+    from offload_kernels.model.shapes import config_inventory, transformers_config
+
+    shape = PRESETS[preset]
+    inv = llama_inventory(shape, "q4_k")
+    params = sum(lin.params for lin in inv.linears) + shape.vocab * shape.hidden
+    used = sum(lin.params * lin.active_fraction for lin in inv.linears) + shape.vocab * shape.hidden
+    assert abs(params / total - 1) < 0.02 and abs(used / active - 1) < 0.02
+    layers = {lin.name: lin for lin in inv.linears}
+    kv_b = layers["model.layers.0.self_attn.kv_b_proj"]
+    assert (kv_b.out_features, kv_b.in_features) == (shape.heads * 256, 512)
+    assert ("model.layers.0.self_attn.q_a_proj" in layers) == (preset != "deepseek-v2-lite")
+    assert "model.layers.0.mlp.gate_proj" in layers
+    assert f"model.layers.{shape.layers - 1}.mlp.shared_experts.up_proj" in layers
+    (tmp_path / "config.json").write_text(json.dumps(transformers_config(shape).to_dict()))
+    planned = config_inventory(tmp_path / "config.json")
+    assert [(lin.name, lin.out_features, lin.in_features, lin.num_experts) for lin in planned.linears] == \
+        [(lin.name, lin.out_features, lin.in_features, lin.num_experts) for lin in inv.linears]
