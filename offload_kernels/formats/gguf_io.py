@@ -442,8 +442,8 @@ def write_gguf(path: "str | os.PathLike[str]", tensors: Mapping[str, "QuantizedT
     (64-bit when needed), float -> float32), or ``(value, gguf.GGUFValueType)`` to choose the type exactly.
     ``architecture`` is written as ``general.architecture``; None takes the metadata's
     ``general.architecture``, else "llama". Everything is checked before any file is created (ValueError
-    or TypeError naming the key or tensor), and the file is written under a temporary name in the same
-    directory and renamed into place, so a failure never leaves a partial file at ``path``.
+    or TypeError naming the key or tensor), and the file is written into a temporary directory beside it and
+    moved into place, so a failure never leaves a partial file at ``path``.
     """
     path = Path(path)
     shapes = dict(shapes or {})
@@ -474,39 +474,13 @@ def write_gguf(path: "str | os.PathLike[str]", tensors: Mapping[str, "QuantizedT
     kv = [(k, *_metadata_value(k, v)) for k, v in metadata.items()]
     if isinstance(split_max_tensors, bool) or not isinstance(split_max_tensors, int) or split_max_tensors < 0:
         raise ValueError(f"split_max_tensors must be a non-negative int, got {split_max_tensors!r}")
-    if split_max_tensors and len(prepared) > split_max_tensors:
-        return _write_split(path, architecture, alignment, kv, prepared, split_max_tensors)
 
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    writer = GGUFWriter(tmp, architecture)
-    done = False
-    try:
-        if alignment is not None:
-            writer.add_custom_alignment(alignment)
-        for key, value, vtype, sub in kv:
-            writer.add_key_value(key, value, vtype, sub_type=sub)
-        for name, arr, raw_dtype in prepared:
-            writer.add_tensor(name, arr, raw_dtype=raw_dtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-        done = True
-    finally:
-        writer.close()
-        if not done:
-            tmp.unlink(missing_ok=True)
-    return path
-
-
-def _write_split(path: Path, architecture: str, alignment, kv: list, prepared: list, max_tensors: int) -> Path:
-    """write_gguf's split parts: written by gguf's writer into a temporary directory beside ``path``, then moved
-    into place (a failure leaves no part behind)."""
-    tmpdir = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.parts")
+    # gguf's writer writes into a temporary directory beside ``path``; the file (or the parts) move into place
+    # only when complete, so a failure never leaves a partial file at ``path`` or beside it.
+    tmpdir = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     tmpdir.mkdir()
     try:
-        writer = GGUFWriter(tmpdir / path.name, architecture, split_max_tensors=max_tensors)
+        writer = GGUFWriter(tmpdir / path.name, architecture, split_max_tensors=split_max_tensors)
         try:
             if alignment is not None:
                 writer.add_custom_alignment(alignment)
@@ -519,7 +493,7 @@ def _write_split(path: Path, architecture: str, alignment, kv: list, prepared: l
             writer.write_tensors_to_file()
         finally:
             writer.close()
-        parts = sorted(tmpdir.iterdir())
+        parts = sorted(tmpdir.iterdir())          # [path.name], or gguf-split's <stem>-0000i-of-0000N.gguf
         for part in parts:
             os.replace(part, path.with_name(part.name))
         return path.with_name(parts[0].name)
