@@ -87,7 +87,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{%
 # What each pre-tokenizer is tested on: the architecture whose files carry it (gpt-oss and glm4moe are the ones
 # transformers' AutoTokenizer cannot read).
 PRE_ARCHITECTURES = {"llama-bpe": "llama", "qwen2": "qwen2", "gpt-4o": "gpt-oss", "glm4": "glm4moe",
-                     "deepseek-v3": "deepseek2"}
+                     "deepseek-v3": "deepseek2", "deepseek-llm": "deepseek2"}
 
 
 def _tiny(arch: str, vocab_size: int):
@@ -119,7 +119,7 @@ def files(bpe, tmp_path_factory):
         vocab = byte_level_vocab(bpe, pre, bos=SPECIAL[0], eos=SPECIAL[1])
         vocab["add_bos"] = pre == "llama-bpe"                   # Llama 3 files add BOS, the others do not
         vocab["chat_template"] = CHAT_TEMPLATE
-        out[pre] = save_gguf(_tiny(arch, len(vocab["tokens"])), root / f"{arch}.gguf", "q8_0", vocab=vocab)
+        out[pre] = save_gguf(_tiny(arch, len(vocab["tokens"])), root / f"{pre}.gguf", "q8_0", vocab=vocab)
     return out
 
 
@@ -190,7 +190,9 @@ def test_file_tokenizer_round_trips_and_keeps_added_tokens_whole(files, bpe, pre
     pieces = [p for p, _ in tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str("12345 CamelCase ÇAĞRI")]
     expected = {"llama-bpe": ["123", "45", "ĠCamelCase", "ĠÃĩAÄŀRI"],
                 "qwen2": ["1", "2", "3", "4", "5", "ĠCamelCase", "ĠÃĩAÄŀRI"],
-                "gpt-4o": ["123", "45", "ĠCamel", "Case", "ĠÃĩAÄŀRI"]}     # o200k's Unicode case classes
+                "gpt-4o": ["123", "45", "ĠCamel", "Case", "ĠÃĩAÄŀRI"],    # o200k's Unicode case classes
+                # DeepSeek-V2's punctuation split runs over ':'-'~', ASCII letters included, after its word split
+                "deepseek-llm": ["12345", "ĠCamelCase", "ĠÃĩ", "A", "Äŀ", "RI"]}
     assert pieces == expected["llama-bpe" if pre in ("glm4", "deepseek-v3") else pre]
 
 
@@ -313,12 +315,12 @@ def test_a_file_without_tokenizer_metadata_is_named(tmp_path):
 
 
 def test_an_unknown_pre_tokenizer_is_warned_about(files, tmp_path, caplog):
-    """A byte-level vocabulary whose pre-tokenizer is none of the table's (DeepSeek-V2's "deepseek-llm", say) is
-    split as GPT-2 splits it, which llama.cpp does not: said, not silent."""
-    other = _rewrite(tmp_path, files["qwen2"], "other.gguf", {"tokenizer.ggml.pre": "deepseek-llm"})
+    """A byte-level vocabulary whose pre-tokenizer is none of the table's (DeepSeek-Coder's "deepseek-coder", say)
+    is split as GPT-2 splits it, which llama.cpp does not: said, not silent."""
+    other = _rewrite(tmp_path, files["qwen2"], "other.gguf", {"tokenizer.ggml.pre": "deepseek-coder"})
     with caplog.at_level("WARNING", logger="offload_kernels"):
         load_gguf_tokenizer(other)
-    assert "pre-tokenizer 'deepseek-llm' is not one whose split this package knows" in caplog.text
+    assert "pre-tokenizer 'deepseek-coder' is not one whose split this package knows" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="offload_kernels"):
         load_gguf_tokenizer(files["qwen2"])
