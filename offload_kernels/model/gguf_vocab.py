@@ -185,9 +185,12 @@ _DEEPSEEK_LLM = (
     r"\s+$",
     "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",
     r"\p{N}+")
+# DeepSeek-Coder's: line breaks alone, letter runs, punctuation runs (each after an optional whitespace), CJK and
+# Hangul runs, single digits.
+_DEEPSEEK_CODER = ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _DEEPSEEK_LLM[4], r"\p{N}")
 PRE_TOKENIZER_SPLITS: "dict[str, str | tuple[str, ...]]" = {
     "llama-bpe": _LLAMA3, "llama3": _LLAMA3, "glm4": _LLAMA3, "qwen2": _QWEN2, "gpt-4o": _GPT4O,
-    "deepseek-v3": _DEEPSEEK_V3, "deepseek-llm": _DEEPSEEK_LLM}
+    "deepseek-v3": _DEEPSEEK_V3, "deepseek-llm": _DEEPSEEK_LLM, "deepseek-coder": _DEEPSEEK_CODER}
 
 
 def set_pre_tokenizer(tokenizer: Any, pre: str) -> bool:

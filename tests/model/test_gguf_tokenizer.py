@@ -87,7 +87,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{%
 # What each pre-tokenizer is tested on: the architecture whose files carry it (gpt-oss and glm4moe are the ones
 # transformers' AutoTokenizer cannot read).
 PRE_ARCHITECTURES = {"llama-bpe": "llama", "qwen2": "qwen2", "gpt-4o": "gpt-oss", "glm4": "glm4moe",
-                     "deepseek-v3": "deepseek2", "deepseek-llm": "deepseek2"}
+                     "deepseek-v3": "deepseek2", "deepseek-llm": "deepseek2", "deepseek-coder": "llama"}
 
 
 def _tiny(arch: str, vocab_size: int):
@@ -192,7 +192,8 @@ def test_file_tokenizer_round_trips_and_keeps_added_tokens_whole(files, bpe, pre
                 "qwen2": ["1", "2", "3", "4", "5", "ĠCamelCase", "ĠÃĩAÄŀRI"],
                 "gpt-4o": ["123", "45", "ĠCamel", "Case", "ĠÃĩAÄŀRI"],    # o200k's Unicode case classes
                 # DeepSeek-V2's punctuation split runs over ':'-'~', ASCII letters included, after its word split
-                "deepseek-llm": ["12345", "ĠCamelCase", "ĠÃĩ", "A", "Äŀ", "RI"]}
+                "deepseek-llm": ["12345", "ĠCamelCase", "ĠÃĩ", "A", "Äŀ", "RI"],
+                "deepseek-coder": ["1", "2", "3", "4", "5", "ĠCamelCase", "ĠÃĩAÄŀRI"]}
     assert pieces == expected["llama-bpe" if pre in ("glm4", "deepseek-v3") else pre]
 
 
@@ -315,12 +316,12 @@ def test_a_file_without_tokenizer_metadata_is_named(tmp_path):
 
 
 def test_an_unknown_pre_tokenizer_is_warned_about(files, tmp_path, caplog):
-    """A byte-level vocabulary whose pre-tokenizer is none of the table's (DeepSeek-Coder's "deepseek-coder", say)
-    is split as GPT-2 splits it, which llama.cpp does not: said, not silent."""
-    other = _rewrite(tmp_path, files["qwen2"], "other.gguf", {"tokenizer.ggml.pre": "deepseek-coder"})
+    """A byte-level vocabulary whose pre-tokenizer is none of the table's (Falcon's "falcon", say) is split as
+    GPT-2 splits it, which llama.cpp does not: said, not silent."""
+    other = _rewrite(tmp_path, files["qwen2"], "other.gguf", {"tokenizer.ggml.pre": "falcon"})
     with caplog.at_level("WARNING", logger="offload_kernels"):
         load_gguf_tokenizer(other)
-    assert "pre-tokenizer 'deepseek-coder' is not one whose split this package knows" in caplog.text
+    assert "pre-tokenizer 'falcon' is not one whose split this package knows" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="offload_kernels"):
         load_gguf_tokenizer(files["qwen2"])
