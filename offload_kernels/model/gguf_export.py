@@ -219,15 +219,19 @@ def _add_latent_kv(tensors: dict, shapes: dict, hf_name: str, modules: Mapping[s
     blk, part = f"blk.{m.group(1)}", m.group(2)
     heads, nope, v_head = config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim
     module = modules[module_name]
-    if part == "v_proj" and isinstance(module, OffloadedLinear):
-        if not isinstance(modules[module_name.rpartition(".")[0]], LatentKVProjection):
-            raise ValueError(f"{module_name}: expected a LatentKVProjection's v_proj")
-        if what == "weight":                # the bytes; weight_format is encoded in the GGUF type
+    if part is not None and not isinstance(modules[module_name.rpartition(".")[0]], LatentKVProjection):
+        raise ValueError(f"{module_name}: expected a LatentKVProjection's {part}")
+    if isinstance(module, OffloadedLinear):
+        if what != "weight":                # weight_format is encoded in the GGUF type
+            return
+        if part == "v_proj":                # attn_v_b's rows are v_proj's: its bytes as they are
             w = module.quantized_weight()
             tensors[f"{blk}.attn_v_b.weight"] = w
             shapes[f"{blk}.attn_v_b.weight"] = (heads, v_head, w.shape[1])
-        return
-    w = value.detach().float().cpu()
+            return
+        w = module.dequantized_weight(torch.float32).cpu()     # to be transposed or split, then quantized
+    else:
+        w = value.detach().float().cpu()
     if part is None:                        # transformers' kv_b_proj: split as llama.cpp's converter does
         k_b, v_b = split_kv_b(w, heads, nope, v_head)
         parts = {"attn_k_b": k_b, "attn_v_b": v_b}

@@ -354,3 +354,25 @@ def test_softmax_routing_parity_with_llama_cpp(tmp_path, yarn):
                                                                                 f"deepseek2 softmax yarn={yarn}")
     assert f32_diff <= 5e-4 * span and f32_top1 == 1.0
     assert max_diff <= 0.05 * span and round(top1 * IDS.shape[1]) >= 8
+
+
+def test_an_offloaded_model_saves_its_latent_projections(model, tmp_path):
+    """offload() of the transformers model quantizes kv_b_proj whole; saved, it is split into attn_k_b/attn_v_b
+    again (dequantized, the k rows transposed per head, each part quantized along its own rows)."""
+    import copy
+
+    import offload_kernels as ok
+
+    m = copy.deepcopy(model)
+    ok.offload(m, qtype="q8_0", device="cpu")
+    kv = m.model.layers[1].self_attn.kv_b_proj
+    assert isinstance(kv, OffloadedLinear)
+    f = GGUFFile(save_gguf(m, tmp_path / "offloaded.gguf", "q8_0"))
+    rows = kv.dequantized_weight(torch.float32).view(HEADS, NOPE + V_HEAD, KV_LORA)
+    k_b = dequantize(f.tensor("blk.1.attn_k_b.weight"), torch.float32).view(HEADS, KV_LORA, NOPE)
+    v_b = dequantize(f.tensor("blk.1.attn_v_b.weight"), torch.float32).view(HEADS, V_HEAD, KV_LORA)
+    for ours, expected in ((k_b, rows[:, :NOPE].transpose(1, 2)), (v_b, rows[:, NOPE:])):
+        assert float((ours - expected).norm() / expected.norm()) < 0.01          # one more q8_0 rounding
+    with torch.no_grad():
+        again, before = load_gguf_model(f.path, dtype=torch.float32, device="cpu")(IDS).logits, m(IDS).logits
+    assert float((again - before).abs().max()) <= 0.05 * float(before.max() - before.min())
