@@ -395,8 +395,9 @@ def _load(f: GGUFFile, budget, dtype, device, num_slots, measure, return_report,
                       and n.rpartition(".")[0] not in plan.experts]
     missing_bias = [n for n in params if n.endswith(".bias") and n.rpartition(".")[0] in expected_linears
                     and n.rpartition(".")[0] not in bias_sources]
-    missing_params += [n for n, _ in model.named_buffers()          # GLM-4.5's expert selection biases
-                       if n.endswith(".e_score_correction_bias") and n not in covered]
+    if arch not in DEEPSEEK2_ARCHITECTURES:     # llama.cpp's deepseek2 routes without exp_probs_b when a file has none
+        missing_params += [n for n, _ in model.named_buffers()      # GLM-4.5's expert selection biases
+                           if n.endswith(".e_score_correction_bias") and n not in covered]
     if missing_params or missing_bias:
         raise GGUFError(f"{f.path}: missing tensors for {', '.join(sorted(missing_params + missing_bias)[:8])}")
 

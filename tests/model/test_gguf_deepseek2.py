@@ -249,8 +249,7 @@ def test_what_transformers_would_compute_differently_is_refused(files, tmp_path)
             ({"deepseek2.attention.kv_lora_rank": 64}, (), r"attn_kv_a_mqa.weight' has shape \(144, 256\)"),
             ({"deepseek2.rope.scaling.type": "yarn", "deepseek2.rope.scaling.factor": 4.0,
               "deepseek2.rope.scaling.original_context_length": 4}, (), "YaRN without .*yarn_log_multiplier"),
-            ({}, ("blk.1.attn_v_b.weight",), r"missing weights for model\.layers\.1\.self_attn\.kv_b_proj\.v_proj"),
-            ({}, ("blk.1.exp_probs_b.bias",), r"missing tensors for model\.layers\.1\.mlp\.gate\.e_score_correction"))):
+            ({}, ("blk.1.attn_v_b.weight",), r"missing weights for model\.layers\.1\.self_attn\.kv_b_proj\.v_proj"))):
         with pytest.raises(GGUFError, match=match):
             load_gguf_model(_rewrite(tmp_path, path, f"bad{i}.gguf", md, drop=drop), device="cpu")
     for bad, match in (({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
@@ -396,3 +395,24 @@ def test_cuda_streamed_file_matches_the_cpu_model(files, experts):
         for _ in range(2):                  # the second pass runs the learned prefetch order
             ours = gpu(IDS.cuda()).logits.cpu()
             torch.testing.assert_close(ours, expected, rtol=0, atol=1e-3 * float(expected.max() - expected.min()))
+
+
+def test_selection_biases_are_optional(files, tmp_path):
+    """llama.cpp's deepseek2 loader takes exp_probs_b as optional (routing by the scores alone without it): a file
+    without them is the model with zero selection biases."""
+    path = files["q8_0"]
+    bare = _rewrite(tmp_path, path, "bare.gguf", drop=[f"blk.{i}.exp_probs_b.bias" for i in (1, 2)])
+    loaded = load_gguf_model(bare, dtype=torch.float32, device="cpu")
+    reference = load_gguf_model(path, dtype=torch.float32, device="cpu")
+    for i in (1, 2):
+        assert not loaded.model.layers[i].mlp.gate.e_score_correction_bias.any()
+        reference.model.layers[i].mlp.gate.e_score_correction_bias.zero_()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, reference(IDS).logits, rtol=0, atol=0)
+
+
+@needs_llama_cpp
+def test_selection_biases_are_optional_in_llama_cpp_too(files, tmp_path):
+    bare = _rewrite(tmp_path, files["q8_0"], "bare.gguf", drop=[f"blk.{i}.exp_probs_b.bias" for i in (1, 2)])
+    f32_diff, span, f32_top1, max_diff, top1 = parity_quantized_and_dequantized(bare, tmp_path, "deepseek2 no bias")
+    assert f32_diff <= 5e-4 * span and f32_top1 == 1.0
