@@ -38,6 +38,14 @@ def with_file_experts(model, loaded):
     return ref
 
 
+def assert_matches_file_experts(loaded, model, ids: torch.Tensor) -> None:
+    """``loaded`` (from an f32 file whose expert stacks alone are quantized) computes ``model``'s logits with the
+    file's expert weights, to float rounding."""
+    with torch.no_grad():
+        ours, expected = loaded(ids).logits, with_file_experts(model, loaded)(ids).logits
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
 def resaved(path: Path, tmp_path: Path) -> tuple[GGUFFile, GGUFFile]:
     """The Q4_K_M-style file at ``path`` and the file save_gguf writes of the model load_gguf_model builds from it
     (with the same mix): what a round trip keeps is checked on the pair."""

@@ -16,7 +16,7 @@ from offload_kernels.model.gguf_export import save_gguf
 from offload_kernels.model.gguf_model import load_gguf_model
 from offload_kernels.model.shapes import gguf_inventory
 
-from .moe_files import assert_on_demand_equals_resident, resaved, save_test_files, with_file_experts
+from .moe_files import assert_matches_file_experts, assert_on_demand_equals_resident, resaved, save_test_files
 from .test_gguf_model import IDS, _rewrite, needs_llama_cpp, parity_quantized_and_dequantized
 
 transformers = pytest.importorskip("transformers")
@@ -72,12 +72,6 @@ def files(model, tmp_path_factory):
     return save_test_files(model, tmp_path_factory.mktemp("gguf_deepseek2"))
 
 
-def _assert_same_logits(loaded, model):
-    with torch.no_grad():
-        ours, expected = loaded(IDS).logits, with_file_experts(model, loaded)(IDS).logits
-    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
-
-
 def test_an_f32_file_gives_the_transformers_models_logits(model, files):
     """Names, the MLA split and its transposed k half, the latent norms, group-limited routing with its selection
     bias and scaling, the shared expert, the dense first block: on the f32 file the loaded model is the original
@@ -105,7 +99,7 @@ def test_an_f32_file_gives_the_transformers_models_logits(model, files):
     assert isinstance(loaded.model.layers[0].self_attn.kv_b_proj, LatentKVProjection)
     torch.testing.assert_close(loaded.model.layers[1].mlp.gate.e_score_correction_bias,
                                model.model.layers[1].mlp.gate.e_score_correction_bias, rtol=0, atol=0)
-    _assert_same_logits(loaded, model)
+    assert_matches_file_experts(loaded, model, IDS)
 
 
 @pytest.mark.parametrize("name", ["q8_0", "q4_k_m"])
@@ -200,7 +194,7 @@ def test_yarn_with_deepseeks_attention_scale(tmp_path):
     params = loaded.config.rope_parameters
     assert params["mscale"] == params["mscale_all_dim"] == pytest.approx(0.707)
     assert params["original_max_position_embeddings"] == 4
-    _assert_same_logits(loaded, model)
+    assert_matches_file_experts(loaded, model, IDS)
     # the correction matters here: without it the logits move
     plain = _rewrite(tmp_path, path, "plain.gguf", drop=[k for k in md if ".rope.scaling." in k])
     with torch.no_grad():
@@ -217,7 +211,7 @@ def test_without_a_q_latent(tmp_path):
     assert f.metadata["deepseek2.attention.q_lora_rank"] == 0
     loaded = load_gguf_model(path, dtype=torch.float32, device="cpu")
     assert loaded.config.q_lora_rank is None
-    _assert_same_logits(loaded, model)
+    assert_matches_file_experts(loaded, model, IDS)
 
 
 def test_prediction_layers_at_the_end_of_the_file_are_skipped(files, tmp_path):
@@ -325,7 +319,7 @@ def test_softmax_routing_loads_as_deepseek_v2(tmp_path):
     assert "deepseek2.expert_group_count" not in md and "blk.1.exp_probs_b.bias" not in GGUFFile(path)
     loaded = load_gguf_model(path, dtype=torch.float32, device="cpu")
     assert loaded.config.model_type == "deepseek_v2" and loaded.config.routed_scaling_factor == 1.5
-    _assert_same_logits(loaded, model)
+    assert_matches_file_experts(loaded, model, IDS)
     unset = load_gguf_model(_rewrite(tmp_path, path, "unset.gguf", drop=("deepseek2.expert_gating_func",)),
                             dtype=torch.float32, device="cpu")
     assert unset.config.model_type == "deepseek_v2"

@@ -14,7 +14,8 @@ from offload_kernels.model.gguf_export import save_gguf
 from offload_kernels.model.gguf_model import load_gguf_model
 from offload_kernels.model.shapes import gguf_inventory
 
-from .moe_files import assert_on_demand_equals_resident, resaved, save_test_files, with_file_experts
+from .moe_files import (assert_matches_file_experts, assert_on_demand_equals_resident, resaved, save_test_files,
+                        with_file_experts)
 from .test_gguf_model import IDS, _rewrite, needs_llama_cpp, parity_quantized_and_dequantized
 
 transformers = pytest.importorskip("transformers")
@@ -80,9 +81,7 @@ def test_an_f32_file_gives_the_transformers_models_logits(model, files):
     torch.testing.assert_close(loaded.model.layers[1].mlp.gate.e_score_correction_bias,
                                model.model.layers[1].mlp.gate.e_score_correction_bias, rtol=0, atol=0)
     assert loaded.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
-    with torch.no_grad():
-        ours, expected = loaded(IDS).logits, with_file_experts(model, loaded)(IDS).logits
-    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    assert_matches_file_experts(loaded, model, IDS)
 
 
 @pytest.mark.parametrize("name", ["q8_0", "q4_k_m"])
@@ -163,9 +162,7 @@ def test_qk_norm_variant(tmp_path):
     assert "blk.0.attn_q_norm.weight" in GGUFFile(path)
     loaded = load_gguf_model(path, dtype=torch.float32, device="cpu")
     assert loaded.config.use_qk_norm
-    with torch.no_grad():
-        ours, expected = loaded(IDS).logits, with_file_experts(model, loaded)(IDS).logits
-    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    assert_matches_file_experts(loaded, model, IDS)
 
 
 def test_experts_on_demand_from_a_file(files):

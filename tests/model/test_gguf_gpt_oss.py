@@ -13,7 +13,8 @@ from offload_kernels.model.gguf_export import save_gguf
 from offload_kernels.model.gguf_model import load_gguf_model
 from offload_kernels.model.shapes import gguf_inventory
 
-from .moe_files import assert_on_demand_equals_resident, resaved, save_test_files, with_file_experts
+from .moe_files import (assert_matches_file_experts, assert_on_demand_equals_resident, resaved, save_test_files,
+                        with_file_experts)
 from .test_gguf_model import (IDS, _llama_cpp_python, _parity, _rewrite, needs_llama_cpp,
                               parity_quantized_and_dequantized)
 
@@ -199,9 +200,7 @@ def test_a_sliding_window_period_other_than_two(tmp_path):
     assert GGUFFile(path).metadata["gpt-oss.attention.sliding_window_pattern"] == 3
     loaded = load_gguf_model(path, dtype=torch.float32, device="cpu")
     assert loaded.config.layer_types == types
-    with torch.no_grad():
-        ours, expected = loaded(IDS).logits, with_file_experts(model, loaded)(IDS).logits
-    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    assert_matches_file_experts(loaded, model, IDS)
     odd = ["full_attention", "sliding_attention", "sliding_attention", "sliding_attention"]
     with pytest.raises(ValueError, match="not a pattern llama.cpp can express"):
         save_gguf(tiny_gpt_oss(layer_types=odd), tmp_path / "odd.gguf", "q8_0")
