@@ -255,6 +255,12 @@ def _check_split_part(path: Path, reader: GGUFReader, index: int, count: int) ->
                         f"split.count={n}")
 
 
+def check_split_max_tensors(split_max_tensors: Any) -> None:
+    """ValueError unless ``split_max_tensors`` is a non-negative int (0: one file)."""
+    if isinstance(split_max_tensors, bool) or not isinstance(split_max_tensors, int) or split_max_tensors < 0:
+        raise ValueError(f"split_max_tensors must be a non-negative int, got {split_max_tensors!r}")
+
+
 def read_gguf(path: "str | os.PathLike[str]") -> tuple[dict[str, Any], dict[str, "QuantizedTensor | torch.Tensor"]]:
     """(metadata, tensors) of a GGUF file; tensors are memory-mapped views, nothing is dequantized."""
     f = GGUFFile(path)
@@ -472,8 +478,7 @@ def write_gguf(path: "str | os.PathLike[str]", tensors: Mapping[str, "QuantizedT
         if not _is_int(alignment) or alignment <= 0 or alignment & (alignment - 1) or alignment >= 2**32:
             raise ValueError(f"metadata 'general.alignment' must be a power of two below 2**32, got {alignment!r}")
     kv = [(k, *_metadata_value(k, v)) for k, v in metadata.items()]
-    if isinstance(split_max_tensors, bool) or not isinstance(split_max_tensors, int) or split_max_tensors < 0:
-        raise ValueError(f"split_max_tensors must be a non-negative int, got {split_max_tensors!r}")
+    check_split_max_tensors(split_max_tensors)
 
     # gguf's writer writes into a temporary directory beside ``path``; the file (or the parts) move into place
     # only when complete, so a failure never leaves a partial file at ``path`` or beside it.

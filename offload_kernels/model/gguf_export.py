@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..formats import LLAMA_QUANTIZE_FALLBACKS, QTYPES, QuantizedTensor, quantize, write_gguf
+from ..formats.gguf_io import check_split_max_tensors
 from ..layers import OffloadedExperts, OffloadedLinear
 from ..layers.offloaded_experts import expert_weight, is_experts_module, projection_shape
 from .deepseek2 import LatentKVProjection, deepseek2_metadata, split_kv_b
@@ -89,6 +90,9 @@ def save_gguf(model: nn.Module, path: "str | os.PathLike[str]", qtype: str = "q4
     at most that many tensors each); the first part's path is returned.
     """
     overrides = _check_qtypes(qtype, mix, qtype_overrides)   # before anything is looked up or computed
+    if not isinstance(fuse_gate_up_exps, bool):
+        raise TypeError(f"fuse_gate_up_exps must be a bool, got {fuse_gate_up_exps!r}")
+    check_split_max_tensors(split_max_tensors)
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"save_gguf expects a transformers causal LM (an nn.Module with a config), got "
                         f"{type(model).__name__}")

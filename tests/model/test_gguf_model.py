@@ -299,6 +299,10 @@ def test_save_gguf_checks_the_model_and_vocab_before_writing(tmp_path):
         save_gguf(tiny_model(layers=1), tmp_path / "m.gguf", "q8_0",
                   vocab={"tokens": ["a", "b", "c"], "scores": [0.0] * 3, "token_type": [1] * 3, "bos": 0, "eos": 0,
                          "unk": 0})
+    with pytest.raises(TypeError, match="fuse_gate_up_exps must be a bool, got 'yes'"):
+        save_gguf(tiny_model(layers=1), tmp_path / "m.gguf", "q8_0", fuse_gate_up_exps="yes")
+    with pytest.raises(ValueError, match="split_max_tensors must be a non-negative int, got -2"):
+        save_gguf(tiny_model(layers=1), tmp_path / "m.gguf", "q8_0", split_max_tensors=-2)
     assert not list(tmp_path.iterdir())
 
 
